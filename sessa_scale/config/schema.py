@@ -1,0 +1,105 @@
+"""The typed configuration schema. Every field's meaning, unit and default is documented here;
+YAML files and `key=value` overrides set these fields by their dotted names (`model.d_model`).
+
+The defaults are the embedded CPU default: `sessa-scale train` with no config trains the tiny
+Sessa model on the byte-level Python-standard-library corpus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunConfig:
+    name: str = "sessa-tiny"  # run name; also the default run directory runs/<name>
+    dir: str | None = None  # run directory (checkpoints, metrics.jsonl, config.yaml); None -> runs/<name>
+    seed: int = 1234  # seeds model init, data order and every RNG
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "sessa"  # architecture, a key of sessa_scale.models.registry.ARCHITECTURES
+    vocab_size: int = 257  # embedding rows; the byte-level corpus uses 256 bytes + EOS (id 256)
+    d_model: int = 128  # model width D
+    n_layers: int = 4  # number of decoder blocks
+    n_heads: int = 4  # forward-attention heads H (head dim = d_model / n_heads)
+    n_kv_heads: int | None = None  # key/value heads for GQA; None -> n_heads
+    n_fb_heads: int = 1  # Sessa feedback heads H_b (1 = the paper's single feedback head of width D)
+    rope: bool = True  # rotary position embedding on the forward-attention branch
+    gamma_max: float = 0.999  # Sessa feedback gain bound, in (0, 1)
+    ln_eps: float = 1e-5  # LayerNorm epsilon
+    tie_embeddings: bool = True  # share the input embedding and the LM head weight
+    init: str = "pytorch"  # "pytorch": PyTorch default layer init (as the reference); "scaled": N(0, init_std), residual outputs / sqrt(2 n_layers)
+    init_std: float = 0.02  # std of the embedding (both modes) and of weights under init="scaled"
+    solver: str = "auto"  # feedback_solve implementation: auto | dense | chunked | triton
+    attention: str = "sdpa"  # forward attention backend: sdpa | flash (flash-attn, CUDA only)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib": the running interpreter's standard-library .py sources, byte-level
+    seq_len: int = 256  # tokens per training sequence
+    corpus_bytes: int = 16_000_000  # at most this many bytes of the embedded corpus are used
+    val_fraction: float = 0.02  # fraction of documents held out for validation
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    min_lr: float = 2e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 30  # linear warmup from 0 over this many optimizer steps
+    decay_steps: int | None = None  # length of warmup + cosine decay in steps; None -> train.max_steps
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not on biases, norms, gains)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip the global gradient 2-norm to this value; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400  # optimizer steps to train for
+    micro_batch_size: int = 16  # sequences per forward pass per data-parallel rank
+    grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    eval_interval: int = 100  # evaluate validation loss every N steps (and at the end); 0 disables
+    eval_batches: int = 4  # micro-batches per evaluation
+    resume: str = "auto"  # "auto": latest checkpoint of run.dir if any; "none": fresh start; or a checkpoint path
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # save every N optimizer steps (and at the end); 0 -> only at the end
+    keep: int = 3  # keep the newest K checkpoints; older ones are deleted after a successful save
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0  # DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True  # show a progress bar (loss, tokens/s, ETA) on rank 0
+    wandb: bool = False  # log metrics to Weights & Biases
+    wandb_project: str = "sessa-scale"
+    wandb_mode: str = "offline"  # online | offline | disabled
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
