@@ -1,0 +1,25 @@
+"""`sessa-scale bench solve|layer [options]`: benchmark tables (see docs/benchmarks/)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "solve": "sessa_scale.bench.solve",  # the feedback solve: implementations side by side
+    "layer": "sessa_scale.bench.layer",  # a whole SessaLayer vs a Transformer block
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="print benchmark tables",
+        description="Run a benchmark; `sessa-scale bench NAME --help` lists its options.",
+    )
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+
+def run(args: argparse.Namespace) -> int:
+    return importlib.import_module(BENCHMARKS[args.name]).main(args.bench_args)

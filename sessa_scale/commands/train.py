@@ -1,0 +1,42 @@
+"""`sessa-scale train [CONFIG] [key=value ...]`: train a model (no CONFIG: the tiny CPU default)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model. With no CONFIG, trains the tiny Sessa model on the embedded corpus "
+        "(the Python standard library, byte-level). Overrides are dotted keys, e.g. train.max_steps=30 "
+        "run.name=exp1 train.resume=none. Run under torchrun / srun as `python -m sessa_scale train ...`.",
+    )
+    p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="an optional YAML config, then overrides")
+
+
+def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """The first item is the config path unless it is a key=value override."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def run(args: argparse.Namespace) -> int:
+    from sessa_scale.config import load_config
+    from sessa_scale.distributed import is_rank0
+    from sessa_scale.training.trainer import train
+
+    path, overrides = split_config_and_overrides(args.args)
+    cfg = load_config(path, overrides)
+    summary = train(cfg)
+    if is_rank0():
+        print(
+            f"done: step {summary['final_step']}/{cfg.train.max_steps}, loss {summary['first_loss']} -> "
+            f"{summary['last_loss']}, val_loss {summary['val_loss']}, {summary['wall_s']:.1f} s; "
+            f"checkpoint {summary['checkpoint']}",
+            file=sys.stderr,
+        )
+    return 0

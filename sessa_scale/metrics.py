@@ -1,0 +1,96 @@
+"""Training metrics: one JSON object per optimizer step in RUN_DIR/metrics.jsonl, optional
+Weights & Biases, and a progress display (a tqdm bar on a terminal, periodic lines otherwise)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sessa_scale.config import Config, config_to_dict
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records past `step` (left by a run that crashed after its last checkpoint), so a
+    resumed run's metrics.jsonl reads like an uninterrupted one."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0; a no-op on other ranks."""
+
+    def __init__(self, cfg: Config, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.path = cfg.run_dir / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        _truncate_after(self.path, start_step)
+        self.file = open(self.path, "a")
+        if cfg.logging.wandb:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project,
+                name=cfg.run.name,
+                dir=str(cfg.run_dir),
+                mode=cfg.logging.wandb_mode,
+                config=config_to_dict(cfg),
+                resume="allow",
+            )
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+class Progress:
+    """A tqdm bar with loss, tokens/s and ETA when stderr is a terminal; otherwise a plain line
+    about every 5% of the run (readable in batch-job logs)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled, self.total, self.start_step = enabled, total, initial
+        self.tty = sys.stderr.isatty()
+        self.every = max(1, total // 20)
+        self.t0 = time.time()
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True) if enabled and self.tty else None
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.update(1)
+        elif step % self.every == 0 or step == self.total:
+            elapsed = time.time() - self.t0
+            eta = elapsed / max(1, step - self.start_step) * (self.total - step)
+            print(
+                f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+                f"elapsed {elapsed:.0f}s  eta {eta:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else lambda m: print(m, file=sys.stderr, flush=True))(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

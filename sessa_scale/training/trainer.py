@@ -1,0 +1,201 @@
+"""The training loop: DeepSpeed engine, AdamW + warmup/cosine, gradient accumulation,
+periodic evaluation, metrics, and checkpoints that resume bit-exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sessa_scale.checkpoint import CheckpointManager, read_meta
+from sessa_scale.config import Config, config_to_dict, save_config
+from sessa_scale.data import BatchStream, load_corpus
+from sessa_scale.data.loader import eval_batches
+from sessa_scale.distributed import all_reduce_mean, device_for_rank, init_distributed, is_rank0, rank, world_size
+from sessa_scale.errors import UserError
+from sessa_scale.metrics import MetricsLogger, Progress
+from sessa_scale.models.registry import build_model
+from sessa_scale.training.optimizer import build_optimizer, build_scheduler
+
+# Model keys that may differ between a checkpoint and the run resuming it (no effect on weights).
+_RESUMABLE_MODEL_CHANGES = {"solver", "attention", "activation_checkpointing", "init", "init_std"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.zero.stage},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    """bf16 autocast (fp32 weights and optimizer state) or plain fp32."""
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+
+def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; inputs, targets: (B, T) int64."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _check_resumable(checkpoint: Path, cfg: Config) -> int:
+    meta = read_meta(checkpoint)
+    saved = meta["config"]["model"]
+    current = config_to_dict(cfg)["model"]
+    diffs = [
+        f"model.{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}"
+        for k in current
+        if k not in _RESUMABLE_MODEL_CHANGES and saved.get(k) != current[k]
+    ]
+    if diffs:
+        raise UserError(
+            f"cannot resume from {checkpoint}: the model differs from the one it was trained with ({'; '.join(diffs)}). "
+            "Restore those keys, or start a fresh run with train.resume=none and a new run.name."
+        )
+    return meta["step"]
+
+
+def _global_grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+@torch.no_grad()
+def evaluate(engine, batches, cfg: Config, device: torch.device) -> float:
+    engine.eval()
+    with autocast_context(cfg, device):
+        losses = [lm_loss(engine, x.to(device), y.to(device)).item() for x, y in batches]
+    engine.train()
+    return all_reduce_mean(sum(losses) / len(losses), device)
+
+
+def train(cfg: Config) -> dict:
+    """Train according to `cfg`; returns a summary (steps, first/last loss, val loss, wall time)."""
+    wall_start = time.time()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    init_distributed()
+    import deepspeed
+
+    device, dp_rank, dp_size = device_for_rank(), rank(), world_size()
+    seed_everything(cfg.run.seed)
+    checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep)
+    resume_from = checkpoints.resolve_resume(cfg.train.resume)
+    if resume_from is not None:
+        _check_resumable(resume_from, cfg)
+
+    corpus = load_corpus(cfg.data)
+    if cfg.model.vocab_size < corpus.vocab_size:
+        raise UserError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus vocabulary ({corpus.vocab_size}, "
+            f"{corpus.description}); set model.vocab_size >= {corpus.vocab_size}."
+        )
+    t = cfg.train
+    stream = BatchStream(corpus.train, cfg.data.seq_len, t.micro_batch_size, t.grad_accum_steps, dp_rank, dp_size, cfg.run.seed)
+    val_set = eval_batches(corpus.val, cfg.data.seq_len, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
+
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dp_size)
+    )
+
+    step, tokens = 0, 0
+    if resume_from is not None:
+        client = checkpoints.load(engine, resume_from)
+        step, tokens = client["step"], client["tokens"]
+        stream.load_state_dict(client["data"])
+    if is_rank0():
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+
+    logger = MetricsLogger(cfg, is_rank0(), step)
+    progress = Progress(t.max_steps, step, is_rank0() and cfg.logging.progress)
+    progress.write(
+        f"sessa-scale: {cfg.model.arch}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{dp_size} rank(s) on {device.type}; data: {corpus.description}; run dir: {cfg.run_dir}"
+        + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
+    )
+    tokens_per_step = stream.global_batch * cfg.data.seq_len
+    first_loss = last_loss = val_loss = None
+    last_saved = step if resume_from is not None else -1
+    interval = cfg.checkpoint.interval
+
+    def save() -> None:
+        nonlocal last_saved
+        client = {"step": step, "tokens": tokens, "data": stream.state_dict()}
+        checkpoints.save(engine, step, client, {"config": config_to_dict(cfg)})
+        last_saved = step
+
+    while step < t.max_steps:
+        t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        micro_losses, grad_norm = [], None
+        for inputs, targets in stream.next_step():
+            with autocast_context(cfg, device):
+                loss = lm_loss(engine, inputs.to(device), targets.to(device))
+            engine.backward(loss)
+            micro_losses.append(loss.item())
+            if engine.is_gradient_accumulation_boundary() and cfg.zero.stage == 0:
+                grad_norm = _global_grad_norm(engine.module)  # averaged, before clipping
+            engine.step()
+        if grad_norm is None:
+            grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - t0
+        step += 1
+        tokens += tokens_per_step
+        last_loss = all_reduce_mean(sum(micro_losses) / len(micro_losses), device)
+        if not math.isfinite(last_loss):
+            raise RuntimeError(f"loss became {last_loss} at step {step}; lower optim.lr or check the data")
+        first_loss = last_loss if first_loss is None else first_loss
+        record = {
+            "step": step,
+            "loss": last_loss,
+            "lr": lr,
+            "tokens": tokens,
+            "tokens_per_s": tokens_per_step / step_time,
+            "grad_norm": grad_norm,
+            "step_time_s": step_time,
+        }
+        if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
+            val_loss = record["val_loss"] = evaluate(engine, val_set, cfg, device)
+            progress.write(f"step {step}: loss {last_loss:.4f}, val_loss {val_loss:.4f}")
+        logger.log(record)
+        progress.update(step, last_loss, record["tokens_per_s"])
+        if (interval and step % interval == 0) or step == t.max_steps:
+            save()
+    if last_saved != step:
+        save()
+    progress.close()
+    logger.close()
+    return {
+        "final_step": step,
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+        "val_loss": val_loss,
+        "wall_s": time.time() - wall_start,
+        "checkpoint": str(checkpoints.latest()),
+    }
+
