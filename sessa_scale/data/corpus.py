@@ -27,51 +27,51 @@ class TokenCorpus:
     description: str
 
 
-def _stdlib_files() -> tuple[Path, list[Path]]:
+def _stdlib_documents() -> tuple[Path, list[Path]]:
+    """The standard library's .py files (installed packages excluded), in a fixed pseudo-random
+    order (by CRC32 of the relative path), so any byte budget samples the whole library."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts and p.is_file()
-    )
+    files = [p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts and p.is_file()]
+    files.sort(key=lambda p: (zlib.crc32(str(p.relative_to(root)).encode()), str(p)))
     return root, files
 
 
-def _is_validation(relative_path: str, val_fraction: float) -> bool:
-    """Deterministic document-level split: a path goes to validation by its CRC32 bucket."""
-    return zlib.crc32(relative_path.encode()) % 10_000 < round(val_fraction * 10_000)
-
-
 def load_stdlib_corpus(cfg: DataConfig) -> TokenCorpus:
-    """Read up to cfg.corpus_bytes of standard-library sources (sorted by path), one document per
-    file, each followed by EOS."""
+    """Read up to cfg.corpus_bytes of standard-library sources, one document per file, each
+    followed by EOS. The first documents, up to val_fraction of the bytes (at least one document),
+    form the validation split; the rest train."""
     tokenizer = ByteTokenizer()
-    root, files = _stdlib_files()
-    streams: dict[bool, list[bytes]] = {False: [], True: []}
-    eos = bytes([0])  # placeholder byte, replaced by the EOS id below
+    root, files = _stdlib_documents()
+    docs: list[bytes] = []
     total = 0
     for path in files:
         if total >= cfg.corpus_bytes:
             break
         data = path.read_bytes()[: cfg.corpus_bytes - total]
-        if not data:
-            continue
-        total += len(data)
-        streams[_is_validation(str(path.relative_to(root)), cfg.val_fraction)].append(data + eos)
-    if not streams[False] or not streams[True]:
+        if data:
+            docs.append(data)
+            total += len(data)
+    n_val, val_bytes = 0, 0
+    while n_val < len(docs) and (n_val == 0 or val_bytes < cfg.val_fraction * total):
+        val_bytes += len(docs[n_val])
+        n_val += 1
+    if n_val >= len(docs):
         raise UserError(
-            f"data.source=stdlib: the standard library at {root} gave too little text for a train/validation "
-            f"split with data.corpus_bytes={cfg.corpus_bytes} and data.val_fraction={cfg.val_fraction}; "
-            "raise data.corpus_bytes or data.val_fraction."
+            f"data.source=stdlib: {len(docs)} document(s) of the standard library at {root} within "
+            f"data.corpus_bytes={cfg.corpus_bytes} leave nothing to train on after the validation split "
+            f"(data.val_fraction={cfg.val_fraction}); raise data.corpus_bytes or lower data.val_fraction."
         )
 
-    def to_tokens(docs: list[bytes]) -> torch.Tensor:
-        raw = torch.frombuffer(bytearray(b"".join(docs)), dtype=torch.uint8).to(torch.int16)
-        ends = torch.tensor([len(d) for d in docs]).cumsum(0) - 1  # positions of the placeholders
-        raw[ends] = tokenizer.eos_id
-        return raw
+    def to_tokens(parts: list[bytes]) -> torch.Tensor:
+        tokens = torch.full((sum(len(d) + 1 for d in parts),), tokenizer.eos_id, dtype=torch.int16)
+        body = torch.ones_like(tokens, dtype=torch.bool)
+        body[torch.tensor([len(d) + 1 for d in parts]).cumsum(0) - 1] = False  # EOS positions
+        tokens[body] = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).to(torch.int16)
+        return tokens
 
     return TokenCorpus(
-        train=to_tokens(streams[False]),
-        val=to_tokens(streams[True]),
+        train=to_tokens(docs[n_val:]),
+        val=to_tokens(docs[:n_val]),
         vocab_size=tokenizer.vocab_size,
         eos_id=tokenizer.eos_id,
         description=f"Python {sysconfig.get_python_version()} standard library ({total / 1e6:.1f} MB, byte-level)",
