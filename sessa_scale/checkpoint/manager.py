@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -130,7 +131,7 @@ class CheckpointManager:
             load_path, client_state = engine.load_checkpoint(
                 str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True, load_lr_scheduler_states=True
             )
-        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as exc:
             raise UserError(f"checkpoint {checkpoint} could not be loaded: {exc}") from None
         if load_path is None:
             raise UserError(f"checkpoint {checkpoint} could not be loaded: DeepSpeed found no model states in it.")
