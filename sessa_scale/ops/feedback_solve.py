@@ -54,3 +54,18 @@ def feedback_solve(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     return FEEDBACK_SOLVE_IMPLS[resolve_impl(impl, q.device)](q, k, gamma, f, float(scale))
+
+
+# Triton kernels (kernels/feedback.py): registered when triton imports and CUDA is available,
+# or on CPU under TRITON_INTERPRET=1 (the interpreter tests).
+try:
+    import os as _os
+
+    import triton as _triton  # noqa: F401
+
+    if _os.environ.get("TRITON_INTERPRET", "0") == "1" or torch.cuda.is_available():
+        from sessa_scale.ops.feedback_triton import feedback_solve_triton
+
+        FEEDBACK_SOLVE_IMPLS["triton"] = feedback_solve_triton
+except ImportError:  # no triton on this platform
+    pass
