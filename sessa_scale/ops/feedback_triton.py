@@ -28,6 +28,14 @@ import triton.language as tl
 from kernels import feedback as K
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tests set this: buffers the kernels must fill start as NaN, so unwritten tiles show.
+POISON = False
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -96,8 +104,8 @@ def _forward(q, k, gamma, f, scale, cfg):
     Tc = triton.cdiv(T, C) * C
     X = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
     X.copy_(f)
-    lse = torch.empty((BH, T), dtype=acc, device=q.device)
-    W = torch.empty((BH, Tc, L), dtype=acc, device=q.device)
+    lse = _new((BH, T), acc, q.device)
+    W = _new((BH, Tc, L), acc, q.device)
     sq = (q.stride(0), q.stride(1))
     sg = (gamma.stride(0), gamma.stride(1))
     sx = (X.stride(0), X.stride(1))
@@ -173,9 +181,9 @@ def _backward(ds, q, k, gamma, f, X, lse, W, scale, cfg):
     delta = torch.empty((B, H, T), dtype=acc, device=q.device)
     torch.sum(Y * (X - f.to(acc)), dim=-1, out=delta.transpose(1, 2))
     delta = delta.view(BH, T)
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dg = torch.empty((BH, T), dtype=acc, device=q.device)
+    dq = _new(q.shape, q.dtype, q.device)
+    dk = _new(k.shape, k.dtype, k.device)
+    dg = _new((BH, T), acc, q.device)
     K.bwd_dq_kernel[(triton.cdiv(T, cfg.BM), triton.cdiv(Dk, cfg.BKO), BH)](
         q, k, gamma, lse, delta, X, Y, dq, dg, T, H, Dk, Dv, scale, *sq, *sq, *sg, *sx,
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, BKO=cfg.BKO, PREC=prec, IS64=is64, **kw)
