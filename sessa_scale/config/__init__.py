@@ -1,6 +1,7 @@
 """Configuration: the typed schema (`schema.py`), YAML loading with `base:` inheritance and
 dotted overrides, and validation that reports every problem at once."""
 
+from sessa_scale.config.loader import ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from sessa_scale.config.schema import (
     CheckpointConfig,
     Config,
@@ -16,6 +17,7 @@ from sessa_scale.config.schema import (
 __all__ = [
     "CheckpointConfig",
     "Config",
+    "ConfigError",
     "DataConfig",
     "LoggingConfig",
     "ModelConfig",
@@ -23,4 +25,8 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "ZeroConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
 ]
