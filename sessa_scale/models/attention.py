@@ -1,0 +1,82 @@
+"""Causal softmax attention shared by the architectures: rotary position embedding (RoPE),
+parallel causal self-attention with grouped-query heads (GQA), and one decoding step over a
+key/value cache.
+
+Layout everywhere: (B, T, H, d) (batch, tokens, heads, head dim), as flash-attn uses.
+GQA: query head h reads key/value head h // (H / H_kv) (consecutive query heads share one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sessa_scale.errors import UserError
+
+ATTENTION_BACKENDS = ("sdpa", "flash")
+
+
+def rope_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotation frequencies base^(-2i/d) for i in [0, d/2): float32, shape (d/2,)."""
+    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (2i, 2i+1) of every head of x by angle pos * inv_freq[i].
+
+    x: (B, T, H, d); positions: (T,) absolute positions; inv_freq: (d/2,) -> (B, T, H, d).
+    Angles are formed in inv_freq's dtype (at least float32) and cast to x's dtype as the
+    reference does, except that cos/sin are never taken in a half dtype (whose resolution would
+    blur positions beyond a few hundred): there they are computed in float32, then cast.
+    """
+    angle_dtype = torch.promote_types(inv_freq.dtype, torch.float32)
+    theta = positions.to(angle_dtype)[:, None] * inv_freq.to(angle_dtype)  # (T, d/2)
+    theta = theta.to(torch.promote_types(angle_dtype, x.dtype))
+    cos = theta.cos().to(x.dtype)[None, :, None, :]
+    sin = theta.sin().to(x.dtype)[None, :, None, :]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as exc:
+        raise UserError(
+            "model.attention=flash needs the flash-attn package, which is not installed; "
+            "install it with `pip install -e .[flash]` (CUDA only) or set model.attention=sdpa"
+        ) from exc
+    return flash_attn_func
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+    """softmax_{j<=t}(q[t].k[j] / sqrt(d)) v[j] per head.
+
+    q: (B, T, H, d); k, v: (B, T, H_kv, d) with H % H_kv == 0 -> (B, T, H, d).
+    backend: "sdpa" (torch scaled_dot_product_attention) or "flash" (flash-attn, CUDA tensors).
+    """
+    if backend == "flash":
+        flash_attn_func = _flash_attn_func()
+        if not q.is_cuda:
+            raise UserError(
+                f"model.attention=flash runs on CUDA only, but the model is on {q.device.type}; "
+                "set model.attention=sdpa"
+            )
+        return flash_attn_func(q, k, v, causal=True)
+    if backend != "sdpa":
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {list(ATTENTION_BACKENDS)}")
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=q.shape[2] != k.shape[2]
+    )
+    return out.transpose(1, 2)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query step attending to every cached key (the cache already holds the new token).
+
+    q: (B, 1, H, d); k, v: (B, L, H_kv, d), the first L cached positions -> (B, 1, H, d).
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=q.shape[2] != k.shape[2]
+    )
+    return out.transpose(1, 2)
