@@ -8,10 +8,12 @@ from typing import Callable
 
 import torch
 
+from sessa_scale.ops.feedback_chunked import feedback_solve_chunked
 from sessa_scale.ops.feedback_reference import feedback_solve_dense
 
 # name -> callable(q, k, gamma, f, scale) -> s. Implementations register themselves here.
 FEEDBACK_SOLVE_IMPLS: dict[str, Callable[..., torch.Tensor]] = {"dense": feedback_solve_dense}
+FEEDBACK_SOLVE_IMPLS["chunked"] = feedback_solve_chunked
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, f: torch.Tensor) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks of sessa_scale operators."""

@@ -1,0 +1,244 @@
+"""`sessa-scale bench solve`: fwd+bwd time and peak memory of feedback-solve implementations.
+
+For each (layout, T, impl) one point: inputs q, k: (B, T, H, D); gamma: (B, T, H); f: (B, T, H, D)
+(layout "HxD": H heads with Dk = Dv = D), then s = impl(q, k, gamma, f, 1/sqrt(D)) and
+s.backward(upstream). Reported: the median time of --repeats fwd+bwd calls and the op's PEAK memory:
+
+* CUDA: max_memory_allocated() during one fwd+bwd minus memory_allocated() before it (the inputs).
+* CPU (Linux): one fwd+bwd runs in a fresh Python subprocess, which allocates the inputs, resets
+  the kernel's peak-RSS mark (/proc/self/clear_refs), reads the peak RSS (VmHWM), runs the call
+  and reads it again; the difference is the growth of peak RSS caused by the op. VmHWM is the
+  process's own high-water mark; ru_maxrss is not used because it also keeps the RSS inherited
+  from the forking parent at exec, and without the reset, transient allocations made at import
+  or warm-up would hide part of the op's peak.
+  The subprocess sets MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns every freed block of
+  64 KiB or more to the OS at once; otherwise RSS keeps freed temporaries and overstates the peak
+  by an allocator-dependent amount. Times on CPU are taken in this process (default allocator).
+
+Implementations whose memory is quadratic in T are skipped when their estimate exceeds
+--max-quadratic-gib. To add an implementation, add one entry to IMPLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sessa_scale.ops.feedback_chunked import feedback_solve_chunked
+from sessa_scale.ops.feedback_reference import feedback_solve_dense
+
+# name -> callable(q, k, gamma, f, scale) -> s, in the layout of sessa_scale.ops.feedback_solve.
+IMPLS: dict[str, Callable[..., torch.Tensor]] = {
+    "chunked": feedback_solve_chunked,
+    "dense": feedback_solve_dense,
+}
+# Implementations with T^2 memory: peak bytes ~= factor * B * H * T^2 * compute element size
+# (dense: 6.3 measured on CPU in float32).
+QUADRATIC_MEMORY_FACTOR: dict[str, float] = {"dense": 6.5}
+SKIPPED = "skipped (T^2 memory)"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _fwd_bwd(impl: str, inputs: list[torch.Tensor], upstream: torch.Tensor) -> None:
+    for t in inputs:
+        t.grad = None
+    q, k, gamma, f = inputs
+    IMPLS[impl](q, k, gamma, f, 1.0 / math.sqrt(q.shape[-1])).backward(upstream)
+
+
+def _make_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str):
+    gen = torch.Generator(device).manual_seed(0)
+    shape = (B, T, H, D)
+    q, k, f = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(3))
+    gamma = 0.9 * torch.tanh(torch.randn(shape[:3], generator=gen, device=device)).to(dtype)
+    upstream = torch.randn(shape, generator=gen, device=device).to(dtype)
+    return [t.requires_grad_() for t in (q, k, gamma, f)], upstream
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # reported in kB
+
+
+def measure(impl: str, B: int, T: int, H: int, D: int, dtype: str, device: str, repeats: int) -> dict:
+    """One point, in this process: {"ms": median of `repeats` fwd+bwd milliseconds (None if 0),
+    "peak_bytes": peak memory of the first fwd+bwd (on CPU meaningful only in a fresh process)}."""
+    torch_dtype = DTYPES[dtype]
+    _fwd_bwd(impl, *_make_inputs(1, min(T, 128), H, D, torch_dtype, device))  # load code paths
+    inputs, upstream = _make_inputs(B, T, H, D, torch_dtype, device)
+    gc.collect()
+    if device.startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        _fwd_bwd(impl, inputs, upstream)
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # peak RSS := current RSS
+        base = _peak_rss_bytes()
+        _fwd_bwd(impl, inputs, upstream)
+        peak = _peak_rss_bytes() - base
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        _fwd_bwd(impl, inputs, upstream)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"ms": 1e3 * statistics.median(times) if times else None, "peak_bytes": peak}
+
+
+def _measure_point(**point) -> dict:
+    """`measure` on CUDA; on CPU, peak memory from a fresh subprocess and time from this process."""
+    if point["device"].startswith("cuda"):
+        return measure(**point)
+    code = "import json, sys; from sessa_scale.bench.solve import measure; "
+    code += "print(json.dumps(measure(**json.loads(sys.argv[1]))))"
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    args = [sys.executable, "-c", code, json.dumps({**point, "repeats": 0})]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark point {point} failed:\n{proc.stderr[-2000:]}")
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return {"ms": measure(**point)["ms"], "peak_bytes": peak}
+
+
+def _parse_layouts(text: str) -> list[tuple[int, int]]:
+    try:
+        layouts = [tuple(int(x) for x in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        layouts = []
+    if not layouts or any(len(lay) != 2 or min(lay) < 1 for lay in layouts):
+        raise argparse.ArgumentTypeError(f"layouts must look like '1x256,6x128' (HxD); got {text!r}")
+    return layouts
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = "no GPU" if not torch.cuda.is_available() else "GPU not used"
+    return f"{cores}-core CPU ({platform.machine()}, {torch.get_num_threads()} torch threads), {gpu}"
+
+
+def _fmt_ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}" if num is not None and den else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sessa-scale bench solve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impls", default="chunked,dense", help=f"comma-separated, from {list(IMPLS)}")
+    parser.add_argument("--seq-lens", default="4096,8192,16384", help="comma-separated T values")
+    parser.add_argument("--layouts", default="1x64", type=_parse_layouts, help="HxD list, e.g. 1x256,6x128")
+    parser.add_argument("--batch-tokens", type=int, default=0, help="B = max(1, this // T); 0: B = 1")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd calls per point (median)")
+    parser.add_argument("--max-quadratic-gib", type=float, default=8.0, help="skip T^2 impls above this estimate")
+    parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    args = parser.parse_args(argv)
+    impls = args.impls.split(",")
+    unknown = [name for name in impls if name not in IMPLS]
+    if unknown:
+        parser.error(f"unknown impls {unknown}; choose from {list(IMPLS)}")
+    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    compute_bytes = 8 if args.dtype == "float64" else 4
+
+    rows, results = [], {}
+    for H, D in args.layouts:
+        for T in seq_lens:
+            B = max(1, args.batch_tokens // T)
+            for impl in impls:
+                estimate = QUADRATIC_MEMORY_FACTOR.get(impl, 0.0) * B * H * T * T * compute_bytes
+                if estimate > args.max_quadratic_gib * 2**30:
+                    results[H, D, T, impl] = None
+                    continue
+                point = dict(impl=impl, B=B, T=T, H=H, D=D, dtype=args.dtype, device=args.device, repeats=args.repeats)
+                results[H, D, T, impl] = _measure_point(**point)
+                print(f"{H}x{D} T={T} {impl}: {results[H, D, T, impl]}", file=sys.stderr, flush=True)
+            rows.append((H, D, T, B))
+
+    report = [
+        "# Feedback solve: fwd+bwd time and peak memory",
+        "",
+        f"- Machine: {_machine(args.device)}; torch {torch.__version__}",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Command: `sessa-scale bench solve {shlex.join(argv if argv is not None else sys.argv[1:])}`"
+        " (same as `python -m sessa_scale.bench.solve ...`)",
+        f"- dtype {args.dtype}; layout HxD = H heads with Dk = Dv = D; time = median of {args.repeats} fwd+bwd calls",
+        "- Peak memory of the op: " + ("max_memory_allocated minus inputs" if args.device.startswith("cuda") else
+            "growth of peak RSS (VmHWM, reset after allocating inputs) over one fwd+bwd, in a fresh subprocess"
+            " per point with MALLOC_MMAP_THRESHOLD_=65536 (freed blocks >= 64 KiB go back to the OS)"),
+        "",
+        *_tables(impls, rows, results),
+    ]
+    print("\n".join(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(report))
+    return 0
+
+
+def _tables(impls: list[str], rows: list[tuple[int, int, int, int]], results: dict) -> list[str]:
+    """Markdown lines: the timing/memory table (ratios vs impls[0]) and the memory growth per T step."""
+    first = impls[0]
+    header = ["layout (HxD)", "B", "T"] + [f"{i} {c}" for i in impls for c in ("ms", "peak MiB")]
+    header += [f"{i}/{first} {c}" for i in impls[1:] for c in ("time", "mem")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for H, D, T, B in rows:
+        cells = [f"{H}x{D}", str(B), str(T)]
+        for impl in impls:
+            r = results[H, D, T, impl]
+            cells += [SKIPPED, "-"] if r is None else [f"{r['ms']:.1f}", f"{r['peak_bytes'] / 2**20:.1f}"]
+        for impl in impls[1:]:
+            a, b = results[H, D, T, impl], results[H, D, T, first]
+            for key in ("ms", "peak_bytes"):
+                cells.append(_fmt_ratio(a and a[key], b and b[key]))
+        lines.append("| " + " | ".join(cells) + " |")
+
+    growth = ["| layout (HxD) | T | " + " | ".join(f"{i} peak mem x" for i in impls) + " |"]
+    growth.append("|" + "---|" * (2 + len(impls)))
+    for (H, D, T0, _), (H1, D1, T1, _) in zip(rows, rows[1:]):
+        if (H, D) == (H1, D1):
+            peaks = [[(results[H, D, t, i] or {}).get("peak_bytes") for t in (T1, T0)] for i in impls]
+            cells = [_fmt_ratio(*pair) for pair in peaks]
+            growth.append(f"| {H}x{D} | {T0} -> {T1} (x{T1 / T0:g}) | " + " | ".join(cells) + " |")
+
+    return [
+        *lines,
+        "",
+        "Peak-memory growth between consecutive T (linear memory: x2 per doubling of T; quadratic: x4):",
+        "",
+        *growth,
+        "",
+    ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
