@@ -80,7 +80,7 @@ def _qk(q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk,
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, scale,
                sq_b, sq_t, sk_b, sk_t,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -121,7 +121,7 @@ def _probs(q_ptr, k_ptr, lse_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scal
     return tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'TP'])
 def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, TP,
                      L, C: tl.constexpr, BK: tl.constexpr, LOG2C: tl.constexpr,
@@ -151,13 +151,13 @@ def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, scale,
     eye = tl.where(cl[:, None] == cl[None, :], 1.0, 0.0).to(A.dtype)
     M = eye + A
     Ap = A
-    for _ in tl.static_range(LOG2C - 1):
+    for _ in range(LOG2C - 1):
         Ap = _dot(Ap, Ap, PREC)
         M = M + _dot(M, Ap, PREC)
     tl.store(wrow + (r0 - a0) + cl[None, :], M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'r0', 'r1', 'c0', 'c1'])
 def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, x_ptr, T, H, Dk, Dv, scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
                      r0, r1, c0, c1,
@@ -191,7 +191,7 @@ def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, x_ptr, T, H, Dk, Dv, scale,
     tl.store(ptrs, x + g[:, None] * acc, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'TP', 'a0', 'a1'])
 def fwd_leaf_kernel(w_ptr, x_ptr, T, H, Dv, sx_b, sx_t, TP, a0, a1,
                     L, C: tl.constexpr, BV: tl.constexpr,
                     PREC: tl.constexpr, LOWP: tl.constexpr):
@@ -224,7 +224,7 @@ def fwd_leaf_kernel(w_ptr, x_ptr, T, H, Dv, sx_b, sx_t, TP, a0, a1,
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'r0', 'r1', 'c0', 'c1'])
 def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, y_ptr, T, H, Dk, Dv, scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sy_b, sy_t,
                      r0, r1, c0, c1,
@@ -262,7 +262,7 @@ def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, y_ptr, T, H, Dk, Dv, scale,
     tl.store(ptrs, y + acc, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T', 'TP', 'a0', 'a1', 'nblk'])
 def bwd_leaf_kernel(w_ptr, y_ptr, T, H, Dv, sy_b, sy_t, TP, a0, a1, nblk,
                     L, C: tl.constexpr, BV: tl.constexpr,
                     PREC: tl.constexpr, LOWP: tl.constexpr):
@@ -310,7 +310,7 @@ def _ls(y_ptr, x_ptr, rows, cols, rmask, cmask, sy_t, sx_t, Dv, dt_ptr,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def bwd_dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, x_ptr, y_ptr, dq_ptr, dg_ptr,
                   T, H, Dk, Dv, scale,
                   sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
@@ -353,7 +353,7 @@ def bwd_dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, x_ptr, y_ptr, dq_ptr, dg
         tl.store(dg_ptr + bh * T + rows, dg, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['T'])
 def bwd_dk_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, x_ptr, y_ptr, dk_ptr,
                   T, H, Dk, Dv, scale,
                   sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,

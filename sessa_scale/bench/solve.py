@@ -50,6 +50,20 @@ IMPLS: dict[str, Callable[..., torch.Tensor]] = {
 # (dense: 6.3 measured on CPU in float32).
 QUADRATIC_MEMORY_FACTOR: dict[str, float] = {"dense": 6.5}
 SKIPPED = "skipped (T^2 memory)"
+
+# Triton kernels (issue 3) and the yardsticks: SDPA flash attention of the same shape, fla-core's
+# DeltaFormer (the same solve with beta = -gamma). Each supports head dims up to MAX_HEAD_DIM.
+from kernels.baselines import fla_available, fla_deltaformer_solve, sdpa_flash_same_shape  # noqa: E402
+from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS  # noqa: E402
+
+if "triton" in FEEDBACK_SOLVE_IMPLS:
+    IMPLS["triton"] = FEEDBACK_SOLVE_IMPLS["triton"]
+if torch.cuda.is_available():
+    IMPLS["sdpa_flash"] = sdpa_flash_same_shape
+if fla_available():
+    IMPLS["fla_deltaformer"] = fla_deltaformer_solve
+MAX_HEAD_DIM: dict[str, int] = {"sdpa_flash": 256, "fla_deltaformer": 256}
+UNSUPPORTED = "n/a (head dim > 256)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -179,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                 if estimate > args.max_quadratic_gib * 2**30:
                     results[H, D, T, impl] = None
                     continue
+                if D > MAX_HEAD_DIM.get(impl, D):
+                    results[H, D, T, impl] = UNSUPPORTED
+                    continue
                 point = dict(impl=impl, B=B, T=T, H=H, D=D, dtype=args.dtype, device=args.device, repeats=args.repeats)
                 results[H, D, T, impl] = _measure_point(**point)
                 print(f"{H}x{D} T={T} {impl}: {results[H, D, T, impl]}", file=sys.stderr, flush=True)
@@ -215,9 +232,13 @@ def _tables(impls: list[str], rows: list[tuple[int, int, int, int]], results: di
         cells = [f"{H}x{D}", str(B), str(T)]
         for impl in impls:
             r = results[H, D, T, impl]
+            if isinstance(r, str):
+                cells += [r, "-"]
+                continue
             cells += [SKIPPED, "-"] if r is None else [f"{r['ms']:.1f}", f"{r['peak_bytes'] / 2**20:.1f}"]
         for impl in impls[1:]:
             a, b = results[H, D, T, impl], results[H, D, T, first]
+            a, b = (None if isinstance(x, str) else x for x in (a, b))
             for key in ("ms", "peak_bytes"):
                 cells.append(_fmt_ratio(a and a[key], b and b[key]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -226,7 +247,8 @@ def _tables(impls: list[str], rows: list[tuple[int, int, int, int]], results: di
     growth.append("|" + "---|" * (2 + len(impls)))
     for (H, D, T0, _), (H1, D1, T1, _) in zip(rows, rows[1:]):
         if (H, D) == (H1, D1):
-            peaks = [[(results[H, D, t, i] or {}).get("peak_bytes") for t in (T1, T0)] for i in impls]
+            peaks = [[(r if isinstance(r, dict) else {}).get("peak_bytes")
+                      for r in (results[H, D, t, i] for t in (T1, T0))] for i in impls]
             cells = [_fmt_ratio(*pair) for pair in peaks]
             growth.append(f"| {H}x{D} | {T0} -> {T1} (x{T1 / T0:g}) | " + " | ".join(cells) + " |")
 

@@ -40,7 +40,7 @@ def _new(shape, dtype, device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SolveConfig:
-    C: int = 64  # diagonal block (rows solved together on chip)
+    C: int = 32  # diagonal block (rows solved together on chip; 64 spills in fp32 "ieee")
     L: int = 512  # leaf: rows solved sequentially inside one kernel launch
     BM: int = 64  # row tile of the flash-style kernels
     BN: int = 64  # column tile
@@ -214,10 +214,18 @@ class _TritonFeedbackSolve(torch.autograd.Function):
         return dq.to(tq), dk.to(tk), dg.to(tg), lam.to(tf), None, None
 
 
+def config_from_env(base: SolveConfig) -> SolveConfig:
+    """SESSA_TRITON_CFG="L=256,BV_LEAF=32" overrides fields (for tuning sweeps)."""
+    text = os.environ.get("SESSA_TRITON_CFG", "")
+    if not text:
+        return base
+    return replace(base, **{k: int(v) for k, v in (item.split("=") for item in text.split(","))})
+
+
 def feedback_solve_triton(q, k, gamma, f, scale: float, config: SolveConfig | None = None):
     """Triton feedback solve (see module docstring). ``config`` overrides the tile sizes."""
     if config is None:
-        config = INTERPRET_CONFIG if INTERPRET else SolveConfig()
+        config = config_from_env(INTERPRET_CONFIG if INTERPRET else SolveConfig())
     if q.device.type == "cuda" and any(t.dtype == torch.float64 for t in (q, k, gamma, f)):
         # fp64 is for the CPU interpreter tests; on GPU use the torch blocked path.
         from sessa_scale.ops.feedback_chunked import feedback_solve_chunked
