@@ -22,16 +22,43 @@ def sdpa_flash_same_shape(q, k, gamma, f, scale):
     return out.transpose(1, 2)
 
 
-def fla_available() -> bool:
+def _deltaformer_function():
+    """fla-core's ParallelDeltaformerFunction. Its module imports ``fla.layers.utils`` (pad/unpad,
+    used only for attention masks), which lives in the separate flash-linear-attention package;
+    when that is absent a stub module stands in (we never pass masks)."""
+    import sys
+    import types
+
     try:
-        from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction  # noqa: F401
+        import fla.layers.utils  # noqa: F401
+    except ImportError:
+        import fla  # noqa: F401  (fla-core itself must be installed)
+
+        stub = types.ModuleType("fla.layers.utils")
+
+        def _unavailable(*args, **kwargs):
+            raise NotImplementedError("fla.layers is not installed (fla-core only)")
+
+        stub.pad_input = stub.unpad_input = _unavailable
+        sys.modules.setdefault("fla.layers", types.ModuleType("fla.layers"))
+        sys.modules["fla.layers.utils"] = stub
+    from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
+
+    return ParallelDeltaformerFunction
+
+
+def fla_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _deltaformer_function()
     except Exception:
         return False
-    return torch.cuda.is_available()
+    return True
 
 
 def fla_deltaformer_solve(q, k, gamma, f, scale):
-    from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
+    ParallelDeltaformerFunction = _deltaformer_function()
 
     if abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-6:
         raise ValueError("fla DeltaFormer uses scale 1/sqrt(Dk) only")

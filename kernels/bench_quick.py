@@ -28,8 +28,8 @@ def _solve_impl(name):
         from sessa_scale.ops.feedback_chunked import feedback_solve_chunked
         return feedback_solve_chunked
     if name == "fla":
-        from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
-        return lambda q, k, g, f, scale: ParallelDeltaformerFunction.apply(q, k, f, -g, 512, None)
+        from kernels.baselines import fla_deltaformer_solve
+        return fla_deltaformer_solve
     raise KeyError(name)
 
 

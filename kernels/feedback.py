@@ -40,41 +40,23 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _logits(q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk,
-            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """(BM, BN) block of q[rows] . k[cols]^T in ACC, contraction tiled by BK."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in range(0, Dk, BK):
-        dd = d0 + tl.arange(0, BK)
-        dm = dd < Dk
-        qb = tl.load(q_ptr + rows[:, None] * sq_t + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
-        kb = tl.load(k_ptr + cols[:, None] * sk_t + dd[None, :], mask=cmask[:, None] & dm[None, :], other=0.0)
-        acc += _dot(qb, tl.trans(kb), PREC)
-    return acc
+def _tile(ptr, rows, rmask, st, d0, D, BK: tl.constexpr):
+    """(len(rows), BK) tile of a (T, D) row-major slab at columns [d0, d0 + BK)."""
+    dd = d0 + tl.arange(0, BK)
+    return tl.load(ptr + rows[:, None] * st + dd[None, :], mask=rmask[:, None] & (dd < D)[None, :], other=0.0)
 
 
 @triton.jit
-def _logits64(q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """float64 version of _logits (interpreter / fp64 inputs)."""
-    acc = tl.zeros((BM, BN), dtype=tl.float64)
-    for d0 in range(0, Dk, BK):
-        dd = d0 + tl.arange(0, BK)
-        dm = dd < Dk
-        qb = tl.load(q_ptr + rows[:, None] * sq_t + dd[None, :], mask=rmask[:, None] & dm[None, :], other=0.0)
-        kb = tl.load(k_ptr + cols[:, None] * sk_t + dd[None, :], mask=cmask[:, None] & dm[None, :], other=0.0)
-        acc += _dot(qb.to(tl.float64), tl.trans(kb.to(tl.float64)), PREC)
+def _qk(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dk,
+        BK: tl.constexpr, NK: tl.constexpr, PREC: tl.constexpr):
+    """a[rows] . b[cols]^T over Dk (NK static chunks of BK; a0 = chunk 0 of a[rows], preloaded
+    outside the caller's loop so that the column loop is the innermost, pipelined loop)."""
+    acc = _dot(a0, tl.trans(_tile(b_ptr, cols, cmask, sb_t, 0, Dk, BK)), PREC)
+    for c in tl.static_range(1, NK):
+        at = _tile(a_ptr, rows, rmask, sa_t, c * BK, Dk, BK)
+        bt = _tile(b_ptr, cols, cmask, sb_t, c * BK, Dk, BK)
+        acc += _dot(at, tl.trans(bt), PREC)
     return acc
-
-
-@triton.jit
-def _qk(q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, IS64: tl.constexpr):
-    if IS64:
-        r = _logits64(q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BM, BN, BK, PREC)
-    else:
-        r = _logits(q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BM, BN, BK, PREC)
-    return r
 
 
 # ----------------------------------------------------------------------------- forward
@@ -83,8 +65,8 @@ def _qk(q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk,
 @triton.jit(do_not_specialize=['T'])
 def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, scale,
                sq_b, sq_t, sk_b, sk_t,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               PREC: tl.constexpr, IS64: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
+               PREC: tl.constexpr):
     """lse[bh, t] = logsumexp_{j<t}(scale q_t.k_j); 0 for rows with no admissible key."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -98,10 +80,11 @@ def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, scale,
     m_i = tl.full((BM,), -1e30, dtype=lse_dt)
     l_i = tl.zeros((BM,), dtype=lse_dt)
     hi = tl.minimum(pid_m * BM + BM, T)  # keys j < t <= hi - 1
+    q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
     for n0 in range(0, hi, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < T
-        s = _qk(qp, kp, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BM, BN, BK, PREC, IS64) * scale
+        s = _qk(q0, qp, kp, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BK, NK, PREC) * scale
         ok = (cols[None, :] < rows[:, None]) & rmask[:, None]
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -112,11 +95,10 @@ def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, scale,
 
 
 @triton.jit
-def _probs(q_ptr, k_ptr, lse_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale, T,
-           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, IS64: tl.constexpr):
-    """P[rows, cols] (strictly causal, zero outside), in ACC."""
-    s = _qk(q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BM, BN, BK, PREC, IS64) * scale
-    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+def _probs(q0, q_ptr, k_ptr, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale,
+           BK: tl.constexpr, NK: tl.constexpr, PREC: tl.constexpr):
+    """P[rows, cols] (strictly causal, zero outside), in ACC; lse = lse[rows] (preloaded)."""
+    s = _qk(q0, q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BK, NK, PREC) * scale
     ok = (cols[None, :] < rows[:, None]) & rmask[:, None] & cmask[None, :]
     return tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
 
@@ -124,8 +106,8 @@ def _probs(q_ptr, k_ptr, lse_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scal
 @triton.jit(do_not_specialize=['T', 'TP'])
 def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, TP,
-                     L, C: tl.constexpr, BK: tl.constexpr, LOG2C: tl.constexpr,
-                     PREC: tl.constexpr, IS64: tl.constexpr):
+                     L, C: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, LOG2C: tl.constexpr,
+                     PREC: tl.constexpr):
     """One C-row block i: W[i, j] = gamma_i P_ij for earlier blocks j of its leaf, and
     W[i, i] = (I - gamma_i P_ii)^-1 (product of (I + A^(2^k)), A nilpotent)."""
     pid = tl.program_id(0)
@@ -142,11 +124,13 @@ def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, scale,
     g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(lse_ptr.dtype.element_ty)
     wrow = w_ptr + bh * TP * L + rows[:, None] * L
     cl = tl.arange(0, C)
+    q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
+    lse = tl.load(lp + rows, mask=rmask, other=0.0)
     for c0 in range(a0, r0, C):
         cols = c0 + cl
-        p = _probs(qp, kp, lp, rows, cols, rmask, cols < T, sq_t, sk_t, Dk, scale, T, C, C, BK, PREC, IS64)
+        p = _probs(q0, qp, kp, lse, rows, cols, rmask, cols < T, sq_t, sk_t, Dk, scale, BK, NK, PREC)
         tl.store(wrow + (c0 - a0) + cl[None, :], g[:, None] * p)
-    p = _probs(qp, kp, lp, rows, rows, rmask, rmask, sq_t, sk_t, Dk, scale, T, C, C, BK, PREC, IS64)
+    p = _probs(q0, qp, kp, lse, rows, rows, rmask, rmask, sq_t, sk_t, Dk, scale, BK, NK, PREC)
     A = g[:, None] * p
     eye = tl.where(cl[:, None] == cl[None, :], 1.0, 0.0).to(A.dtype)
     M = eye + A
@@ -162,7 +146,7 @@ def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, x_ptr, T, H, Dk, Dv, scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
                      r0, r1, c0, c1,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     PREC: tl.constexpr, IS64: tl.constexpr):
+                     NK: tl.constexpr, PREC: tl.constexpr):
     """X[r0:r1] += gamma * P[r0:r1, c0:c1] @ X[c0:c1]  (c1 <= r0: solved rows into unsolved)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -178,10 +162,12 @@ def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, x_ptr, T, H, Dk, Dv, scale,
     vv = pid_v * BV + tl.arange(0, BV)
     vm = vv < Dv
     acc = tl.zeros((BM, BV), dtype=x_ptr.dtype.element_ty)
+    q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
+    lse = tl.load(lp + rows, mask=rmask, other=0.0)
     for n0 in range(c0, c1, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < c1
-        p = _probs(qp, kp, lp, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale, T, BM, BN, BK, PREC, IS64)
+        p = _probs(q0, qp, kp, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale, BK, NK, PREC)
         xs = tl.load(xp + cols[:, None] * sx_t + vv[None, :], mask=cmask[:, None] & vm[None, :], other=0.0)
         acc += _dot(p.to(q_ptr.dtype.element_ty), xs.to(q_ptr.dtype.element_ty), PREC).to(acc.dtype)
     g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(acc.dtype)
@@ -229,7 +215,7 @@ def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, y_ptr, T, H, Dk, Dv, scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sy_b, sy_t,
                      r0, r1, c0, c1,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     PREC: tl.constexpr, IS64: tl.constexpr):
+                     NK: tl.constexpr, PREC: tl.constexpr):
     """Y[j in r0:r1] += sum_{t in c0:c1} P[t, j] gamma_t Y[t]  (r1 <= c0: solved later rows)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -245,10 +231,11 @@ def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, y_ptr, T, H, Dk, Dv, scale,
     vv = pid_v * BV + tl.arange(0, BV)
     vm = vv < Dv
     acc = tl.zeros((BM, BV), dtype=y_ptr.dtype.element_ty)
+    k0 = _tile(kp, js, jmask, sk_t, 0, Dk, BK)
     for n0 in range(c0, c1, BN):
         ts = n0 + tl.arange(0, BN)
         tmask = ts < c1
-        pT = _qk(kp, qp, js, ts, jmask, tmask, sk_t, sq_t, Dk, BM, BN, BK, PREC, IS64) * scale
+        pT = _qk(k0, kp, qp, js, ts, jmask, tmask, sk_t, sq_t, Dk, BK, NK, PREC) * scale
         lse = tl.load(lp + ts, mask=tmask, other=0.0)
         ok = (js[:, None] < ts[None, :]) & jmask[:, None] & tmask[None, :]
         pT = tl.where(ok, tl.exp(pT - lse[None, :]), 0.0)
@@ -296,17 +283,16 @@ def bwd_leaf_kernel(w_ptr, y_ptr, T, H, Dv, sy_b, sy_t, TP, a0, a1, nblk,
 
 
 @triton.jit
-def _ls(y_ptr, x_ptr, rows, cols, rmask, cmask, sy_t, sx_t, Dv, dt_ptr,
-        BM: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """D[rows, cols] = lam[rows] . s[cols] (contraction over Dv, tiled by BV)."""
+def _ls(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dv, dt_ptr,
+        BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr):
+    """a[rows] . b[cols]^T over Dv (a, b: ACC buffers lam / s, multiplied in the input dtype);
+    a0 = chunk 0 of a[rows] already cast, preloaded by the caller."""
     DT = dt_ptr.dtype.element_ty
-    acc = tl.zeros((BM, BN), dtype=y_ptr.dtype.element_ty)
-    for v0 in range(0, Dv, BV):
-        vv = v0 + tl.arange(0, BV)
-        vm = vv < Dv
-        yb = tl.load(y_ptr + rows[:, None] * sy_t + vv[None, :], mask=rmask[:, None] & vm[None, :], other=0.0)
-        xb = tl.load(x_ptr + cols[:, None] * sx_t + vv[None, :], mask=cmask[:, None] & vm[None, :], other=0.0)
-        acc += _dot(yb.to(DT), tl.trans(xb.to(DT)), PREC).to(acc.dtype)
+    acc = _dot(a0, tl.trans(_tile(b_ptr, cols, cmask, sb_t, 0, Dv, BV).to(DT)), PREC)
+    for c in tl.static_range(1, NV):
+        at = _tile(a_ptr, rows, rmask, sa_t, c * BV, Dv, BV).to(DT)
+        bt = _tile(b_ptr, cols, cmask, sb_t, c * BV, Dv, BV).to(DT)
+        acc += _dot(at, tl.trans(bt), PREC)
     return acc
 
 
@@ -315,7 +301,7 @@ def bwd_dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, x_ptr, y_ptr, dq_ptr, dg
                   T, H, Dk, Dv, scale,
                   sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  BKO: tl.constexpr, PREC: tl.constexpr, IS64: tl.constexpr):
+                  BKO: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr):
     """dq[rows, ko-tile] = scale sum_j dS_tj k_j with dS = P (gamma_t D_tj - delta_t),
     D_tj = lam_t . s_j; program ko = 0 also writes dgamma_t = sum_j P_tj D_tj (ACC, (B*H, T))."""
     pid_m = tl.program_id(0)
@@ -338,11 +324,14 @@ def bwd_dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, x_ptr, y_ptr, dq_ptr, dg
     acc = tl.zeros((BM, BKO), dtype=lse_ptr.dtype.element_ty)
     dg = tl.zeros((BM,), dtype=lse_ptr.dtype.element_ty)
     hi = tl.minimum(pid_m * BM + BM, T)
+    q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
+    y0 = _tile(yp, rows, rmask, sx_t, 0, Dv, BV).to(DT)
+    lse = tl.load(lp + rows, mask=rmask, other=0.0)
     for n0 in range(0, hi, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < T
-        p = _probs(qp, kp, lp, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale, T, BM, BN, BK, PREC, IS64)
-        D = _ls(yp, xp, rows, cols, rmask, cmask, sx_t, sx_t, Dv, q_ptr, BM, BN, BV, PREC)
+        p = _probs(q0, qp, kp, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale, BK, NK, PREC)
+        D = _ls(y0, yp, xp, rows, cols, rmask, cmask, sx_t, sx_t, Dv, q_ptr, BV, NV, PREC)
         dg += tl.sum(p * D, 1)
         ds = p * (g[:, None] * D - dl[:, None])
         kb = tl.load(kp + cols[:, None] * sk_t + ko[None, :], mask=cmask[:, None] & kom[None, :], other=0.0)
@@ -358,7 +347,7 @@ def bwd_dk_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, x_ptr, y_ptr, dk_ptr,
                   T, H, Dk, Dv, scale,
                   sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  BKO: tl.constexpr, PREC: tl.constexpr, IS64: tl.constexpr):
+                  BKO: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr):
     """dk[cols, ko-tile] = scale sum_{t > j} dS_tj q_t (key block of BN, loop over row blocks)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -377,14 +366,16 @@ def bwd_dk_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, x_ptr, y_ptr, dk_ptr,
     kom = ko < Dk
     acc = tl.zeros((BN, BKO), dtype=lse_ptr.dtype.element_ty)
     lo = (pid_n * BN // BM) * BM
+    k0 = _tile(kp, js, jmask, sk_t, 0, Dk, BK)
+    x0 = _tile(xp, js, jmask, sx_t, 0, Dv, BV).to(DT)
     for m0 in range(lo, T, BM):
         ts = m0 + tl.arange(0, BM)
         tmask = ts < T
-        pT = _qk(kp, qp, js, ts, jmask, tmask, sk_t, sq_t, Dk, BN, BM, BK, PREC, IS64) * scale
+        pT = _qk(k0, kp, qp, js, ts, jmask, tmask, sk_t, sq_t, Dk, BK, NK, PREC) * scale
         lse = tl.load(lp + ts, mask=tmask, other=0.0)
         ok = (js[:, None] < ts[None, :]) & jmask[:, None] & tmask[None, :]
         pT = tl.where(ok, tl.exp(pT - lse[None, :]), 0.0)
-        DT_ = _ls(xp, yp, js, ts, jmask, tmask, sx_t, sx_t, Dv, q_ptr, BN, BM, BV, PREC)  # s_j . lam_t
+        DT_ = _ls(x0, xp, yp, js, ts, jmask, tmask, sx_t, sx_t, Dv, q_ptr, BV, NV, PREC)  # s_j . lam_t
         g = tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(acc.dtype)
         dl = tl.load(dl_ptr + bh * T + ts, mask=tmask, other=0.0)
         dsT = pT * (g[None, :] * DT_ - dl[None, :])

@@ -48,13 +48,14 @@ class SolveConfig:
     BV: int = 128  # Dv tile (apply kernels, and the lam.s contraction in dq/dk)
     BV_LEAF: int = 64  # Dv tile of the sequential leaf kernels (more programs)
     BKO: int = 128  # output Dk tile of dq / dk
-    num_warps: int = 4
+    num_warps: int = 4  # flash-style kernels
+    num_warps_leaf: int = 4  # sequential leaves and the leaf-matrix prep
     num_stages: int = 2
 
 
 # Small blocks for the CPU interpreter (tests exercise several leaves and diagonal blocks).
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, BM=16, BN=16, BK=16, BV=16, BV_LEAF=16, BKO=16,
-                               num_warps=1, num_stages=1)
+                               num_warps=1, num_warps_leaf=1, num_stages=1)
 
 
 def _p2(x: int, lo: int = 16) -> int:
@@ -88,8 +89,10 @@ def _prep(q, k, gamma, f):
     return q, k, gamma, acc, in_dt
 
 
-def _kw(cfg: SolveConfig) -> dict:
-    return {} if INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+def _kw(cfg: SolveConfig, leaf: bool = False) -> dict:
+    if INTERPRET:
+        return {}
+    return {"num_warps": cfg.num_warps_leaf if leaf else cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def _forward(q, k, gamma, f, scale, cfg):
@@ -109,22 +112,23 @@ def _forward(q, k, gamma, f, scale, cfg):
     sq = (q.stride(0), q.stride(1))
     sg = (gamma.stride(0), gamma.stride(1))
     sx = (X.stride(0), X.stride(1))
-    kw = _kw(cfg)
+    kw, kw_leaf = _kw(cfg), _kw(cfg, leaf=True)
+    nk, nv = triton.cdiv(Dk, cfg.BK), triton.cdiv(Dv, cfg.BV)
     K.lse_kernel[(triton.cdiv(T, cfg.BM), BH)](
-        q, k, lse, T, H, Dk, scale, *sq, *sq, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, PREC=prec, IS64=is64, **kw)
+        q, k, lse, T, H, Dk, scale, *sq, *sq, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, NK=nk, PREC=prec, **kw)
     K.leaf_prep_kernel[(Tc // C, BH)](
         q, k, gamma, lse, W, T, H, Dk, scale, *sq, *sq, *sg, Tc, L,
-        C=C, BK=cfg.BK, LOG2C=int(math.log2(C)), PREC=prec, IS64=is64, **kw)
+        C=C, BK=cfg.BK, NK=nk, LOG2C=int(math.log2(C)), PREC=prec, **kw_leaf)
     lowp = _TL[in_dt]
 
     def leaf(a, b):
         K.fwd_leaf_kernel[(triton.cdiv(Dv, cfg.BV_LEAF), BH)](
-            W, X, T, H, Dv, *sx, Tc, a, b, L, C=C, BV=cfg.BV_LEAF, PREC=prec, LOWP=lowp, **kw)
+            W, X, T, H, Dv, *sx, Tc, a, b, L, C=C, BV=cfg.BV_LEAF, PREC=prec, LOWP=lowp, **kw_leaf)
 
     def apply(r0, r1, c0, c1):
         K.fwd_apply_kernel[(triton.cdiv(r1 - r0, cfg.BM), triton.cdiv(Dv, cfg.BV), BH)](
             q, k, gamma, lse, X, T, H, Dk, Dv, scale, *sq, *sq, *sg, *sx, r0, r1, c0, c1,
-            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, PREC=prec, IS64=is64, **kw)
+            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, NK=nk, PREC=prec, **kw)
 
     def solve(a, b):
         n = triton.cdiv(b - a, L)
@@ -154,17 +158,18 @@ def _backward(ds, q, k, gamma, f, X, lse, W, scale, cfg):
     sq = (q.stride(0), q.stride(1))
     sg = (gamma.stride(0), gamma.stride(1))
     sx = (X.stride(0), X.stride(1))
-    kw = _kw(cfg)
+    kw, kw_leaf = _kw(cfg), _kw(cfg, leaf=True)
+    nk, nv = triton.cdiv(Dk, cfg.BK), triton.cdiv(Dv, cfg.BV)
     lowp = _TL[q.dtype]
 
     def leaf(a, b):
         K.bwd_leaf_kernel[(triton.cdiv(Dv, cfg.BV_LEAF), BH)](
-            W, Y, T, H, Dv, *sx, Tc, a, b, (b - a) // C, L, C=C, BV=cfg.BV_LEAF, PREC=prec, LOWP=lowp, **kw)
+            W, Y, T, H, Dv, *sx, Tc, a, b, (b - a) // C, L, C=C, BV=cfg.BV_LEAF, PREC=prec, LOWP=lowp, **kw_leaf)
 
     def apply(r0, r1, c0, c1):
         K.bwd_apply_kernel[(triton.cdiv(r1 - r0, cfg.BM), triton.cdiv(Dv, cfg.BV), BH)](
             q, k, gamma, lse, Y, T, H, Dk, Dv, scale, *sq, *sq, *sg, *sx, r0, r1, c0, c1,
-            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, PREC=prec, IS64=is64, **kw)
+            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, NK=nk, PREC=prec, **kw)
 
     def solve(a, b):
         n = triton.cdiv(b - a, L)
@@ -186,10 +191,10 @@ def _backward(ds, q, k, gamma, f, X, lse, W, scale, cfg):
     dg = _new((BH, T), acc, q.device)
     K.bwd_dq_kernel[(triton.cdiv(T, cfg.BM), triton.cdiv(Dk, cfg.BKO), BH)](
         q, k, gamma, lse, delta, X, Y, dq, dg, T, H, Dk, Dv, scale, *sq, *sq, *sg, *sx,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, BKO=cfg.BKO, PREC=prec, IS64=is64, **kw)
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, BKO=cfg.BKO, NK=nk, NV=nv, PREC=prec, **kw)
     K.bwd_dk_kernel[(triton.cdiv(T, cfg.BN), triton.cdiv(Dk, cfg.BKO), BH)](
         q, k, gamma, lse, delta, X, Y, dk, T, H, Dk, Dv, scale, *sq, *sq, *sg, *sx,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, BKO=cfg.BKO, PREC=prec, IS64=is64, **kw)
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, BKO=cfg.BKO, NK=nk, NV=nv, PREC=prec, **kw)
     dgamma = dg.view(B, H, T).transpose(1, 2)
     return dq, dk, dgamma, Y
 
