@@ -52,10 +52,11 @@ def _qk(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dk,
     """a[rows] . b[cols]^T over Dk (NK static chunks of BK; a0 = chunk 0 of a[rows], preloaded
     outside the caller's loop so that the column loop is the innermost, pipelined loop)."""
     acc = _dot(a0, tl.trans(_tile(b_ptr, cols, cmask, sb_t, 0, Dk, BK)), PREC)
-    for c in tl.static_range(1, NK):
-        at = _tile(a_ptr, rows, rmask, sa_t, c * BK, Dk, BK)
-        bt = _tile(b_ptr, cols, cmask, sb_t, c * BK, Dk, BK)
-        acc += _dot(at, tl.trans(bt), PREC)
+    if NK > 1:  # wide heads: a runtime loop (an unrolled one would pipeline every chunk in smem)
+        for c in range(1, NK):
+            at = _tile(a_ptr, rows, rmask, sa_t, c * BK, Dk, BK)
+            bt = _tile(b_ptr, cols, cmask, sb_t, c * BK, Dk, BK)
+            acc += _dot(at, tl.trans(bt), PREC)
     return acc
 
 
@@ -289,10 +290,11 @@ def _ls(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dv, dt_ptr,
     a0 = chunk 0 of a[rows] already cast, preloaded by the caller."""
     DT = dt_ptr.dtype.element_ty
     acc = _dot(a0, tl.trans(_tile(b_ptr, cols, cmask, sb_t, 0, Dv, BV).to(DT)), PREC)
-    for c in tl.static_range(1, NV):
-        at = _tile(a_ptr, rows, rmask, sa_t, c * BV, Dv, BV).to(DT)
-        bt = _tile(b_ptr, cols, cmask, sb_t, c * BV, Dv, BV).to(DT)
-        acc += _dot(at, tl.trans(bt), PREC)
+    if NV > 1:
+        for c in range(1, NV):
+            at = _tile(a_ptr, rows, rmask, sa_t, c * BV, Dv, BV).to(DT)
+            bt = _tile(b_ptr, cols, cmask, sb_t, c * BV, Dv, BV).to(DT)
+            acc += _dot(at, tl.trans(bt), PREC)
     return acc
 
 

@@ -23,15 +23,15 @@ if [[ $MODE == quick ]]; then
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
   # Head dims <= 256: SDPA flash first, so the ratio columns read "x SDPA".
-  python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
+  timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
     --seq-lens 2048,8192,16384,32768 --layouts 6x128,16x64 \
     --impls sdpa_flash,triton,fla_deltaformer,chunked,dense --repeats 10 --max-quadratic-gib 45 \
     --out "$OUT/solve_small_heads.md" 2>&1 | tee "$OUT/bench_solve_small.log" || rc=1
   # Wide single heads: ratios against the Triton kernel.
-  python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
+  timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
     --seq-lens 2048,8192,16384,32768 --layouts 1x768,1x2048 \
     --impls triton,chunked,dense --repeats 5 --max-quadratic-gib 45 \
     --out "$OUT/solve_wide_heads.md" 2>&1 | tee "$OUT/bench_solve_wide.log" || rc=1
-  python3 -m sessa_scale.bench.layer --seq-lens 2048,8192,16384 --out "$OUT/layer.md" 2>&1 | tee "$OUT/bench_layer.log" || rc=1
+  timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.layer --seq-lens 2048,8192,16384 --out "$OUT/layer.md" 2>&1 | tee "$OUT/bench_layer.log" || rc=1
 fi
 exit $rc
