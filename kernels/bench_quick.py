@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from sessa_scale.bench import cuda_peak_bytes
+
 
 def _solve_impl(name):
     if name == "triton":
@@ -56,12 +58,7 @@ def point(name, B, T, H, D, dtype=torch.bfloat16, fwd_only=False):
             if not fwd_only:
                 s.backward(ds)
     fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = cuda_peak_bytes(fn)
     ms = triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median")
     return ms, peak
 

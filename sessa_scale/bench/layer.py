@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sessa_scale.bench import cuda_peak_bytes
 from sessa_scale.models.attention import apply_rope, causal_attention, rope_inv_freq
 from sessa_scale.models.sessa import SessaLayer
 
@@ -66,12 +67,7 @@ def measure(module: nn.Module, B: int, T: int, D: int, dtype: torch.dtype, devic
         module(x).backward(dy)
 
     step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = cuda_peak_bytes(step)
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()

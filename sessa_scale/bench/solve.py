@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from sessa_scale.bench import cuda_peak_bytes
 from sessa_scale.ops.feedback_chunked import feedback_solve_chunked
 from sessa_scale.ops.feedback_reference import feedback_solve_dense
 
@@ -102,12 +103,7 @@ def measure(impl: str, B: int, T: int, H: int, D: int, dtype: str, device: str, 
     inputs, upstream = _make_inputs(B, T, H, D, torch_dtype, device)
     gc.collect()
     if device.startswith("cuda"):
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        _fwd_bwd(impl, inputs, upstream)
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+        peak = cuda_peak_bytes(lambda: _fwd_bwd(impl, inputs, upstream), device)
     else:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # peak RSS := current RSS

@@ -18,13 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    model, _, _ = load_model(args.checkpoint, args.device)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, _ = load_model(args.checkpoint, device)
     text = generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     print(args.prompt + text)
     return 0
