@@ -224,7 +224,7 @@ def test_params_json(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["config"] for r in rows] == paths
     for row, size in zip(rows, SIZES):
-        assert set(row) == {"config", "arch", "params", "non_embedding_params"}
+        assert set(row) == {"config", "arch", "params", "non_embedding_params", "vs_first"}
         assert row["arch"] == "sessa"
         assert isinstance(row["params"], int) and isinstance(row["non_embedding_params"], int)
         assert row["non_embedding_params"] < row["params"]
@@ -239,7 +239,7 @@ def test_params_table_and_overrides(capsys):
     assert row["params"] - row["non_embedding_params"] == 2 * 257 * 128  # embedding + untied head
     assert main(["params", str(CONFIGS / "sessa" / "125m.yaml")]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["config", "arch", "params", "exact", "non-embedding", "exact"]
+    assert table[0].split() == ["config", "arch", "params", "exact", "non-embedding", "exact", "vs-first"]
     count = count_parameters(load_config(CONFIGS / "sessa" / "125m.yaml").model)
     assert f"{count.total:,}" in table[1] and f"{count.non_embedding:,}" in table[1]
 

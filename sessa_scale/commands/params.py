@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         help="count the parameters of model configs",
         usage="sessa-scale params [--json] [CONFIG ...] [key=value ...]",
         description="Print the exact parameter counts (total, and without the embedding / untied LM head) "
-        "of each CONFIG; overrides such as model.n_layers=24 apply to every config. No CONFIG: the defaults.",
+        "of each CONFIG side by side, with each non-embedding count relative to the first CONFIG's (a "
+        "matched trio: sessa, transformer, mamba2 of one size); overrides such as model.n_layers=24 apply to every config. No CONFIG: the defaults.",
     )
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     # REMAINDER so that --json may also follow the configs; run() picks it out.
@@ -30,7 +31,8 @@ def human(n: int) -> str:
 
 
 def count_rows(paths: list[str | None], overrides: list[str]) -> list[dict]:
-    """One {config, arch, params, non_embedding_params} per config (None: the defaults)."""
+    """One {config, arch, params, non_embedding_params, vs_first} per config (None: the defaults);
+    vs_first is the non-embedding count over the first config's, to check that a trio is matched."""
     from sessa_scale.config import load_config
     from sessa_scale.models.registry import count_parameters
 
@@ -46,11 +48,13 @@ def count_rows(paths: list[str | None], overrides: list[str]) -> list[dict]:
                 "non_embedding_params": count.non_embedding,
             }
         )
+    for row in rows:
+        row["vs_first"] = round(row["non_embedding_params"] / rows[0]["non_embedding_params"], 6)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ("config", "arch", "params", "exact", "non-embedding", "exact")
+    header = ("config", "arch", "params", "exact", "non-embedding", "exact", "vs-first")
     lines = [header] + [
         (
             r["config"],
@@ -59,6 +63,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['params']:,}",
             human(r["non_embedding_params"]),
             f"{r['non_embedding_params']:,}",
+            f"{r['vs_first']:.2%}",
         )
         for r in rows
     ]

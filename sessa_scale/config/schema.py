@@ -36,6 +36,17 @@ class ModelConfig:
     solver: str = "auto"  # feedback_solve implementation: auto | dense | chunked | triton
     attention: str = "sdpa"  # forward attention backend: sdpa | flash (flash-attn, CUDA only)
     activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
+    # Transformer baseline (arch: transformer)
+    mlp: str = "gelu"  # MLP of the Transformer block: gelu (Linear-GELU-Linear) | swiglu
+    mlp_hidden: int | None = None  # MLP hidden width; None -> 4 d_model (gelu), ~8/3 d_model rounded to 64 (swiglu)
+    # Mamba-2 baseline (arch: mamba2)
+    ssm_state: int = 128  # SSD state size N per head
+    ssm_head_dim: int = 64  # SSD head width P; heads = ssm_expand * d_model / ssm_head_dim
+    ssm_expand: int = 2  # inner width = ssm_expand * d_model
+    ssm_groups: int = 1  # groups of heads sharing B and C (must divide the head count)
+    ssm_conv: int = 4  # causal depthwise conv kernel width
+    ssm_chunk: int = 64  # SSD chunk length in tokens (a power of two: the GPU kernel needs one)
+    ssm_scan: str = "auto"  # SSD scan: auto (fla on CUDA when installed, else chunked) | chunked | sequential | fla
 
 
 @dataclass

@@ -12,10 +12,14 @@ from sessa_scale.config.schema import ModelConfig
 from sessa_scale.errors import UserError
 from sessa_scale.models.attention import ATTENTION_BACKENDS
 from sessa_scale.models.lm import DecoderLM
+from sessa_scale.models.mamba2 import Mamba2Block
 from sessa_scale.models.sessa import SessaLayer
+from sessa_scale.models.transformer import MLP_KINDS, TransformerBlock
 from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS
+from sessa_scale.ops.ssd import SSD_IMPLS
 
 INIT_MODES = ("pytorch", "scaled")
+SSM_INTS = ("ssm_state", "ssm_head_dim", "ssm_expand", "ssm_groups", "ssm_conv", "ssm_chunk")
 
 
 def build_sessa_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
@@ -33,8 +37,41 @@ def build_sessa_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
     )
 
 
+def build_transformer_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The layer_idx-th block of the Transformer baseline described by cfg."""
+    return TransformerBlock(
+        cfg.d_model,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        ln_eps=cfg.ln_eps,
+        rope=cfg.rope,
+        attention=cfg.attention,
+        mlp=cfg.mlp,
+        mlp_hidden=cfg.mlp_hidden,
+    )
+
+
+def build_mamba2_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The layer_idx-th block of the Mamba-2 baseline described by cfg."""
+    return Mamba2Block(
+        cfg.d_model,
+        ln_eps=cfg.ln_eps,
+        d_state=cfg.ssm_state,
+        head_dim=cfg.ssm_head_dim,
+        expand=cfg.ssm_expand,
+        d_conv=cfg.ssm_conv,
+        n_groups=cfg.ssm_groups,
+        chunk_size=cfg.ssm_chunk,
+        scan=cfg.ssm_scan,
+    )
+
+
 # arch name -> builder(cfg, layer_idx) of one residual block following sessa_scale.models.lm.Block
-ARCHITECTURES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {"sessa": build_sessa_block}
+ARCHITECTURES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
+    "sessa": build_sessa_block,
+    "transformer": build_transformer_block,
+    "mamba2": build_mamba2_block,
+}
 
 
 def _is_int(value) -> bool:
@@ -59,13 +96,14 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
             bad(key, f"unknown {what} {value!r}", f"choose from {allowed}")
 
     ints = {}  # the integer fields that are integers; n_kv_heads None means n_heads
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "n_fb_heads"):
+    nullable = {"n_kv_heads", "mlp_hidden"}
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "n_fb_heads", "mlp_hidden", *SSM_INTS):
         value = getattr(cfg, key)
         if key == "n_kv_heads" and value is None:
             value = cfg.n_heads
         if _is_int(value):
             ints[key] = value
-        elif key != "n_kv_heads" or cfg.n_kv_heads is not None:
+        elif key not in nullable or value is not None:
             bad(key, f"{value!r} is not an integer", "give an integer")
     numbers = {key: getattr(cfg, key) for key in ("gamma_max", "init_std") if _is_number(getattr(cfg, key))}
     for key in ("gamma_max", "init_std"):
@@ -96,6 +134,20 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         bad("gamma_max", f"{numbers['gamma_max']} is outside (0, 1)", "it must lie strictly inside (0, 1), e.g. 0.999")
     if "init_std" in numbers and not numbers["init_std"] > 0:
         bad("init_std", f"{numbers['init_std']} is not positive", "it must be > 0 (default 0.02)")
+    for key in ("mlp_hidden", *SSM_INTS):
+        if key in ints and ints[key] < 1:
+            bad(key, f"{ints[key]} is too small", "it must be >= 1")
+    chunk = ints.get("ssm_chunk")
+    if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
+        bad("ssm_chunk", f"{chunk} is not a power of two >= 16", "use e.g. 64 (the GPU kernel needs a power of two)")
+    if cfg.arch == "mamba2" and D is not None and all(ints.get(k, 0) >= 1 for k in SSM_INTS):
+        inner, P, G = ints["ssm_expand"] * D, ints["ssm_head_dim"], ints["ssm_groups"]
+        if inner % P != 0:
+            bad("ssm_head_dim", f"{P} does not divide ssm_expand * d_model = {inner}", "use a divisor of it, e.g. 64")
+        elif (inner // P) % G != 0:
+            bad("ssm_groups", f"{G} does not divide the {inner // P} SSD heads", "use a divisor of the head count, e.g. 1")
+    choice("mlp", "Transformer MLP", list(MLP_KINDS))
+    choice("ssm_scan", "SSD scan", ["auto", *SSD_IMPLS])
     choice("solver", "feedback solver", ["auto", *FEEDBACK_SOLVE_IMPLS])
     choice("attention", "attention backend", list(ATTENTION_BACKENDS))
     choice("init", "init mode", list(INIT_MODES))

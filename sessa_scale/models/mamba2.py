@@ -1,0 +1,195 @@
+"""The Mamba-2 baseline block (Dao & Gu, "Transformers are SSMs", 2024): pre-norm residual around
+the Mamba-2 mixer, which differs from Sessa only in the sequence mixer.
+
+Mixer, for u (B, T, D), inner width E = expand * D, H = E / P heads of width P, state size N,
+G groups of B/C (heads share B and C within a group):
+
+    z, xBC, dt_raw = split(in_proj(u), [E, E + 2 G N, H])
+    x, B, C        = split(silu(causal depthwise conv1d(xBC)), [E, G N, G N])
+    dt             = softplus(dt_raw + dt_bias)                  # (B, T, H) step sizes
+    A              = -exp(A_log)                                 # (H,) scalar decay rate per head
+    y              = SSD(x, dt, A, B, C) + D * x                 # see sessa_scale/ops/ssd_reference.py
+    out            = out_proj(RMSNorm(y * silu(z)) * norm.weight)  # gated RMSNorm
+
+Parameter names follow mamba_ssm's Mamba2 (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj),
+with no biases on in_proj/out_proj and a bias on the conv, as there. Decoding keeps the last
+d_conv - 1 conv inputs and the SSM state (B, H, N, P): constant memory per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sessa_scale.ops.ssd import ssd_scan
+
+Cache = dict  # {"t": int, "conv": (B, d_conv - 1, E + 2 G N), "ssm": (B, H, N, P)}
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) * weight over the last dim, computed in at least float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z (..., dim) -> (..., dim) in y's dtype."""
+        dtype = torch.promote_types(y.dtype, torch.float32)
+        h = y.to(dtype) * F.silu(z.to(dtype))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.to(dtype)).to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """u (B, T, D) -> (B, T, D): the Mamba-2 sequence mixer (module docstring)."""
+
+    def __init__(
+        self,
+        D: int,
+        d_state: int = 128,
+        head_dim: int = 64,
+        expand: int = 2,
+        d_conv: int = 4,
+        n_groups: int = 1,
+        chunk_size: int = 64,
+        scan: str = "auto",
+        norm_eps: float = 1e-5,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+    ):
+        super().__init__()
+        E = expand * D
+        if E % head_dim != 0:
+            raise ValueError(f"expand * D ({E}) must be divisible by head_dim ({head_dim})")
+        H = E // head_dim
+        if H % n_groups != 0:
+            raise ValueError(f"the number of heads ({H}) must be divisible by n_groups ({n_groups})")
+        self.d_inner, self.n_heads, self.head_dim, self.d_state = E, H, head_dim, d_state
+        self.n_groups, self.d_conv, self.chunk_size, self.scan = n_groups, d_conv, chunk_size, scan
+        self.conv_dim = E + 2 * n_groups * d_state
+
+        self.in_proj = nn.Linear(D, E + self.conv_dim + H, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+        # dt = softplus(dt_bias) starts log-uniform in [dt_min, dt_max]; A uniform in [1, 16].
+        dt = torch.exp(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(E, eps=norm_eps)
+        self.out_proj = nn.Linear(E, D, bias=False)
+
+    def _split_conv_out(self, xBC: torch.Tensor):
+        """silu(conv output) (B, T, conv_dim) -> x (B, T, H, P), B and C (B, T, G, N)."""
+        batch, T, _ = xBC.shape
+        GN = self.n_groups * self.d_state
+        x, B, C = xBC.split([self.d_inner, GN, GN], dim=-1)
+        return (
+            x.reshape(batch, T, self.n_heads, self.head_dim),
+            B.reshape(batch, T, self.n_groups, self.d_state),
+            C.reshape(batch, T, self.n_groups, self.d_state),
+        )
+
+    def _mix(self, zxbcdt: torch.Tensor, xBC: torch.Tensor, initial_state):
+        """in_proj output (B, T, .) and its conv-activated xBC (B, T, conv_dim) -> (out (B, T, D), SSM state)."""
+        batch, T, _ = zxbcdt.shape
+        z = zxbcdt[..., : self.d_inner]
+        dt = F.softplus(zxbcdt[..., self.d_inner + self.conv_dim :] + self.dt_bias)
+        x, B, C = self._split_conv_out(xBC)
+        A = -torch.exp(self.A_log)
+        y, state = ssd_scan(
+            x, dt, A, B, C, initial_state=initial_state, chunk_size=self.chunk_size,
+            impl="sequential" if T == 1 else self.scan,
+        )
+        y = y + x * self.D[:, None].to(x.dtype)
+        y = self.norm(y.reshape(batch, T, self.d_inner), z)
+        return self.out_proj(y), state
+
+    def _forward(self, u: torch.Tensor):
+        """u (B, T, D) -> out (B, T, D), the final SSM state, and xBC before the conv (B, T, conv_dim)."""
+        T = u.shape[1]
+        zxbcdt = self.in_proj(u)
+        xBC_in = zxbcdt[..., self.d_inner : self.d_inner + self.conv_dim]
+        xBC = F.silu(self.conv1d(xBC_in.transpose(1, 2))[..., :T].transpose(1, 2))
+        out, state = self._mix(zxbcdt, xBC, None)
+        return out, state, xBC_in
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u (B, T, D) -> (B, T, D)."""
+        return self._forward(u)[0]
+
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> Cache:
+        """An empty recurrent state (max_len is accepted for the common API; the state has a fixed size)."""
+        ref = self.in_proj.weight
+        kw = dict(device=ref.device if device is None else device, dtype=ref.dtype if dtype is None else dtype)
+        return {
+            "t": 0,
+            "conv": torch.zeros(batch_size, self.d_conv - 1, self.conv_dim, **kw),
+            "ssm": torch.zeros(batch_size, self.n_heads, self.d_state, self.head_dim, **kw),
+        }
+
+    def prefill(self, u: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        """Parallel forward on a prompt u (B, T, D) from an empty cache -> (out, cache)."""
+        if cache["t"] != 0:
+            raise ValueError(f"prefill needs an empty cache, this one holds {cache['t']} positions")
+        out, state, xBC_in = self._forward(u)
+        keep = min(self.d_conv - 1, u.shape[1])
+        if keep:
+            cache["conv"][:, -keep:] = xBC_in[:, -keep:]
+        cache["ssm"] = state.to(cache["ssm"].dtype)
+        cache["t"] = u.shape[1]
+        return out, cache
+
+    def decode_step(self, u_t: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        """One token u_t (B, D) or (B, 1, D) -> (out in the same shape, cache)."""
+        u = u_t.unsqueeze(1) if u_t.dim() == 2 else u_t
+        zxbcdt = self.in_proj(u)
+        xBC_in = zxbcdt[..., self.d_inner : self.d_inner + self.conv_dim]  # (B, 1, conv_dim)
+        window = torch.cat([cache["conv"], xBC_in], dim=1)  # (B, d_conv, conv_dim): oldest first
+        conv = torch.einsum("bkc,ck->bc", window, self.conv1d.weight[:, 0, :]) + self.conv1d.bias
+        out, state = self._mix(zxbcdt, F.silu(conv)[:, None], cache["ssm"])
+        cache["conv"] = window[:, 1:]
+        cache["ssm"] = state.to(cache["ssm"].dtype)
+        cache["t"] += 1
+        return out.view_as(u_t), cache
+
+
+class Mamba2Block(nn.Module):
+    """Pre-norm residual block x + Mamba2Mixer(LayerNorm(x)) (the same LayerNorm as Sessa's)."""
+
+    def __init__(self, D: int, ln_eps: float = 1e-5, **mixer_kwargs):
+        super().__init__()
+        self.ln = nn.LayerNorm(D, eps=ln_eps)
+        self.mixer = Mamba2Mixer(D, **mixer_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        return x + self.mixer(self.ln(x))
+
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> Cache:
+        """See Mamba2Mixer.init_cache."""
+        return self.mixer.init_cache(batch_size, device=device, dtype=dtype, max_len=max_len)
+
+    def prefill(self, x: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        """Prompt x (B, T, D) on an empty cache -> (y (B, T, D), cache)."""
+        out, cache = self.mixer.prefill(self.ln(x), cache)
+        return x + out, cache
+
+    def decode_step(self, x_t: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        """One token x_t (B, D) or (B, 1, D) -> (y_t in the same shape, cache)."""
+        out, cache = self.mixer.decode_step(self.ln(x_t), cache)
+        return x_t + out, cache
+
+    # The block protocol DecoderLM relies on (see sessa_scale.models.lm.Block).
+    def residual_projections(self) -> list[nn.Linear]:
+        """Linears writing into the residual stream (scaled init: std / sqrt(2 n_layers))."""
+        return [self.mixer.out_proj]
+
+    def default_init_modules(self) -> list[nn.Module]:
+        """Modules that keep their own init under the scaled init (none: dt_bias, A_log, D, the conv
+        and the norm are not Linears and keep theirs anyway)."""
+        return []

@@ -1,0 +1,71 @@
+"""`ssd_scan`: Mamba-2's SSD scan (see sessa_scale/ops/ssd_reference.py for the math and shapes),
+dispatching to an implementation by name.
+
+Implementations:
+* "chunked": the PyTorch chunked algorithm (ssd_reference.ssd_chunked), everywhere.
+* "sequential": the token-by-token recurrence (ssd_reference.ssd_sequential), the oracle.
+* "fla": fla-core's Triton `chunk_simple_gla` (CUDA only; `pip install -e .[gpu]`). Simple GLA is
+  SSD with a scalar decay per head: its recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T,
+  o_t = scale * S_t^T q_t maps onto SSD with q = C, k = B (one copy per head), v = dt * x,
+  g = dt * A, scale = 1; its state (B, H, K, V) is ours (B, H, N, P).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sessa_scale.ops.ssd_reference import per_head, ssd_chunked, ssd_sequential
+
+SSD_IMPLS = ("chunked", "sequential", "fla")
+
+
+def fla_available() -> bool:
+    """Whether fla-core's simple-GLA ops import (they need triton and einops)."""
+    try:
+        import fla.ops.simple_gla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_ssd_impl(impl: str, device: torch.device) -> str:
+    """Map "auto" to "fla" on CUDA when fla-core is installed, else "chunked"."""
+    if impl == "auto":
+        return "fla" if device.type == "cuda" and fla_available() else "chunked"
+    if impl not in SSD_IMPLS:
+        raise ValueError(f"unknown SSD scan impl {impl!r}; choose from {['auto', *SSD_IMPLS]}")
+    return impl
+
+
+def ssd_fla(x, dt, A, B, C, initial_state=None, chunk_size: int = 64):
+    """The scan on fla-core's Triton simple-GLA kernels (CUDA tensors). q, k, v run in x's dtype,
+    the log decay g in float32; returns (y in x's dtype, final state in float32)."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    H = x.shape[2]
+    q = per_head(C, H).to(x.dtype)
+    k = per_head(B, H).to(x.dtype)
+    v = (x * dt[..., None]).to(x.dtype)
+    g = (dt.float() * A.float()).contiguous()
+    state = None if initial_state is None else initial_state.float()
+    y, final = chunk_simple_gla(
+        q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True, chunk_size=chunk_size
+    )
+    return y.to(x.dtype), final
+
+
+def ssd_scan(x, dt, A, B, C, *, initial_state=None, chunk_size: int = 64, impl: str = "auto"):
+    """x (B, T, H, P), dt (B, T, H) > 0, A (H,) < 0, B and C (B, T, G, N), initial_state
+    (B, H, N, P) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P)).
+    impl: "auto" (fla on CUDA when installed, else chunked) or one of SSD_IMPLS."""
+    batch, T, H, P = x.shape
+    if dt.shape != (batch, T, H) or A.shape != (H,):
+        raise ValueError(f"dt must be (B, T, H) = {(batch, T, H)} and A (H,); got {tuple(dt.shape)}, {tuple(A.shape)}")
+    if B.shape != C.shape or B.shape[:2] != (batch, T) or H % B.shape[2] != 0:
+        raise ValueError(f"B and C must be (B, T, G, N) with H % G == 0; got {tuple(B.shape)}, {tuple(C.shape)}")
+    name = resolve_ssd_impl(impl, x.device)
+    if name == "sequential":
+        return ssd_sequential(x, dt, A, B, C, initial_state)
+    if name == "fla":
+        return ssd_fla(x, dt, A, B, C, initial_state, chunk_size)
+    return ssd_chunked(x, dt, A, B, C, initial_state, chunk_size)
