@@ -1,0 +1,154 @@
+"""`sessa-scale eval CHECKPOINT --task ppl|answers|mqar|passkey [options] [--json]`: evaluate a
+trained model; results are printed and saved to RUN_DIR/eval/<name>.json for `sessa-scale report`.
+`--write-jsonl` writes a synthetic task's records out instead (no checkpoint needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sessa_scale.errors import UserError
+
+TASKS = ("ppl", "answers", "mqar", "passkey")
+
+
+def _list_of(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+    return parse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model: perplexity, prompt->answer accuracy, MQAR, passkey",
+        description="Evaluate a run directory (its latest checkpoint) or a checkpoint directory. Tasks: ppl "
+        "(validation loss at several context lengths), answers (greedy exact match on a JSONL file of "
+        '{"prompt", "answer"} records), mqar (multi-query associative recall) and passkey (retrieval at controlled '
+        "depths). Results go to RUN_DIR/eval/NAME.json. With --write-jsonl, the mqar/passkey records are "
+        "written out instead, and no checkpoint is needed.",
+    )
+    p.add_argument("checkpoint", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.add_argument("--name", default=None, help="result file RUN_DIR/eval/NAME.json (default: the task name)")
+    p.add_argument("--no-save", action="store_true", help="do not write the result into the run directory")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    g = p.add_argument_group("ppl")
+    g.add_argument("--context-lengths", type=_list_of(int), default=None, metavar="L,L,...",
+                   help="context lengths in tokens (default: half, one and two times the run's data.seq_len)")
+    g.add_argument("--max-tokens", type=int, default=65536, help="predictions per context length (default 65536)")
+    g = p.add_argument_group("answers")
+    g.add_argument("--file", default=None, help='JSONL of {"prompt": str, "answer": str} records (optional "length")')
+    g = p.add_argument_group("mqar and passkey")
+    g.add_argument("--num-examples", type=int, default=None,
+                   help="examples per setting (default: 64 for mqar, 8 for passkey; e.g. 20000 to write training data)")
+    g.add_argument("--seed", type=int, default=1, help="task seed (default 1; train on another seed than you evaluate)")
+    g.add_argument("--num-pairs", type=_list_of(int), default=[4, 8, 16], metavar="N,N,...",
+                   help="mqar: key-value pairs in the context, one setting each (default 4,8,16)")
+    g.add_argument("--num-queries", type=int, default=None, help="mqar: queried keys per context (default: all)")
+    g.add_argument("--key-len", type=int, default=1, help="mqar: letters per key (default 1)")
+    g.add_argument("--value-len", type=int, default=1, help="mqar: digits per value (default 1)")
+    g.add_argument("--lengths", type=_list_of(int), default=[256, 512, 1024], metavar="L,L,...",
+                   help="passkey: prompt lengths in characters = byte tokens (default 256,512,1024)")
+    g.add_argument("--depths", type=_list_of(float), default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D,D,...",
+                   help="passkey: needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    g.add_argument("--digits", type=int, default=5, help="passkey: digits of the key (default 5)")
+    g.add_argument("--write-jsonl", default=None, metavar="FILE", help="write the task's prompt/answer records to FILE")
+
+
+def task_set(args: argparse.Namespace):
+    from sessa_scale.evaluation.tasks import mqar_set, passkey_set
+
+    if args.task == "mqar":
+        n = 64 if args.num_examples is None else args.num_examples
+        return mqar_set(args.seed, n, args.num_pairs, args.num_queries, args.key_len, args.value_len)
+    n = 8 if args.num_examples is None else args.num_examples
+    return passkey_set(args.seed, n, args.lengths, args.depths, args.digits)
+
+
+def _summary(result: dict) -> str:
+    if result["task"] == "ppl":
+        rows = [f"{'context':>8}  {'loss':>8}  {'ppl':>10}  {'tail loss':>9}  {'tokens':>8}"]
+        rows += [
+            f"{r['context_length']:>8}  {r['loss']:>8.4f}  {r['ppl']:>10.3f}  {r['tail_loss']:>9.4f}  {r['tokens']:>8}"
+            for r in result["lengths"]
+        ]
+        return "\n".join(rows)
+    chance = f" (chance {result['chance']:.3g})" if result.get("chance") is not None else ""
+    rows = [f"{result['task']}: exact match {result['accuracy']:.4f} = {result['correct']}/{result['n']}{chance}"]
+    rows += [f"  length {r['length']:>6}: {r['accuracy']:.4f} ({r['n']} records)" for r in result["by_length"]]
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_examples is not None and args.num_examples < 1:
+        raise UserError(f"--num-examples must be >= 1, got {args.num_examples}")
+    if args.write_jsonl:
+        if args.task not in ("mqar", "passkey"):
+            raise UserError(f"--write-jsonl writes the synthetic tasks mqar and passkey, not --task {args.task}")
+        return _write(args)
+    if args.checkpoint is None:
+        raise UserError("eval needs a RUN_DIR_OR_CHECKPOINT to evaluate (or --write-jsonl FILE to write a task out)")
+    if args.task == "answers" and not args.file:
+        raise UserError('--task answers needs --file FILE.jsonl with one {"prompt": ..., "answer": ...} per line')
+
+    import torch
+
+    from sessa_scale.checkpoint import read_meta
+    from sessa_scale.evaluation.results import run_dir_of, save_result
+    from sessa_scale.generate import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg, checkpoint = load_model(args.checkpoint, device)
+    header = {"task": args.task, "checkpoint": str(checkpoint), "step": read_meta(checkpoint)["step"], "arch": cfg.model.arch}
+    result = {**header, **_evaluate(args, model, cfg, torch.device(device))}
+    if not args.no_save:
+        path = save_result(run_dir_of(checkpoint), args.name or args.task, result)
+        print(f"sessa-scale eval: wrote {path}", file=sys.stderr)
+    print(json.dumps(result, indent=1) if args.json else _summary(result))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, model, cfg, device) -> dict:
+    from sessa_scale.data import ByteTokenizer
+    from sessa_scale.evaluation.answers import exact_match
+
+    if args.task == "ppl":
+        from sessa_scale.data import load_corpus
+        from sessa_scale.evaluation.perplexity import loss_at_length
+        from sessa_scale.training.trainer import autocast_context
+
+        lengths = args.context_lengths or [max(1, cfg.data.seq_len // 2), cfg.data.seq_len, 2 * cfg.data.seq_len]
+        if min(lengths) < 1 or args.max_tokens < 1:
+            raise UserError(f"--context-lengths must be >= 1 and --max-tokens >= 1, got {lengths} and {args.max_tokens}")
+        corpus = load_corpus(cfg.data)
+        rows = [
+            loss_at_length(model, corpus.val, L, args.max_tokens, args.batch_size, lambda: autocast_context(cfg, device))
+            for L in lengths
+        ]
+        return {"data": corpus.description, "lengths": rows}
+    tokenizer = ByteTokenizer()
+    if args.task == "answers":
+        from sessa_scale.evaluation.tasks import read_records
+
+        return {"file": args.file, "chance": None, **exact_match(model, tokenizer, read_records(args.file), args.batch_size)}
+    tasks = task_set(args)
+    return {"params": tasks.params, "chance": tasks.chance, **exact_match(model, tokenizer, tasks.records, args.batch_size)}
+
+
+def _write(args: argparse.Namespace) -> int:
+    from sessa_scale.evaluation.tasks import write_records
+
+    tasks = task_set(args)
+    write_records(tasks.records, args.write_jsonl)
+    print(f"sessa-scale eval: wrote {len(tasks.records)} {args.task} records to {args.write_jsonl}", file=sys.stderr)
+    return 0
