@@ -74,10 +74,18 @@ def test_fit_needs_points_in_range():
         fit_power_law([1, 2, 4, 8], [1.0, 0.5, 0.25, 0.125], (100, 200))
 
 
+ARCHS = ("sessa", "transformer", "mamba2")
+
+
+def _tiny(arch: str, d_model: int = 16) -> ModelConfig:
+    return ModelConfig(arch=arch, d_model=d_model, n_layers=2, n_heads=2, ssm_state=8, ssm_head_dim=8, ssm_chunk=16)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("layer", [None, 1])
-def test_probe_model_runs_on_a_tiny_lm(layer):
+def test_probe_model_runs_on_every_architecture(arch, layer):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=16, n_layers=2, n_heads=2))
+    model = build_model(_tiny(arch))
     tokens = torch.randint(0, 257, (2, 65))
     result = probe_model(model, tokens, n_sources=2, layer=layer, n_lags=12)
     assert len(result["lags"]) == len(result["influence"]) and max(result["lags"]) == 63
@@ -174,11 +182,22 @@ def _teacher_forced_hits(model, tok, records) -> list[bool]:
     return hits
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_decoding_through_the_cache_matches_teacher_forcing(arch):
+    tok = ByteTokenizer()
+    records = mqar_set(seed=2, n=3, num_pairs=[3, 5], num_queries=2).records + [Record("", "xy"), Record("ab", "c")]
+    torch.manual_seed(1)
+    model = build_model(_tiny(arch)).eval()
+    predicted = greedy_answers(model, tok, records, batch_size=2)
+    assert [p == tok.encode(r.answer) for p, r in zip(predicted, records)] == _teacher_forced_hits(model, tok, records)
+    assert [len(p) for p in predicted] == [len(tok.encode(r.answer)) for r in records]
+
+
 def test_exact_match_is_perfect_after_memorizing_and_chance_before():
     tok = ByteTokenizer()
     tasks = mqar_set(seed=0, n=8, num_pairs=[4], num_queries=2, value_len=2)  # 16 records, chance 1%
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=32, n_layers=2, n_heads=2))
+    model = build_model(_tiny("sessa", d_model=32))
     untrained = exact_match(model.eval(), tok, tasks.records, batch_size=5)
     bound = tasks.chance + 3 * math.sqrt(tasks.chance * (1 - tasks.chance) / len(tasks.records))
     assert untrained["accuracy"] <= bound
