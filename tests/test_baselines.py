@@ -233,3 +233,16 @@ def test_baselines_train_resume_exactly_and_generate_through_the_cli(arch, tmp_p
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "split"), "--prompt", "def ", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_gated_rmsnorm_gradients_through_its_recomputation():
+    from sessa_scale.models.mamba2 import GatedRMSNorm
+
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(6).double()
+    norm.weight.data.uniform_(0.5, 1.5)
+    y, z = (torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(norm, (y, z))
+    h = y * torch.nn.functional.silu(z)
+    expected = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+    torch.testing.assert_close(norm(y, z), expected, rtol=0, atol=1e-12)

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sessa_scale.ops.ssd import ssd_scan
 
@@ -30,7 +31,9 @@ Cache = dict  # {"t": int, "conv": (B, d_conv - 1, E + 2 G N), "ssm": (B, H, N, 
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) * weight over the last dim, computed in at least float32."""
+    """RMSNorm(y * silu(z)) * weight over the last dim, computed in at least float32. In training it
+    is recomputed in the backward pass (only y and z are kept): its float32 temporaries would
+    otherwise hold ~8 bytes per inner channel and token for every layer."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -39,6 +42,11 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z (..., dim) -> (..., dim) in y's dtype."""
+        if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or self.weight.requires_grad):
+            return checkpoint(self._norm, y, z, use_reentrant=False)
+        return self._norm(y, z)
+
+    def _norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(y.dtype, torch.float32)
         h = y.to(dtype) * F.silu(z.to(dtype))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

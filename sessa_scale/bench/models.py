@@ -1,0 +1,184 @@
+"""`sessa-scale bench models`: training throughput of a matched trio (Sessa, Transformer, Mamba-2)
+and the Transformer's model FLOP utilization (MFU), as a Markdown table.
+
+For each architecture and T: configs/<arch>/<size>.yaml with data.seq_len = T, built on CUDA with
+fp32 weights; one training step = bf16 autocast forward, cross-entropy on random tokens, backward,
+gradient clipping and the project's AdamW (sessa_scale.training.optimizer), as the trainer does
+(without DeepSpeed, so that this runs where DeepSpeed is not installed). B = batch_tokens // T
+sequences per step. Time: CUDA-synchronized wall clock of --steps steps after --warmup steps;
+memory: max_memory_allocated over the measured steps (weights, grads and AdamW state included).
+
+Both a full step and forward + loss + backward alone are timed.
+MFU (Transformer only) uses an analytic count of the matmul FLOPs of one training step per token:
+6 N (N = non-embedding parameters + the V x D LM head; forward 2 N, backward 4 N) plus causal
+attention 6 L T D (scores and the weighted sum, 2 T D per token and layer in the forward pass
+averaged over the causal triangle, x3 with the backward). The Megatron/PaLM convention counts the
+full T x T square (12 L T D); that figure is shown too, because the "up to 47%" anchor uses it.
+Peak: the dense bf16 rate of the GPU (PEAK_BF16_FLOPS); an unknown GPU gets no MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sessa_scale.config import load_config
+from sessa_scale.models.registry import build_model, count_parameters
+from sessa_scale.training.optimizer import build_optimizer
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# Dense (no sparsity) bf16 tensor-core peak per GPU, from the vendor data sheets, by device-name prefix.
+PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H100 PCIe": 756.5e12, "NVIDIA H200": 989.4e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if device_name.startswith(k)), None)
+
+
+def transformer_flops_per_token(cfg, T: int, causal: bool = True) -> float:
+    """Training (fwd+bwd) matmul FLOPs per token of the Transformer baseline (module docstring)."""
+    m = cfg.model
+    n = count_parameters(m).non_embedding + m.vocab_size * m.d_model
+    attention = (6 if causal else 12) * m.n_layers * T * m.d_model
+    return 6 * n + attention
+
+
+def _seconds_per_call(fn, n: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def measure(arch: str, size: str, T: int, batch_tokens: int, steps: int, warmup: int, compile_model: bool) -> dict:
+    """Seconds per fwd+bwd and per full training step, and peak memory, of configs/<arch>/<size>.yaml
+    at sequence length T."""
+    cfg = load_config(CONFIGS / arch / f"{size}.yaml", [f"data.seq_len={T}"])
+    B = max(1, batch_tokens // T)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    step_model = torch.compile(model) if compile_model else model
+    tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device="cuda")
+
+    def fwd_bwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = step_model(tokens[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+
+    def fwd_bwd_only():
+        fwd_bwd()
+        optimizer.zero_grad(set_to_none=True)
+
+    def train_step():
+        fwd_bwd()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    row = {"arch": arch, "T": T, "B": B, "oom": False, "params": count_parameters(cfg.model).total}
+    try:
+        for _ in range(warmup):
+            train_step()
+        torch.cuda.reset_peak_memory_stats()
+        row["fwd_bwd_s"] = _seconds_per_call(fwd_bwd_only, steps)
+        row["step_s"] = _seconds_per_call(train_step, steps)
+        row["peak_bytes"] = torch.cuda.max_memory_allocated()
+    except torch.cuda.OutOfMemoryError:
+        row["oom"] = True
+    finally:
+        del model, optimizer, step_model
+        torch.cuda.empty_cache()
+    if arch == "transformer":
+        row["flops_per_token"] = transformer_flops_per_token(cfg, T)
+        row["flops_per_token_full_square"] = transformer_flops_per_token(cfg, T, causal=False)
+    return row
+
+
+def format_report(rows: list[dict], args, argv: list[str], peak: float | None) -> str:
+    device = torch.cuda.get_device_name()
+    lines = [
+        f"# Training throughput of the matched {args.size} trio",
+        "",
+        f"- Machine: {device}; torch {torch.__version__}; peak bf16 {peak / 1e12:.1f} TFLOP/s" if peak
+        else f"- Machine: {device}; torch {torch.__version__}; peak bf16 unknown (no MFU)",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Command: `python -m sessa_scale.bench.models {shlex.join(argv)}` (= `sessa-scale bench models ...`)",
+        f"- One step = bf16-autocast forward + cross-entropy + backward + grad clip + AdamW, fp32 weights,"
+        f" {args.batch_tokens} tokens per step (B = {args.batch_tokens} // T; halved after an out-of-memory row); 'fwd+bwd' times forward + loss +"
+        f" backward alone. Means of {args.steps} calls after {args.warmup} warm-up steps;"
+        f" {'torch.compile' if args.compile else 'eager (as the trainer runs)'}; peak memory over the timed calls.",
+        "- MFU: analytic matmul FLOPs (6 N + 6 L T D causal attention; N = non-embedding + LM head) over the"
+        " peak; 'MFU, full square' counts 12 L T D attention as Megatron/PaLM do.",
+        "",
+        "| arch | T | B | params | fwd+bwd ms | fwd+bwd tokens/s | step ms | step tokens/s | step vs Transformer"
+        " | peak GiB | step TFLOP/s | MFU fwd+bwd | MFU step | MFU step, full square |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {r["T"]: r for r in rows if r["arch"] == "transformer" and not r["oom"]}
+    for r in rows:
+        if r["oom"]:
+            lines.append(f"| {r['arch']} | {r['T']} | {r['B']} | {r['params'] / 1e6:.1f}M | out of memory |" + " |" * 9)
+            continue
+        tokens = r["B"] * r["T"]
+        ratio = f"{base[r['T']]['step_s'] / r['step_s']:.2f}" if r["T"] in base else ""
+        tflops = mfu_fb = mfu = mfu_sq = ""
+        if "flops_per_token" in r:
+            tflops = f"{r['flops_per_token'] * tokens / r['step_s'] / 1e12:.0f}"
+            if peak:
+                mfu_fb = f"{r['flops_per_token'] * tokens / r['fwd_bwd_s'] / peak:.1%}"
+                mfu = f"{r['flops_per_token'] * tokens / r['step_s'] / peak:.1%}"
+                mfu_sq = f"{r['flops_per_token_full_square'] * tokens / r['step_s'] / peak:.1%}"
+        lines.append(
+            f"| {r['arch']} | {r['T']} | {r['B']} | {r['params'] / 1e6:.1f}M | {1e3 * r['fwd_bwd_s']:.1f} | "
+            f"{tokens / r['fwd_bwd_s']:,.0f} | {1e3 * r['step_s']:.1f} | {tokens / r['step_s']:,.0f} | {ratio} | "
+            f"{r['peak_bytes'] / 2**30:.1f} | {tflops} | {mfu_fb} | {mfu} | {mfu_sq} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="sessa-scale bench models", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="350m", help="trio size: configs/<arch>/<size>.yaml")
+    ap.add_argument("--archs", default="transformer,sessa,mamba2")
+    ap.add_argument("--seq-lens", default="2048,8192")
+    ap.add_argument("--batch-tokens", type=int, default=16384,
+                    help="tokens per step (B = this // T); a model that runs out of memory is retried with half")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (the trainer does not)")
+    ap.add_argument("--out", type=Path, help="also write the Markdown table here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("bench models needs a CUDA device")
+    rows = []
+    for T in (int(t) for t in args.seq_lens.split(",")):
+        for arch in args.archs.split(","):
+            batch_tokens = args.batch_tokens
+            while True:  # out of memory: record it, then retry with half the tokens per step (B >= 1)
+                rows.append(measure(arch, args.size, T, batch_tokens, args.steps, args.warmup, args.compile))
+                print(rows[-1], file=sys.stderr, flush=True)
+                if not rows[-1]["oom"] or batch_tokens // 2 < T:
+                    break
+                batch_tokens //= 2
+    report = format_report(rows, args, argv, peak_flops(torch.cuda.get_device_name()))
+    print(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
