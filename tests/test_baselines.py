@@ -239,10 +239,11 @@ def test_gated_rmsnorm_gradients_through_its_recomputation():
     from sessa_scale.models.mamba2 import GatedRMSNorm
 
     torch.manual_seed(0)
-    norm = GatedRMSNorm(6).double()
+    norm = GatedRMSNorm(6, group_size=3).double()
     norm.weight.data.uniform_(0.5, 1.5)
     y, z = (torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(norm, (y, z))
     h = y * torch.nn.functional.silu(z)
-    expected = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
-    torch.testing.assert_close(norm(y, z), expected, rtol=0, atol=1e-12)
+    for g in (slice(0, 3), slice(3, 6)):  # each group of 3 channels normalized on its own
+        expected = h[..., g] / torch.sqrt(h[..., g].pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight[g]
+        torch.testing.assert_close(norm(y, z)[..., g], expected, rtol=0, atol=1e-12)

@@ -9,7 +9,7 @@ G groups of B/C (heads share B and C within a group):
     dt             = softplus(dt_raw + dt_bias)                  # (B, T, H) step sizes
     A              = -exp(A_log)                                 # (H,) scalar decay rate per head
     y              = SSD(x, dt, A, B, C) + D * x                 # see sessa_scale/ops/ssd_reference.py
-    out            = out_proj(RMSNorm(y * silu(z)) * norm.weight)  # gated RMSNorm
+    out            = out_proj(RMSNorm(y * silu(z)) * norm.weight)  # gated RMSNorm, per group of E/G channels
 
 Parameter names follow mamba_ssm's Mamba2 (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj),
 with no biases on in_proj/out_proj and a bias on the conv, as there. Decoding keeps the last
@@ -31,13 +31,14 @@ Cache = dict  # {"t": int, "conv": (B, d_conv - 1, E + 2 G N), "ssm": (B, H, N, 
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm(y * silu(z)) * weight over the last dim, computed in at least float32. In training it
-    is recomputed in the backward pass (only y and z are kept): its float32 temporaries would
-    otherwise hold ~8 bytes per inner channel and token for every layer."""
+    """RMSNorm(y * silu(z)) * weight, the mean square taken over groups of group_size channels of
+    the last dim (mamba_ssm normalizes each B/C group separately), computed in at least float32.
+    In training it is recomputed in the backward pass (only y and z are kept): its float32
+    temporaries would otherwise hold ~8 bytes per inner channel and token for every layer."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None):
         super().__init__()
-        self.eps = eps
+        self.eps, self.group_size = eps, dim if group_size is None else group_size
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,8 @@ class GatedRMSNorm(nn.Module):
     def _norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(y.dtype, torch.float32)
         h = y.to(dtype) * F.silu(z.to(dtype))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        groups = h.unflatten(-1, (-1, self.group_size))
+        h = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
         return (h * self.weight.to(dtype)).to(y.dtype)
 
 
@@ -88,7 +90,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(E, eps=norm_eps)
+        self.norm = GatedRMSNorm(E, eps=norm_eps, group_size=E // n_groups)
         self.out_proj = nn.Linear(E, D, bias=False)
 
     def _split_conv_out(self, xBC: torch.Tensor):
