@@ -51,10 +51,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"  # "stdlib": the running interpreter's standard-library .py sources, byte-level
-    seq_len: int = 256  # tokens per training sequence
-    corpus_bytes: int = 16_000_000  # at most this many bytes of the embedded corpus are used
-    val_fraction: float = 0.02  # fraction of documents held out for validation
+    source: str = "stdlib"  # used when data.path and data.sources are null: "stdlib" = the running interpreter's standard-library .py sources, byte-level, prepared on first use into data.cache_dir
+    seq_len: int = 256  # tokens per training sequence; a prepared dataset must have been made with this --seq-len
+    path: str | None = None  # a prepared dataset (`sessa-scale prep INPUT --out DIR`): a directory, or a URL webdataset opens (http://, pipe:CMD; '{}' in it is replaced by each file name)
+    sources: list | None = None  # a blend of prepared datasets: [{path: DIR_OR_URL, weight: W}, ...], W > 0, weights normalized; exclusive with data.path
+    corpus_bytes: int = 16_000_000  # stdlib only: at most this many bytes of the embedded corpus are used
+    val_fraction: float = 0.02  # stdlib only: fraction of documents held out for validation (prepared datasets fix theirs at prep time)
+    cache_dir: str | None = None  # where the embedded corpus is prepared; None -> $SESSA_SCALE_CACHE or ~/.cache/sessa_scale
+    shuffle_buffer: int = 10_000  # samples per seeded shuffle window (shard order is always shuffled per epoch); 1 = shard order only
+    num_workers: int = 1  # DataLoader worker processes per rank (0 = read in the training process)
+    prefetch: int = 4  # micro-batches each worker keeps ready
+    verify_checksums: bool = True  # check each shard's sha256 the first time a reader process opens it (one extra read per shard and worker; sizes, tar headers and token ranges are always checked)
 
 
 @dataclass

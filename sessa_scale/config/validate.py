@@ -22,7 +22,7 @@ DATA_SOURCES = ("stdlib",)
 WANDB_MODES = ("online", "offline", "disabled")
 ZERO_STAGES = (0, 1, 2, 3)
 
-_NOUNS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_NOUNS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
 
 
 def show(value: Any) -> str:
@@ -61,8 +61,8 @@ def coerce(value: Any, base: type, nullable: bool) -> tuple[Any, str | None]:
     if value is None:
         return (None, None) if nullable else (None, f"expected {_NOUNS[base]}, got null")
     wrong = (None, f"expected {_NOUNS[base]}{' or null' if nullable else ''}, got {show(value)}")
-    if base is bool:
-        return (value, None) if isinstance(value, bool) else wrong
+    if base is bool or base is list:
+        return (value, None) if isinstance(value, base) else wrong
     if isinstance(value, bool):
         return wrong
     if base is int:
@@ -107,6 +107,22 @@ def suggest(key: str, section: str | None) -> str:
     return f"unknown key; the keys of {section} are {', '.join(names)}"
 
 
+def _source_checks(item: Any) -> list[tuple[bool, str]]:
+    """(ok, what is allowed) for one entry of data.sources."""
+    if not isinstance(item, dict):
+        return [(False, "must be a mapping {path: DIR_OR_URL, weight: W}")]
+    path, weight = item.get("path"), item.get("weight", 1.0)
+    extra = sorted(str(k) for k in item if k not in ("path", "weight"))
+    return [
+        (not extra, f"unknown key(s) {', '.join(extra)}; an entry has path and weight"),
+        (isinstance(path, str) and bool(path.strip()), "needs path: a prepared dataset directory or URL"),
+        (
+            isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0,
+            "weight must be a number > 0",
+        ),
+    ]
+
+
 def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
     """(dotted key, ok, what is allowed) for every range and choice rule."""
     r, d, o, t = cfg.run, cfg.data, cfg.optim, cfg.train
@@ -114,9 +130,20 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("run.name", bool(r.name.strip()) and "/" not in r.name, "must be a non-empty name without '/'"),
         ("run.seed", r.seed >= 0, "must be >= 0"),
         ("data.source", d.source in DATA_SOURCES, f"must be one of {', '.join(DATA_SOURCES)}"),
+        ("data.path", d.path is None or bool(d.path.strip()), "must be null or a dataset directory / URL"),
+        ("data.sources", d.path is None or d.sources is None, "cannot be set together with data.path (use one)"),
+        ("data.sources", d.sources is None or len(d.sources) >= 1, "must be null or a non-empty list"),
+        *(
+            (f"data.sources[{i}]", ok, allowed)
+            for i, item in enumerate(d.sources or [])
+            for ok, allowed in _source_checks(item)
+        ),
         ("data.seq_len", d.seq_len >= 1, "must be >= 1"),
         ("data.corpus_bytes", d.corpus_bytes >= 1, "must be >= 1"),
         ("data.val_fraction", 0 < d.val_fraction <= 0.5, "must be in (0, 0.5]"),
+        ("data.shuffle_buffer", d.shuffle_buffer >= 1, "must be >= 1 (1 = shuffle shard order only)"),
+        ("data.num_workers", d.num_workers >= 0, "must be >= 0 (0 = read in the training process)"),
+        ("data.prefetch", d.prefetch >= 1, "must be >= 1"),
         ("optim.lr", o.lr > 0, "must be > 0"),
         ("optim.min_lr", o.min_lr >= 0, "must be >= 0"),
         ("optim.min_lr", o.min_lr <= o.lr, f"must be <= optim.lr ({o.lr:g})"),
@@ -147,7 +174,9 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
 
 def _value(cfg: Config, dotted: str) -> Any:
     section, name = dotted.split(".", 1)
-    return getattr(getattr(cfg, section), name)
+    name, _, index = name.partition("[")
+    value = getattr(getattr(cfg, section), name)
+    return value[int(index.rstrip("]"))] if index else value
 
 
 def check_values(cfg: Config, sources: dict[str, str], skip: set[str]) -> list[str]:
@@ -157,6 +186,7 @@ def check_values(cfg: Config, sources: dict[str, str], skip: set[str]) -> list[s
     set anything in that key's section."""
 
     def source_of(key: str) -> str:
+        key = key.split("[")[0]
         return sources.get(key) or sources.get(key.split(".")[0]) or DEFAULT_SOURCE
 
     problems = [

@@ -1,30 +1,30 @@
 """The embedded default corpus: the running interpreter's standard-library Python sources,
-tokenized byte-level. It needs no download and is the same on every machine with the same
-Python version."""
+byte-level. It needs no download and is the same on every machine with the same Python version.
+It goes through the same pipeline as any corpus: `prepare_stdlib` writes it once as a prepared
+dataset (dataset.py) into a cache directory keyed by a hash of its content and settings, and
+training reads it with the same loader."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sysconfig
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from sessa_scale.config import DataConfig
-from sessa_scale.data.tokenizer import ByteTokenizer
+from sessa_scale.data.dataset import MANIFEST, VERSION, write_dataset
 from sessa_scale.errors import UserError
 
+# The stdlib split is a property of the cached dataset, not of the run: its seed is fixed.
+STDLIB_SPLIT_SEED = 0
 
-@dataclass
-class TokenCorpus:
-    """A tokenized corpus split by document into train/val streams (1-D int16 token tensors)."""
 
-    train: torch.Tensor
-    val: torch.Tensor
-    vocab_size: int
-    eos_id: int
-    description: str
+def cache_root(cfg: DataConfig) -> Path:
+    """data.cache_dir, else $SESSA_SCALE_CACHE, else ~/.cache/sessa_scale."""
+    return Path(cfg.cache_dir or os.environ.get("SESSA_SCALE_CACHE") or Path.home() / ".cache" / "sessa_scale")
 
 
 def _stdlib_documents() -> tuple[Path, list[Path]]:
@@ -36,50 +36,44 @@ def _stdlib_documents() -> tuple[Path, list[Path]]:
     return root, files
 
 
-def load_stdlib_corpus(cfg: DataConfig) -> TokenCorpus:
-    """Read up to cfg.corpus_bytes of standard-library sources, one document per file, each
-    followed by EOS. The first documents, up to val_fraction of the bytes (at least one document),
-    form the validation split; the rest train."""
-    tokenizer = ByteTokenizer()
-    root, files = _stdlib_documents()
+def stdlib_documents(corpus_bytes: int) -> list[bytes]:
+    """Up to corpus_bytes of standard-library sources, one document per file (the last one cut)."""
+    _, files = _stdlib_documents()
     docs: list[bytes] = []
     total = 0
     for path in files:
-        if total >= cfg.corpus_bytes:
+        if total >= corpus_bytes:
             break
-        data = path.read_bytes()[: cfg.corpus_bytes - total]
+        data = path.read_bytes()[: corpus_bytes - total]
         if data:
             docs.append(data)
             total += len(data)
-    n_val, val_bytes = 0, 0
-    while n_val < len(docs) and (n_val == 0 or val_bytes < cfg.val_fraction * total):
-        val_bytes += len(docs[n_val])
-        n_val += 1
-    if n_val >= len(docs):
-        raise UserError(
-            f"data.source=stdlib: {len(docs)} document(s) of the standard library at {root} within "
-            f"data.corpus_bytes={cfg.corpus_bytes} leave nothing to train on after the validation split "
-            f"(data.val_fraction={cfg.val_fraction}); raise data.corpus_bytes or lower data.val_fraction."
+    return docs
+
+
+def prepare_stdlib(cfg: DataConfig) -> Path:
+    """The prepared dataset of the embedded corpus for cfg (corpus_bytes, seq_len, val_fraction),
+    written on first use under cache_root(cfg)/datasets/. Safe to call from several processes."""
+    docs = stdlib_documents(cfg.corpus_bytes)
+    key = hashlib.sha256(f"v{VERSION}/{cfg.seq_len}/{cfg.val_fraction}/{STDLIB_SPLIT_SEED}".encode())
+    for doc in docs:
+        key.update(len(doc).to_bytes(8, "little") + doc)
+    out = cache_root(cfg) / "datasets" / f"stdlib-py{sysconfig.get_python_version()}-{key.hexdigest()[:16]}"
+    if (out / MANIFEST).is_file():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the dataset cache {out.parent} ({exc.strerror}); set data.cache_dir") from None
+    try:
+        write_dataset(
+            (np.frombuffer(d, dtype=np.uint8) for d in docs),
+            out,
+            seq_len=cfg.seq_len,
+            val_fraction=cfg.val_fraction,
+            seed=STDLIB_SPLIT_SEED,
         )
-
-    def to_tokens(parts: list[bytes]) -> torch.Tensor:
-        tokens = torch.full((sum(len(d) + 1 for d in parts),), tokenizer.eos_id, dtype=torch.int16)
-        body = torch.ones_like(tokens, dtype=torch.bool)
-        body[torch.tensor([len(d) + 1 for d in parts]).cumsum(0) - 1] = False  # EOS positions
-        tokens[body] = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).to(torch.int16)
-        return tokens
-
-    return TokenCorpus(
-        train=to_tokens(docs[n_val:]),
-        val=to_tokens(docs[:n_val]),
-        vocab_size=tokenizer.vocab_size,
-        eos_id=tokenizer.eos_id,
-        description=f"Python {sysconfig.get_python_version()} standard library ({total / 1e6:.1f} MB, byte-level)",
-    )
-
-
-def load_corpus(cfg: DataConfig) -> TokenCorpus:
-    """Load the corpus named by cfg.source."""
-    if cfg.source == "stdlib":
-        return load_stdlib_corpus(cfg)
-    raise UserError(f"data.source: unknown source {cfg.source!r}; allowed: stdlib")
+    except UserError:
+        if not (out / MANIFEST).is_file():  # not a concurrent writer having finished first
+            raise
+    return out

@@ -1,120 +1,211 @@
-"""Resumable, seeded batch streams over a token stream.
+"""Resumable, blended, rank- and worker-partitioned streams over prepared datasets.
 
-The token stream is cut into non-overlapping sequences of seq_len + 1 tokens (inputs and
-next-token targets share the boundary token). Each epoch visits them in a permutation seeded by
-(seed, epoch). The position is *global*: optimizer step s consumes the next
-micro_batch_size * grad_accum_steps * dp_size sequences, and data-parallel rank r takes micro-batch
-m from slice (m * dp_size + r). Because the saved state is (epoch, offset) in that global order, a
-resumed job sees exactly the samples an uninterrupted job would have seen, also when the number
-of data-parallel ranks changes, as long as the global batch size stays the same.
+Positions are global (see order.py): optimizer step s of a stream that starts at position P
+consumes positions [P + s * G, P + (s + 1) * G), G = micro_batch_size * grad_accum_steps *
+dp_size, and data-parallel rank r takes micro-batch m from [P + s * G + (m * dp_size + r) * mb,
+... + mb), the layout of gradient accumulation. Within a rank, DataLoader worker w of W builds
+the rank's micro-batches w, w + W, w + 2W, ... and the DataLoader returns them in order, so
+ranks and workers never read the same position and no position is skipped.
+
+The state saved in checkpoints is the next global position (plus the seed, seq_len and the
+identity of the sources, which must not change under a resumed run). What holds on resume:
+- same layout: the exact samples of the uninterrupted run, in the same micro-batches;
+- another number of DP ranks or another micro-batch/accumulation split with the same global
+  batch: every optimizer step sees the same set of samples as the uninterrupted run (each rank a
+  different share of it);
+- another global batch: the global sample sequence continues exactly where it stopped, cut
+  into steps of the new size.
 """
 
 from __future__ import annotations
 
-import torch
+import hashlib
+from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sessa_scale.data.order import Blend, SourceOrder
+from sessa_scale.data.reader import SampleReader, SplitInfo
 from sessa_scale.errors import UserError
 
 
-class BatchStream:
-    """Training batches for one data-parallel rank. tokens: 1-D integer tensor."""
+@dataclass
+class StreamSpec:
+    """What a stream reads: splits of one or more datasets with blend weights, and how it shuffles."""
+
+    splits: list[SplitInfo]
+    weights: list[float]
+    seed: int = 0
+    shuffle_buffer: int = 10_000
+    shuffle: bool = True
+    verify: bool = True
+    names: list[str] = field(default_factory=list)
+
+    def fingerprint(self) -> list[dict]:
+        """Identity of each source (a hash of its shard checksums) and its weight."""
+        out = []
+        for info, weight in zip(self.splits, self.weights):
+            digest = hashlib.sha256("".join(s["sha256"] for s in info.shards).encode()).hexdigest()[:16]
+            out.append({"shards_sha256": digest, "weight": float(weight)})
+        return out
+
+
+class SampleSequence:
+    """Random access to a stream's global positions. One per process."""
+
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+        self.blend = Blend(spec.weights, spec.seed, spec.shuffle)
+        self.orders = [
+            SourceOrder([s["samples"] for s in info.shards], spec.seed, i, spec.shuffle_buffer, spec.shuffle)
+            for i, info in enumerate(spec.splits)
+        ]
+        self.readers = [SampleReader(info, spec.verify) for info in spec.splits]
+
+    def sample_id(self, position: int) -> tuple[int, int]:
+        """(source, sample key within its split) at a global position."""
+        source, k = self.blend.assign(position)
+        shard, offset = self.orders[source].locate(k)
+        return source, int(self.readers[source].key_base[shard]) + offset
+
+    def read(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [start, start + count): ids (count, 2) int64 as (source, key), tokens
+        (count, seq_len + 1) int64."""
+        ids = np.empty((count, 2), dtype=np.int64)
+        rows = []
+        for i in range(count):
+            source, k = self.blend.assign(start + i)
+            shard, offset = self.orders[source].locate(k)
+            ids[i] = source, int(self.readers[source].key_base[shard]) + offset
+            rows.append(self.readers[source].read(shard, offset))
+        return torch.from_numpy(ids), torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+class _RankMicroBatches(IterableDataset):
+    """This rank's micro-batches from global position `start` on, split over DataLoader workers.
+    Yields (ids, tokens), or ("error", message) after which it stops (so that a UserError in a
+    worker reaches the user as one paragraph)."""
+
+    def __init__(self, spec: StreamSpec, start: int, micro_batch_size: int, grad_accum_steps: int, dp_rank: int, dp_size: int):
+        self.spec, self.start = spec, start
+        self.mb, self.accum, self.dp_rank, self.dp_size = micro_batch_size, grad_accum_steps, dp_rank, dp_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        sequence = SampleSequence(self.spec)
+        global_batch = self.mb * self.accum * self.dp_size
+        k = worker
+        while True:
+            step, m = divmod(k, self.accum)
+            first = self.start + step * global_batch + (m * self.dp_size + self.dp_rank) * self.mb
+            try:
+                yield sequence.read(first, self.mb)
+            except UserError as exc:
+                yield "error", str(exc)
+                return
+            k += workers
+
+
+class ShardStream:
+    """Training batches for one data-parallel rank (the trainer calls `next_step()` once per
+    optimizer step). num_workers = 0 reads in the calling process; > 0 uses that many DataLoader
+    worker processes, each keeping `prefetch` micro-batches ready."""
 
     def __init__(
         self,
-        tokens: torch.Tensor,
-        seq_len: int,
+        spec: StreamSpec,
         micro_batch_size: int,
         grad_accum_steps: int = 1,
         dp_rank: int = 0,
         dp_size: int = 1,
-        seed: int = 0,
+        num_workers: int = 0,
+        prefetch: int = 2,
+        pin_memory: bool = False,
     ):
-        self.tokens = tokens
-        self.seq_len = seq_len
-        self.micro_batch_size = micro_batch_size
-        self.grad_accum_steps = grad_accum_steps
+        self.spec = spec
+        self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.seed = seed
-        self.num_sequences = (tokens.numel() - 1) // seq_len
+        self.num_workers, self.prefetch, self.pin_memory = num_workers, prefetch, pin_memory
         self.global_batch = micro_batch_size * grad_accum_steps * dp_size
-        if self.num_sequences < self.global_batch:
-            raise UserError(
-                f"the training split holds {self.num_sequences} sequences of data.seq_len={seq_len}, fewer than one "
-                f"global batch ({self.global_batch} = train.micro_batch_size x train.grad_accum_steps x data-parallel "
-                "ranks); use a larger corpus (data.corpus_bytes) or a smaller batch or seq_len."
-            )
-        self.epoch, self.offset = 0, 0
-        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+        self.seq_len = spec.splits[0].layout.sample_tokens - 1
+        self.position = 0
+        self.last_ids: list[torch.Tensor] = []
+        self._iter = None
 
-    def _permutation(self) -> torch.Tensor:
-        if self._perm_epoch != self.epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.num_sequences, generator=gen), self.epoch
-        return self._perm
-
-    def sequence(self, index: int) -> torch.Tensor:
-        """Sequence `index` of the stream: (seq_len + 1,) tokens as int64."""
-        start = index * self.seq_len
-        return self.tokens[start : start + self.seq_len + 1].long()
-
-    def next_indices(self) -> list[torch.Tensor]:
-        """Advance one optimizer step; return this rank's sequence ids, one (micro_batch_size,)
-        tensor per micro-batch."""
-        if self.offset + self.global_batch > self.num_sequences:  # drop the ragged tail of an epoch
-            self.epoch, self.offset = self.epoch + 1, 0
-        window = self._permutation()[self.offset : self.offset + self.global_batch]
-        self.offset += self.global_batch
-        mb = self.micro_batch_size
-        return [
-            window[(m * self.dp_size + self.dp_rank) * mb : (m * self.dp_size + self.dp_rank + 1) * mb]
-            for m in range(self.grad_accum_steps)
-        ]
+    def _start(self):
+        dataset = _RankMicroBatches(
+            self.spec, self.position, self.micro_batch_size, self.grad_accum_steps, self.dp_rank, self.dp_size
+        )
+        if self.num_workers == 0:
+            return iter(dataset)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch,
+            pin_memory=self.pin_memory,
+            multiprocessing_context="fork",
+        )
+        return iter(loader)
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches for the next optimizer step: (inputs, targets), each
-        (micro_batch_size, seq_len) int64."""
-        batches = []
-        for ids in self.next_indices():
-            seqs = torch.stack([self.sequence(int(i)) for i in ids])
-            batches.append((seqs[:, :-1], seqs[:, 1:]))
+        (micro_batch_size, seq_len) int64. The sample ids go to `last_ids`."""
+        if self._iter is None:
+            self._iter = self._start()
+        batches, self.last_ids = [], []
+        for _ in range(self.grad_accum_steps):
+            ids, tokens = next(self._iter)
+            if isinstance(ids, str):
+                self.close()
+                raise UserError(tokens)
+            self.last_ids.append(ids)
+            batches.append((tokens[:, :-1], tokens[:, 1:]))
+        self.position += self.global_batch
         return batches
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (a later next_step() restarts them at the position)."""
+        self._iter = None
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.epoch,
-            "offset": self.offset,
-            "seed": self.seed,
+            "position": self.position,
+            "seed": self.spec.seed,
             "seq_len": self.seq_len,
-            "global_batch": self.global_batch,
+            "sources": self.spec.fingerprint(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        saved = (state["global_batch"], state["seed"], state["seq_len"])
-        if saved != (self.global_batch, self.seed, self.seq_len):
+        if "position" not in state:
             raise UserError(
-                f"the checkpoint's data position was taken with (global batch, run.seed, data.seq_len) = {saved}, this "
-                f"run has {(self.global_batch, self.seed, self.seq_len)}; resuming would change which samples are "
-                "seen. Keep train.micro_batch_size x train.grad_accum_steps x data-parallel ranks, run.seed and "
-                "data.seq_len as they were, or start a fresh run (train.resume=none with a new run.name)."
+                "the checkpoint's data position was written by an older sessa_scale data loader; resume it with "
+                "that version, or start a fresh run (train.resume=none with a new run.name)"
             )
-        self.epoch, self.offset = state["epoch"], state["offset"]
+        saved = (state["seed"], state["seq_len"], state["sources"])
+        now = (self.spec.seed, self.seq_len, self.spec.fingerprint())
+        if saved != now:
+            raise UserError(
+                f"the checkpoint's data position belongs to (run.seed, data.seq_len, sources) = {saved}, this run has "
+                f"{now}; resuming would change which samples are seen. Restore run.seed, data.seq_len and the "
+                "dataset(s) and weights (data.path / data.sources), or start a fresh run (train.resume=none with a "
+                "new run.name)"
+            )
+        self.close()
+        self.position = int(state["position"])
 
 
 def eval_batches(
-    tokens: torch.Tensor, seq_len: int, micro_batch_size: int, num_batches: int, dp_rank: int = 0, dp_size: int = 1
+    spec: StreamSpec, micro_batch_size: int, num_batches: int, dp_rank: int = 0, dp_size: int = 1
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first num_batches * dp_size validation micro-batches in order, this rank's share:
-    a fixed evaluation set, so evaluation losses are comparable across steps and runs."""
-    n = (tokens.numel() - 1) // seq_len
+    """The first num_batches * dp_size validation micro-batches of `spec` (unshuffled), this
+    rank's share: a fixed evaluation set, so evaluation losses compare across steps and runs."""
+    sequence = SampleSequence(spec)
     batches = []
     for b in range(num_batches):
-        start = (b * dp_size + dp_rank) * micro_batch_size
-        ids = [i % max(n, 1) for i in range(start, start + micro_batch_size)]
-        seqs = torch.stack([tokens[i * seq_len : i * seq_len + seq_len + 1].long() for i in ids])
-        if seqs.shape[1] != seq_len + 1:
-            raise UserError(
-                f"the validation split is shorter than one sequence of data.seq_len={seq_len}; raise "
-                "data.val_fraction or data.corpus_bytes."
-            )
-        batches.append((seqs[:, :-1], seqs[:, 1:]))
+        _, tokens = sequence.read((b * dp_size + dp_rank) * micro_batch_size, micro_batch_size)
+        batches.append((tokens[:, :-1], tokens[:, 1:]))
     return batches

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from sessa_scale.checkpoint import CheckpointManager, read_meta
 from sessa_scale.config import Config, config_to_dict, save_config
-from sessa_scale.data import BatchStream, load_corpus
-from sessa_scale.data.loader import eval_batches
+from sessa_scale.data.setup import build_training_data
 from sessa_scale.distributed import all_reduce_mean, device_for_rank, init_distributed, is_rank0, rank, world_size
 from sessa_scale.errors import UserError
 from sessa_scale.metrics import MetricsLogger, Progress
@@ -103,15 +102,9 @@ def train(cfg: Config) -> dict:
     if resume_from is not None:
         _check_resumable(resume_from, cfg)
 
-    corpus = load_corpus(cfg.data)
-    if cfg.model.vocab_size < corpus.vocab_size:
-        raise UserError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the corpus vocabulary ({corpus.vocab_size}, "
-            f"{corpus.description}); set model.vocab_size >= {corpus.vocab_size}."
-        )
     t = cfg.train
-    stream = BatchStream(corpus.train, cfg.data.seq_len, t.micro_batch_size, t.grad_accum_steps, dp_rank, dp_size, cfg.run.seed)
-    val_set = eval_batches(corpus.val, cfg.data.seq_len, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
+    data = build_training_data(cfg, dp_rank, dp_size, pin_memory=device.type == "cuda")
+    stream, val_set = data.train, data.val_batches
 
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg.optim)
@@ -133,7 +126,7 @@ def train(cfg: Config) -> dict:
     progress = Progress(t.max_steps, step, is_rank0() and cfg.logging.progress)
     progress.write(
         f"sessa-scale: {cfg.model.arch}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{dp_size} rank(s) on {device.type}; data: {corpus.description}; run dir: {cfg.run_dir}"
+        f"{dp_size} rank(s) on {device.type}; data: {data.description}; run dir: {cfg.run_dir}"
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
     )
     tokens_per_step = stream.global_batch * cfg.data.seq_len
@@ -188,6 +181,7 @@ def train(cfg: Config) -> dict:
             save()
     if last_saved != step:
         save()
+    stream.close()
     progress.close()
     logger.close()
     return {
