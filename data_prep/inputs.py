@@ -17,7 +17,7 @@ from typing import Iterator
 
 from sessa_scale.errors import UserError
 
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 4 * 2**20
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 

@@ -330,3 +330,17 @@ def test_data_config_problems_are_reported_together():
         assert needle in text, needle
     cfg = load_config(None, ["data.sources=[{path: a, weight: 3}, {path: b}]"])
     assert cfg.data.sources == [{"path": "a", "weight": 3}, {"path": "b"}]
+
+
+def test_pipe_locations_stream_like_local_ones(tmp_path):
+    path = _dataset(tmp_path / "ds", n_docs=60)
+    remote = f"pipe:cat {path}/{{}}"
+    local = ShardStream(_spec([path]), 4)
+    piped = ShardStream(StreamSpec([open_split(remote, "train")], [1.0], 5, 7), 4)
+    for _ in range(8):
+        a, b = local.next_step()[0], piped.next_step()[0]
+        assert torch.equal(a[0], b[0]) and torch.equal(local.last_ids[0], piped.last_ids[0])
+    shard = open_split(path, "train").shards[0]["file"]
+    _corrupt(path, shard, 700, b"\x01")
+    with pytest.raises(UserError, match="sha256"):
+        SampleSequence(StreamSpec([open_split(remote, "train")], [1.0], 5, 7, shuffle=False)).read(0, 1)

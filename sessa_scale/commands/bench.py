@@ -1,4 +1,4 @@
-"""`sessa-scale bench solve|layer|models [options]`: benchmark tables (see docs/benchmarks/)."""
+"""`sessa-scale bench solve|layer|models|data [options]`: benchmark tables (see docs/benchmarks/)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ BENCHMARKS = {
     "solve": "sessa_scale.bench.solve",  # the feedback solve: implementations side by side
     "layer": "sessa_scale.bench.layer",  # a whole SessaLayer vs a Transformer block
     "models": "sessa_scale.bench.models",  # training tokens/s of a matched trio, Transformer MFU
+    "data": "sessa_scale.bench.data",  # prep and loader throughput on CPU
 }
 
 
