@@ -10,6 +10,8 @@ EOS), a Hugging Face tokenizer.json, or `bpe`: a byte-level BPE trained on the c
 from __future__ import annotations
 
 import multiprocessing
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 import os
 import tempfile
 from pathlib import Path
@@ -96,13 +98,23 @@ def tokenize_unit(unit: Unit) -> tuple[list[np.ndarray], dict] | str:
 
 
 def _results(units: list[Unit], workers: int, init_args: tuple):
+    """tokenize_unit of every unit, in order. Workers come from a forkserver (never a fork of
+    this process, whose tokenizers/pyarrow threads could deadlock a child), at most 2 units per
+    worker in flight; a worker that dies raises BrokenProcessPool instead of hanging."""
     if workers <= 1:
         _init_worker(*init_args)
         yield from map(tokenize_unit, units)
         return
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        yield from pool.imap(tokenize_unit, units, chunksize=1)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["data_prep.prep"])
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
+        pending: deque = deque()
+        for unit in units:
+            pending.append(pool.submit(tokenize_unit, unit))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def prepare(

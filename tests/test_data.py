@@ -344,3 +344,15 @@ def test_pipe_locations_stream_like_local_ones(tmp_path):
     _corrupt(path, shard, 700, b"\x01")
     with pytest.raises(UserError, match="sha256"):
         SampleSequence(StreamSpec([open_split(remote, "train")], [1.0], 5, 7, shuffle=False)).read(0, 1)
+
+
+def test_load_corpus_rejoins_the_validation_documents(tmp_path):
+    from sessa_scale.data import load_corpus
+    from sessa_scale.data.dataset import is_validation
+
+    docs = _docs(40, seed=2, hi=90)
+    write_dataset(docs, tmp_path / "ds", seq_len=11, val_fraction=0.3, seed=4)
+    corpus = load_corpus(load_config(None, [f"data.path={tmp_path / 'ds'}", "data.seq_len=11"]).data)
+    stream = [t for i, d in enumerate(docs) if is_validation(4, i, 0.3) for t in d + [256]]
+    n = (len(stream) - 1) // 11
+    assert corpus.val.tolist() == stream[: n * 11 + 1] and corpus.eos_id == 256 and corpus.vocab_size == 257

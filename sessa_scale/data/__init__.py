@@ -15,11 +15,22 @@ webdataset pipeline reads them with `.decode()`.
 Modules: dataset.py (format, writer), tokenizer.py (byte-level, tokenizer.json), reader.py
 (manifests, random-access sample reads, integrity checks), order.py (global sample order:
 shuffles and blending), loader.py (per-rank streams, DataLoader workers, resume state),
-corpus.py (the embedded stdlib corpus), setup.py (config -> the trainer's streams).
+corpus.py (the embedded stdlib corpus), setup.py (config -> the trainer's streams; `load_corpus`:
+the validation split as one token stream, for evaluation).
 """
 
 from sessa_scale.data.dataset import DatasetWriter, write_dataset
 from sessa_scale.data.loader import ShardStream, StreamSpec
+from sessa_scale.data.setup import TokenCorpus, load_corpus
 from sessa_scale.data.tokenizer import ByteTokenizer, HFTokenizer
 
-__all__ = ["ByteTokenizer", "DatasetWriter", "HFTokenizer", "ShardStream", "StreamSpec", "write_dataset"]
+__all__ = [
+    "ByteTokenizer",
+    "DatasetWriter",
+    "HFTokenizer",
+    "ShardStream",
+    "StreamSpec",
+    "TokenCorpus",
+    "load_corpus",
+    "write_dataset",
+]

@@ -8,11 +8,21 @@ from dataclasses import dataclass
 
 import torch
 
-from sessa_scale.config import Config
+from sessa_scale.config import Config, DataConfig
 from sessa_scale.data.corpus import prepare_stdlib
-from sessa_scale.data.loader import ShardStream, StreamSpec, eval_batches
+from sessa_scale.data.loader import SampleSequence, ShardStream, StreamSpec, eval_batches
 from sessa_scale.data.reader import SplitInfo, load_manifest, open_split
 from sessa_scale.errors import UserError
+
+
+@dataclass
+class TokenCorpus:
+    """The validation split of the configured data as one token stream (for evaluation)."""
+
+    val: torch.Tensor  # (N,) int64: the split's documents in order, EOS after each (the packed tail excluded)
+    vocab_size: int
+    eos_id: int
+    description: str
 
 
 @dataclass
@@ -31,6 +41,18 @@ def resolve_sources(cfg: Config) -> list[tuple[str, float]]:
     if d.path:
         return [(d.path, 1.0)]
     return [(str(prepare_stdlib(d)), 1.0)]
+
+
+def load_corpus(d: DataConfig) -> TokenCorpus:
+    """The validation tokens of the first source of `d` (data.sources, data.path or the embedded
+    corpus), re-joined from its packed samples in key order (consecutive samples share a token)."""
+    location = str(d.sources[0]["path"]) if d.sources else d.path or str(prepare_stdlib(d))
+    info = open_split(location, "val")
+    sequence = SampleSequence(StreamSpec([info], [1.0], shuffle=False, verify=d.verify_checksums))
+    _, samples = sequence.read(0, info.num_samples)
+    val = torch.cat([samples[0], samples[1:, 1:].reshape(-1)])
+    tok = info.tokenizer
+    return TokenCorpus(val, tok["vocab_size"], tok["eos_id"], f"{location} (val, {val.numel():,} tokens, {tok['name']})")
 
 
 def check_sources(cfg: Config, locations: list[str], manifests: list[dict]) -> None:
