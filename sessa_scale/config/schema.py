@@ -96,7 +96,14 @@ class CheckpointConfig:
 
 @dataclass
 class ZeroConfig:
-    stage: int = 0  # DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3
+    stage: int = 0  # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters) partitioned over the data-parallel ranks
+    offload_optimizer: bool = False  # keep optimizer states in CPU memory and step there (DeepSpeedCPUAdam); needs zero.stage >= 1
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1  # tensor-parallel size (Megatron-style, heads and columns split over this many GPUs of a node); data-parallel size = world size / tensor
+    sequence_parallel: bool = False  # with tensor > 1: keep norms and residual activations sharded along the sequence (less memory, same communication); ignored when tensor = 1
 
 
 @dataclass
@@ -116,6 +123,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property

@@ -168,6 +168,17 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("checkpoint.interval", cfg.checkpoint.interval >= 0, "must be >= 0 (0 saves only at the end)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
         ("zero.stage", cfg.zero.stage in ZERO_STAGES, "must be 0, 1, 2 or 3"),
+        (
+            "zero.offload_optimizer",
+            not cfg.zero.offload_optimizer or cfg.zero.stage >= 1,
+            "needs zero.stage 1, 2 or 3 (ZeRO partitions what it offloads); set zero.stage=1 or offload_optimizer=false",
+        ),
+        ("parallel.tensor", cfg.parallel.tensor >= 1, "must be >= 1 (1 disables tensor parallelism)"),
+        (
+            "data.seq_len",
+            not (cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1) or d.seq_len % cfg.parallel.tensor == 0,
+            f"must be a multiple of parallel.tensor ({cfg.parallel.tensor}) under parallel.sequence_parallel=true",
+        ),
         ("logging.wandb_mode", cfg.logging.wandb_mode in WANDB_MODES, f"must be one of {', '.join(WANDB_MODES)}"),
     ]
 
@@ -196,9 +207,15 @@ def check_values(cfg: Config, sources: dict[str, str], skip: set[str]) -> list[s
     ]
     from sessa_scale.models.registry import validate_model_config  # lazy: models import torch
 
-    for problem in validate_model_config(cfg.model):
+    model_problems = validate_model_config(cfg.model)
+    for problem in model_problems:
         key = problem.split(":", 1)[0].strip()
         if key in skip:
             continue
         problems.append(f"{source_of(key if key.startswith('model.') else 'model')}: {problem.rstrip('.')}")
+    if "parallel.tensor" not in skip and cfg.parallel.tensor > 1 and not model_problems:
+        from sessa_scale.distributed.tp_plan import tensor_parallel_problems
+
+        for problem in tensor_parallel_problems(cfg.model, cfg.parallel.tensor):
+            problems.append(f"{source_of(problem.split(':', 1)[0])}: {problem} (needed by parallel.tensor)")
     return problems

@@ -11,6 +11,7 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sessa_scale.config.schema import ModelConfig
@@ -74,15 +75,22 @@ class DecoderLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> logits (B, T, V) (float32, or float64 for a float64 model)."""
-        x = self.embed(tokens)
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream through every block (recomputed in backward under activation_checkpointing)."""
         for block in self.layers:
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self._logits(x)
+        return x
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, V) (float32, or float64 for a float64 model); with
+        targets (B, T) int64: the mean next-token cross-entropy instead (a scalar)."""
+        logits = self._logits(self.run_blocks(self.embed(tokens)))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
         """One empty decoding cache per block for up to max_len positions (default device/dtype: the

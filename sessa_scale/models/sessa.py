@@ -91,12 +91,14 @@ class SessaMixer(nn.Module):
 
     def _forward(self, a_bar: torch.Tensor):
         """a_bar (B, T, D) -> s (B, T, D) and what a cache keeps: k, v (B, T, H_kv, d), k_b (B, T, D)."""
-        B, T, D = a_bar.shape
+        B, T, _ = a_bar.shape
         q, k, v, q_b, k_b, gamma = self._project(a_bar, torch.arange(T, device=a_bar.device))
-        f = self.out_proj(causal_attention(q, k, v, self.attention).reshape(B, T, D))
-        f = f.view(B, T, self.n_fb_heads, self.fb_head_dim)
+        # Widths are inferred (-1): under tensor parallelism this rank holds a subset of the heads
+        # and of f's columns (sessa_scale.distributed.tp_plan).
+        f = self.out_proj(causal_attention(q, k, v, self.attention).reshape(B, T, -1))
+        f = f.view(B, T, self.n_fb_heads, -1)
         s = feedback_solve(q_b, k_b, gamma, f, scale=self.fb_scale, impl=self.solver)
-        return s.reshape(B, T, D), k, v, k_b.reshape(B, T, D)
+        return s.reshape(B, T, -1), k, v, k_b.reshape(B, T, -1)
 
     def forward(self, a_bar: torch.Tensor) -> torch.Tensor:
         """a_bar (B, T, D) -> s (B, T, D)."""

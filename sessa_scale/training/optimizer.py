@@ -9,9 +9,10 @@ import torch
 from sessa_scale.config import OptimConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """Weight decay applies to parameters with >= 2 dims (matrices, embeddings); biases, norm
-    weights and the feedback gains are not decayed."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, cpu_offload: bool = False) -> torch.optim.Optimizer:
+    """AdamW; weight decay applies to parameters with >= 2 dims (matrices, embeddings); biases, norm
+    weights and the feedback gains are not decayed. cpu_offload: DeepSpeed's vectorized CPU AdamW
+    (same update), for optimizer states offloaded by ZeRO."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -20,6 +21,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 

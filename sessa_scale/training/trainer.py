@@ -11,15 +11,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sessa_scale.checkpoint import CheckpointManager, read_meta
 from sessa_scale.config import Config, config_to_dict, save_config
 from sessa_scale.data.setup import build_training_data
-from sessa_scale.distributed import all_reduce_mean, device_for_rank, init_distributed, is_rank0, rank, world_size
+from sessa_scale.distributed import all_reduce_mean, device_for_rank, init_distributed, is_rank0, world_size
+from sessa_scale.distributed.groups import MegatronMPU, init_model_parallel, tensor_parallel_group
 from sessa_scale.errors import UserError
 from sessa_scale.metrics import MetricsLogger, Progress
-from sessa_scale.models.registry import build_model
+from sessa_scale.models.registry import build_model, count_parameters
 from sessa_scale.training.optimizer import build_optimizer, build_scheduler
 
 # Model keys that may differ between a checkpoint and the run resuming it (no effect on weights).
@@ -33,12 +33,15 @@ def seed_everything(seed: int) -> None:
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     t = cfg.train
+    zero = {"stage": cfg.zero.stage}
+    if cfg.zero.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp_size,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.zero.stage},
+        "zero_optimization": zero,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -51,9 +54,8 @@ def autocast_context(cfg: Config, device: torch.device):
 
 
 def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; inputs, targets: (B, T) int64."""
-    logits = model(inputs)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    """Mean next-token cross-entropy; inputs, targets: (B, T) int64 (vocab-parallel under TP)."""
+    return model(inputs, targets)
 
 
 def _check_resumable(checkpoint: Path, cfg: Config) -> int:
@@ -73,9 +75,18 @@ def _check_resumable(checkpoint: Path, cfg: Config) -> int:
     return meta["step"]
 
 
-def _global_grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+def _global_grad_norm(model: torch.nn.Module, tp_group) -> float:
+    """2-norm of the whole model's gradient: TP shards summed over the TP group, replicated
+    parameters counted once."""
+    sq = {True: torch.zeros((), dtype=torch.float64), False: torch.zeros((), dtype=torch.float64)}
+    for p in model.parameters():
+        if p.grad is not None:
+            sq[bool(getattr(p, "tensor_model_parallel", False))] += p.grad.detach().double().square().sum().cpu()
+    if tp_group is not None and tp_group.size() > 1:
+        sharded = sq[True].to(device_for_rank())
+        torch.distributed.all_reduce(sharded, group=tp_group)
+        sq[True] = sharded.cpu()
+    return math.sqrt((sq[True] + sq[False]).item())
 
 
 @torch.no_grad()
@@ -92,10 +103,14 @@ def train(cfg: Config) -> dict:
     wall_start = time.time()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if cfg.parallel.tensor > 1:  # megatron: keeps TP/SP communication ordered ahead of compute (set before CUDA starts)
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     init_distributed()
     import deepspeed
 
-    device, dp_rank, dp_size = device_for_rank(), rank(), world_size()
+    layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.sequence_parallel)
+    device, dp_rank, dp_size = device_for_rank(), layout.dp_rank, layout.dp
+    tp_group = tensor_parallel_group() if layout.tp > 1 else None
     seed_everything(cfg.run.seed)
     checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep)
     resume_from = checkpoints.resolve_resume(cfg.train.resume)
@@ -106,11 +121,17 @@ def train(cfg: Config) -> dict:
     data = build_training_data(cfg, dp_rank, dp_size, pin_memory=device.type == "cuda")
     stream, val_set = data.train, data.val_batches
 
-    model = build_model(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
+    model = build_model(cfg.model)  # the full model from run.seed on every rank, then split
+    if tp_group is not None:
+        from sessa_scale.distributed.tensor_parallel import parallelize
+
+        model = parallelize(model, tp_group, layout.sequence_parallel)
+    model = model.to(device)
+    optimizer = build_optimizer(model, cfg.optim, cpu_offload=cfg.zero.offload_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dp_size)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dp_size),
+        mpu=MegatronMPU(),
     )
 
     step, tokens = 0, 0
@@ -125,8 +146,9 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(cfg, is_rank0(), step)
     progress = Progress(t.max_steps, step, is_rank0() and cfg.logging.progress)
     progress.write(
-        f"sessa-scale: {cfg.model.arch}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{dp_size} rank(s) on {device.type}; data: {data.description}; run dir: {cfg.run_dir}"
+        f"sessa-scale: {cfg.model.arch}, {count_parameters(cfg.model).total:,} parameters, "
+        f"{world_size()} rank(s) on {device.type} (tensor {layout.tp}{' + sequence' if layout.sequence_parallel else ''}"
+        f" x data {dp_size}, ZeRO {cfg.zero.stage}); data: {data.description}; run dir: {cfg.run_dir}"
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
     )
     tokens_per_step = stream.global_batch * cfg.data.seq_len
@@ -150,7 +172,7 @@ def train(cfg: Config) -> dict:
             engine.backward(loss)
             micro_losses.append(loss.item())
             if engine.is_gradient_accumulation_boundary() and cfg.zero.stage == 0:
-                grad_norm = _global_grad_norm(engine.module)  # averaged, before clipping
+                grad_norm = _global_grad_norm(engine.module, tp_group)  # averaged, before clipping
             engine.step()
         if grad_norm is None:
             grad_norm = float(engine.get_global_grad_norm() or 0.0)
