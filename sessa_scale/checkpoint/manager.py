@@ -125,16 +125,20 @@ class CheckpointManager:
             if name != keep_tag:
                 shutil.rmtree(self.dir / name, ignore_errors=True)
 
-    def load(self, engine, checkpoint: Path) -> dict:
-        """Restore model, optimizer, scheduler and this rank's RNG; return the client state."""
+    def load(self, engine, checkpoint: Path, universal: Path | None = None) -> dict:
+        """Restore model, optimizer, scheduler and this rank's RNG; return the client state.
+        universal: the checkpoint's universal form (checkpoint/universal.py) to load instead, for
+        an engine configured with checkpoint.load_universal."""
+        source = checkpoint if universal is None else universal
         try:
             load_path, client_state = engine.load_checkpoint(
-                str(checkpoint.parent), tag=checkpoint.name, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=True
             )
         except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as exc:
             raise UserError(f"checkpoint {checkpoint} could not be loaded: {exc}") from None
         if load_path is None:
             raise UserError(f"checkpoint {checkpoint} could not be loaded: DeepSpeed found no model states in it.")
+
         rng_file = checkpoint / f"rng_rank{rank()}.pt"
         if rng_file.is_file():  # absent when resuming on more ranks than were saved
             restore_rng_state(torch.load(rng_file, weights_only=False))

@@ -31,6 +31,12 @@ from sessa_scale.distributed.tp_plan import TP_PLANS, Column, Heads, Norm, Repli
 from sessa_scale.models.lm import DecoderLM
 
 
+def _plain_state_dict(module: nn.Module) -> None:
+    """Drop megatron's `_extra_state` (always None for these layers): state dicts then hold exactly
+    the single-device model's keys, which DeepSpeed's universal-checkpoint converter needs."""
+    module._load_state_dict_pre_hooks.clear()
+
+
 class _ColumnLinear(tensor_parallel.ColumnParallelLinear):
     """megatron ColumnParallelLinear built from an nn.Linear (rows sliced per `chunks`), returning
     only its output (bias added inside). Parameter names stay `weight`, `bias`."""
@@ -43,9 +49,12 @@ class _ColumnLinear(tensor_parallel.ColumnParallelLinear):
             bias=linear.bias is not None, gather_output=False, tp_group=tp_group,
             disable_grad_reduce=not reduce_input_grad,
         )  # fmt: skip
+        _plain_state_dict(self)
         _copy_shard(self.weight, linear.weight, 0, chunks, tp_group)
         if linear.bias is not None:
             _copy_shard(self.bias, linear.bias, 0, chunks, tp_group)
+
+    get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)[0]
@@ -60,10 +69,13 @@ class _RowLinear(tensor_parallel.RowParallelLinear):
             linear.in_features, linear.out_features, config=config, init_method=nn.init.zeros_,
             bias=linear.bias is not None, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )  # fmt: skip
+        _plain_state_dict(self)
         _copy_shard(self.weight, linear.weight, 1, 1, tp_group)
         if linear.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(linear.bias)
+
+    get_extra_state, set_extra_state = nn.Module.get_extra_state, nn.Module.set_extra_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.transpose(0, 1))[0]

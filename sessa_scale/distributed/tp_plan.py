@@ -29,15 +29,14 @@ so their gradients are all-reduced over TP as well (DeepSpeed does not).
 
 Adding an architecture: write `def <arch>_plan(cfg) -> dict[str, Style]` (paths relative to a
 block, e.g. "attn.q_proj"), register it in TP_PLANS, and list in TP_DIVISIBLE the ModelConfig
-integers that tp must divide, and add the architecture to the cases of
-tests/test_tensor_parallel.py, which checks tp=2 against tp=1. A Transformer block, for instance:
-{"ln1": Norm(), "attn": Heads(("n_heads", "n_kv_heads"), gather_input=False), "attn.q_proj": Column(),
-"attn.k_proj": Column(), "attn.v_proj": Column(), "attn.o_proj": Row(), "ln2": Norm(),
-"mlp.fc1": Column(), "mlp.fc2": Row()}.
+integers that tp must divide, and add a case to tests/distributed/tp_equivalence.py, which checks
+tp=2 against tp=1 (see transformer_plan for a Megatron-style attention + MLP block). Block code
+must infer split widths (`reshape(B, T, -1)`) rather than rebuild them from d_model.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -106,9 +105,28 @@ def sessa_plan(cfg: ModelConfig) -> dict[str, Style]:
     }
 
 
-# arch -> plan builder; arch -> ModelConfig integer fields that the TP size must divide
-TP_PLANS: dict[str, Callable[[ModelConfig], dict[str, Style]]] = {"sessa": sessa_plan}
-TP_DIVISIBLE: dict[str, tuple[str, ...]] = {"sessa": ("n_heads", "n_kv_heads")}
+def transformer_plan(cfg: ModelConfig) -> dict[str, Style]:
+    """Megatron's layout: attention heads local (q/k/v column-, out_proj row-parallel), the MLP's
+    hidden units split (fc1 or gate/up column-, fc2 or down row-parallel)."""
+    mlp = {"mlp.fc1": Column(), "mlp.fc2": Row()} if cfg.mlp == "gelu" else {
+        "mlp.w_gate": Column(), "mlp.w_up": Column(), "mlp.w_down": Row()}  # fmt: skip
+    return {
+        "ln1": Norm(),
+        "attn": Heads(("n_heads", "n_kv_heads"), gather_input=False),
+        "attn.q_proj": Column(),
+        "attn.k_proj": Column(),
+        "attn.v_proj": Column(),
+        "attn.out_proj": Row(),
+        "ln2": Norm(),
+        **mlp,
+    }
+
+
+# arch -> plan builder; arch -> ModelConfig integer fields that the TP size must divide. Mamba-2
+# has no plan yet: its gated RMSNorm spans the whole inner width (it would need a TP all-reduce
+# of the sum of squares, or per-group norms as mamba_ssm uses under TP).
+TP_PLANS: dict[str, Callable[[ModelConfig], dict[str, Style]]] = {"sessa": sessa_plan, "transformer": transformer_plan}
+TP_DIVISIBLE: dict[str, tuple[str, ...]] = {"sessa": ("n_heads", "n_kv_heads"), "transformer": ("n_heads", "n_kv_heads", "mlp_hidden")}
 
 
 def tensor_parallel_problems(cfg: ModelConfig, tp: int) -> list[str]:
@@ -119,7 +137,11 @@ def tensor_parallel_problems(cfg: ModelConfig, tp: int) -> list[str]:
         return [f"model.arch: {cfg.arch!r} has no tensor-parallel plan; set parallel.tensor=1"]
     problems = []
     n_kv = cfg.n_heads if cfg.n_kv_heads is None else cfg.n_kv_heads
-    values = {"d_model": cfg.d_model, "vocab_size": cfg.vocab_size, "n_heads": cfg.n_heads, "n_kv_heads": n_kv}
+    values = {"n_kv_heads": n_kv}
+    if cfg.arch == "transformer":
+        from sessa_scale.models.transformer import default_mlp_hidden
+
+        values["mlp_hidden"] = default_mlp_hidden(cfg.d_model, cfg.mlp) if cfg.mlp_hidden is None else cfg.mlp_hidden
     for key in ("d_model", "vocab_size", *TP_DIVISIBLE[cfg.arch]):
         value = values.get(key, getattr(cfg, key))
         if value % tp:
@@ -169,8 +191,31 @@ def merge_state_dicts(cfg: ModelConfig, states: list[dict]) -> dict:
     """One full (tp=1) model state dict from the per-TP-rank state dicts of a parallel model."""
     merged = {}
     for name, value in states[0].items():
-        if name.endswith("_extra_state"):  # megatron-core layer metadata, not a weight
-            continue
         layout = param_layout(cfg, name)
         merged[name] = value if layout is None else unshard([s[name] for s in states], *layout)
     return merged
+
+
+def universal_checkpoint_info(cfg: ModelConfig) -> dict:
+    """DeepSpeed's `universal_checkpoint_info` for `cfg` (saved in every checkpoint's client state):
+    how ds_to_universal merges each parameter's TP slices (replicated, row-parallel: cat on dim 1,
+    two sub-parameters such as W_in's [a | g], default: cat on dim 0) and how a new TP size re-splits
+    them. Patterns are exact parameter names."""
+    from sessa_scale.models.registry import build_model
+
+    with torch.device("meta"):
+        names = [name for name, _ in build_model(cfg).named_parameters()]
+    kinds = {"tp_replicated_parameter_patterns": [], "parameter_with_row_parallelism_patterns": [],
+             "parameter_with_2_sub_params_cat_dim_0": []}  # fmt: skip
+    for name in names:
+        layout = param_layout(cfg, name)
+        pattern = "^" + re.escape(name) + "$"
+        if layout is None:
+            kinds["tp_replicated_parameter_patterns"].append(pattern)
+        elif layout == (1, 1):
+            kinds["parameter_with_row_parallelism_patterns"].append(pattern)
+        elif layout == (0, 2):
+            kinds["parameter_with_2_sub_params_cat_dim_0"].append(pattern)
+        elif layout != (0, 1):
+            raise ValueError(f"{name}: no universal-checkpoint category for a split {layout}")
+    return {"universal_checkpoint_version": 0.2, **kinds}

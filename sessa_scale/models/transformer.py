@@ -59,9 +59,10 @@ class CausalSelfAttention(nn.Module):
 
     def _forward(self, x: torch.Tensor):
         """x (B, T, D) -> (out (B, T, D), k, v (B, T, H_kv, d))."""
-        B, T, D = x.shape
+        B, T, _ = x.shape
         q, k, v = self._qkv(x, torch.arange(T, device=x.device))
-        return self.out_proj(causal_attention(q, k, v, self.backend).reshape(B, T, D)), k, v
+        # -1: under tensor parallelism this rank holds a subset of the heads (distributed/tp_plan.py)
+        return self.out_proj(causal_attention(q, k, v, self.backend).reshape(B, T, -1)), k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x)[0]

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from sessa_scale.checkpoint import CheckpointManager, read_meta
+from sessa_scale.checkpoint.universal import ensure_universal, needs_universal, saved_layout
 from sessa_scale.config import Config, config_to_dict, save_config
 from sessa_scale.data.setup import build_training_data
 from sessa_scale.distributed import all_reduce_mean, device_for_rank, init_distributed, is_rank0, world_size
 from sessa_scale.distributed.groups import MegatronMPU, init_model_parallel, tensor_parallel_group
+from sessa_scale.distributed.tp_plan import universal_checkpoint_info
 from sessa_scale.errors import UserError
 from sessa_scale.metrics import MetricsLogger, Progress
 from sessa_scale.models.registry import build_model, count_parameters
@@ -31,7 +33,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict:
     t = cfg.train
     zero = {"stage": cfg.zero.stage}
     if cfg.zero.offload_optimizer:
@@ -44,6 +46,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -114,8 +117,11 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.run.seed)
     checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep)
     resume_from = checkpoints.resolve_resume(cfg.train.resume)
+    universal = None
     if resume_from is not None:
         _check_resumable(resume_from, cfg)
+        if needs_universal(resume_from, layout.tp, dp_size, cfg.zero.stage):
+            universal = ensure_universal(resume_from)
 
     t = cfg.train
     data = build_training_data(cfg, dp_rank, dp_size, pin_memory=device.type == "cuda")
@@ -130,13 +136,14 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=cfg.zero.offload_optimizer)
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, dp_size),
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, dp_size, load_universal=universal is not None),
         mpu=MegatronMPU(),
     )
 
     step, tokens = 0, 0
     if resume_from is not None:
-        client = checkpoints.load(engine, resume_from)
+        client = checkpoints.load(engine, resume_from, universal)
         step, tokens = client["step"], client["tokens"]
         stream.load_state_dict(client["data"])
     if is_rank0():
@@ -150,16 +157,18 @@ def train(cfg: Config) -> dict:
         f"{world_size()} rank(s) on {device.type} (tensor {layout.tp}{' + sequence' if layout.sequence_parallel else ''}"
         f" x data {dp_size}, ZeRO {cfg.zero.stage}); data: {data.description}; run dir: {cfg.run_dir}"
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
+        + (f" (re-split from {saved_layout(resume_from)} through {universal})" if universal else "")
     )
     tokens_per_step = stream.global_batch * cfg.data.seq_len
+    universal_info = universal_checkpoint_info(cfg.model)  # lets a later run resume on other TP/DP sizes
     first_loss = last_loss = val_loss = None
     last_saved = step if resume_from is not None else -1
     interval = cfg.checkpoint.interval
 
     def save() -> None:
         nonlocal last_saved
-        client = {"step": step, "tokens": tokens, "data": stream.state_dict()}
-        checkpoints.save(engine, step, client, {"config": config_to_dict(cfg)})
+        client = {"step": step, "tokens": tokens, "data": stream.state_dict(), "universal_checkpoint_info": universal_info}
+        checkpoints.save(engine, step, client, {"config": config_to_dict(cfg), "parallel": {"tensor": layout.tp, "data": dp_size}})
         last_saved = step
 
     while step < t.max_steps:

@@ -26,6 +26,12 @@ CASES = {
     ),
     # one feedback head under sequence parallelism, scaled init, longer T
     "fb1_sp_T66": (dict(d_model=24, n_layers=1, n_heads=2, vocab_size=258, init="scaled"), 66, True),
+    # the Transformer baseline, GELU MLP without SP, SwiGLU with SP
+    "transformer_gelu_T17": (dict(arch="transformer", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258), 17, False),
+    "transformer_swiglu_sp_T18": (
+        dict(arch="transformer", d_model=32, n_layers=2, n_heads=2, mlp="swiglu", vocab_size=258, tie_embeddings=False),
+        18, True,
+    ),
 }
 
 
