@@ -91,3 +91,16 @@ def test_tensor_size_change_at_zero_stage_0_is_a_clear_error(tmp_path):
 def test_world_size_not_divisible_by_tensor_is_a_user_error(tmp_path, capsys):
     assert main(["train", f"run.dir={tmp_path / 'r'}", *SMALL, "parallel.tensor=2"]) == 2
     assert "does not divide the world size 1" in capsys.readouterr().err
+
+
+def test_generate_loads_a_tensor_parallel_checkpoint_merged(tmp_path):
+    import torch
+
+    from sessa_scale.generate import load_model
+
+    _train2(tmp_path / "tp2", "parallel.tensor=2", "train.max_steps=1")
+    model, cfg, checkpoint = load_model(tmp_path / "tp2")
+    shards = [torch.load(checkpoint / f"mp_rank_0{r}_model_states.pt", weights_only=False)["module"] for r in range(2)]
+    w_in = torch.cat([shards[0]["layers.0.W_in.weight"].chunk(2)[0], shards[1]["layers.0.W_in.weight"].chunk(2)[0]])
+    assert torch.equal(model.layers[0].W_in.weight[:32], w_in)  # the a-half, rows of rank 0 then rank 1
+    assert model.embed.weight.shape == (258, 32) and model.lm_head.weight is model.embed.weight
