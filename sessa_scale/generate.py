@@ -46,12 +46,19 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[De
 
 @torch.no_grad()
 def generate_text(
-    model: DecoderLM, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None, seed: int
+    model: DecoderLM,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    tokenizer=None,
 ) -> str:
-    """Sample a continuation of `prompt` (byte-level tokens); stops at end-of-document."""
+    """Sample a continuation of `prompt`; stops at end-of-document. tokenizer: the run's
+    (sessa_scale.data.setup.tokenizer_for(cfg.data)); default byte-level."""
     from sessa_scale.data import ByteTokenizer
 
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer or ByteTokenizer()
     tokens = tokenizer.encode(prompt) or [tokenizer.eos_id]
     device = next(model.parameters()).device
     prompt_ids = torch.tensor([tokens], device=device)

@@ -152,3 +152,20 @@ def test_bad_inputs_are_clear_errors_or_counted_skips(tmp_path, capsys):
         assert needle in err, (needle, err)
     assert _prep(tmp_path / "good.txt", "--out", tmp_path / "o2", "--val-fraction", 0) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_training_on_a_bpe_dataset_and_generating_with_its_tokenizer(tmp_path, capsys):
+    _corpus(tmp_path / "in", n=80)
+    assert _prep(tmp_path / "in", "--tokenizer", "bpe", "--bpe-vocab-size", 300, "--seq-len", 16, "--val-fraction", 0.1, "--out", tmp_path / "ds") == 0
+    run = tmp_path / "run"
+    common = [f"run.dir={run}", f"data.path={tmp_path / 'ds'}", "data.seq_len=16", "model.d_model=32", "model.n_layers=1",
+              "model.n_heads=2", "train.micro_batch_size=4", "train.eval_batches=1", "logging.progress=false"]
+    assert main(["train", *common, "model.vocab_size=300", "train.max_steps=2", "train.eval_interval=2"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "alpha beta", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("alpha beta")
+    from sessa_scale.config import load_config
+    from sessa_scale.data.setup import tokenizer_for
+
+    tok = tokenizer_for(load_config(str(run / "config.yaml")).data)  # what generate decoded with
+    assert isinstance(tok, HFTokenizer) and tok.sha256 == load_manifest(tmp_path / "ds")["tokenizer"]["sha256"]

@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, _, _ = load_model(args.checkpoint, device)
-    text = generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    from sessa_scale.data.setup import tokenizer_for
+
+    model, cfg, _ = load_model(args.checkpoint, device)
+    tokenizer = tokenizer_for(cfg.data)
+    text = generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, tokenizer)
     print(args.prompt + text)
     return 0

@@ -11,7 +11,8 @@ import torch
 from sessa_scale.config import Config, DataConfig
 from sessa_scale.data.corpus import prepare_stdlib
 from sessa_scale.data.loader import SampleSequence, ShardStream, StreamSpec, eval_batches
-from sessa_scale.data.reader import SplitInfo, load_manifest, open_split
+from sessa_scale.data.reader import SplitInfo, is_local, load_manifest, open_split, resolve
+from sessa_scale.data.tokenizer import ByteTokenizer, HFTokenizer
 from sessa_scale.errors import UserError
 
 
@@ -43,10 +44,28 @@ def resolve_sources(cfg: Config) -> list[tuple[str, float]]:
     return [(str(prepare_stdlib(d)), 1.0)]
 
 
+def _first_location(d: DataConfig) -> str:
+    return str(d.sources[0]["path"]) if d.sources else d.path or str(prepare_stdlib(d))
+
+
+def tokenizer_for(d: DataConfig):
+    """The tokenizer a run's data was prepared with (ByteTokenizer, or HFTokenizer from the
+    dataset's tokenizer.json), e.g. to encode prompts and decode samples of a trained model."""
+    if not d.sources and not d.path:
+        return ByteTokenizer()
+    location = _first_location(d)
+    tok = load_manifest(location)["tokenizer"]
+    if tok["kind"] == "byte":
+        return ByteTokenizer()
+    if not is_local(location):
+        raise UserError(f"{location}: decoding needs its tokenizer.json on local disk; copy the dataset directory here")
+    return HFTokenizer(resolve(location, tok.get("file") or "tokenizer.json"), tok.get("eos_token"))
+
+
 def load_corpus(d: DataConfig) -> TokenCorpus:
     """The validation tokens of the first source of `d` (data.sources, data.path or the embedded
     corpus), re-joined from its packed samples in key order (consecutive samples share a token)."""
-    location = str(d.sources[0]["path"]) if d.sources else d.path or str(prepare_stdlib(d))
+    location = _first_location(d)
     info = open_split(location, "val")
     sequence = SampleSequence(StreamSpec([info], [1.0], shuffle=False, verify=d.verify_checksums))
     _, samples = sequence.read(0, info.num_samples)
