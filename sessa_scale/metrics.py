@@ -1,5 +1,7 @@
 """Training metrics: one JSON object per optimizer step in RUN_DIR/metrics.jsonl, optional
-Weights & Biases, and a progress display (a tqdm bar on a terminal, periodic lines otherwise)."""
+Weights & Biases, a progress display (a tqdm bar on a terminal, periodic lines otherwise), and
+throughput: tokens/s/GPU, model TFLOP/s/GPU and MFU (from sessa_scale.models.flops and the peak
+bf16 table below), peak memory."""
 
 from __future__ import annotations
 
@@ -8,9 +10,59 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from sessa_scale.config import Config, config_to_dict
+
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, matched against
+# torch.cuda.get_device_name() in this order (most specific first). A GPU not listed gets no MFU.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    ("H800", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.05),
+    ("L4", 121.0),
+)
+
+
+def peak_bf16_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of one `device`, or None when unknown (CPUs, unlisted GPUs)."""
+    return peak_bf16_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_bf16_flops_of(gpu_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of the GPU model named `gpu_name` (as CUDA reports it), or None."""
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in gpu_name), None)
+
+
+def throughput(tokens: int, seconds: float, world: int, flops_per_token: float, peak: float | None) -> dict:
+    """tokens processed by all `world` ranks in `seconds` -> tokens/s (total and per GPU), model
+    TFLOP/s per GPU and MFU (None without a known peak)."""
+    per_gpu = tokens / seconds / world
+    achieved = per_gpu * flops_per_token
+    return {
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_s_per_gpu": per_gpu,
+        "tflops_per_gpu": achieved / 1e12,
+        "mfu": achieved / peak if peak else None,
+    }
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocator peak on GPUs, resident set size on CPUs."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -51,7 +103,7 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
     def close(self) -> None:
         if self.enabled:

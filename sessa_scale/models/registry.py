@@ -11,6 +11,7 @@ import torch.nn as nn
 from sessa_scale.config.schema import ModelConfig
 from sessa_scale.errors import UserError
 from sessa_scale.models.attention import ATTENTION_BACKENDS
+from sessa_scale.models.flops import LAYER_FLOPS, training_flops_per_token
 from sessa_scale.models.lm import DecoderLM
 from sessa_scale.models.mamba2 import Mamba2Block
 from sessa_scale.models.sessa import SessaLayer
@@ -175,3 +176,11 @@ def count_parameters(cfg: ModelConfig) -> ParamCount:
     total = sum(p.numel() for p in model.parameters())
     embedding = model.embed.weight.numel() + (0 if cfg.tie_embeddings else model.lm_head.weight.numel())
     return ParamCount(total, total - embedding)
+
+
+def count_training_flops(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token at sequence length seq_len (forward + backward; see
+    sessa_scale.models.flops for what is counted). Every architecture registers a count there."""
+    if cfg.arch not in LAYER_FLOPS:
+        raise UserError(f"model.arch={cfg.arch!r} has no FLOP count; add one to sessa_scale/models/flops.py")
+    return training_flops_per_token(cfg, seq_len)

@@ -20,8 +20,8 @@ from sessa_scale.distributed import all_reduce_mean, device_for_rank, init_distr
 from sessa_scale.distributed.groups import MegatronMPU, init_model_parallel, tensor_parallel_group
 from sessa_scale.distributed.tp_plan import universal_checkpoint_info
 from sessa_scale.errors import UserError
-from sessa_scale.metrics import MetricsLogger, Progress
-from sessa_scale.models.registry import build_model, count_parameters
+from sessa_scale.metrics import MetricsLogger, Progress, peak_bf16_flops, peak_memory_gib, throughput
+from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
 from sessa_scale.training.optimizer import build_optimizer, build_scheduler
 
 # Model keys that may differ between a checkpoint and the run resuming it (no effect on weights).
@@ -160,6 +160,7 @@ def train(cfg: Config) -> dict:
         + (f" (re-split from {saved_layout(resume_from)} through {universal})" if universal else "")
     )
     tokens_per_step = stream.global_batch * cfg.data.seq_len
+    flops_per_token, peak = count_training_flops(cfg.model, cfg.data.seq_len), peak_bf16_flops(device)
     universal_info = universal_checkpoint_info(cfg.model)  # lets a later run resume on other TP/DP sizes
     first_loss = last_loss = val_loss = None
     last_saved = step if resume_from is not None else -1
@@ -199,9 +200,10 @@ def train(cfg: Config) -> dict:
             "loss": last_loss,
             "lr": lr,
             "tokens": tokens,
-            "tokens_per_s": tokens_per_step / step_time,
+            **throughput(tokens_per_step, step_time, world_size(), flops_per_token, peak),
             "grad_norm": grad_norm,
             "step_time_s": step_time,
+            "peak_mem_gib": peak_memory_gib(device),  # rank 0's
         }
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
             val_loss = record["val_loss"] = evaluate(engine, val_set, cfg, device)
