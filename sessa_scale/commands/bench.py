@@ -1,4 +1,4 @@
-"""`sessa-scale bench solve|layer|models|data [options]`: benchmark tables (see docs/benchmarks/)."""
+"""`sessa-scale bench solve|layer|models|data|parallel [options]`: benchmark tables (see docs/benchmarks/)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ BENCHMARKS = {
     "layer": "sessa_scale.bench.layer",  # a whole SessaLayer vs a Transformer block
     "models": "sessa_scale.bench.models",  # training tokens/s of a matched trio, Transformer MFU
     "data": "sessa_scale.bench.data",  # prep and loader throughput on CPU
+    "parallel": "sessa_scale.bench.parallel",  # 1 GPU vs 2 GPUs as dp=2 and as tp=2 + SP (torchrun)
 }
 
 

@@ -43,7 +43,7 @@ def _check_megatron_collectives() -> None:
         ) from None
 
 
-def init_model_parallel(tensor: int, sequence_parallel: bool) -> ParallelLayout:
+def init_model_parallel(tensor: int, sequence_parallel: bool, seed: int = 0) -> ParallelLayout:
     """Create the TP and DP groups over the already initialized default group (collective). Raises
     UserError when the world size is not a multiple of `tensor`."""
     import torch.distributed as dist
@@ -65,9 +65,9 @@ def init_model_parallel(tensor: int, sequence_parallel: bool) -> ParallelLayout:
     if tensor > 1 and torch.cuda.is_available():
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        # Registers megatron's RNG tracker (model-parallel and data-parallel CUDA streams of
-        # randomness); re-seeded by the trainer from run.seed.
-        model_parallel_cuda_manual_seed(torch.initial_seed() % (1 << 31))
+        # megatron's RNG tracker: a TP-rank-specific CUDA generator (for dropout inside split
+        # regions) and a shared one; the models have no dropout today, megatron's layers expect it.
+        model_parallel_cuda_manual_seed(seed)
     return ParallelLayout(
         tp=tensor,
         dp=world // tensor,

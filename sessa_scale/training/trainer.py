@@ -111,7 +111,7 @@ def train(cfg: Config) -> dict:
     init_distributed()
     import deepspeed
 
-    layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.sequence_parallel)
+    layout = init_model_parallel(cfg.parallel.tensor, cfg.parallel.sequence_parallel, cfg.run.seed)
     device, dp_rank, dp_size = device_for_rank(), layout.dp_rank, layout.dp
     tp_group = tensor_parallel_group() if layout.tp > 1 else None
     seed_everything(cfg.run.seed)
