@@ -98,8 +98,9 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), re
 @gpu
 @pytest.mark.parametrize("T", [1, 17, 65, 130, 1000])
 def test_fla_kernel_matches_the_reference_on_gpu(T):
-    """fla's chunk_simple_gla with our mapping (q = C, k = B, v = dt x, g = dt A) in fp32 against the
-    chunked reference in float64: outputs, final state and every input gradient."""
+    """fla's chunk_simple_gla (chunk_gla where fla flags simple GLA's backward as wrong) with our mapping
+    (q = C, k = B, v = dt x, g = dt A) in fp32 against the chunked reference in float64: outputs,
+    final state and every input gradient."""
     ref_in = [t.requires_grad_() if t is not None else None for t in inputs(batch=2, T=T, H=4, P=64, G=1, N=128, device="cuda", state=True)]
     gpu_in = [t.detach().float().requires_grad_() for t in ref_in]
     gy = torch.randn(2, T, 4, 64, device="cuda", dtype=torch.float64)

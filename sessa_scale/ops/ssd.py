@@ -7,7 +7,11 @@ Implementations:
 * "fla": fla-core's Triton `chunk_simple_gla` (CUDA only; `pip install -e .[gpu]`). Simple GLA is
   SSD with a scalar decay per head: its recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T,
   o_t = scale * S_t^T q_t maps onto SSD with q = C, k = B (one copy per head), v = dt * x,
-  g = dt * A, scale = 1; its state (B, H, K, V) is ours (B, H, N, P).
+  g = dt * A, scale = 1; its state (B, H, K, V) is ours (B, H, N, P). Where fla reports that its
+  simple-GLA backward is wrong (Hopper GPUs with Triton >= 3.4, < 3.7.1: fla issue #640; it raises
+  there), `chunk_gla` runs instead with the same log decay repeated over the K key channels (GLA's
+  per-channel gates, all equal): the same recurrence through GLA's own backward kernels, at the
+  cost of a (B, T, H, N) float32 gate tensor.
 """
 
 from __future__ import annotations
@@ -37,20 +41,34 @@ def resolve_ssd_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def ssd_fla(x, dt, A, B, C, initial_state=None, chunk_size: int = 64):
-    """The scan on fla-core's Triton simple-GLA kernels (CUDA tensors). q, k, v run in x's dtype,
-    the log decay g in float32; returns (y in x's dtype, final state in float32)."""
-    from fla.ops.simple_gla import chunk_simple_gla
+def simple_gla_backward_is_broken() -> bool:
+    """fla's own flag for Hopper + Triton in [3.4, 3.7.1), where its gated simple-GLA backward is wrong."""
+    import fla.utils as fu
 
+    return bool(getattr(fu, "IS_NVIDIA_HOPPER", False) and getattr(fu, "TRITON_ABOVE_3_4_0", False)
+                and not getattr(fu, "TRITON_ABOVE_3_7_1", True))  # fmt: skip
+
+
+def ssd_fla(x, dt, A, B, C, initial_state=None, chunk_size: int = 64):
+    """The scan on fla-core's Triton kernels (CUDA tensors; module docstring). q, k, v run in x's
+    dtype, the log decay g in float32; returns (y in x's dtype, final state in float32)."""
     H = x.shape[2]
     q = per_head(C, H).to(x.dtype)
     k = per_head(B, H).to(x.dtype)
     v = (x * dt[..., None]).to(x.dtype)
     g = (dt.float() * A.float()).contiguous()
     state = None if initial_state is None else initial_state.float()
-    y, final = chunk_simple_gla(
-        q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True, chunk_size=chunk_size
-    )
+    if simple_gla_backward_is_broken():
+        from fla.ops.gla import chunk_gla
+
+        gk = g[..., None].expand(*g.shape, k.shape[-1])
+        y, final = chunk_gla(q, k, v, g=gk, scale=1.0, initial_state=state, output_final_state=True)
+    else:
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        y, final = chunk_simple_gla(
+            q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True, chunk_size=chunk_size
+        )
     return y.to(x.dtype), final
 
 
