@@ -7,16 +7,19 @@ Implementations:
 * "fla": fla-core's Triton `chunk_simple_gla` (CUDA only; `pip install -e .[gpu]`). Simple GLA is
   SSD with a scalar decay per head: its recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T,
   o_t = scale * S_t^T q_t maps onto SSD with q = C, k = B (one copy per head), v = dt * x,
-  g = dt * A, scale = 1; its state (B, H, K, V) is ours (B, H, N, P). Where fla reports that its
-  simple-GLA backward is wrong (Hopper GPUs with Triton >= 3.4, < 3.7.1: fla issue #640; it raises
-  there), `chunk_gla` runs instead with the same log decay repeated over the K key channels (GLA's
-  per-channel gates, all equal): the same recurrence through GLA's own backward kernels, at the
-  cost of a (B, T, H, N) float32 gate tensor.
+  g = dt * A, scale = 1; its state (B, H, K, V) is ours (B, H, N, P).
+  fla 0.6 flags its gated simple-GLA backward as wrong on Hopper GPUs (H100/H200) with Triton >= 3.4
+  and < 3.7.1 (fla issue #640) and raises there in the backward pass; "auto" then picks "chunked"
+  (measured on H100 with Triton 3.6; fla's chunk_gla, the per-channel-gate variant, failed there too
+  with a misaligned-address error). Triton >= 3.7.1 (or fla's tilelang backend) lifts this.
+The chunked scan keeps only its inputs for the backward pass and recomputes the rest: its (chunk x
+chunk) float32 intermediates would otherwise dominate a layer's activation memory.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from sessa_scale.ops.ssd_reference import per_head, ssd_chunked, ssd_sequential
 
@@ -33,9 +36,11 @@ def fla_available() -> bool:
 
 
 def resolve_ssd_impl(impl: str, device: torch.device) -> str:
-    """Map "auto" to "fla" on CUDA when fla-core is installed, else "chunked"."""
+    """Map "auto" to "fla" on CUDA when fla-core is installed and does not flag its backward as wrong
+    on this GPU, else "chunked"."""
     if impl == "auto":
-        return "fla" if device.type == "cuda" and fla_available() else "chunked"
+        usable = device.type == "cuda" and fla_available() and not simple_gla_backward_is_broken()
+        return "fla" if usable else "chunked"
     if impl not in SSD_IMPLS:
         raise ValueError(f"unknown SSD scan impl {impl!r}; choose from {['auto', *SSD_IMPLS]}")
     return impl
@@ -50,25 +55,19 @@ def simple_gla_backward_is_broken() -> bool:
 
 
 def ssd_fla(x, dt, A, B, C, initial_state=None, chunk_size: int = 64):
-    """The scan on fla-core's Triton kernels (CUDA tensors; module docstring). q, k, v run in x's
-    dtype, the log decay g in float32; returns (y in x's dtype, final state in float32)."""
+    """The scan on fla-core's Triton simple-GLA kernels (CUDA tensors; module docstring). q, k, v run
+    in x's dtype, the log decay g in float32; returns (y in x's dtype, final state in float32)."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
     H = x.shape[2]
     q = per_head(C, H).to(x.dtype)
     k = per_head(B, H).to(x.dtype)
     v = (x * dt[..., None]).to(x.dtype)
     g = (dt.float() * A.float()).contiguous()
     state = None if initial_state is None else initial_state.float()
-    if simple_gla_backward_is_broken():
-        from fla.ops.gla import chunk_gla
-
-        gk = g[..., None].expand(*g.shape, k.shape[-1])
-        y, final = chunk_gla(q, k, v, g=gk, scale=1.0, initial_state=state, output_final_state=True)
-    else:
-        from fla.ops.simple_gla import chunk_simple_gla
-
-        y, final = chunk_simple_gla(
-            q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True, chunk_size=chunk_size
-        )
+    y, final = chunk_simple_gla(
+        q, k, v, g=g, scale=1.0, initial_state=state, output_final_state=True, chunk_size=chunk_size
+    )
     return y.to(x.dtype), final
 
 
@@ -86,4 +85,7 @@ def ssd_scan(x, dt, A, B, C, *, initial_state=None, chunk_size: int = 64, impl: 
         return ssd_sequential(x, dt, A, B, C, initial_state)
     if name == "fla":
         return ssd_fla(x, dt, A, B, C, initial_state, chunk_size)
-    return ssd_chunked(x, dt, A, B, C, initial_state, chunk_size)
+    inputs = (x, dt, A, B, C, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return checkpoint(ssd_chunked, *inputs, chunk_size, use_reentrant=False)
+    return ssd_chunked(*inputs, chunk_size)
