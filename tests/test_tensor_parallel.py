@@ -38,7 +38,8 @@ def tp_results(tmp_path_factory):
 
 
 def test_tp2_matches_tp1_loss_logits_and_every_gradient(tp_results):
-    assert set(tp_results) == {"fb1_gqa_T17", "fb2_sp_T18", "fb1_sp_T66", "transformer_gelu_T17", "transformer_swiglu_sp_T18"}
+    assert set(tp_results) == {"fb1_gqa_T17", "fb2_sp_T18", "fb1_sp_T66", "transformer_gelu_T17", "transformer_swiglu_sp_T18",
+                               "mamba2_T17", "mamba2_sp_T34"}  # fmt: skip
     for name, r in tp_results.items():
         assert r["tp_loss"] == pytest.approx(r["ref_loss"], abs=1e-5), name
         torch.testing.assert_close(r["tp_logits"], r["ref_logits"], rtol=1e-5, atol=1e-5, msg=name)
@@ -46,7 +47,7 @@ def test_tp2_matches_tp1_loss_logits_and_every_gradient(tp_results):
         for param, grad in r["ref_grads"].items():
             torch.testing.assert_close(r["tp_grads"][param], grad, rtol=1e-5, atol=1e-5, msg=f"{name}: {param}")
         assert r["replicated_spread"] < 1e-6, name
-        assert any("q_proj" in n for n in r["tp_sharded"]) and "embed.weight" in r["tp_sharded"], name
+        assert any("q_proj" in n or "in_proj" in n for n in r["tp_sharded"]) and "embed.weight" in r["tp_sharded"], name
 
 
 def test_feedback_heads_are_sharded_or_replicated_as_the_spec_says(tp_results):
@@ -91,6 +92,8 @@ def test_tensor_parallel_problems_name_keys_and_fixes():
         assert needle in text
     assert "model.n_heads" not in text and "model.d_model" not in text
     assert tensor_parallel_problems(ModelConfig(vocab_size=258, n_fb_heads=4), 2) == []
-    assert "no tensor-parallel plan" in tensor_parallel_problems(ModelConfig(arch="mamba2", vocab_size=258), 2)[0]
+    mamba2 = ModelConfig(arch="mamba2", vocab_size=258)
+    assert tensor_parallel_problems(mamba2, 2) == ["model.ssm_groups: 1 is not divisible by parallel.tensor=2; use a multiple of 2"]
+    assert tensor_parallel_problems(ModelConfig(arch="mamba2", vocab_size=258, ssm_groups=2), 2) == []
     swiglu = ModelConfig(arch="transformer", vocab_size=258, mlp="swiglu", mlp_hidden=330)
     assert tensor_parallel_problems(swiglu, 2) == [] and "model.mlp_hidden: 330" in "".join(tensor_parallel_problems(swiglu, 4))

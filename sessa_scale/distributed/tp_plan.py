@@ -122,11 +122,32 @@ def transformer_plan(cfg: ModelConfig) -> dict[str, Style]:
     }
 
 
-# arch -> plan builder; arch -> ModelConfig integer fields that the TP size must divide. Mamba-2
-# has no plan yet: its gated RMSNorm spans the whole inner width (it would need a TP all-reduce
-# of the sum of squares, or per-group norms as mamba_ssm uses under TP).
-TP_PLANS: dict[str, Callable[[ModelConfig], dict[str, Style]]] = {"sessa": sessa_plan, "transformer": transformer_plan}
-TP_DIVISIBLE: dict[str, tuple[str, ...]] = {"sessa": ("n_heads", "n_kv_heads"), "transformer": ("n_heads", "n_kv_heads", "mlp_hidden")}
+def mamba2_plan(cfg: ModelConfig) -> dict[str, Style]:
+    """Mamba-2 under TP (as mamba_ssm/Megatron): heads and B/C groups local. z, x, B, C and dt
+    projections column-parallel, the depthwise convs and per-head parameters split with them, the
+    gated RMSNorm local (it normalizes each group on its own), out_proj row-parallel."""
+    convs = {f"mixer.{conv}.{p}": Shard(0) for conv in ("conv_x", "conv_B", "conv_C") for p in ("weight", "bias")}
+    return {
+        "ln": Norm(),
+        "mixer": Heads(("d_inner", "n_heads", "n_groups"), gather_input=False),
+        "mixer.in_proj": Column(chunks=2),  # [z | x]
+        "mixer.B_proj": Column(),
+        "mixer.C_proj": Column(),
+        "mixer.dt_proj": Column(),
+        **convs,
+        "mixer.dt_bias": Shard(0),
+        "mixer.A_log": Shard(0),
+        "mixer.D": Shard(0),
+        "mixer.norm.weight": Shard(0),
+        "mixer.out_proj": Row(),
+    }
+
+
+# arch -> plan builder; arch -> ModelConfig integer fields that the TP size must divide.
+TP_PLANS: dict[str, Callable[[ModelConfig], dict[str, Style]]] = {
+    "sessa": sessa_plan, "transformer": transformer_plan, "mamba2": mamba2_plan}  # fmt: skip
+TP_DIVISIBLE: dict[str, tuple[str, ...]] = {
+    "sessa": ("n_heads", "n_kv_heads"), "transformer": ("n_heads", "n_kv_heads", "mlp_hidden"), "mamba2": ("ssm_groups",)}  # fmt: skip
 
 
 def tensor_parallel_problems(cfg: ModelConfig, tp: int) -> list[str]:

@@ -4,16 +4,20 @@ the Mamba-2 mixer, which differs from Sessa only in the sequence mixer.
 Mixer, for u (B, T, D), inner width E = expand * D, H = E / P heads of width P, state size N,
 G groups of B/C (heads share B and C within a group):
 
-    z, xBC, dt_raw = split(in_proj(u), [E, E + 2 G N, H])
-    x, B, C        = split(silu(causal depthwise conv1d(xBC)), [E, G N, G N])
-    dt             = softplus(dt_raw + dt_bias)                  # (B, T, H) step sizes
+    z, x_raw       = split(in_proj(u), 2)                        # (B, T, E) each
+    B_raw, C_raw   = B_proj(u), C_proj(u)                        # (B, T, G N) each
+    x, B, C        = silu(causal depthwise conv1d(.)) of each    # conv_x, conv_B, conv_C
+    dt             = softplus(dt_proj(u) + dt_bias)              # (B, T, H) step sizes
     A              = -exp(A_log)                                 # (H,) scalar decay rate per head
     y              = SSD(x, dt, A, B, C) + D * x                 # see sessa_scale/ops/ssd_reference.py
     out            = out_proj(RMSNorm(y * silu(z)) * norm.weight)  # gated RMSNorm, per group of E/G channels
 
-Parameter names follow mamba_ssm's Mamba2 (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj),
-with no biases on in_proj/out_proj and a bias on the conv, as there. Decoding keeps the last
-d_conv - 1 conv inputs and the SSM state (B, H, N, P): constant memory per token.
+This is mamba_ssm's Mamba2 with its fused in_proj (D -> [z, x, B, C, dt]) and conv1d (over [x, B, C])
+kept as separate Linears and depthwise convs (the same function and parameter count: a depthwise
+conv is per channel), so that tensor parallelism splits each along its heads or groups
+(sessa_scale/distributed/tp_plan.py). No biases on the projections, a bias on the convs, as there.
+Decoding keeps the last d_conv - 1 conv inputs and the SSM state (B, H, N, P): constant memory
+per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 
 from sessa_scale.ops.ssd import ssd_scan
 
-Cache = dict  # {"t": int, "conv": (B, d_conv - 1, E + 2 G N), "ssm": (B, H, N, P)}
+Cache = dict  # {"t": int, "conv_x": (B, d_conv - 1, E), "conv_B", "conv_C": (B, d_conv - 1, G N), "ssm": (B, H, N, P)}
+CONVS = ("conv_x", "conv_B", "conv_C")
 
 
 class GatedRMSNorm(nn.Module):
@@ -81,10 +86,13 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"the number of heads ({H}) must be divisible by n_groups ({n_groups})")
         self.d_inner, self.n_heads, self.head_dim, self.d_state = E, H, head_dim, d_state
         self.n_groups, self.d_conv, self.chunk_size, self.scan = n_groups, d_conv, chunk_size, scan
-        self.conv_dim = E + 2 * n_groups * d_state
+        GN = n_groups * d_state
 
-        self.in_proj = nn.Linear(D, E + self.conv_dim + H, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+        self.in_proj = nn.Linear(D, 2 * E, bias=False)  # [z | x]
+        self.B_proj = nn.Linear(D, GN, bias=False)
+        self.C_proj = nn.Linear(D, GN, bias=False)
+        self.dt_proj = nn.Linear(D, H, bias=False)
+        self.conv_x, self.conv_B, self.conv_C = (nn.Conv1d(c, c, d_conv, groups=c) for c in (E, GN, GN))
         # dt = softplus(dt_bias) starts log-uniform in [dt_min, dt_max]; A uniform in [1, 16].
         dt = torch.exp(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
@@ -93,40 +101,38 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(E, eps=norm_eps, group_size=E // n_groups)
         self.out_proj = nn.Linear(E, D, bias=False)
 
-    def _split_conv_out(self, xBC: torch.Tensor):
-        """silu(conv output) (B, T, conv_dim) -> x (B, T, H, P), B and C (B, T, G, N)."""
-        batch, T, _ = xBC.shape
-        GN = self.n_groups * self.d_state
-        x, B, C = xBC.split([self.d_inner, GN, GN], dim=-1)
-        return (
-            x.reshape(batch, T, self.n_heads, self.head_dim),
-            B.reshape(batch, T, self.n_groups, self.d_state),
-            C.reshape(batch, T, self.n_groups, self.d_state),
-        )
+    def _project(self, u: torch.Tensor):
+        """u (B, T, D) -> z (B, T, E), the conv inputs {conv name: (B, T, channels)}, raw dt (B, T, H)."""
+        z, x = self.in_proj(u).chunk(2, dim=-1)
+        return z, {"conv_x": x, "conv_B": self.B_proj(u), "conv_C": self.C_proj(u)}, self.dt_proj(u)
 
-    def _mix(self, zxbcdt: torch.Tensor, xBC: torch.Tensor, initial_state):
-        """in_proj output (B, T, .) and its conv-activated xBC (B, T, conv_dim) -> (out (B, T, D), SSM state)."""
-        batch, T, _ = zxbcdt.shape
-        z = zxbcdt[..., : self.d_inner]
-        dt = F.softplus(zxbcdt[..., self.d_inner + self.conv_dim :] + self.dt_bias)
-        x, B, C = self._split_conv_out(xBC)
+    def _mix(self, z, conv_out: dict, dt_raw, initial_state):
+        """z (B, T, E), silu(conv outputs), raw dt -> (out (B, T, D), final SSM state (B, H, N, P))."""
+        batch, T, _ = z.shape
+        x = conv_out["conv_x"].unflatten(-1, (-1, self.head_dim))  # (B, T, H, P)
+        B = conv_out["conv_B"].unflatten(-1, (-1, self.d_state))  # (B, T, G, N)
+        C = conv_out["conv_C"].unflatten(-1, (-1, self.d_state))
+        dt = F.softplus(dt_raw + self.dt_bias)
         A = -torch.exp(self.A_log)
         y, state = ssd_scan(
             x, dt, A, B, C, initial_state=initial_state, chunk_size=self.chunk_size,
             impl="sequential" if T == 1 else self.scan,
         )
         y = y + x * self.D[:, None].to(x.dtype)
-        y = self.norm(y.reshape(batch, T, self.d_inner), z)
-        return self.out_proj(y), state
+        return self.out_proj(self.norm(y.flatten(-2), z)), state
 
     def _forward(self, u: torch.Tensor):
-        """u (B, T, D) -> out (B, T, D), the final SSM state, and xBC before the conv (B, T, conv_dim)."""
+        """u (B, T, D) -> out (B, T, D), the final SSM state, and the conv inputs."""
         T = u.shape[1]
-        zxbcdt = self.in_proj(u)
-        xBC_in = zxbcdt[..., self.d_inner : self.d_inner + self.conv_dim]
-        xBC = F.silu(self.conv1d(xBC_in.transpose(1, 2))[..., :T].transpose(1, 2))
-        out, state = self._mix(zxbcdt, xBC, None)
-        return out, state, xBC_in
+        z, conv_in, dt_raw = self._project(u)
+        conv_out = {}
+        for name, value in conv_in.items():
+            conv = getattr(self, name)
+            k, channels = conv.weight.shape[-1], conv.weight.shape[0]
+            out = F.conv1d(value.transpose(1, 2), conv.weight, conv.bias, padding=k - 1, groups=channels)
+            conv_out[name] = F.silu(out[..., :T].transpose(1, 2))
+        out, state = self._mix(z, conv_out, dt_raw, None)
+        return out, state, conv_in
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, T, D) -> (B, T, D)."""
@@ -136,20 +142,20 @@ class Mamba2Mixer(nn.Module):
         """An empty recurrent state (max_len is accepted for the common API; the state has a fixed size)."""
         ref = self.in_proj.weight
         kw = dict(device=ref.device if device is None else device, dtype=ref.dtype if dtype is None else dtype)
-        return {
-            "t": 0,
-            "conv": torch.zeros(batch_size, self.d_conv - 1, self.conv_dim, **kw),
-            "ssm": torch.zeros(batch_size, self.n_heads, self.d_state, self.head_dim, **kw),
-        }
+        cache = {"t": 0, "ssm": torch.zeros(batch_size, self.n_heads, self.d_state, self.head_dim, **kw)}
+        for name in CONVS:
+            cache[name] = torch.zeros(batch_size, self.d_conv - 1, getattr(self, name).weight.shape[0], **kw)
+        return cache
 
     def prefill(self, u: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
         """Parallel forward on a prompt u (B, T, D) from an empty cache -> (out, cache)."""
         if cache["t"] != 0:
             raise ValueError(f"prefill needs an empty cache, this one holds {cache['t']} positions")
-        out, state, xBC_in = self._forward(u)
+        out, state, conv_in = self._forward(u)
         keep = min(self.d_conv - 1, u.shape[1])
-        if keep:
-            cache["conv"][:, -keep:] = xBC_in[:, -keep:]
+        for name, value in conv_in.items():
+            if keep:
+                cache[name][:, -keep:] = value[:, -keep:]
         cache["ssm"] = state.to(cache["ssm"].dtype)
         cache["t"] = u.shape[1]
         return out, cache
@@ -157,12 +163,14 @@ class Mamba2Mixer(nn.Module):
     def decode_step(self, u_t: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
         """One token u_t (B, D) or (B, 1, D) -> (out in the same shape, cache)."""
         u = u_t.unsqueeze(1) if u_t.dim() == 2 else u_t
-        zxbcdt = self.in_proj(u)
-        xBC_in = zxbcdt[..., self.d_inner : self.d_inner + self.conv_dim]  # (B, 1, conv_dim)
-        window = torch.cat([cache["conv"], xBC_in], dim=1)  # (B, d_conv, conv_dim): oldest first
-        conv = torch.einsum("bkc,ck->bc", window, self.conv1d.weight[:, 0, :]) + self.conv1d.bias
-        out, state = self._mix(zxbcdt, F.silu(conv)[:, None], cache["ssm"])
-        cache["conv"] = window[:, 1:]
+        z, conv_in, dt_raw = self._project(u)
+        conv_out = {}
+        for name, value in conv_in.items():
+            conv = getattr(self, name)
+            window = torch.cat([cache[name], value], dim=1)  # (B, d_conv, channels): oldest first
+            conv_out[name] = F.silu(torch.einsum("bkc,ck->bc", window, conv.weight[:, 0, :]) + conv.bias)[:, None]
+            cache[name] = window[:, 1:]
+        out, state = self._mix(z, conv_out, dt_raw, cache["ssm"])
         cache["ssm"] = state.to(cache["ssm"].dtype)
         cache["t"] += 1
         return out.view_as(u_t), cache
@@ -200,6 +208,6 @@ class Mamba2Block(nn.Module):
         return [self.mixer.out_proj]
 
     def default_init_modules(self) -> list[nn.Module]:
-        """Modules that keep their own init under the scaled init (none: dt_bias, A_log, D, the conv
+        """Modules that keep their own init under the scaled init (none: dt_bias, A_log, D, the convs
         and the norm are not Linears and keep theirs anyway)."""
         return []

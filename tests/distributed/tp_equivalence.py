@@ -32,6 +32,17 @@ CASES = {
         dict(arch="transformer", d_model=32, n_layers=2, n_heads=2, mlp="swiglu", vocab_size=258, tie_embeddings=False),
         18, True,
     ),
+    # the Mamba-2 baseline: 2 B/C groups (one per rank), without and with SP; T > ssm_chunk
+    "mamba2_T17": (
+        dict(arch="mamba2", d_model=32, n_layers=2, vocab_size=258, ssm_state=8, ssm_head_dim=8, ssm_groups=2,
+             ssm_chunk=16),
+        17, False,
+    ),
+    "mamba2_sp_T34": (
+        dict(arch="mamba2", d_model=32, n_layers=2, vocab_size=258, ssm_state=8, ssm_head_dim=16, ssm_groups=4,
+             ssm_chunk=16, tie_embeddings=False, init="scaled"),
+        34, True,
+    ),
 }
 
 
