@@ -12,7 +12,9 @@ def register(subparsers) -> None:
         help="train a model",
         description="Train a model. With no CONFIG, trains the tiny Sessa model on the embedded corpus "
         "(the Python standard library, byte-level). Overrides are dotted keys, e.g. train.max_steps=30 "
-        "run.name=exp1 train.resume=none. Run under torchrun / srun as `python -m sessa_scale train ...`.",
+        "run.name=exp1 train.resume=none. Run under torchrun / srun as `python -m sessa_scale train ...`. "
+        "SIGUSR1 or SIGTERM stops training after the current step with a checkpoint and exit status 75; "
+        "running the same command again resumes (train.resume=auto).",
     )
     p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="an optional YAML config, then overrides")
 
@@ -27,11 +29,20 @@ def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]
 def run(args: argparse.Namespace) -> int:
     from sessa_scale.config import load_config
     from sessa_scale.distributed import is_rank0
+    from sessa_scale.training.preemption import PREEMPTED_EXIT_CODE
     from sessa_scale.training.trainer import train
 
     path, overrides = split_config_and_overrides(args.args)
     cfg = load_config(path, overrides)
     summary = train(cfg)
+    if summary["preempted"]:
+        if is_rank0():
+            print(
+                f"stopped early: {summary['preempted']} at step {summary['final_step']}/{cfg.train.max_steps}; "
+                f"checkpoint {summary['checkpoint']}; run the same command again to resume",
+                file=sys.stderr,
+            )
+        return PREEMPTED_EXIT_CODE
     if is_rank0():
         print(
             f"done: step {summary['final_step']}/{cfg.train.max_steps}, loss {summary['first_loss']} -> "

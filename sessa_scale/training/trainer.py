@@ -23,6 +23,7 @@ from sessa_scale.errors import UserError
 from sessa_scale.metrics import MetricsLogger, Progress, peak_bf16_flops, peak_memory_gib, throughput
 from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
 from sessa_scale.training.optimizer import build_optimizer, build_scheduler
+from sessa_scale.training.preemption import PreemptionHandler
 
 # Model keys that may differ between a checkpoint and the run resuming it (no effect on weights).
 _RESUMABLE_MODEL_CHANGES = {"solver", "attention", "activation_checkpointing", "init", "init_std"}
@@ -102,7 +103,17 @@ def evaluate(engine, batches, cfg: Config, device: torch.device) -> float:
 
 
 def train(cfg: Config) -> dict:
-    """Train according to `cfg`; returns a summary (steps, first/last loss, val loss, wall time)."""
+    """Train according to `cfg`; returns a summary (steps, first/last loss, val loss, wall time, and
+    `preempted`: why training stopped before train.max_steps, or None). SIGUSR1/SIGTERM stop it
+    after the current step with a checkpoint (training/preemption.py)."""
+    preemption = PreemptionHandler()
+    try:
+        return _train(cfg, preemption)
+    finally:
+        preemption.restore()
+
+
+def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     wall_start = time.time()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -212,6 +223,9 @@ def train(cfg: Config) -> dict:
         progress.update(step, last_loss, record["tokens_per_s"])
         if (interval and step % interval == 0) or step == t.max_steps:
             save()
+        if preemption.stop_requested(device):
+            progress.write(f"step {step}: {preemption.reason}; saving a checkpoint and stopping")
+            break
     if last_saved != step:
         save()
     stream.close()
@@ -224,5 +238,6 @@ def train(cfg: Config) -> dict:
         "val_loss": val_loss,
         "wall_s": time.time() - wall_start,
         "checkpoint": str(checkpoints.latest()),
+        "preempted": preemption.reason if step < t.max_steps else None,
     }
 
