@@ -5,7 +5,6 @@ kill -9 in the middle of writing a checkpoint leaves `latest` on the previous on
 resumes exactly."""
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -14,26 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from short_runs import SHORT_RUN, assert_same_losses, metrics
 
 from sessa_scale.cli import main
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses POSIX signals and /proc")
 
-TINY = [
-    "data.seq_len=32",
-    "data.corpus_bytes=300000",
-    "train.micro_batch_size=4",
-    "train.eval_interval=0",
-    "optim.warmup_steps=5",
-    "optim.decay_steps=40",
-    "checkpoint.interval=0",  # only the final and the preemption checkpoints
-]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _latest(run_dir: Path) -> str:
@@ -84,29 +70,23 @@ def _wait_until(proc: subprocess.Popen, condition, timeout: float = 180) -> None
         time.sleep(0.002)
 
 
-def _same_losses(a: list[dict], b: list[dict]) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for x, y in zip(a, b):
-        assert (x["loss"], x["lr"], x["tokens"], x["grad_norm"]) == (y["loss"], y["lr"], y["tokens"], y["grad_norm"])
-
-
 def test_sigterm_checkpoints_exits_75_and_the_rerun_matches_an_uninterrupted_run(tmp_path):
     handler_before = signal.getsignal(signal.SIGTERM)
-    assert main(["train", f"run.dir={tmp_path / 'straight'}", *TINY, "train.max_steps=30"]) == 0
+    assert main(["train", f"run.dir={tmp_path / 'straight'}", *SHORT_RUN, "train.max_steps=30"]) == 0
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the trainer restores the handlers
 
     run = tmp_path / "stopped"
-    proc = _start([sys.executable, "-m", "sessa_scale"], run, *TINY, "train.max_steps=30")
-    _wait_until(proc, lambda: len(_metrics(run)) >= 3)
+    proc = _start([sys.executable, "-m", "sessa_scale"], run, *SHORT_RUN, "train.max_steps=30")
+    _wait_until(proc, lambda: len(metrics(run)) >= 3)
     proc.send_signal(signal.SIGTERM)
     out = _finish(proc)
     assert proc.returncode == 75, out
-    step = len(_metrics(run))
+    step = len(metrics(run))
     assert 3 <= step < 30 and f"stopped early: SIGTERM received at step {step}/30" in out
     assert _latest(run) == f"step_{step:08d}"
 
-    assert main(["train", f"run.dir={run}", *TINY, "train.max_steps=30"]) == 0  # resume=auto
-    _same_losses(_metrics(tmp_path / "straight"), _metrics(run))
+    assert main(["train", f"run.dir={run}", *SHORT_RUN, "train.max_steps=30"]) == 0  # resume=auto
+    assert_same_losses(metrics(tmp_path / "straight"), metrics(run))
 
 
 def _worker_pids(launcher_pid: int) -> dict[int, int]:
@@ -122,13 +102,13 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
 def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     run = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "sessa_scale"]
-    proc = _start(torchrun, run, *TINY, "train.max_steps=40", "logging.progress=false")
-    _wait_until(proc, lambda: len(_metrics(run)) >= 3)
+    proc = _start(torchrun, run, *SHORT_RUN, "train.max_steps=40", "logging.progress=false")
+    _wait_until(proc, lambda: len(metrics(run)) >= 3)
     workers = _worker_pids(proc.pid)
     assert sorted(workers) == [0, 1]
     os.kill(workers[1], signal.SIGUSR1)  # rank 1 only
     out = _finish(proc)
-    step = len(_metrics(run))
+    step = len(metrics(run))
     assert 3 <= step < 40
     assert f"stopped early: a preemption signal reached another rank at step {step}/40" in out  # rank 0's view
     assert "exitcode  : 75" in out  # torchrun reports both workers' status
@@ -140,7 +120,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 def test_kill_9_during_a_checkpoint_write_leaves_latest_loadable(tmp_path):
     # ~10M parameters: a ~110 MB checkpoint whose write takes long enough to be interrupted.
     big = ["model.d_model=512", "model.n_layers=4", "data.seq_len=16", "train.micro_batch_size=1"]
-    args = [*TINY, *big, "checkpoint.interval=2", "train.max_steps=4", "logging.progress=false"]
+    args = [*SHORT_RUN, *big, "checkpoint.interval=2", "train.max_steps=4", "logging.progress=false"]
     run = tmp_path / "run"
     writing = run / "checkpoints" / "step_00000004.partial" / "mp_rank_00_model_states.pt"
     proc = _start([sys.executable, "-m", "sessa_scale"], run, *args)
@@ -150,9 +130,9 @@ def test_kill_9_during_a_checkpoint_write_leaves_latest_loadable(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert writing.parent.is_dir() and not (run / "checkpoints" / "step_00000004").exists()  # killed mid-save
     assert _latest(run) == "step_00000002"
-    before = _metrics(run)
+    before = metrics(run)
     assert [r["step"] for r in before] == [1, 2, 3, 4]  # steps 3, 4 were logged before the save began
 
     assert main(["train", f"run.dir={run}", *args]) == 0  # resumes from step 2: loads the previous checkpoint
-    _same_losses(before, _metrics(run))
+    assert_same_losses(before, metrics(run))
     assert _latest(run) == "step_00000004" and not writing.parent.exists()

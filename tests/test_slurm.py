@@ -5,7 +5,6 @@ and finishes with exactly the losses of an uninterrupted run.
 Needs a cluster: CI starts a one-node cluster on localhost with launch/slurm_localhost.sh. Without one
 these tests skip, except under CI=true, where a missing cluster is a failure."""
 
-import json
 import os
 import re
 import shutil
@@ -15,21 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from short_runs import SHORT_RUN, assert_same_losses, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "pretrain.sh"
 CONFIG = REPO / "configs" / "sessa" / "tiny.yaml"
 STEPS = 30
-OVERRIDES = [
-    f"train.max_steps={STEPS}",
-    "data.seq_len=32",
-    "data.corpus_bytes=300000",
-    "train.micro_batch_size=4",
-    "train.eval_interval=0",
-    "optim.warmup_steps=5",
-    "optim.decay_steps=40",
-    "checkpoint.interval=0",  # only the final and the preemption checkpoints
-]
+OVERRIDES = [f"train.max_steps={STEPS}", *SHORT_RUN]
 # 2 tasks on CPU, no GPUs; the time limit stays well above the script's --signal=USR1@600 warning.
 SBATCH = ["--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -95,11 +86,6 @@ def _wait(cwd: Path, job_id: str, until=None, timeout: float = 300) -> dict:
     pytest.fail(f"job {job_id} did not get there in {timeout} s ({_job(job_id)}); log:\n{_log(cwd, job_id)}")
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _completed(cwd: Path, job_id: str, info: dict) -> None:
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}; log:\n{_log(cwd, job_id)}"
 
@@ -111,15 +97,15 @@ def straight(cluster, tmp_path_factory):
     run_dir = cwd / "straight"
     job_id = _submit(cwd, run_dir)
     _completed(cwd, job_id, _wait(cwd, job_id))
-    return cwd, run_dir, job_id, _metrics(run_dir)
+    return cwd, run_dir, job_id, metrics(run_dir)
 
 
 def test_job_trains_on_two_tasks_and_writes_a_checkpoint(straight):
-    cwd, run_dir, job_id, metrics = straight
+    cwd, run_dir, job_id, records = straight
     log = _log(cwd, job_id)
     assert "2 rank(s) on cpu" in log and ", 2 tasks, rendezvous " in log
-    assert [r["step"] for r in metrics] == list(range(1, STEPS + 1))
-    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert records[-1]["loss"] < records[0]["loss"]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
     saved = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     assert {"meta.json", "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in saved.iterdir()}
@@ -130,7 +116,7 @@ def test_resubmitted_job_resumes_from_the_run_directory(straight):
     job_id = _submit(cwd, run_dir, f"train.max_steps={STEPS + 3}")
     _completed(cwd, job_id, _wait(cwd, job_id))
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{STEPS:08d}'} at step {STEPS}" in _log(cwd, job_id)
-    after = _metrics(run_dir)
+    after = metrics(run_dir)
     assert after[:STEPS] == before and [r["step"] for r in after[STEPS:]] == [STEPS + 1, STEPS + 2, STEPS + 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS + 3:08d}"
 
@@ -139,7 +125,7 @@ def test_usr1_checkpoints_requeues_and_matches_the_uninterrupted_run(straight):
     cwd, _, _, expected = straight
     run_dir = cwd / "preempted"
     job_id = _submit(cwd, run_dir)
-    _wait(cwd, job_id, until=lambda: len(_metrics(run_dir)) >= 3, timeout=180)
+    _wait(cwd, job_id, until=lambda: len(metrics(run_dir)) >= 3, timeout=180)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
     info = _wait(cwd, job_id)
     _completed(cwd, job_id, info)
@@ -148,7 +134,5 @@ def test_usr1_checkpoints_requeues_and_matches_the_uninterrupted_run(straight):
     assert stopped and int(stopped.group(1)) < STEPS, log
     assert f"requeueing job {job_id}" in log and info["Restarts"] == "1"
     assert f"at step {stopped.group(1)}" in log.split(f"job {job_id} (restart 1)")[1]  # resumed there
-    got = _metrics(run_dir)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for a, b in zip(expected, got):
-        assert (a["loss"], a["lr"], a["tokens"], a["grad_norm"]) == (b["loss"], b["lr"], b["tokens"], b["grad_norm"])
+    assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
+    assert_same_losses(expected, metrics(run_dir))
