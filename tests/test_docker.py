@@ -1,6 +1,6 @@
 """docker/Dockerfile and docker/run.sh, checked without a Docker engine: the image starts from a pinned
-NVIDIA PyTorch base and installs exactly the dependencies pyproject.toml declares (with every GPU extra,
-nothing undeclared, NVIDIA's own builds kept); run.sh mounts the run directory where run.dir points
+NVIDIA PyTorch base and installs exactly the dependencies pyproject.toml declares (with every extra but the
+test-only ones, so the GPU extras; nothing undeclared; NVIDIA's own builds kept); run.sh mounts the run directory where run.dir points
 inside the image and starts one torchrun worker per GPU."""
 
 import os
@@ -79,9 +79,9 @@ def test_base_image_is_a_pinned_nvidia_pytorch_release():
 def test_image_installs_exactly_the_declared_dependencies_with_the_gpu_extras():
     declared = {_name(r) for r in PYPROJECT["project"]["dependencies"]}
     extras = PYPROJECT["project"]["optional-dependencies"]
-    gpu_extras = set(extras) - TEST_ONLY_EXTRAS
-    assert gpu_extras, "pyproject.toml declares no GPU extra"
-    declared |= {_name(r) for extra in gpu_extras for r in extras[extra]}
+    image_extras = set(extras) - TEST_ONLY_EXTRAS
+    assert {"flash", "gpu"} <= image_extras
+    declared |= {_name(r) for extra in image_extras for r in extras[extra]}
 
     installs = _pip_installs()
     assert installs, "the Dockerfile installs nothing with pip"
@@ -91,7 +91,7 @@ def test_image_installs_exactly_the_declared_dependencies_with_the_gpu_extras():
     assert len(with_deps) == 1, "exactly one pip install may resolve dependencies"
     index, argv = with_deps[0]
     (target,) = _targets(argv)
-    assert set(re.findall(r"[\w-]+", target[1:])) == gpu_extras, f"{target}: GPU extras are {sorted(gpu_extras)}"
+    assert set(re.findall(r"[\w-]+", target[1:])) == image_extras, f"{target}: expected {sorted(image_extras)}"
     assert "--no-build-isolation" in argv  # builds against the base image's torch, never a downloaded one
 
     # That install sees the metadata: pyproject.toml and the files it references are copied before it.
