@@ -36,12 +36,17 @@ def _start(launcher: list[str], run_dir: Path, *overrides: str) -> subprocess.Po
     )
 
 
-def _descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (Linux /proc)."""
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid` (Linux /proc)."""
     children = []
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():
             children += map(int, (task / "children").read_text().split())
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children(pid)
     return children + [d for child in children for d in _descendants(child)]
 
 
@@ -90,9 +95,10 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_matches_an_uninterrupted_run
 
 
 def _worker_pids(launcher_pid: int) -> dict[int, int]:
-    """{RANK: pid} of the torchrun workers under `launcher_pid`."""
+    """{RANK: pid} of the torchrun workers: the launcher's children (their DataLoader workers, one level
+    down, inherit RANK too)."""
     workers = {}
-    for pid in _descendants(launcher_pid):
+    for pid in _children(launcher_pid):
         env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
         if "RANK" in env:
             workers[int(env["RANK"])] = pid
