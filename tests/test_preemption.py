@@ -57,7 +57,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     """Wait for the run to exit; returns its output. A hung run (and its workers) is killed."""
     try:
         return proc.communicate(timeout=timeout)[0]
@@ -66,7 +66,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
         pytest.fail(f"the run did not exit within {timeout} s; output:\n{proc.communicate(timeout=30)[0]}")
 
 
-def _wait_until(proc: subprocess.Popen, condition, timeout: float = 180) -> None:
+def _wait_until(proc: subprocess.Popen, condition, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not condition():
         if proc.poll() is not None or time.time() > deadline:

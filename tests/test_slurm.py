@@ -74,7 +74,7 @@ def _log(cwd: Path, job_id: str) -> str:
     return path.read_text() if path.exists() else "(no log yet)"
 
 
-def _wait(cwd: Path, job_id: str, until=None, timeout: float = 300) -> dict:
+def _wait(cwd: Path, job_id: str, until=None, timeout: float = 600) -> dict:
     """Poll until the job reaches a final state (or `until()` holds); returns _job()."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -125,7 +125,7 @@ def test_usr1_checkpoints_requeues_and_matches_the_uninterrupted_run(straight):
     cwd, _, _, expected = straight
     run_dir = cwd / "preempted"
     job_id = _submit(cwd, run_dir)
-    _wait(cwd, job_id, until=lambda: len(metrics(run_dir)) >= 3, timeout=180)
+    _wait(cwd, job_id, until=lambda: len(metrics(run_dir)) >= 3)
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
     info = _wait(cwd, job_id)
     _completed(cwd, job_id, info)
