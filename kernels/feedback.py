@@ -7,20 +7,27 @@ Plain references: ``sessa_scale/ops/feedback_reference.py`` (dense, sequential) 
 
 Layouts: q, k (B, T, H, Dk); gamma (B, T, H); f (B, T, H, Dv), arbitrary strides passed in.
 Work buffers are in the compute dtype ACC (float32, or float64 for float64 inputs):
-  lse  (B*H, T)           row log-sum-exp of the strictly causal logits (0 for row 0)
-  X    (B, T, H, Dv)      starts as f, accumulates off-diagonal contributions, ends as s
-  W    (B*H, NL*L, L)     per leaf of L rows: strictly-lower blocks A_ij = gamma_i P_ij
-                          (j < i, C x C sub-blocks) and, on the diagonal, the inverse of
-                          (I - gamma_i P_ii) (a C x C unit-lower-triangular system)
-Schedule (driven from ``sessa_scale/ops/feedback_triton.py``): lse pass -> W prep (both fully
-parallel) -> recursive solve over leaves of L rows: solve the first half, apply its block of
-P to the second half in one flash-style kernel, recurse.  Only the leaves (L / C small steps
-each, inside one kernel) are sequential.  The backward runs the same schedule on the
-transposed system backwards in time, then dq / dk flash-style and dgamma as a by-product.
+  lse  (B*H, T)         row log-sum-exp of the strictly causal logits (0 for row 0)
+  W    (B*H, NL*L, L)   per leaf of L rows (NL leaves, the last padded with identity rows):
+                        ``leaf_prep_kernel`` writes the C x C blocks A_ij = gamma_i P_ij (j < i),
+                        the inverses of the diagonal systems (I - gamma_i P_ii) and zeros above;
+                        the wrapper then merges them into the full inverse of (I - A_leaf).
+  X / S (B, T, H, Dv)   right-hand side accumulator (starts as f) / solution (+ a copy of S
+                        in the input dtype that the tensor-core products read)
+Schedule (``sessa_scale/ops/feedback_triton.py``): lse pass -> leaf inverses (both fully
+parallel) -> recursive solve over leaves: solve the first half, apply its block of gamma*P to
+the second half, recurse; a leaf is one product S = N X with its inverse N.  An apply either
+recomputes P inside the product (``fwd_apply_kernel`` / ``bwd_apply_kernel``, one Dv tile) or
+runs in two passes: ``tile_kernel`` writes the gamma*P block (input dtype) to a bounded
+scratch, ``mm_kernel`` multiplies it (wide heads: P is computed once, not once per Dv tile).
+The backward solves the transposed system backwards in time with the same schedule, then
+``tile_kernel`` writes dS row chunks (and partial dgamma sums) and ``mm_kernel`` forms
+dq = dS k and dk = dS^T q from them.
 
-Numerics: logits, lse, accumulators and diagonal inverses in ACC ("ieee" dots); off-diagonal
-products use the input dtype (bf16/fp16 tensor cores with fp32 accumulation) when the inputs
-are half precision, ACC otherwise.  No atomics: results are deterministic.
+Numerics: logits, lse, accumulators and the leaf inverses in ACC ("ieee" dots, "tf32" for
+the leaf products when inputs are half precision); P, dS and s enter the large products in
+the input dtype (bf16/fp16 tensor cores, fp32 accumulation) when the inputs are half
+precision, ACC otherwise.  No atomics: results are deterministic.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import triton.language as tl
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
-    # fp32 / fp64 operands: "ieee" (no tf32); half-precision operands: tensor cores, fp32 acc.
+    # fp32 operands: PREC ("ieee" or "tf32"); half-precision operands: tensor cores, fp32 acc.
     if a.dtype == tl.float32:
         r = tl.dot(a, b, input_precision=PREC)
     else:
@@ -49,18 +56,29 @@ def _tile(ptr, rows, rmask, st, d0, D, BK: tl.constexpr):
 @triton.jit
 def _qk(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dk,
         BK: tl.constexpr, NK: tl.constexpr, PREC: tl.constexpr):
-    """a[rows] . b[cols]^T over Dk (NK static chunks of BK; a0 = chunk 0 of a[rows], preloaded
-    outside the caller's loop so that the column loop is the innermost, pipelined loop)."""
-    acc = _dot(a0, tl.trans(_tile(b_ptr, cols, cmask, sb_t, 0, Dk, BK)), PREC)
+    """a[rows] . b[cols]^T over Dk (NK chunks of BK; a0 = chunk 0 of a[rows] in a's dtype,
+    preloaded outside the caller's loop so that the column loop is the innermost, pipelined one;
+    b is cast to a0's dtype)."""
+    DT = a0.dtype
+    acc = _dot(a0, tl.trans(_tile(b_ptr, cols, cmask, sb_t, 0, Dk, BK).to(DT)), PREC)
     if NK > 1:  # wide heads: a runtime loop (an unrolled one would pipeline every chunk in smem)
         for c in range(1, NK):
-            at = _tile(a_ptr, rows, rmask, sa_t, c * BK, Dk, BK)
-            bt = _tile(b_ptr, cols, cmask, sb_t, c * BK, Dk, BK)
+            at = _tile(a_ptr, rows, rmask, sa_t, c * BK, Dk, BK).to(DT)
+            bt = _tile(b_ptr, cols, cmask, sb_t, c * BK, Dk, BK).to(DT)
             acc += _dot(at, tl.trans(bt), PREC)
     return acc
 
 
-# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _probs(q0, q_ptr, k_ptr, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale,
+           BK: tl.constexpr, NK: tl.constexpr, PREC: tl.constexpr):
+    """P[rows, cols] (strictly causal, zero outside), in ACC; lse = lse[rows] (preloaded)."""
+    s = _qk(q0, q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BK, NK, PREC) * scale
+    ok = (cols[None, :] < rows[:, None]) & rmask[:, None] & cmask[None, :]
+    return tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+
+
+# ----------------------------------------------------------------------------- row statistics, leaves
 
 
 @triton.jit(do_not_specialize=['T'])
@@ -95,22 +113,14 @@ def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, scale,
     tl.store(lse_ptr + bh * T + rows, lse, mask=rmask)
 
 
-@triton.jit
-def _probs(q0, q_ptr, k_ptr, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale,
-           BK: tl.constexpr, NK: tl.constexpr, PREC: tl.constexpr):
-    """P[rows, cols] (strictly causal, zero outside), in ACC; lse = lse[rows] (preloaded)."""
-    s = _qk(q0, q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BK, NK, PREC) * scale
-    ok = (cols[None, :] < rows[:, None]) & rmask[:, None] & cmask[None, :]
-    return tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-
-
 @triton.jit(do_not_specialize=['T', 'TP'])
 def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, TP,
                      L, C: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, LOG2C: tl.constexpr,
                      PREC: tl.constexpr):
-    """One C-row block i: W[i, j] = gamma_i P_ij for earlier blocks j of its leaf, and
-    W[i, i] = (I - gamma_i P_ii)^-1 (product of (I + A^(2^k)), A nilpotent)."""
+    """One C-row block i of its leaf: W[i, j] = gamma_i P_ij for earlier blocks j, W[i, i] =
+    (I - gamma_i P_ii)^-1 (product of (I + A^(2^k)), A nilpotent), zeros for later blocks.
+    Rows >= T get A = 0 (identity padding)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -140,15 +150,62 @@ def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, scale,
         Ap = _dot(Ap, Ap, PREC)
         M = M + _dot(M, Ap, PREC)
     tl.store(wrow + (r0 - a0) + cl[None, :], M)
+    for c0 in range(r0 + C, a0 + L, C):
+        tl.store(wrow + (c0 - a0) + cl[None, :], tl.zeros((C, C), dtype=A.dtype))
+
+
+@triton.jit(do_not_specialize=['T', 'TP', 'a0'])
+def leaf_kernel(w_ptr, x_ptr, s_ptr, sl_ptr, T, H, Dv, sx_b, sx_t, TP, a0, L,
+                BML: tl.constexpr, BNL: tl.constexpr, BV: tl.constexpr,
+                REV: tl.constexpr, COPY: tl.constexpr, PREC: tl.constexpr):
+    """Leaf [a0, a0 + L) with its inverse N = W[a0:a0+L] (lower triangular):
+    S = N X (REV: S = N^T X, the transposed system of the backward), rows < T; COPY: also
+    write S in sl's dtype."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    xp = x_ptr + b * sx_b + h * Dv
+    wp = w_ptr + bh * TP * L
+    li = pid_m * BML + tl.arange(0, BML)
+    rows = a0 + li
+    rmask = rows < T
+    vv = pid_v * BV + tl.arange(0, BV)
+    vm = vv < Dv
+    acc = tl.zeros((BML, BV), dtype=s_ptr.dtype.element_ty)
+    if REV:
+        lo = pid_m * BML
+        hi = L
+    else:
+        lo = 0
+        hi = pid_m * BML + BML
+    for n0 in range(lo, hi, BNL):
+        ln = n0 + tl.arange(0, BNL)
+        if REV:
+            w = tl.load(wp + (a0 + ln)[None, :] * L + li[:, None])  # N[n, i] as an (i, n) tile
+        else:
+            w = tl.load(wp + rows[:, None] * L + ln[None, :])
+        xs = tl.load(xp + (a0 + ln)[:, None] * sx_t + vv[None, :], mask=((a0 + ln) < T)[:, None] & vm[None, :],
+                     other=0.0)
+        acc += _dot(w, xs, PREC)
+    off = b * sx_b + h * Dv + rows[:, None] * sx_t + vv[None, :]
+    m2 = rmask[:, None] & vm[None, :]
+    tl.store(s_ptr + off, acc, mask=m2)
+    if COPY:
+        tl.store(sl_ptr + off, acc.to(sl_ptr.dtype.element_ty), mask=m2)
+
+
+# ----------------------------------------------------------------------------- one-pass applies
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'r1', 'c0', 'c1'])
-def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, x_ptr, T, H, Dk, Dv, scale,
+def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, s_ptr, x_ptr, T, H, Dk, Dv, scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
                      r0, r1, c0, c1,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      NK: tl.constexpr, PREC: tl.constexpr):
-    """X[r0:r1] += gamma * P[r0:r1, c0:c1] @ X[c0:c1]  (c1 <= r0: solved rows into unsolved)."""
+    """X[r0:r1] += gamma * P[r0:r1, c0:c1] @ S[c0:c1]  (c1 <= r0: solved rows into unsolved)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2)
@@ -157,6 +214,7 @@ def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, x_ptr, T, H, Dk, Dv, scale,
     qp = q_ptr + b * sq_b + h * Dk
     kp = k_ptr + b * sk_b + h * Dk
     xp = x_ptr + b * sx_b + h * Dv
+    sp = s_ptr + b * sx_b + h * Dv
     lp = lse_ptr + bh * T
     rows = r0 + pid_m * BM + tl.arange(0, BM)
     rmask = rows < r1
@@ -169,7 +227,7 @@ def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, x_ptr, T, H, Dk, Dv, scale,
         cols = n0 + tl.arange(0, BN)
         cmask = cols < c1
         p = _probs(q0, qp, kp, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale, BK, NK, PREC)
-        xs = tl.load(xp + cols[:, None] * sx_t + vv[None, :], mask=cmask[:, None] & vm[None, :], other=0.0)
+        xs = tl.load(sp + cols[:, None] * sx_t + vv[None, :], mask=cmask[:, None] & vm[None, :], other=0.0)
         acc += _dot(p.to(q_ptr.dtype.element_ty), xs.to(q_ptr.dtype.element_ty), PREC).to(acc.dtype)
     g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(acc.dtype)
     ptrs = xp + rows[:, None] * sx_t + vv[None, :]
@@ -178,46 +236,14 @@ def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, x_ptr, T, H, Dk, Dv, scale,
     tl.store(ptrs, x + g[:, None] * acc, mask=m2)
 
 
-@triton.jit(do_not_specialize=['T', 'TP', 'a0', 'a1'])
-def fwd_leaf_kernel(w_ptr, x_ptr, T, H, Dv, sx_b, sx_t, TP, a0, a1,
-                    L, C: tl.constexpr, BV: tl.constexpr,
-                    PREC: tl.constexpr, LOWP: tl.constexpr):
-    """Sequential forward substitution over the C-row blocks of the leaf [a0, a1)."""
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    xp = x_ptr + b * sx_b + h * Dv
-    wp = w_ptr + bh * TP * L
-    vv = pid_v * BV + tl.arange(0, BV)
-    vm = vv < Dv
-    cl = tl.arange(0, C)
-    for i0 in range(a0, a1, C):
-        rows = i0 + cl
-        rmask = rows < T
-        m2 = rmask[:, None] & vm[None, :]
-        acc = tl.load(xp + rows[:, None] * sx_t + vv[None, :], mask=m2, other=0.0)
-        for j0 in range(a0, i0, C):
-            cols = j0 + cl
-            A = tl.load(wp + rows[:, None] * L + (j0 - a0) + cl[None, :])
-            xs = tl.load(xp + cols[:, None] * sx_t + vv[None, :], mask=vm[None, :], other=0.0)
-            acc += _dot(A.to(LOWP), xs.to(LOWP), PREC).to(acc.dtype)
-        Minv = tl.load(wp + rows[:, None] * L + (i0 - a0) + cl[None, :])
-        s = _dot(Minv, acc, PREC)
-        tl.store(xp + rows[:, None] * sx_t + vv[None, :], s, mask=m2)
-        tl.debug_barrier()
-
-
-# ----------------------------------------------------------------------------- backward
-
-
 @triton.jit(do_not_specialize=['T', 'r0', 'r1', 'c0', 'c1'])
-def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, y_ptr, T, H, Dk, Dv, scale,
+def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, s_ptr, y_ptr, T, H, Dk, Dv, scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sy_b, sy_t,
                      r0, r1, c0, c1,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      NK: tl.constexpr, PREC: tl.constexpr):
-    """Y[j in r0:r1] += sum_{t in c0:c1} P[t, j] gamma_t Y[t]  (r1 <= c0: solved later rows)."""
+    """Y[j in r0:r1] += sum_{t in c0:c1} P[t, j] gamma_t Lam[t]  (r1 <= c0: solved later rows;
+    s_ptr holds Lam)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2)
@@ -226,6 +252,7 @@ def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, y_ptr, T, H, Dk, Dv, scale,
     qp = q_ptr + b * sq_b + h * Dk
     kp = k_ptr + b * sk_b + h * Dk
     yp = y_ptr + b * sy_b + h * Dv
+    sp = s_ptr + b * sy_b + h * Dv
     lp = lse_ptr + bh * T
     js = r0 + pid_m * BM + tl.arange(0, BM)
     jmask = js < r1
@@ -241,7 +268,7 @@ def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, y_ptr, T, H, Dk, Dv, scale,
         ok = (js[:, None] < ts[None, :]) & jmask[:, None] & tmask[None, :]
         pT = tl.where(ok, tl.exp(pT - lse[None, :]), 0.0)
         g = tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(acc.dtype)
-        ys = tl.load(yp + ts[:, None] * sy_t + vv[None, :], mask=tmask[:, None] & vm[None, :], other=0.0)
+        ys = tl.load(sp + ts[:, None] * sy_t + vv[None, :], mask=tmask[:, None] & vm[None, :], other=0.0)
         mu = g[:, None] * ys
         acc += _dot(pT.to(q_ptr.dtype.element_ty), mu.to(q_ptr.dtype.element_ty), PREC).to(acc.dtype)
     ptrs = yp + js[:, None] * sy_t + vv[None, :]
@@ -250,138 +277,103 @@ def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, y_ptr, T, H, Dk, Dv, scale,
     tl.store(ptrs, y + acc, mask=m2)
 
 
-@triton.jit(do_not_specialize=['T', 'TP', 'a0', 'a1', 'nblk'])
-def bwd_leaf_kernel(w_ptr, y_ptr, T, H, Dv, sy_b, sy_t, TP, a0, a1, nblk,
-                    L, C: tl.constexpr, BV: tl.constexpr,
-                    PREC: tl.constexpr, LOWP: tl.constexpr):
-    """Backward substitution (transposed system) over the C-row blocks of [a0, a1), last first:
-    lam_i = Minv_i^T (Y_i + sum_{t > i in leaf} A_ti^T lam_t); W's A_ti already holds gamma_t."""
-    pid_v = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    yp = y_ptr + b * sy_b + h * Dv
-    wp = w_ptr + bh * TP * L
-    vv = pid_v * BV + tl.arange(0, BV)
-    vm = vv < Dv
-    cl = tl.arange(0, C)
-    for ii in range(0, nblk):
-        i0 = a0 + (nblk - 1 - ii) * C
-        rows = i0 + cl
-        rmask = rows < T
-        m2 = rmask[:, None] & vm[None, :]
-        acc = tl.load(yp + rows[:, None] * sy_t + vv[None, :], mask=m2, other=0.0)
-        for t0 in range(i0 + C, a1, C):
-            ts = t0 + cl
-            tmask = ts < T
-            A = tl.load(wp + ts[:, None] * L + (i0 - a0) + cl[None, :])  # A_ti (rows t, cols i)
-            ys = tl.load(yp + ts[:, None] * sy_t + vv[None, :], mask=tmask[:, None] & vm[None, :], other=0.0)
-            acc += _dot(tl.trans(A).to(LOWP), ys.to(LOWP), PREC).to(acc.dtype)
-        Minv = tl.load(wp + rows[:, None] * L + (i0 - a0) + cl[None, :])
-        lam = _dot(tl.trans(Minv), acc, PREC)
-        tl.store(yp + rows[:, None] * sy_t + vv[None, :], lam, mask=m2)
-        tl.debug_barrier()
+# ----------------------------------------------------------------------------- two-pass products
 
 
 @triton.jit
-def _ls(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dv, dt_ptr,
+def _ls(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dv,
         BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr):
-    """a[rows] . b[cols]^T over Dv (a, b: ACC buffers lam / s, multiplied in the input dtype);
-    a0 = chunk 0 of a[rows] already cast, preloaded by the caller."""
-    DT = dt_ptr.dtype.element_ty
-    acc = _dot(a0, tl.trans(_tile(b_ptr, cols, cmask, sb_t, 0, Dv, BV).to(DT)), PREC)
-    if NV > 1:
-        for c in range(1, NV):
-            at = _tile(a_ptr, rows, rmask, sa_t, c * BV, Dv, BV).to(DT)
-            bt = _tile(b_ptr, cols, cmask, sb_t, c * BV, Dv, BV).to(DT)
-            acc += _dot(at, tl.trans(bt), PREC)
-    return acc
+    """a[rows] . b[cols]^T over Dv (lam . s; a0 = chunk 0 of a[rows], preloaded)."""
+    return _qk(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dv, BV, NV, PREC)
 
 
-@triton.jit(do_not_specialize=['T'])
-def bwd_dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, x_ptr, y_ptr, dq_ptr, dg_ptr,
-                  T, H, Dk, Dv, scale,
-                  sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  BKO: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr):
-    """dq[rows, ko-tile] = scale sum_j dS_tj k_j with dS = P (gamma_t D_tj - delta_t),
-    D_tj = lam_t . s_j; program ko = 0 also writes dgamma_t = sum_j P_tj D_tj (ACC, (B*H, T))."""
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NC', 'NCT'])
+def tile_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, s_ptr, y_ptr, out_ptr, dgp_ptr,
+                T, H, Dk, Dv, scale,
+                sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
+                r0, R, c0, NC, NCT,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                NK: tl.constexpr, NV: tl.constexpr, DS: tl.constexpr, PREC: tl.constexpr):
+    """First pass, one (BM, BN) tile per program of the block rows [r0, r0 + R) x cols
+    [c0, c0 + NC), written to out (B*H, R, NC) in out's dtype:
+      DS=False: gamma_t P[t, j]                                  (the block an apply multiplies)
+      DS=True:  dS[t, j] = P[t, j] (gamma_t lam_t . s_j - delta_t), and the partial dgamma
+                dgp[bh, c0 / BN + pid_n, t] = sum_{j in tile} P[t, j] lam_t . s_j  (dgp: (B*H, NCT, T),
+                c0 a multiple of BN);
+                y_ptr / s_ptr hold lam / s, dl_ptr delta (B*H, T).
+    Tiles with no j < t are written as zeros without computing anything."""
     pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // H
     h = bh % H
     qp = q_ptr + b * sq_b + h * Dk
     kp = k_ptr + b * sk_b + h * Dk
-    xp = x_ptr + b * sx_b + h * Dv
-    yp = y_ptr + b * sx_b + h * Dv
-    lp = lse_ptr + bh * T
-    DT = q_ptr.dtype.element_ty
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < T
-    g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(lse_ptr.dtype.element_ty)
-    dl = tl.load(dl_ptr + bh * T + rows, mask=rmask, other=0.0)
-    ko = pid_k * BKO + tl.arange(0, BKO)
-    kom = ko < Dk
-    acc = tl.zeros((BM, BKO), dtype=lse_ptr.dtype.element_ty)
-    dg = tl.zeros((BM,), dtype=lse_ptr.dtype.element_ty)
-    hi = tl.minimum(pid_m * BM + BM, T)
-    q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
-    y0 = _tile(yp, rows, rmask, sx_t, 0, Dv, BV).to(DT)
-    lse = tl.load(lp + rows, mask=rmask, other=0.0)
-    for n0 in range(0, hi, BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < T
+    ACC = lse_ptr.dtype.element_ty
+    lr = pid_m * BM + tl.arange(0, BM)
+    lc = pid_n * BN + tl.arange(0, BN)
+    rows = r0 + lr
+    cols = c0 + lc
+    rmask = (lr < R) & (rows < T)
+    cmask = (lc < NC) & (cols < T)
+    out = tl.zeros((BM, BN), dtype=ACC)
+    dg = tl.zeros((BM,), dtype=ACC)
+    if c0 + pid_n * BN < tl.minimum(r0 + pid_m * BM + BM, T):
+        g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(ACC)
+        lse = tl.load(lse_ptr + bh * T + rows, mask=rmask, other=0.0)
+        q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
         p = _probs(q0, qp, kp, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale, BK, NK, PREC)
-        D = _ls(y0, yp, xp, rows, cols, rmask, cmask, sx_t, sx_t, Dv, q_ptr, BV, NV, PREC)
-        dg += tl.sum(p * D, 1)
-        ds = p * (g[:, None] * D - dl[:, None])
-        kb = tl.load(kp + cols[:, None] * sk_t + ko[None, :], mask=cmask[:, None] & kom[None, :], other=0.0)
-        acc += _dot(ds.to(DT), kb, PREC).to(acc.dtype)
-    tl.store(dq_ptr + b * sq_b + h * Dk + rows[:, None] * sq_t + ko[None, :], (acc * scale).to(DT),
-             mask=rmask[:, None] & kom[None, :])
-    if pid_k == 0:
-        tl.store(dg_ptr + bh * T + rows, dg, mask=rmask)
+        if DS:
+            yp = y_ptr + b * sx_b + h * Dv
+            sp = s_ptr + b * sx_b + h * Dv
+            y0 = _tile(yp, rows, rmask, sx_t, 0, Dv, BV)
+            D = _ls(y0, yp, sp, rows, cols, rmask, cmask, sx_t, sx_t, Dv, BV, NV, PREC)
+            dl = tl.load(dl_ptr + bh * T + rows, mask=rmask, other=0.0)
+            out = p * (g[:, None] * D - dl[:, None])
+            dg = tl.sum(p * D, 1)
+        else:
+            out = g[:, None] * p
+    tl.store(out_ptr + bh * R * NC + lr[:, None] * NC + lc[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(lr < R)[:, None] & (lc < NC)[None, :])
+    if DS:
+        tl.store(dgp_ptr + (bh * NCT + c0 // BN + pid_n) * T + rows, dg, mask=rmask)
 
 
-@triton.jit(do_not_specialize=['T'])
-def bwd_dk_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, x_ptr, y_ptr, dk_ptr,
-                  T, H, Dk, Dv, scale,
-                  sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  BKO: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr):
-    """dk[cols, ko-tile] = scale sum_{t > j} dS_tj q_t (key block of BN, loop over row blocks)."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+@triton.jit(do_not_specialize=['M', 'N', 'v_off', 'o_off', 'lim_off'])
+def mm_kernel(a_ptr, sa_m, sa_n, v_ptr, sv_b, sv_t, o_ptr, so_b, so_t,
+              H, M, N, DV, v_off, o_off, lim_off, alpha,
+              BM: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, LIMIT: tl.constexpr,
+              ACC: tl.constexpr, PREC: tl.constexpr):
+    """Second pass: O[o_off + m, :] += alpha * sum_n A[bh, m, n] V[v_off + n, :] per (b, h),
+    A = a scratch written by tile_kernel ((B*H, M, N) elements, strides sa_m / sa_n: either
+    orientation), V and O (B, T, H, DV)-strided slabs (V cast to A's dtype).  Causal limits per
+    row tile [m0, m0 + BM): LIMIT 1: n < m0 + BM + lim_off; LIMIT 2: n >= m0 + lim_off."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // H
     h = bh % H
-    qp = q_ptr + b * sq_b + h * Dk
-    kp = k_ptr + b * sk_b + h * Dk
-    xp = x_ptr + b * sx_b + h * Dv
-    yp = y_ptr + b * sx_b + h * Dv
-    lp = lse_ptr + bh * T
-    DT = q_ptr.dtype.element_ty
-    js = pid_n * BN + tl.arange(0, BN)
-    jmask = js < T
-    ko = pid_k * BKO + tl.arange(0, BKO)
-    kom = ko < Dk
-    acc = tl.zeros((BN, BKO), dtype=lse_ptr.dtype.element_ty)
-    lo = (pid_n * BN // BM) * BM
-    k0 = _tile(kp, js, jmask, sk_t, 0, Dk, BK)
-    x0 = _tile(xp, js, jmask, sx_t, 0, Dv, BV).to(DT)
-    for m0 in range(lo, T, BM):
-        ts = m0 + tl.arange(0, BM)
-        tmask = ts < T
-        pT = _qk(k0, kp, qp, js, ts, jmask, tmask, sk_t, sq_t, Dk, BK, NK, PREC) * scale
-        lse = tl.load(lp + ts, mask=tmask, other=0.0)
-        ok = (js[:, None] < ts[None, :]) & jmask[:, None] & tmask[None, :]
-        pT = tl.where(ok, tl.exp(pT - lse[None, :]), 0.0)
-        DT_ = _ls(x0, xp, yp, js, ts, jmask, tmask, sx_t, sx_t, Dv, q_ptr, BV, NV, PREC)  # s_j . lam_t
-        g = tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(acc.dtype)
-        dl = tl.load(dl_ptr + bh * T + ts, mask=tmask, other=0.0)
-        dsT = pT * (g[None, :] * DT_ - dl[None, :])
-        qb = tl.load(qp + ts[:, None] * sq_t + ko[None, :], mask=tmask[:, None] & kom[None, :], other=0.0)
-        acc += _dot(dsT.to(DT), qb, PREC).to(acc.dtype)
-    tl.store(dk_ptr + b * sk_b + h * Dk + js[:, None] * sk_t + ko[None, :], (acc * scale).to(DT),
-             mask=jmask[:, None] & kom[None, :])
+    ap = a_ptr + bh * M * N
+    vp = v_ptr + b * sv_b + h * DV + v_off * sv_t
+    op = o_ptr + b * so_b + h * DV + o_off * so_t
+    m = pid_m * BM + tl.arange(0, BM)
+    mmask = m < M
+    vv = pid_v * BV + tl.arange(0, BV)
+    vm = vv < DV
+    lo = 0
+    hi = N
+    if LIMIT == 1:
+        hi = tl.minimum(N, pid_m * BM + BM + lim_off)
+    if LIMIT == 2:
+        lo = tl.maximum(0, pid_m * BM + lim_off)
+    acc = tl.zeros((BM, BV), dtype=ACC)
+    for n0 in range(lo, hi, BN):
+        n = n0 + tl.arange(0, BN)
+        nmask = n < hi
+        a = tl.load(ap + m[:, None] * sa_m + n[None, :] * sa_n, mask=mmask[:, None] & nmask[None, :], other=0.0)
+        v = tl.load(vp + n[:, None] * sv_t + vv[None, :], mask=nmask[:, None] & vm[None, :], other=0.0)
+        acc += _dot(a, v.to(a.dtype), PREC).to(ACC)
+    ptrs = op + m[:, None] * so_t + vv[None, :]
+    m2 = mmask[:, None] & vm[None, :]
+    res = alpha * acc + tl.load(ptrs, mask=m2, other=0.0).to(ACC)
+    tl.store(ptrs, res.to(o_ptr.dtype.element_ty), mask=m2)

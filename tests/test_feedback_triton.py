@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,11 @@ def _interp_worker(dtype_name: str) -> None:
     # Small widths (16) and non-default scale, one more shape.
     _check_against_dense(public, 1, 33, 1, 16, 16, dtype, "cpu", seed=7, tol_s=tol, tol_g=tol, scale=0.3)
     print(f"ok {dtype_name} Dk=Dv=16 scale=0.3", flush=True)
+    # Wide values (Dv > BV) take the two-pass applies above; here the one-pass ones.
+    one_pass = replace(ft.INTERPRET_CONFIG, two_pass=0)
+    _check_against_dense(lambda *a: ft.feedback_solve_triton(*a, config=one_pass), 2, 130, 1, 24, 40, dtype, "cpu",
+                         seed=8, tol_s=tol, tol_g=tol)
+    print(f"ok {dtype_name} one-pass applies", flush=True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -98,7 +104,7 @@ def test_interpreter_against_dense(dtype):
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interp-worker", dtype],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    assert proc.stdout.count("ok ") == len(INTERP_T) + 1, proc.stdout
+    assert proc.stdout.count("ok ") == len(INTERP_T) + 2, proc.stdout
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -120,6 +126,18 @@ def _triton_impl():
 def test_gpu_fp32_against_dense(T, shape):
     B, H, Dk, Dv = shape
     _check_against_dense(_triton_impl(), B, T, H, Dk, Dv, torch.float32, "cuda", seed=T, tol_s=1e-5, tol_g=1e-5)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("two_pass", [0, 1])
+def test_gpu_small_scratch_and_apply_modes(two_pass):
+    """A 1 MiB scratch forces many dS blocks and apply chunks; both apply modes against dense."""
+    from sessa_scale.ops.feedback_triton import SolveConfig
+
+    cfg = SolveConfig(scratch_mib=1, two_pass=two_pass)
+    _check_against_dense(lambda *a: _triton_impl()(*a, config=cfg), 2, 1500, 3, 64, 96, torch.float32, "cuda",
+                         seed=21, tol_s=1e-5, tol_g=1e-5)
 
 
 @gpu

@@ -6,19 +6,21 @@ Same contract as the dense oracle (``feedback_reference.feedback_solve_dense``):
     q, k: (B, T, H, Dk); gamma: (B, T, H); f: (B, T, H, Dv) -> s: (B, T, H, Dv) in f's dtype,
     s[t] = f[t] + gamma[t] * sum_{j<t} softmax_{j<t}(scale * q[t].k[j]) s[j].
 
-Schedule (see kernels/feedback.py): lse pass, per-leaf matrices W (off-diagonal blocks of
-gamma*P inside a leaf of L rows and the inverses of the C x C diagonal systems), then a
-recursive solve: the first half of a range, one flash-style apply of its block of P onto the
-second half, the second half.  The backward solves the transposed system with the same
-schedule backwards in time, then computes dq, dk (and dgamma) flash-style.
-Memory per (batch, head): O(T * (Dk + Dv)) plus O(T) row statistics plus the leaf matrices
-W (T x L, L <= 512 by default, i.e. a constant number of rows' worth).
+Schedule (see kernels/feedback.py): lse pass, per-leaf inverses N of (I - gamma*P) over
+leaves of L rows (C x C diagonal inverses on chip, merged by blocked products here), then a
+recursive solve: the first half of a range, one apply of its block of gamma*P onto the
+second half, the second half; a leaf is the product N x.  The backward solves the transposed
+system with the same schedule backwards in time, then dq, dk (and dgamma) from row chunks of
+dS written to a scratch.
+Memory per (batch, head): O(T * (Dk + Dv)) plus O(T) row statistics plus the leaf inverses
+(T x L, L <= 512 by default), plus one scratch of at most ``scratch_mib`` MiB per call.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,22 +42,35 @@ def _new(shape, dtype, device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SolveConfig:
-    C: int = 32  # diagonal block (rows solved together on chip; 64 spills in fp32 "ieee")
-    L: int = 512  # leaf: rows solved sequentially inside one kernel launch
+    C: int = 32  # diagonal block inverted on chip (64 spills in fp32 "ieee")
+    L: int = 512  # leaf: rows solved by one product with the leaf inverse (C * 2^k)
+    L_two_pass: int = 1024  # leaf size when the applies are two-pass (wide heads: fewer launches)
     BM: int = 64  # row tile of the flash-style kernels
     BN: int = 64  # column tile
     BK: int = 128  # contraction tile over Dk (logits)
-    BV: int = 128  # Dv tile (apply kernels, and the lam.s contraction in dq/dk)
-    BV_LEAF: int = 64  # Dv tile of the sequential leaf kernels (more programs)
-    BKO: int = 128  # output Dk tile of dq / dk
+    BV: int = 128  # Dv tile (one-pass applies, and the lam.s contraction of dS)
+    BML: int = 64  # leaf product: row tile
+    BNL: int = 32  # leaf product: contraction tile
+    BV_LEAF: int = 64  # leaf product: Dv tile
+    MM_BM: int = 64  # second-pass products: row tile
+    MM_BN: int = 64  # second-pass products: contraction tile
+    MM_BV: int = 128  # second-pass products: output-width tile
+    two_pass: int = -1  # applies: 1 = gamma*P via scratch, 0 = recompute per Dv tile, -1 = auto (Dv > BV)
+    scratch_mib: int = 128  # bound on the scratch of the two-pass products (chunked to fit)
+    cublas: int = 1  # second-pass products through torch.bmm (cuBLAS) when H == 1 (else mm_kernel)
     num_warps: int = 4  # flash-style kernels
-    num_warps_leaf: int = 4  # sequential leaves and the leaf-matrix prep
+    num_warps_leaf: int = 4  # leaf products and the leaf-matrix prep
+    num_warps_mm: int = 4  # second-pass products
     num_stages: int = 2
+    num_stages_mm: int = 3
 
 
-# Small blocks for the CPU interpreter (tests exercise several leaves and diagonal blocks).
-INTERPRET_CONFIG = SolveConfig(C=16, L=32, BM=16, BN=16, BK=16, BV=16, BV_LEAF=16, BKO=16,
-                               num_warps=1, num_warps_leaf=1, num_stages=1)
+# Small blocks for the CPU interpreter (tests exercise several leaves, diagonal blocks and
+# scratch chunks).
+INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_two_pass=32, BM=16, BN=16, BK=16, BV=16, BML=16, BNL=16, BV_LEAF=16,
+                               MM_BM=16, MM_BN=16, MM_BV=16, scratch_mib=0, num_warps=1, num_warps_leaf=1,
+                               num_warps_mm=1, num_stages=1, num_stages_mm=1)
+_MIN_SCRATCH = 4096  # elements (scratch_mib = 0: the smallest chunks, for the interpreter tests)
 
 
 def _p2(x: int, lo: int = 16) -> int:
@@ -63,14 +78,16 @@ def _p2(x: int, lo: int = 16) -> int:
 
 
 def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int) -> SolveConfig:
-    """Clamp tiles to the problem (powers of two >= 16)."""
+    """Clamp tiles to the problem (powers of two >= 16), resolve two_pass, L = C * 2^k."""
     C = cfg.C
-    Tc = triton.cdiv(T, C) * C
-    L = max(C, min(cfg.L, Tc))
+    two_pass = int(cfg.two_pass == 1 or (cfg.two_pass == -1 and Dv > cfg.BV))
+    L = cfg.L_two_pass if two_pass else cfg.L
+    if L % C or triton.next_power_of_2(L // C) != L // C:
+        raise ValueError(f"SolveConfig.L / L_two_pass must be C * 2^k (C={C}); got {L}")
+    L = max(C, min(L, C * triton.next_power_of_2(triton.cdiv(T, C))))
     return replace(
-        cfg, L=L,
-        BK=min(cfg.BK, _p2(Dk)), BKO=min(cfg.BKO, _p2(Dk)),
-        BV=min(cfg.BV, _p2(Dv)), BV_LEAF=min(cfg.BV_LEAF, _p2(Dv)),
+        cfg, L=L, two_pass=two_pass, BML=min(cfg.BML, L),
+        BK=min(cfg.BK, _p2(Dk)), BV=min(cfg.BV, _p2(Dv)), BV_LEAF=min(cfg.BV_LEAF, _p2(Dv)),
     )
 
 
@@ -89,10 +106,152 @@ def _prep(q, k, gamma, f):
     return q, k, gamma, acc, in_dt
 
 
-def _kw(cfg: SolveConfig, leaf: bool = False) -> dict:
+def _kw(cfg: SolveConfig, kind: str = "flash") -> dict:
     if INTERPRET:
         return {}
-    return {"num_warps": cfg.num_warps_leaf if leaf else cfg.num_warps, "num_stages": cfg.num_stages}
+    if kind == "mm":
+        return {"num_warps": cfg.num_warps_mm, "num_stages": cfg.num_stages_mm}
+    return {"num_warps": cfg.num_warps_leaf if kind == "leaf" else cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+@contextmanager
+def _ieee_matmul():
+    """torch matmuls in full fp32 (the leaf inverses), whatever the caller's TF32 setting."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int) -> None:
+    """In place: W (B*H, NL*L, L) holds, per leaf, the blocks of A = gamma*P below the
+    diagonal, the inverses of the C x C diagonal blocks of (I - A) and zeros above; doubling
+    the block size h, N21 = N22 A21 N11 turns it into the full inverse of (I - A)."""
+    Wl = W.view(-1, L, L)
+    base = Wl.storage_offset()
+    n = Wl.shape[0]
+    h = C
+    with _ieee_matmul():
+        while h < L:
+            size, stride = (n, L // (2 * h), h, h), (L * L, 2 * h * L + 2 * h, L, 1)
+            n11 = Wl.as_strided(size, stride, base)
+            a21 = Wl.as_strided(size, stride, base + h * L)
+            n22 = Wl.as_strided(size, stride, base + h * L + h)
+            a21.copy_(torch.matmul(n22, torch.matmul(a21, n11)))
+            h *= 2
+
+
+def _schedule(T: int, NL: int, L: int, leaf, apply, reverse: bool) -> None:
+    """Recursive solve over leaves [0, NL * L): first half, apply(l0, l1, e0, e1) of the block
+    gamma*P[l0:l1, e0:e1] (later rows x earlier columns), second half; reverse (the
+    transposed system of the backward) runs the later half first."""
+
+    def solve(a, n):
+        if n == 1:
+            leaf(a)
+            return
+        mid = a + (n // 2) * L
+        first, second = ((mid, n - n // 2), (a, n // 2)) if reverse else ((a, n // 2), (mid, n - n // 2))
+        solve(*first)
+        apply(mid, min(a + n * L, T), a, mid)
+        solve(*second)
+
+    solve(0, NL)
+
+
+class _Ctx:
+    """What every kernel launch of one call shares: inputs, strides, tiles, the scratch."""
+
+    def __init__(self, q, k, gamma, lse, Dv, acc, cfg):
+        self.q, self.k, self.gamma, self.lse, self.cfg = q, k, gamma, lse, cfg
+        self.B, self.T, self.H, self.Dk = q.shape
+        self.Dv, self.acc, self.BH = Dv, acc, self.B * self.H
+        self.sq = (q.stride(0), q.stride(1))
+        self.sg = (gamma.stride(0), gamma.stride(1))
+        self.nk, self.nv = triton.cdiv(self.Dk, cfg.BK), triton.cdiv(Dv, cfg.BV)
+        self.prec = "ieee"
+        self.leaf_prec = "tf32" if q.dtype in (torch.float16, torch.bfloat16) else "ieee"
+        self.sdt = acc if q.dtype == torch.float32 or acc == torch.float64 else q.dtype
+        self.budget = max(_MIN_SCRATCH, cfg.scratch_mib * 2**20 // torch.finfo(self.sdt).bits * 8)
+        self._scratch = None
+        self.two_pass = cfg.two_pass == 1
+
+    def scratch(self, rows: int, cols: int) -> torch.Tensor:
+        if self._scratch is None:
+            self._scratch = _new((self.budget,), self.sdt, self.q.device)
+        return self._scratch[: self.BH * rows * cols].view(self.BH, rows, cols)
+
+    def chunk_rows(self, cols: int) -> int:
+        """Rows per scratch chunk of `cols` columns (a multiple of BM)."""
+        bm = self.cfg.BM
+        return max(bm, self.budget // (self.BH * cols) // bm * bm)
+
+    def block_side(self) -> int:
+        """Side of the square dS blocks that fit the scratch (a multiple of every row tile)."""
+        c = self.cfg
+        unit = max(c.BM, c.BN, c.MM_BM)
+        return max(unit, math.isqrt(self.budget // self.BH) // unit * unit)
+
+    def tiles(self, out, r0, R, c0, NC, ds=None):
+        """tile_kernel over rows [r0, r0+R) x cols [c0, c0+NC): gamma*P, or dS when
+        ds = (delta, s, lam, dgp)."""
+        c = self.cfg
+        dl, s, lam, dgp = ds if ds is not None else (self.lse, out, out, out)
+        sx = (s.stride(0), s.stride(1))
+        K.tile_kernel[(triton.cdiv(R, c.BM), triton.cdiv(NC, c.BN), self.BH)](
+            self.q, self.k, self.gamma, self.lse, dl, s, lam, out, dgp, self.T, self.H, self.Dk, self.Dv,
+            self.scale, *self.sq, *self.sq, *self.sg, *sx, r0, R, c0, NC, dgp.shape[1] if ds else 1,
+            BM=c.BM, BN=c.BN, BK=c.BK, BV=c.BV, NK=self.nk, NV=self.nv, DS=ds is not None, PREC=self.prec,
+            **_kw(c))
+
+    def mm(self, A, transpose, v, v_off, o, o_off, limit=0, lim_off=0, alpha=1.0):
+        """O[o_off + m] += alpha * sum_n A[m, n] V[v_off + n] with A = scratch (or its transpose);
+        limit / lim_off: the causal bounds of mm_kernel (cuBLAS multiplies the zeros instead)."""
+        c = self.cfg
+        _, R, NC = A.shape
+        M, N, sa = (NC, R, (1, NC)) if transpose else (R, NC, (NC, 1))
+        DV = v.shape[-1]
+        if self.H == 1 and c.cublas and not INTERPRET:
+            a = A.transpose(1, 2) if transpose else A
+            if a.dtype == self.acc:
+                with _ieee_matmul():
+                    prod = torch.bmm(a, v[:, v_off:v_off + N, 0])
+            else:  # half-precision operands, fp32 output
+                prod = torch.bmm(a, v[:, v_off:v_off + N, 0], out_dtype=self.acc)
+            o[:, o_off:o_off + M, 0].add_(prod, alpha=alpha)
+            return
+        bv = min(c.MM_BV, _p2(DV))
+        K.mm_kernel[(triton.cdiv(M, c.MM_BM), triton.cdiv(DV, bv), self.BH)](
+            A, *sa, v, v.stride(0), v.stride(1), o, o.stride(0), o.stride(1), self.H, M, N, DV,
+            v_off, o_off, lim_off, alpha, BM=c.MM_BM, BN=c.MM_BN, BV=bv, LIMIT=limit,
+            ACC=_TL[self.acc], PREC=self.prec, **_kw(c, "mm"))
+
+    def apply_two_pass(self, l0, l1, e0, e1, src, dst, transpose):
+        """dst[l] += gamma*P[l, e] src[e] (forward) or dst[e] += (gamma*P[l, e])^T src[l]."""
+        step = self.chunk_rows(e1 - e0)
+        for r0 in range(l0, l1, step):
+            R = min(step, l1 - r0)
+            A = self.scratch(R, e1 - e0)
+            self.tiles(A, r0, R, e0, e1 - e0)
+            if transpose:
+                self.mm(A, True, src, r0, dst, e0)
+            else:
+                self.mm(A, False, src, e0, dst, r0)
+
+
+def _leaf_launch(ctx, W, x, s, sl, a, rev):
+    c = ctx.cfg
+    K.leaf_kernel[(c.L // c.BML, triton.cdiv(ctx.Dv, c.BV_LEAF), ctx.BH)](
+        W, x, s, sl, ctx.T, ctx.H, ctx.Dv, x.stride(0), x.stride(1), W.shape[1], a, c.L,
+        BML=c.BML, BNL=c.BNL, BV=c.BV_LEAF, REV=rev, COPY=sl is not s, PREC=ctx.leaf_prec, **_kw(c, "leaf"))
+
+
+def _pair(shape, acc, in_dt, device):
+    """A work buffer in ACC and its copy in the input dtype (the same buffer when equal)."""
+    full = _new(shape, acc, device)
+    return full, (full if in_dt == acc else _new(shape, in_dt, device))
 
 
 def _forward(q, k, gamma, f, scale, cfg):
@@ -100,121 +259,98 @@ def _forward(q, k, gamma, f, scale, cfg):
     Dv = f.shape[-1]
     q, k, gamma, acc, in_dt = _prep(q, k, gamma, f)
     cfg = _fit(cfg, T, Dk, Dv)
-    prec = "ieee"
-    is64 = acc == torch.float64
-    BH = B * H
     C, L = cfg.C, cfg.L
-    Tc = triton.cdiv(T, C) * C
+    NL = triton.cdiv(T, L)
+    lse = _new((B * H, T), acc, q.device)
+    ctx = _Ctx(q, k, gamma, lse, Dv, acc, cfg)
+    ctx.scale = scale
     X = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
     X.copy_(f)
-    lse = _new((BH, T), acc, q.device)
-    W = _new((BH, Tc, L), acc, q.device)
-    sq = (q.stride(0), q.stride(1))
-    sg = (gamma.stride(0), gamma.stride(1))
-    sx = (X.stride(0), X.stride(1))
-    kw, kw_leaf = _kw(cfg), _kw(cfg, leaf=True)
-    nk, nv = triton.cdiv(Dk, cfg.BK), triton.cdiv(Dv, cfg.BV)
-    K.lse_kernel[(triton.cdiv(T, cfg.BM), BH)](
-        q, k, lse, T, H, Dk, scale, *sq, *sq, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, NK=nk, PREC=prec, **kw)
-    K.leaf_prep_kernel[(Tc // C, BH)](
-        q, k, gamma, lse, W, T, H, Dk, scale, *sq, *sq, *sg, Tc, L,
-        C=C, BK=cfg.BK, NK=nk, LOG2C=int(math.log2(C)), PREC=prec, **kw_leaf)
-    lowp = _TL[in_dt]
+    S, Sl = _pair((B, T, H, Dv), acc, in_dt, q.device)
+    W = _new((ctx.BH, NL * L, L), acc, q.device)
+    sq, sg = ctx.sq, ctx.sg
+    K.lse_kernel[(triton.cdiv(T, cfg.BM), ctx.BH)](
+        q, k, lse, T, H, Dk, scale, *sq, *sq, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, NK=ctx.nk, PREC=ctx.prec,
+        **_kw(cfg))
+    K.leaf_prep_kernel[(NL * L // C, ctx.BH)](
+        q, k, gamma, lse, W, T, H, Dk, scale, *sq, *sq, *sg, NL * L, L,
+        C=C, BK=cfg.BK, NK=ctx.nk, LOG2C=int(math.log2(C)), PREC=ctx.prec, **_kw(cfg, "leaf"))
+    _merge_leaf_inverses(W, L, C)
 
-    def leaf(a, b):
-        K.fwd_leaf_kernel[(triton.cdiv(Dv, cfg.BV_LEAF), BH)](
-            W, X, T, H, Dv, *sx, Tc, a, b, L, C=C, BV=cfg.BV_LEAF, PREC=prec, LOWP=lowp, **kw_leaf)
-
-    def apply(r0, r1, c0, c1):
-        K.fwd_apply_kernel[(triton.cdiv(r1 - r0, cfg.BM), triton.cdiv(Dv, cfg.BV), BH)](
-            q, k, gamma, lse, X, T, H, Dk, Dv, scale, *sq, *sq, *sg, *sx, r0, r1, c0, c1,
-            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, NK=nk, PREC=prec, **kw)
-
-    def solve(a, b):
-        n = triton.cdiv(b - a, L)
-        if n <= 1:
-            leaf(a, b)
+    def apply(l0, l1, e0, e1):
+        if ctx.two_pass:
+            ctx.apply_two_pass(l0, l1, e0, e1, Sl, X, transpose=False)
             return
-        mid = a + (n // 2) * L
-        solve(a, mid)
-        apply(mid, min(b, T), a, mid)
-        solve(mid, b)
+        K.fwd_apply_kernel[(triton.cdiv(l1 - l0, cfg.BM), triton.cdiv(Dv, cfg.BV), ctx.BH)](
+            q, k, gamma, lse, Sl, X, T, H, Dk, Dv, scale, *sq, *sq, *sg, X.stride(0), X.stride(1),
+            l0, l1, e0, e1, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, NK=ctx.nk, PREC=ctx.prec, **_kw(cfg))
 
-    solve(0, Tc)
-    return X, lse, W, cfg, (q, k, gamma)
+    _schedule(T, NL, L, lambda a: _leaf_launch(ctx, W, X, S, Sl, a, rev=False), apply, reverse=False)
+    return S, Sl, lse, W, cfg, (q, k, gamma)
 
 
-def _backward(ds, q, k, gamma, f, X, lse, W, scale, cfg):
+def _backward(ds, q, k, gamma, f, S, Sl, lse, W, scale, cfg):
     B, T, H, Dk = q.shape
-    Dv = X.shape[-1]
-    acc = X.dtype
-    is64 = acc == torch.float64
-    prec = "ieee"
-    BH = B * H
-    C, L = cfg.C, cfg.L
-    Tc = triton.cdiv(T, C) * C
-    Y = torch.empty_like(X)
+    Dv = S.shape[-1]
+    acc = S.dtype
+    in_dt = Sl.dtype
+    L = cfg.L
+    NL = triton.cdiv(T, L)
+    ctx = _Ctx(q, k, gamma, lse, Dv, acc, cfg)
+    ctx.scale = scale
+    sq, sg = ctx.sq, ctx.sg
+    Y = torch.empty_like(S)
     Y.copy_(ds)
-    sq = (q.stride(0), q.stride(1))
-    sg = (gamma.stride(0), gamma.stride(1))
-    sx = (X.stride(0), X.stride(1))
-    kw, kw_leaf = _kw(cfg), _kw(cfg, leaf=True)
-    nk, nv = triton.cdiv(Dk, cfg.BK), triton.cdiv(Dv, cfg.BV)
-    lowp = _TL[q.dtype]
+    Lam, Ll = _pair(S.shape, acc, in_dt, q.device)
 
-    def leaf(a, b):
-        K.bwd_leaf_kernel[(triton.cdiv(Dv, cfg.BV_LEAF), BH)](
-            W, Y, T, H, Dv, *sx, Tc, a, b, (b - a) // C, L, C=C, BV=cfg.BV_LEAF, PREC=prec, LOWP=lowp, **kw_leaf)
-
-    def apply(r0, r1, c0, c1):
-        K.bwd_apply_kernel[(triton.cdiv(r1 - r0, cfg.BM), triton.cdiv(Dv, cfg.BV), BH)](
-            q, k, gamma, lse, Y, T, H, Dk, Dv, scale, *sq, *sq, *sg, *sx, r0, r1, c0, c1,
-            BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, NK=nk, PREC=prec, **kw)
-
-    def solve(a, b):
-        n = triton.cdiv(b - a, L)
-        if n <= 1:
-            leaf(a, b)
+    def apply(l0, l1, e0, e1):
+        if ctx.two_pass:
+            ctx.apply_two_pass(l0, l1, e0, e1, Ll, Y, transpose=True)
             return
-        mid = a + (n // 2) * L
-        solve(mid, b)
-        apply(a, mid, mid, min(b, T))
-        solve(a, mid)
+        K.bwd_apply_kernel[(triton.cdiv(e1 - e0, cfg.BM), triton.cdiv(Dv, cfg.BV), ctx.BH)](
+            q, k, gamma, lse, Ll, Y, T, H, Dk, Dv, scale, *sq, *sq, *sg, Y.stride(0), Y.stride(1),
+            e0, e1, l0, l1, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, NK=ctx.nk, PREC=ctx.prec, **_kw(cfg))
 
-    solve(0, Tc)
+    _schedule(T, NL, L, lambda a: _leaf_launch(ctx, W, Y, Lam, Ll, a, rev=True), apply, reverse=True)
+    del Y
     # delta_t = gamma_t lam_t . c_t = lam_t . (s_t - f_t)   (no division by gamma)
     delta = torch.empty((B, H, T), dtype=acc, device=q.device)
-    torch.sum(Y * (X - f.to(acc)), dim=-1, out=delta.transpose(1, 2))
-    delta = delta.view(BH, T)
-    dq = _new(q.shape, q.dtype, q.device)
-    dk = _new(k.shape, k.dtype, k.device)
-    dg = _new((BH, T), acc, q.device)
-    K.bwd_dq_kernel[(triton.cdiv(T, cfg.BM), triton.cdiv(Dk, cfg.BKO), BH)](
-        q, k, gamma, lse, delta, X, Y, dq, dg, T, H, Dk, Dv, scale, *sq, *sq, *sg, *sx,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, BKO=cfg.BKO, NK=nk, NV=nv, PREC=prec, **kw)
-    K.bwd_dk_kernel[(triton.cdiv(T, cfg.BN), triton.cdiv(Dk, cfg.BKO), BH)](
-        q, k, gamma, lse, delta, X, Y, dk, T, H, Dk, Dv, scale, *sq, *sq, *sg, *sx,
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, BKO=cfg.BKO, NK=nk, NV=nv, PREC=prec, **kw)
-    dgamma = dg.view(B, H, T).transpose(1, 2)
-    return dq, dk, dgamma, Y
+    torch.sum(Lam * (S - f.to(acc)), dim=-1, out=delta.transpose(1, 2))
+    delta = delta.view(ctx.BH, T)
+    # dq = scale dS k, dk = scale dS^T q, dgamma_t = sum_j P_tj lam_t.s_j, over square blocks of
+    # dS (causal ones only) written to the scratch; fp32 accumulators across blocks.
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dgp = torch.zeros((ctx.BH, triton.cdiv(T, cfg.BN), T), dtype=acc, device=q.device)
+    step = ctx.block_side()
+    for r0 in range(0, T, step):
+        R = min(step, T - r0)
+        for c0 in range(0, r0 + R, step):
+            NC = min(step, r0 + R - c0)
+            A = ctx.scratch(R, NC)
+            ctx.tiles(A, r0, R, c0, NC, ds=(delta, Sl, Ll, dgp))
+            ctx.mm(A, False, k, c0, dq, r0, limit=1, lim_off=r0 - c0, alpha=scale)
+            ctx.mm(A, True, q, r0, dk, c0, limit=2, lim_off=c0 - r0, alpha=scale)
+    dgamma = dgp.sum(1).view(B, H, T).transpose(1, 2)
+    return dq.to(q.dtype), dk.to(k.dtype), dgamma, Lam
 
 
 class _TritonFeedbackSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, gamma, f, scale, cfg):
         with torch.autocast(q.device.type, enabled=False):
-            X, lse, W, cfg_fit, (qc, kc, gc) = _forward(q, k, gamma, f, scale, cfg)
-        ctx.save_for_backward(qc, kc, gc, f, X, lse, W)
+            S, Sl, lse, W, cfg_fit, (qc, kc, gc) = _forward(q, k, gamma, f, scale, cfg)
+        ctx.save_for_backward(qc, kc, gc, f, S, Sl, lse, W)
         ctx.scale = scale
         ctx.cfg = cfg_fit
         ctx.dtypes = (q.dtype, k.dtype, gamma.dtype, f.dtype)
-        return X if X.dtype == f.dtype else X.to(f.dtype)
+        return S if S.dtype == f.dtype else S.to(f.dtype)
 
     @staticmethod
     def backward(ctx, ds):
-        qc, kc, gc, f, X, lse, W = ctx.saved_tensors
+        qc, kc, gc, f, S, Sl, lse, W = ctx.saved_tensors
         with torch.autocast(qc.device.type, enabled=False):
-            dq, dk, dg, lam = _backward(ds, qc, kc, gc, f, X, lse, W, ctx.scale, ctx.cfg)
+            dq, dk, dg, lam = _backward(ds, qc, kc, gc, f, S, Sl, lse, W, ctx.scale, ctx.cfg)
         tq, tk, tg, tf = ctx.dtypes
         return dq.to(tq), dk.to(tk), dg.to(tg), lam.to(tf), None, None
 
