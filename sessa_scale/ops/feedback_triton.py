@@ -164,8 +164,8 @@ def _schedule(T: int, NL: int, L: int, leaf, apply, reverse: bool) -> None:
 class _Ctx:
     """What every kernel launch of one call shares: inputs, strides, tiles, the scratch."""
 
-    def __init__(self, q, k, gamma, lse, Dv, acc, cfg):
-        self.q, self.k, self.gamma, self.lse, self.cfg = q, k, gamma, lse, cfg
+    def __init__(self, q, k, gamma, lse, Dv, acc, scale, cfg):
+        self.q, self.k, self.gamma, self.lse, self.scale, self.cfg = q, k, gamma, lse, scale, cfg
         self.B, self.T, self.H, self.Dk = q.shape
         self.Dv, self.acc, self.BH = Dv, acc, self.B * self.H
         self.sq = (q.stride(0), q.stride(1))
@@ -176,7 +176,6 @@ class _Ctx:
         self.sdt = acc if q.dtype == torch.float32 or acc == torch.float64 else q.dtype
         self.budget = max(_MIN_SCRATCH, cfg.scratch_mib * 2**20 // torch.finfo(self.sdt).bits * 8)
         self._scratch = None
-        self.two_pass = cfg.two_pass == 1
 
     def scratch(self, rows: int, cols: int) -> torch.Tensor:
         if self._scratch is None:
@@ -228,24 +227,33 @@ class _Ctx:
             v_off, o_off, lim_off, alpha, BM=c.MM_BM, BN=c.MM_BN, BV=bv, LIMIT=limit,
             ACC=_TL[self.acc], PREC=self.prec, **_kw(c, "mm"))
 
-    def apply_two_pass(self, l0, l1, e0, e1, src, dst, transpose):
-        """dst[l] += gamma*P[l, e] src[e] (forward) or dst[e] += (gamma*P[l, e])^T src[l]."""
+    def apply(self, l0, l1, e0, e1, src, dst, rev):
+        """dst[l] += gamma*P[l, e] src[e] (forward), or dst[e] += (gamma*P[l, e])^T src[l] (rev:
+        the backward), for later rows l in [l0, l1) and earlier rows e in [e0, e1)."""
+        c = self.cfg
+        if not c.two_pass:
+            kern, r, n = (K.bwd_apply_kernel, (e0, e1), (l0, l1)) if rev else (K.fwd_apply_kernel, (l0, l1), (e0, e1))
+            kern[(triton.cdiv(r[1] - r[0], c.BM), triton.cdiv(self.Dv, c.BV), self.BH)](
+                self.q, self.k, self.gamma, self.lse, src, dst, self.T, self.H, self.Dk, self.Dv, self.scale,
+                *self.sq, *self.sq, *self.sg, dst.stride(0), dst.stride(1), *r, *n,
+                BM=c.BM, BN=c.BN, BK=c.BK, BV=c.BV, NK=self.nk, PREC=self.prec, **_kw(c))
+            return
         step = self.chunk_rows(e1 - e0)
         for r0 in range(l0, l1, step):
             R = min(step, l1 - r0)
             A = self.scratch(R, e1 - e0)
             self.tiles(A, r0, R, e0, e1 - e0)
-            if transpose:
+            if rev:
                 self.mm(A, True, src, r0, dst, e0)
             else:
                 self.mm(A, False, src, e0, dst, r0)
 
-
-def _leaf_launch(ctx, W, x, s, sl, a, rev):
-    c = ctx.cfg
-    K.leaf_kernel[(c.L // c.BML, triton.cdiv(ctx.Dv, c.BV_LEAF), ctx.BH)](
-        W, x, s, sl, ctx.T, ctx.H, ctx.Dv, x.stride(0), x.stride(1), W.shape[1], a, c.L,
-        BML=c.BML, BNL=c.BNL, BV=c.BV_LEAF, REV=rev, COPY=sl is not s, PREC=ctx.leaf_prec, **_kw(c, "leaf"))
+    def leaf(self, W, x, s, sl, a, rev):
+        """s = N x over the leaf [a, a + L) (rev: N^T x), and its copy sl in the input dtype."""
+        c = self.cfg
+        K.leaf_kernel[(c.L // c.BML, triton.cdiv(self.Dv, c.BV_LEAF), self.BH)](
+            W, x, s, sl, self.T, self.H, self.Dv, x.stride(0), x.stride(1), W.shape[1], a, c.L,
+            BML=c.BML, BNL=c.BNL, BV=c.BV_LEAF, REV=rev, COPY=sl is not s, PREC=self.leaf_prec, **_kw(c, "leaf"))
 
 
 def _pair(shape, acc, in_dt, device):
@@ -262,8 +270,7 @@ def _forward(q, k, gamma, f, scale, cfg):
     C, L = cfg.C, cfg.L
     NL = triton.cdiv(T, L)
     lse = _new((B * H, T), acc, q.device)
-    ctx = _Ctx(q, k, gamma, lse, Dv, acc, cfg)
-    ctx.scale = scale
+    ctx = _Ctx(q, k, gamma, lse, Dv, acc, scale, cfg)
     X = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
     X.copy_(f)
     S, Sl = _pair((B, T, H, Dv), acc, in_dt, q.device)
@@ -276,16 +283,8 @@ def _forward(q, k, gamma, f, scale, cfg):
         q, k, gamma, lse, W, T, H, Dk, scale, *sq, *sq, *sg, NL * L, L,
         C=C, BK=cfg.BK, NK=ctx.nk, LOG2C=int(math.log2(C)), PREC=ctx.prec, **_kw(cfg, "leaf"))
     _merge_leaf_inverses(W, L, C)
-
-    def apply(l0, l1, e0, e1):
-        if ctx.two_pass:
-            ctx.apply_two_pass(l0, l1, e0, e1, Sl, X, transpose=False)
-            return
-        K.fwd_apply_kernel[(triton.cdiv(l1 - l0, cfg.BM), triton.cdiv(Dv, cfg.BV), ctx.BH)](
-            q, k, gamma, lse, Sl, X, T, H, Dk, Dv, scale, *sq, *sq, *sg, X.stride(0), X.stride(1),
-            l0, l1, e0, e1, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, NK=ctx.nk, PREC=ctx.prec, **_kw(cfg))
-
-    _schedule(T, NL, L, lambda a: _leaf_launch(ctx, W, X, S, Sl, a, rev=False), apply, reverse=False)
+    _schedule(T, NL, L, lambda a: ctx.leaf(W, X, S, Sl, a, rev=False),
+              lambda *blk: ctx.apply(*blk, Sl, X, rev=False), reverse=False)
     return S, Sl, lse, W, cfg, (q, k, gamma)
 
 
@@ -293,25 +292,13 @@ def _backward(ds, q, k, gamma, f, S, Sl, lse, W, scale, cfg):
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
     acc = S.dtype
-    in_dt = Sl.dtype
-    L = cfg.L
-    NL = triton.cdiv(T, L)
-    ctx = _Ctx(q, k, gamma, lse, Dv, acc, cfg)
-    ctx.scale = scale
-    sq, sg = ctx.sq, ctx.sg
+    NL = triton.cdiv(T, cfg.L)
+    ctx = _Ctx(q, k, gamma, lse, Dv, acc, scale, cfg)
     Y = torch.empty_like(S)
     Y.copy_(ds)
-    Lam, Ll = _pair(S.shape, acc, in_dt, q.device)
-
-    def apply(l0, l1, e0, e1):
-        if ctx.two_pass:
-            ctx.apply_two_pass(l0, l1, e0, e1, Ll, Y, transpose=True)
-            return
-        K.bwd_apply_kernel[(triton.cdiv(e1 - e0, cfg.BM), triton.cdiv(Dv, cfg.BV), ctx.BH)](
-            q, k, gamma, lse, Ll, Y, T, H, Dk, Dv, scale, *sq, *sq, *sg, Y.stride(0), Y.stride(1),
-            e0, e1, l0, l1, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BV=cfg.BV, NK=ctx.nk, PREC=ctx.prec, **_kw(cfg))
-
-    _schedule(T, NL, L, lambda a: _leaf_launch(ctx, W, Y, Lam, Ll, a, rev=True), apply, reverse=True)
+    Lam, Ll = _pair(S.shape, acc, Sl.dtype, q.device)
+    _schedule(T, NL, cfg.L, lambda a: ctx.leaf(W, Y, Lam, Ll, a, rev=True),
+              lambda *blk: ctx.apply(*blk, Ll, Y, rev=True), reverse=True)
     del Y
     # delta_t = gamma_t lam_t . c_t = lam_t . (s_t - f_t)   (no division by gamma)
     delta = torch.empty((B, H, T), dtype=acc, device=q.device)
