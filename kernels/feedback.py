@@ -19,7 +19,8 @@ parallel) -> recursive solve over leaves: solve the first half, apply its block 
 the second half, recurse; a leaf is one product S = N X with its inverse N.  An apply either
 recomputes P inside the product (``fwd_apply_kernel`` / ``bwd_apply_kernel``, one Dv tile) or
 runs in two passes: ``tile_kernel`` writes the gamma*P block (input dtype) to a bounded
-scratch, ``mm_kernel`` multiplies it (wide heads: P is computed once, not once per Dv tile).
+scratch, ``mm_kernel`` multiplies it (wide heads: P is computed once, not once per Dv tile;
+large single-head products go through cuBLAS instead, see ``SolveConfig.cublas_min``).
 The backward solves the transposed system backwards in time with the same schedule, then
 ``tile_kernel`` writes dS row chunks (and partial dgamma sums) and ``mm_kernel`` forms
 dq = dS k and dk = dS^T q from them.

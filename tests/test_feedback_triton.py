@@ -142,6 +142,19 @@ def test_gpu_small_scratch_and_apply_modes(two_pass):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype,B,T,D", [(torch.float32, 2, 1000, 96), (torch.bfloat16, 1, 777, 768)])
+def test_gpu_cublas_second_pass(dtype, B, T, D):
+    """Single heads: the second-pass products through torch.bmm (forced for every size here)."""
+    from sessa_scale.ops.feedback_triton import SolveConfig
+
+    cfg = SolveConfig(cublas_min=1, two_pass=1, scratch_mib=1)
+    tol_s, tol_g = (1e-5, 1e-5) if dtype == torch.float32 else (BF16_TOL_S, BF16_TOL_G)
+    _check_against_dense(lambda *a: _triton_impl()(*a, config=cfg), B, T, 1, D, D, dtype, "cuda", seed=T,
+                         tol_s=tol_s, tol_g=tol_g)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("Dk,Dv,T", [(768, 768, 700), (2048, 2048, 300), (4096, 256, 130)])
 def test_gpu_fp32_large_widths(Dk, Dv, T):
     _check_against_dense(_triton_impl(), 1, T, 1, Dk, Dv, torch.float32, "cuda", seed=Dk + T, tol_s=1e-5, tol_g=1e-5)

@@ -57,7 +57,8 @@ class SolveConfig:
     MM_BV: int = 128  # second-pass products: output-width tile
     two_pass: int = -1  # applies: 1 = gamma*P via scratch, 0 = recompute per Dv tile, -1 = auto (Dv > BV)
     scratch_mib: int = 128  # bound on the scratch of the two-pass products (chunked to fit)
-    cublas: int = 1  # second-pass products through torch.bmm (cuBLAS) when H == 1 (else mm_kernel)
+    cublas_min: int = 1 << 24  # second-pass products of at least this many A elements per (b, h)
+    # go through torch.bmm (cuBLAS) when H == 1 (0: never); smaller ones (or H > 1) use mm_kernel
     num_warps: int = 4  # flash-style kernels
     num_warps_leaf: int = 4  # leaf products and the leaf-matrix prep
     num_warps_mm: int = 4  # second-pass products
@@ -178,9 +179,12 @@ class _Ctx:
         self._scratch = None
 
     def scratch(self, rows: int, cols: int) -> torch.Tensor:
-        if self._scratch is None:
-            self._scratch = _new((self.budget,), self.sdt, self.q.device)
-        return self._scratch[: self.BH * rows * cols].view(self.BH, rows, cols)
+        """A (B*H, rows, cols) view of the scratch (grown past the budget only when one row
+        tile of `cols` columns does not fit)."""
+        need = self.BH * rows * cols
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = _new((max(self.budget, need),), self.sdt, self.q.device)
+        return self._scratch[:need].view(self.BH, rows, cols)
 
     def chunk_rows(self, cols: int) -> int:
         """Rows per scratch chunk of `cols` columns (a multiple of BM)."""
@@ -212,7 +216,7 @@ class _Ctx:
         _, R, NC = A.shape
         M, N, sa = (NC, R, (1, NC)) if transpose else (R, NC, (NC, 1))
         DV = v.shape[-1]
-        if self.H == 1 and c.cublas and not INTERPRET:
+        if self.H == 1 and 0 < c.cublas_min <= M * N and not INTERPRET:
             a = A.transpose(1, 2) if transpose else A
             if a.dtype == self.acc:
                 with _ieee_matmul():
