@@ -6,8 +6,9 @@ set -o pipefail
 MODE=${1:-all}; shift || true
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+WHL=${WHL:-.whl}  # folder of carried wheels (fla-core, einops); run from elsewhere: WHL=path/to/.whl
+if ls "$WHL"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
   export PYTHONPATH=/tmp/site:.
 else
   export PYTHONPATH=.
@@ -22,10 +23,15 @@ if [[ $MODE == quick ]]; then
   python3 -m kernels.bench_quick "$@" 2>&1 | tee "$OUT/bench_quick.log" || rc=1
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
+  SMALL_IMPLS=sdpa_flash,triton,fla_deltaformer,chunked,dense
+  if ! python3 -c "import sys, kernels.baselines as b; sys.exit(0 if b.fla_available() else 1)"; then
+    echo "fla-core not importable (no wheels in $WHL): the table has no DeltaFormer column" | tee -a "$OUT/device.txt"
+    SMALL_IMPLS=sdpa_flash,triton,chunked,dense
+  fi
   # Head dims <= 256: SDPA flash first, so the ratio columns read "x SDPA".
   timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
     --seq-lens 2048,8192,16384,32768 --layouts 6x128,16x64 \
-    --impls sdpa_flash,triton,fla_deltaformer,chunked,dense --repeats 10 --max-quadratic-gib 45 \
+    --impls $SMALL_IMPLS --repeats 10 --max-quadratic-gib 45 \
     --out "$OUT/solve_small_heads.md" 2>&1 | tee "$OUT/bench_solve_small.log" || rc=1
   # Wide single heads: ratios against the Triton kernel.
   timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
