@@ -9,12 +9,11 @@ sequences per step. Time: CUDA-synchronized wall clock of --steps steps after --
 memory: max_memory_allocated over the measured steps (weights, grads and AdamW state included).
 
 Both a full step and forward + loss + backward alone are timed.
-MFU (Transformer only) uses an analytic count of the matmul FLOPs of one training step per token:
-6 N (N = non-embedding parameters + the V x D LM head; forward 2 N, backward 4 N) plus causal
-attention 6 L T D (scores and the weighted sum, 2 T D per token and layer in the forward pass
-averaged over the causal triangle, x3 with the backward). The Megatron/PaLM convention counts the
-full T x T square (12 L T D); that figure is shown too, because the "up to 47%" anchor uses it.
-Peak: the dense bf16 rate of the GPU (PEAK_BF16_FLOPS); an unknown GPU gets no MFU.
+MFU (Transformer only) divides the analytic model FLOPs of sessa_scale.models.flops (every matrix
+product, causal attention over its triangle, forward + backward = 3x forward, LM head included) by the
+GPU's dense bf16 peak (sessa_scale.metrics.PEAK_BF16_TFLOPS; an unknown GPU gets no MFU). The
+Megatron/PaLM convention counts the full T x T attention square; that figure is shown too, because the
+"up to 47%" anchor uses it.
 """
 
 from __future__ import annotations
@@ -30,24 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from sessa_scale.config import load_config
-from sessa_scale.models.registry import build_model, count_parameters
+from sessa_scale.metrics import peak_bf16_flops_of
+from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
 from sessa_scale.training.optimizer import build_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# Dense (no sparsity) bf16 tensor-core peak per GPU, from the vendor data sheets, by device-name prefix.
-PEAK_BF16_FLOPS = {"NVIDIA H100 80GB HBM3": 989.4e12, "NVIDIA H100 PCIe": 756.5e12, "NVIDIA H200": 989.4e12}
-
-
-def peak_flops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if device_name.startswith(k)), None)
-
-
-def transformer_flops_per_token(cfg, T: int, causal: bool = True) -> float:
-    """Training (fwd+bwd) matmul FLOPs per token of the Transformer baseline (module docstring)."""
-    m = cfg.model
-    n = count_parameters(m).non_embedding + m.vocab_size * m.d_model
-    attention = (6 if causal else 12) * m.n_layers * T * m.d_model
-    return 6 * n + attention
 
 
 def _seconds_per_call(fn, n: int) -> float:
@@ -100,8 +86,9 @@ def measure(arch: str, size: str, T: int, batch_tokens: int, steps: int, warmup:
         del model, optimizer, step_model
         torch.cuda.empty_cache()
     if arch == "transformer":
-        row["flops_per_token"] = transformer_flops_per_token(cfg, T)
-        row["flops_per_token_full_square"] = transformer_flops_per_token(cfg, T, causal=False)
+        row["flops_per_token"] = count_training_flops(cfg.model, T)
+        # the full square adds the upper triangle: 2 D (T - 1) forward FLOPs per token and layer, x3 for training
+        row["flops_per_token_full_square"] = row["flops_per_token"] + 6 * cfg.model.n_layers * cfg.model.d_model * (T - 1)
     return row
 
 
@@ -118,8 +105,8 @@ def format_report(rows: list[dict], args, argv: list[str], peak: float | None) -
         f" {args.batch_tokens} tokens per step (B = {args.batch_tokens} // T; halved after an out-of-memory row); 'fwd+bwd' times forward + loss +"
         f" backward alone. Means of {args.steps} calls after {args.warmup} warm-up steps;"
         f" {'torch.compile' if args.compile else 'eager (as the trainer runs)'}; peak memory over the timed calls.",
-        "- MFU: analytic matmul FLOPs (6 N + 6 L T D causal attention; N = non-embedding + LM head) over the"
-        " peak; 'MFU, full square' counts 12 L T D attention as Megatron/PaLM do.",
+        "- MFU: analytic model FLOPs (sessa_scale.models.flops: all matrix products, causal attention, LM head) over"
+        " the peak; 'MFU, full square' counts the whole T x T attention square as Megatron/PaLM do.",
         "",
         "| arch | T | B | params | fwd+bwd ms | fwd+bwd tokens/s | step ms | step tokens/s | step vs Transformer"
         " | peak GiB | step TFLOP/s | MFU fwd+bwd | MFU step | MFU step, full square |",
@@ -172,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not rows[-1]["oom"] or batch_tokens // 2 < T:
                     break
                 batch_tokens //= 2
-    report = format_report(rows, args, argv, peak_flops(torch.cuda.get_device_name()))
+    report = format_report(rows, args, argv, peak_bf16_flops_of(torch.cuda.get_device_name()))
     print(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
