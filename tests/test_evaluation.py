@@ -106,8 +106,9 @@ def test_mqar_is_deterministic_and_its_answers_check():
     b = mqar_set(seed=3, n=5, num_pairs=[4, 13], num_queries=3, key_len=2, value_len=2)
     assert a.records == b.records and a.documents == b.documents
     assert mqar_set(seed=4, n=5, num_pairs=[4, 13], num_queries=3, key_len=2, value_len=2).records != a.records
-    # instance i does not depend on how many are drawn
-    assert mqar_set(seed=3, n=2, num_pairs=[4], num_queries=3, key_len=2, value_len=2).records == a.records[:6]
+    # instance i does not depend on how many are drawn; the settings are interleaved
+    assert mqar_set(seed=3, n=2, num_pairs=[4, 13], num_queries=3, key_len=2, value_len=2).records == a.records[:12]
+    assert [r.meta["num_pairs"] for r in a.records[:6]] == [4, 4, 4, 13, 13, 13]
     assert len(a.records) == 2 * 5 * 3 and a.chance == 0.01
     for r in a.records:
         context = _parse_context(r.prompt)

@@ -188,18 +188,20 @@ class TaskSet:
 def mqar_set(
     seed: int, n: int, num_pairs: list[int], num_queries: int | None = None, key_len: int = 1, value_len: int = 1
 ) -> TaskSet:
-    """n instances for each context size in num_pairs; num_queries None queries every key."""
+    """n instances for each context size in num_pairs; num_queries None queries every key. The
+    settings are interleaved (instance i of each, then i + 1), so that any stretch of the documents,
+    e.g. one shuffle buffer of the training loader, mixes them all."""
     instances = [
         mqar_instance(seed, i, p, p if num_queries is None else min(num_queries, p), key_len, value_len)
-        for p in num_pairs
         for i in range(n)
+        for p in num_pairs
     ]
     params = {"seed": seed, "n": n, "num_pairs": num_pairs, "num_queries": num_queries, "key_len": key_len, "value_len": value_len}
     return TaskSet([r for inst in instances for r in inst.records()], [inst.text for inst in instances], mqar_chance(value_len), params)
 
 
 def passkey_set(seed: int, n: int, lengths: list[int], depths: list[float], digits: int = 5) -> TaskSet:
-    """n examples for every (length, depth) pair."""
-    records = [passkey_record(seed, i, L, d, digits) for L in lengths for d in depths for i in range(n)]
+    """n examples for every (length, depth) pair, interleaved as in mqar_set."""
+    records = [passkey_record(seed, i, L, d, digits) for i in range(n) for L in lengths for d in depths]
     params = {"seed": seed, "n": n, "lengths": lengths, "depths": depths, "digits": digits}
     return TaskSet(records, [r.prompt + r.answer for r in records], passkey_chance(digits), params)
