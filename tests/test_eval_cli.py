@@ -15,8 +15,7 @@ TINY = [
     "model.d_model=32",
     "model.n_layers=2",
     "model.n_heads=2",
-    "data.seq_len=32",
-    "data.corpus_bytes=200000",
+    "data.seq_len=64",
     "train.micro_batch_size=4",
     "train.max_steps=3",
     "train.eval_interval=3",
@@ -27,9 +26,15 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval") / "run"
-    assert main(["train", f"run.dir={path}", *TINY]) == 0
-    return path
+    """A tiny Sessa run trained on MQAR data written by `eval --write-data`."""
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "mqar-data"
+    argv = ["eval", "--task", "mqar", "--num-pairs", "4,8", "--num-examples", "300", "--seed", "0"]
+    assert main([*argv, "--write-data", str(data), "--seq-len", "64", "--val-fraction", "0.1"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["seq_len"] == 64 and manifest["splits"]["val"]["samples"] > 0
+    assert main(["train", f"run.dir={root / 'run'}", f"data.path={data}", *TINY]) == 0
+    return root / "run"
 
 
 def _json(capsys, *argv) -> dict:
@@ -40,7 +45,7 @@ def _json(capsys, *argv) -> dict:
 
 def test_eval_ppl_at_several_context_lengths(run_dir, capsys):
     r = _json(capsys, "eval", str(run_dir), "--task", "ppl", "--context-lengths", "8,32,65", "--max-tokens", "600", "--json")
-    assert [x["context_length"] for x in r["lengths"]] == [8, 32, 65]
+    assert [x["context_length"] for x in r["lengths"]] == [8, 32, 65] and "mqar-data (val" in r["data"]
     for x in r["lengths"]:
         assert 0 < x["loss"] < 10 and x["ppl"] == pytest.approx(2.718281828 ** x["loss"], rel=1e-6)
         assert x["tokens"] % x["context_length"] == 0 and x["tokens"] <= 600 + x["context_length"]
@@ -67,7 +72,7 @@ def test_eval_synthetic_tasks_and_answers_file(run_dir, tmp_path, capsys):
 
 def test_probe_model_and_uniform(run_dir, tmp_path, capsys):
     r = _json(capsys, "probe", str(run_dir), "--sequences", "1", "--lags", "10", "--json")
-    assert r["length"] == 32 and r["fit_range"] == [2, 28] and r["arch"] == "sessa"
+    assert r["length"] == 64 and r["fit_range"] == [4, 60] and r["arch"] == "sessa"
     assert (run_dir / "eval" / "probe.png").stat().st_size > 10_000
     u = _json(capsys, "probe", "--uniform", "--gamma", "0.6", "--length", "512", "--out", str(tmp_path / "u.png"), "--json")
     assert abs(u["beta"] - 0.4) < 0.02 and u["fit_range"] == [32, 508]

@@ -1,6 +1,7 @@
 """`sessa-scale eval CHECKPOINT --task ppl|answers|mqar|passkey [options] [--json]`: evaluate a
 trained model; results are printed and saved to RUN_DIR/eval/<name>.json for `sessa-scale report`.
-`--write-jsonl` writes a synthetic task's records out instead (no checkpoint needed)."""
+`--write-jsonl` / `--write-data` write a synthetic task out instead (records, or a training dataset;
+no checkpoint needed)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def register(subparsers) -> None:
         description="Evaluate a run directory (its latest checkpoint) or a checkpoint directory. Tasks: ppl "
         "(validation loss at several context lengths), answers (greedy exact match on a JSONL file of "
         '{"prompt", "answer"} records), mqar (multi-query associative recall) and passkey (retrieval at controlled '
-        "depths). Results go to RUN_DIR/eval/NAME.json. With --write-jsonl, the mqar/passkey records are "
-        "written out instead, and no checkpoint is needed.",
+        "depths). Results go to RUN_DIR/eval/NAME.json. With --write-jsonl (prompt/answer records) or "
+        "--write-data (a training dataset for data.path), mqar/passkey are written out instead; no checkpoint is needed.",
     )
     p.add_argument("checkpoint", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--task", required=True, choices=TASKS)
@@ -44,6 +45,8 @@ def register(subparsers) -> None:
     g.add_argument("--context-lengths", type=_list_of(int), default=None, metavar="L,L,...",
                    help="context lengths in tokens (default: half, one and two times the run's data.seq_len)")
     g.add_argument("--max-tokens", type=int, default=65536, help="predictions per context length (default 65536)")
+    g.add_argument("--data", default=None, metavar="DIR_OR_URL",
+                   help="a prepared dataset whose validation split is scored (default: the run's data)")
     g = p.add_argument_group("answers")
     g.add_argument("--file", default=None, help='JSONL of {"prompt": str, "answer": str} records (optional "length")')
     g = p.add_argument_group("mqar and passkey")
@@ -61,6 +64,11 @@ def register(subparsers) -> None:
                    help="passkey: needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
     g.add_argument("--digits", type=int, default=5, help="passkey: digits of the key (default 5)")
     g.add_argument("--write-jsonl", default=None, metavar="FILE", help="write the task's prompt/answer records to FILE")
+    g.add_argument("--write-data", default=None, metavar="DIR",
+                   help="write the task's examples as a byte-level training dataset (train with data.path=DIR)")
+    g.add_argument("--seq-len", type=int, default=256, help="--write-data: tokens per training sequence (default 256)")
+    g.add_argument("--val-fraction", type=float, default=0.02,
+                   help="--write-data: fraction of examples held out for validation (default 0.02)")
 
 
 def task_set(args: argparse.Namespace):
@@ -92,12 +100,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_examples is not None and args.num_examples < 1:
         raise UserError(f"--num-examples must be >= 1, got {args.num_examples}")
-    if args.write_jsonl:
+    if args.write_jsonl or args.write_data:
         if args.task not in ("mqar", "passkey"):
-            raise UserError(f"--write-jsonl writes the synthetic tasks mqar and passkey, not --task {args.task}")
+            raise UserError(f"--write-jsonl / --write-data write the synthetic tasks mqar and passkey, not --task {args.task}")
         return _write(args)
     if args.checkpoint is None:
-        raise UserError("eval needs a RUN_DIR_OR_CHECKPOINT to evaluate (or --write-jsonl FILE to write a task out)")
+        raise UserError("eval needs a RUN_DIR_OR_CHECKPOINT to evaluate (or --write-jsonl / --write-data to write a task out)")
     if args.task == "answers" and not args.file:
         raise UserError('--task answers needs --file FILE.jsonl with one {"prompt": ..., "answer": ...} per line')
 
@@ -119,24 +127,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, model, cfg, device) -> dict:
-    from sessa_scale.data import ByteTokenizer
     from sessa_scale.evaluation.answers import exact_match
+    from sessa_scale.data.setup import load_corpus, tokenizer_for
 
     if args.task == "ppl":
-        from sessa_scale.data import load_corpus
+        import dataclasses
+
         from sessa_scale.evaluation.perplexity import loss_at_length
         from sessa_scale.training.trainer import autocast_context
 
         lengths = args.context_lengths or [max(1, cfg.data.seq_len // 2), cfg.data.seq_len, 2 * cfg.data.seq_len]
         if min(lengths) < 1 or args.max_tokens < 1:
             raise UserError(f"--context-lengths must be >= 1 and --max-tokens >= 1, got {lengths} and {args.max_tokens}")
-        corpus = load_corpus(cfg.data)
+        data = dataclasses.replace(cfg.data, path=args.data, sources=None) if args.data else cfg.data
+        corpus = load_corpus(data)
         rows = [
             loss_at_length(model, corpus.val, L, args.max_tokens, args.batch_size, lambda: autocast_context(cfg, device))
             for L in lengths
         ]
         return {"data": corpus.description, "lengths": rows}
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(cfg.data)
     if args.task == "answers":
         from sessa_scale.evaluation.tasks import read_records
 
@@ -149,6 +159,20 @@ def _write(args: argparse.Namespace) -> int:
     from sessa_scale.evaluation.tasks import write_records
 
     tasks = task_set(args)
-    write_records(tasks.records, args.write_jsonl)
-    print(f"sessa-scale eval: wrote {len(tasks.records)} {args.task} records to {args.write_jsonl}", file=sys.stderr)
+    if args.write_jsonl:
+        write_records(tasks.records, args.write_jsonl)
+        print(f"sessa-scale eval: wrote {len(tasks.records)} {args.task} records to {args.write_jsonl}", file=sys.stderr)
+    if args.write_data:
+        from sessa_scale.data import ByteTokenizer, write_dataset
+
+        manifest = write_dataset(
+            tasks.documents, args.write_data, ByteTokenizer(), args.seq_len, args.val_fraction, seed=args.seed
+        )
+        counts = ", ".join(f"{split} {manifest['splits'][split]['samples']:,}" for split in ("train", "val"))
+        print(
+            f"sessa-scale eval: wrote {len(tasks.documents):,} {args.task} examples to {args.write_data} "
+            f"(samples of {args.seq_len} tokens: {counts}); train with data.path={args.write_data} "
+            f"data.seq_len={args.seq_len}",
+            file=sys.stderr,
+        )
     return 0
