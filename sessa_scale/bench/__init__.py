@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -15,3 +16,12 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str | None 
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def emit_report(report: str, out: Path | str | None) -> None:
+    """Print a benchmark's Markdown report and, when `out` is given, also write it there (parents created)."""
+    print(report)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report if report.endswith("\n") else report + "\n")

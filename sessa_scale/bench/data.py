@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sessa_scale.bench import emit_report
+
 
 def _corpus(path: Path, megabytes: float) -> int:
     """Write a JSONL file of stdlib sources (one document per file, repeated) of ~megabytes MB."""
@@ -116,7 +118,5 @@ def main(argv: list[str] | None = None) -> int:
             _table(loader),
         ]
     )
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report + "\n")
+    emit_report(report, args.out)
     return 0

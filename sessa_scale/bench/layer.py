@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sessa_scale.bench import cuda_peak_bytes
+from sessa_scale.bench import cuda_peak_bytes, emit_report
 from sessa_scale.models.attention import apply_rope, causal_attention, rope_inv_freq
 from sessa_scale.models.sessa import SessaLayer
 
@@ -123,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {T} | {B} | {t['ms']:.2f} | {s['ms']:.2f} | {s['ms'] / t['ms']:.2f} | "
                      f"{t['peak_bytes'] / 2**20:.0f} | {s['peak_bytes'] / 2**20:.0f} |")
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit_report(report, args.out)
     return 0
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sessa_scale.bench import emit_report
 from sessa_scale.config import load_config
 from sessa_scale.metrics import peak_bf16_flops_of
 from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
@@ -160,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 batch_tokens //= 2
     report = format_report(rows, args, argv, peak_bf16_flops_of(torch.cuda.get_device_name()))
-    print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit_report(report, args.out)
     return 0
 
 

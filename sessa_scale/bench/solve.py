@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from sessa_scale.bench import cuda_peak_bytes
+from sessa_scale.bench import cuda_peak_bytes, emit_report
 from sessa_scale.ops.feedback_chunked import feedback_solve_chunked
 from sessa_scale.ops.feedback_reference import feedback_solve_dense
 
@@ -211,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *_tables(impls, rows, results),
     ]
-    print("\n".join(report))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(report))
+    emit_report("\n".join(report), args.out)
     return 0
 
 
