@@ -17,8 +17,8 @@
 # default). Checkpoints live in run.dir (default runs/<run.name>, relative to the submission
 # directory), so a requeued or resubmitted job finds them. The log is appended to across restarts.
 #
-# Environment knobs: SESSA_PYTHON (interpreter, default python3), MASTER_PORT (default derived from
-# the job id), OMP_NUM_THREADS (default --cpus-per-task), NCCL_* (site-specific network settings such
+# Environment knobs: SESSA_PYTHON (interpreter, default python3), SESSA_MASTER_PORT (rendezvous port;
+# default derived from the job id), OMP_NUM_THREADS (default --cpus-per-task), NCCL_* (site-specific network settings such
 # as NCCL_SOCKET_IFNAME / NCCL_IB_HCA are left to the cluster's defaults).
 #
 #SBATCH --job-name=sessa-pretrain
@@ -50,7 +50,10 @@ fi
 
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
-export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
+# The port comes from the job id unless SESSA_MASTER_PORT is set: an inherited MASTER_PORT is ignored,
+# because sbatch exports the submitting shell's environment and a stale one (from an earlier torchrun or
+# an interactive job) would collide with a port still in use.
+export MASTER_PORT=${SESSA_MASTER_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # a failed rank aborts, no hang
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from short_runs import SHORT_RUN, assert_same_losses, metrics
 
 from sessa_scale.cli import main
@@ -20,6 +21,16 @@ from sessa_scale.cli import main
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="uses POSIX signals and /proc")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tests compare in-process runs with subprocess runs (OMP_NUM_THREADS=1) bit for bit, and the
+    float summation order depends on the intra-op thread count: run the in-process side on one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _latest(run_dir: Path) -> str:
