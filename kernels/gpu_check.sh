@@ -17,12 +17,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 rc=0
 if [[ $MODE == tests || $MODE == all ]]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 240 --durations=0 tests/test_feedback_triton.py -rs 2>&1 | tee "$OUT/gpu_tests.log" || rc=1
+  # GPU_TEST_K: a pytest -k filter (e.g. "not large_widths" when the call's time is short)
+  python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 tests/test_feedback_triton.py -rs \
+    ${GPU_TEST_K:+-k "$GPU_TEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" || rc=1
 fi
 if [[ $MODE == quick ]]; then
   python3 -m kernels.bench_quick "$@" 2>&1 | tee "$OUT/bench_quick.log" || rc=1
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
+  timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.layer --seq-lens 2048,8192,16384 --out "$OUT/layer.md" 2>&1 | tee "$OUT/bench_layer.log" || rc=1
   SMALL_IMPLS=sdpa_flash,triton,fla_deltaformer,chunked,dense
   if ! python3 -c "import sys, kernels.baselines as b; sys.exit(0 if b.fla_available() else 1)"; then
     echo "fla-core not importable (no wheels in $WHL): the table has no DeltaFormer column" | tee -a "$OUT/device.txt"
@@ -38,6 +41,5 @@ if [[ $MODE == bench || $MODE == all ]]; then
     --seq-lens 2048,8192,16384,32768 --layouts 1x768,1x2048 \
     --impls triton,chunked,dense --repeats 5 --max-quadratic-gib 45 \
     --out "$OUT/solve_wide_heads.md" 2>&1 | tee "$OUT/bench_solve_wide.log" || rc=1
-  timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.layer --seq-lens 2048,8192,16384 --out "$OUT/layer.md" 2>&1 | tee "$OUT/bench_layer.log" || rc=1
 fi
 exit $rc

@@ -190,6 +190,40 @@ def test_gpu_deterministic_and_auto():
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype,H,D", [(torch.bfloat16, 3, 64), (torch.float32, 1, 96), (torch.bfloat16, 1, 768)])
+def test_gpu_graph_replays_equal_eager_and_keep_each_calls_results(dtype, H, D):
+    """CUDA graphs: replayed calls give bitwise the eager (graphs=0) results, also when two calls of
+    one shape run their forwards before either backward (outputs and saved tensors are cloned)."""
+    import sessa_scale.ops.feedback_triton as ft
+
+    ft.clear_graphs()
+    eager, graphed = ft.SolveConfig(graphs=0), ft.SolveConfig()
+    inputs = [_inputs(2, 300, H, D, D, dtype, "cuda", seed=seed) for seed in (1, 2, 3)]
+
+    def forward(cfg, i):
+        (q, k, g, f), ds = inputs[i]
+        return ft.feedback_solve_triton(q, k, g, f, D ** -0.5, config=cfg), (q, k, g, f), ds
+
+    def grads(s, leaves, ds):
+        return [s, *torch.autograd.grad(s, leaves, ds)]
+
+    want = [grads(*forward(eager, i)) for i in range(3)]
+    assert not ft._GRAPHS
+    got0 = grads(*forward(graphed, 0))  # a shape's first call runs eagerly
+    assert not ft._GRAPHS
+    # Two forwards, then the backwards in reverse order (as in a model): call 1's forward and call 2's
+    # backward capture, call 2's forward and call 1's backward replay over the other call's statics.
+    call1, call2 = forward(graphed, 1), forward(graphed, 2)
+    got2, got1 = grads(*call2), grads(*call1)
+    assert len(ft._GRAPHS) == 2
+    for i, got in enumerate((got0, got1, got2)):
+        for name, a, b in zip(("s", "dq", "dk", "dgamma", "df"), got, want[i]):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"call {i}: {name} differs from eager"
+    ft.clear_graphs()
+
+
+@gpu
+@needs_cuda
 def test_gpu_power_law_tail():
     """Uniform routing (q = 0) and constant gamma: ds_t/df_0 has the closed form of SESSA_SPEC."""
     T, gam = 300, 0.9

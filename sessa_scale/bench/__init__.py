@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import gc
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 
-def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str | None = None) -> int:
-    """Peak CUDA memory allocated during one call of `fn`, beyond what was allocated before it."""
+def clear_op_caches() -> None:
+    """Drop what the feedback solve keeps between calls (its CUDA graphs and their static buffers)."""
+    triton_solve = sys.modules.get("sessa_scale.ops.feedback_triton")
+    if triton_solve is not None:
+        triton_solve.clear_graphs()
+
+
+def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str | None = None, warm: bool = False) -> int:
+    """Peak CUDA memory allocated during one call of `fn`, beyond what was allocated before it.
+    warm: the op caches are cleared, `fn` runs once unmeasured, and the peak of a second call is
+    taken against the memory before the first, so what the op keeps between calls (CUDA graphs'
+    static buffers) counts as the op's memory while one-time capture work does not."""
+    if warm:
+        clear_op_caches()
+    gc.collect()  # objects of earlier work freed now, not during the measured call
     torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
+    if warm:
+        fn()
+        torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base

@@ -10,7 +10,8 @@ Both at the same width D, heads and tokens per step (B = batch_tokens // T), in 
   GELU MLP 4D -> residual.
 
 Time: median of --repeats fwd+bwd calls (CUDA-synchronized wall clock, after warm-up);
-memory: max_memory_allocated during one fwd+bwd minus what was allocated before it.
+memory: max_memory_allocated during a warm fwd+bwd minus what was allocated before the first
+call (so the feedback solve's cached CUDA graphs count).
 """
 
 from __future__ import annotations
@@ -66,8 +67,7 @@ def measure(module: nn.Module, B: int, T: int, D: int, dtype: torch.dtype, devic
         x.grad = None
         module(x).backward(dy)
 
-    step()
-    peak = cuda_peak_bytes(step)
+    peak = cuda_peak_bytes(step, warm=True)
     times = []
     for _ in range(repeats):
         torch.cuda.synchronize()
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         " (same as `python -m sessa_scale.bench.layer ...`)",
         f"- D={D}, {H} forward heads, one feedback head of width {D}, solver={args.solver}, {args.dtype},"
         f" {args.batch_tokens} tokens per step; time = median of {args.repeats} fwd+bwd calls;"
-        " memory = max_memory_allocated minus what was allocated before the call",
+        " memory = max_memory_allocated of a warm call minus what was allocated before the first one (cached CUDA"
+        " graphs count)",
         "",
         "| T | B | Transformer ms | Sessa ms | Sessa/Transformer time | Transformer peak MiB | Sessa peak MiB |",
         "|---|---|---|---|---|---|---|",

@@ -4,7 +4,8 @@ For each (layout, T, impl) one point: inputs q, k: (B, T, H, D); gamma: (B, T, H
 (layout "HxD": H heads with Dk = Dv = D), then s = impl(q, k, gamma, f, 1/sqrt(D)) and
 s.backward(upstream). Reported: the median time of --repeats fwd+bwd calls and the op's PEAK memory:
 
-* CUDA: max_memory_allocated() during one fwd+bwd minus memory_allocated() before it (the inputs).
+* CUDA: max_memory_allocated() during a warm fwd+bwd minus memory_allocated() before the first
+  call (the inputs), so memory an op keeps between calls (the Triton solve's CUDA graphs) counts.
 * CPU (Linux): one fwd+bwd runs in a fresh Python subprocess, which allocates the inputs, resets
   the kernel's peak-RSS mark (/proc/self/clear_refs), reads the peak RSS (VmHWM), runs the call
   and reads it again; the difference is the growth of peak RSS caused by the op. VmHWM is the
@@ -97,13 +98,14 @@ def _peak_rss_bytes() -> int:
 
 def measure(impl: str, B: int, T: int, H: int, D: int, dtype: str, device: str, repeats: int) -> dict:
     """One point, in this process: {"ms": median of `repeats` fwd+bwd milliseconds (None if 0),
-    "peak_bytes": peak memory of the first fwd+bwd (on CPU meaningful only in a fresh process)}."""
+    "peak_bytes": peak memory of a fwd+bwd (CUDA: a warm one, with what the op keeps between calls;
+    CPU: the first, meaningful only in a fresh process)}."""
     torch_dtype = DTYPES[dtype]
     _fwd_bwd(impl, *_make_inputs(1, min(T, 128), H, D, torch_dtype, device))  # load code paths
     inputs, upstream = _make_inputs(B, T, H, D, torch_dtype, device)
     gc.collect()
     if device.startswith("cuda"):
-        peak = cuda_peak_bytes(lambda: _fwd_bwd(impl, inputs, upstream), device)
+        peak = cuda_peak_bytes(lambda: _fwd_bwd(impl, inputs, upstream), device, warm=True)
     else:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # peak RSS := current RSS
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `sessa-scale bench solve {shlex.join(argv if argv is not None else sys.argv[1:])}`"
         " (same as `python -m sessa_scale.bench.solve ...`)",
         f"- dtype {args.dtype}; layout HxD = H heads with Dk = Dv = D; time = median of {args.repeats} fwd+bwd calls",
-        "- Peak memory of the op: " + ("max_memory_allocated minus inputs" if args.device.startswith("cuda") else
+        "- Peak memory of the op: " + ("max_memory_allocated of a warm fwd+bwd minus the inputs (cached CUDA graphs count)" if args.device.startswith("cuda") else
             "growth of peak RSS (VmHWM, reset after allocating inputs) over one fwd+bwd, in a fresh subprocess"
             " per point with MALLOC_MMAP_THRESHOLD_=65536 (freed blocks >= 64 KiB go back to the OS)"),
         "",

@@ -11,15 +11,23 @@ leaves of L rows (C x C diagonal inverses on chip, merged by blocked products he
 recursive solve: the first half of a range, one apply of its block of gamma*P onto the
 second half, the second half; a leaf is the product N x.  The backward solves the transposed
 system with the same schedule backwards in time, then dq, dk (and dgamma) from row chunks of
-dS written to a scratch.
+dS written to a scratch.  Single heads multiply their leaves with cuBLAS.
 Memory per (batch, head): O(T * (Dk + Dv)) plus O(T) row statistics plus the leaf inverses
-(T x L, L <= 512 by default), plus one scratch of at most ``scratch_mib`` MiB per call.
+(T x L, L <= 1024 by default), plus one scratch of at most ``scratch_mib`` MiB per call.
+
+CUDA graphs: a call issues tens to hundreds of kernels, and at small sizes their CPU launch
+cost, not the GPU, sets the time.  On CUDA, sizes up to ``SolveConfig.graph_max_elements`` are
+captured on the second call of a shape (forward and backward separately) and replayed: inputs are copied into the graph's static buffers and its outputs cloned, so every
+call's results (and the tensors saved for its backward) stay its own, whatever runs in
+between.  Costs: those copies, and the static buffers of each cached shape (``clear_graphs``
+frees them).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -43,7 +51,9 @@ def _new(shape, dtype, device) -> torch.Tensor:
 @dataclass(frozen=True)
 class SolveConfig:
     C: int = 32  # diagonal block inverted on chip (64 spills in fp32 "ieee")
-    L: int = 512  # leaf: rows solved by one product with the leaf inverse (C * 2^k)
+    L: int = 512  # leaf: rows solved by one product with the leaf inverse (C * 2^k), at most
+    min_leaves: int = 16  # ... and, with one-pass applies, at most T / min_leaves rows (a power of two >= C):
+    # short sequences take small leaves (H100, 6x128: L = 128 / 256 / 512 fastest at T = 2k / 8k / 16k)
     L_two_pass: int = 1024  # leaf size when the applies are two-pass (wide heads: fewer launches)
     BM: int = 64  # row tile of the flash-style kernels
     BN: int = 64  # column tile
@@ -64,13 +74,17 @@ class SolveConfig:
     num_warps_mm: int = 4  # second-pass products
     num_stages: int = 2
     num_stages_mm: int = 3
+    leaf_cublas: int = 1  # single heads (H == 1): leaf products through torch.bmm (cuBLAS) instead of leaf_kernel
+    graphs: int = 1  # CUDA: replay each forward / backward of a shape seen before as one CUDA graph (0: launch eagerly)
+    graph_max_elements: int = 1 << 25  # ... only where B*T*H*(Dk+Dv) <= this: launch-bound sizes (larger ones hide
+    # their launches behind the GPU work, and a graph's static buffers cost memory)
 
 
 # Small blocks for the CPU interpreter (tests exercise several leaves, diagonal blocks and
 # scratch chunks).
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_two_pass=32, BM=16, BN=16, BK=16, BV=16, BML=16, BNL=16, BV_LEAF=16,
                                MM_BM=16, MM_BN=16, MM_BV=16, scratch_mib=0, num_warps=1, num_warps_leaf=1,
-                               num_warps_mm=1, num_stages=1, num_stages_mm=1)
+                               num_warps_mm=1, num_stages=1, num_stages_mm=1, min_leaves=1, graphs=0)
 _MIN_SCRATCH = 4096  # elements (scratch_mib = 0: the smallest chunks, for the interpreter tests)
 
 
@@ -85,6 +99,8 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int) -> SolveConfig:
     L = cfg.L_two_pass if two_pass else cfg.L
     if L % C or triton.next_power_of_2(L // C) != L // C:
         raise ValueError(f"SolveConfig.L / L_two_pass must be C * 2^k (C={C}); got {L}")
+    if not two_pass:
+        L = min(L, triton.next_power_of_2(triton.cdiv(T, cfg.min_leaves)))
     L = max(C, min(L, C * triton.next_power_of_2(triton.cdiv(T, C))))
     return replace(
         cfg, L=L, two_pass=two_pass, BML=min(cfg.BML, L),
@@ -97,14 +113,13 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 def _prep(q, k, gamma, f):
+    """q, k in the input dtype of the products (float64 if anything is; else q's half or fp32
+    dtype), contiguous; gamma contiguous."""
     acc = torch.float64 if any(t.dtype == torch.float64 for t in (q, k, gamma, f)) else torch.float32
     in_dt = acc if acc == torch.float64 else q.dtype
     if in_dt not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         in_dt = torch.float32
-    q = q.to(in_dt).contiguous()
-    k = k.to(in_dt).contiguous()
-    gamma = gamma.contiguous()
-    return q, k, gamma, acc, in_dt
+    return q.to(in_dt).contiguous(), k.to(in_dt).contiguous(), gamma.contiguous()
 
 
 def _kw(cfg: SolveConfig, kind: str = "flash") -> dict:
@@ -116,25 +131,26 @@ def _kw(cfg: SolveConfig, kind: str = "flash") -> dict:
 
 
 @contextmanager
-def _ieee_matmul():
-    """torch matmuls in full fp32 (the leaf inverses), whatever the caller's TF32 setting."""
+def _fp32_matmul(prec: str = "ieee"):
+    """torch fp32 matmuls in full fp32 (prec "ieee") or TF32 ("tf32"), whatever the caller's setting."""
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int) -> None:
+def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int, prec: str) -> None:
     """In place: W (B*H, NL*L, L) holds, per leaf, the blocks of A = gamma*P below the
     diagonal, the inverses of the C x C diagonal blocks of (I - A) and zeros above; doubling
-    the block size h, N21 = N22 A21 N11 turns it into the full inverse of (I - A)."""
+    the block size h, N21 = N22 A21 N11 turns it into the full inverse of (I - A).
+    prec: "tf32" for half-precision inputs (as the leaf products), else "ieee"."""
     Wl = W.view(-1, L, L)
     base = Wl.storage_offset()
     n = Wl.shape[0]
     h = C
-    with _ieee_matmul():
+    with _fp32_matmul(prec):
         while h < L:
             size, stride = (n, L // (2 * h), h, h), (L * L, 2 * h * L + 2 * h, L, 1)
             n11 = Wl.as_strided(size, stride, base)
@@ -219,7 +235,7 @@ class _Ctx:
         if self.H == 1 and 0 < c.cublas_min <= M * N and not INTERPRET:
             a = A.transpose(1, 2) if transpose else A
             if a.dtype == self.acc:
-                with _ieee_matmul():
+                with _fp32_matmul():
                     prod = torch.bmm(a, v[:, v_off:v_off + N, 0])
             else:  # half-precision operands, fp32 output
                 prod = torch.bmm(a, v[:, v_off:v_off + N, 0], out_dtype=self.acc)
@@ -255,6 +271,15 @@ class _Ctx:
     def leaf(self, W, x, s, sl, a, rev):
         """s = N x over the leaf [a, a + L) (rev: N^T x), and its copy sl in the input dtype."""
         c = self.cfg
+        if self.H == 1 and c.leaf_cublas:  # (B, rows, Dv) slabs: one batched product over the leaf
+            rows = min(c.L, self.T - a)
+            N = W[:, a:a + rows, :rows]
+            with _fp32_matmul(self.leaf_prec):
+                prod = torch.bmm(N.transpose(1, 2) if rev else N, x[:, a:a + rows, 0])
+            s[:, a:a + rows, 0] = prod
+            if sl is not s:
+                sl[:, a:a + rows, 0] = prod
+            return
         K.leaf_kernel[(c.L // c.BML, triton.cdiv(self.Dv, c.BV_LEAF), self.BH)](
             W, x, s, sl, self.T, self.H, self.Dv, x.stride(0), x.stride(1), W.shape[1], a, c.L,
             BML=c.BML, BNL=c.BNL, BV=c.BV_LEAF, REV=rev, COPY=sl is not s, PREC=self.leaf_prec, **_kw(c, "leaf"))
@@ -267,17 +292,18 @@ def _pair(shape, acc, in_dt, device):
 
 
 def _forward(q, k, gamma, f, scale, cfg):
+    """q, k, gamma as prepared by _prep, cfg by _fit -> S (acc), Sl (input dtype; S itself when
+    equal), lse, W: the solution and what the backward needs."""
     B, T, H, Dk = q.shape
     Dv = f.shape[-1]
-    q, k, gamma, acc, in_dt = _prep(q, k, gamma, f)
-    cfg = _fit(cfg, T, Dk, Dv)
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in (q, k, gamma, f)) else torch.float32
     C, L = cfg.C, cfg.L
     NL = triton.cdiv(T, L)
     lse = _new((B * H, T), acc, q.device)
     ctx = _Ctx(q, k, gamma, lse, Dv, acc, scale, cfg)
     X = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
     X.copy_(f)
-    S, Sl = _pair((B, T, H, Dv), acc, in_dt, q.device)
+    S, Sl = _pair((B, T, H, Dv), acc, q.dtype, q.device)
     W = _new((ctx.BH, NL * L, L), acc, q.device)
     sq, sg = ctx.sq, ctx.sg
     K.lse_kernel[(triton.cdiv(T, cfg.BM), ctx.BH)](
@@ -286,13 +312,14 @@ def _forward(q, k, gamma, f, scale, cfg):
     K.leaf_prep_kernel[(NL * L // C, ctx.BH)](
         q, k, gamma, lse, W, T, H, Dk, scale, *sq, *sq, *sg, NL * L, L,
         C=C, BK=cfg.BK, NK=ctx.nk, LOG2C=int(math.log2(C)), PREC=ctx.prec, **_kw(cfg, "leaf"))
-    _merge_leaf_inverses(W, L, C)
+    _merge_leaf_inverses(W, L, C, ctx.leaf_prec)
     _schedule(T, NL, L, lambda a: ctx.leaf(W, X, S, Sl, a, rev=False),
               lambda *blk: ctx.apply(*blk, Sl, X, rev=False), reverse=False)
-    return S, Sl, lse, W, cfg, (q, k, gamma)
+    return S, Sl, lse, W
 
 
-def _backward(ds, q, k, gamma, f, S, Sl, lse, W, scale, cfg):
+def _backward(ds, q, k, gamma, f, S, Sl, lse, W, scale, cfg, dtypes):
+    """-> dq, dk, dgamma, df in `dtypes` (df is the solution lam of the transposed system)."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
     acc = S.dtype
@@ -306,7 +333,7 @@ def _backward(ds, q, k, gamma, f, S, Sl, lse, W, scale, cfg):
     del Y
     # delta_t = gamma_t lam_t . c_t = lam_t . (s_t - f_t)   (no division by gamma)
     delta = torch.empty((B, H, T), dtype=acc, device=q.device)
-    torch.sum(Lam * (S - f.to(acc)), dim=-1, out=delta.transpose(1, 2))
+    torch.sum(Lam * (S - f), dim=-1, out=delta.transpose(1, 2))
     delta = delta.view(ctx.BH, T)
     # dq = scale dS k, dk = scale dS^T q, dgamma_t = sum_j P_tj lam_t.s_j, over square blocks of
     # dS (causal ones only) written to the scratch; fp32 accumulators across blocks.
@@ -323,27 +350,93 @@ def _backward(ds, q, k, gamma, f, S, Sl, lse, W, scale, cfg):
             ctx.mm(A, False, k, c0, dq, r0, limit=1, lim_off=r0 - c0, alpha=scale)
             ctx.mm(A, True, q, r0, dk, c0, limit=2, lim_off=c0 - r0, alpha=scale)
     dgamma = dgp.sum(1).view(B, H, T).transpose(1, 2)
-    return dq.to(q.dtype), dk.to(k.dtype), dgamma, Lam
+    tq, tk, tg, tf = dtypes
+    df = Ll if Ll.dtype == tf else Lam.to(tf)
+    return dq.to(tq), dk.to(tk), dgamma.to(tg), df
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+_GRAPHS: OrderedDict = OrderedDict()  # (direction, config, shapes, dtypes, device) -> _Graph, least recent first
+_SEEN: OrderedDict = OrderedDict()  # keys called once so far (a shape is captured on its second call)
+GRAPH_CACHE_SIZE = 8  # captured calls kept (a forward and a backward per shape)
+
+
+class _Graph:
+    """One captured call of fn: static copies of its inputs, the CUDA graph, its static outputs."""
+
+    def __init__(self, fn, inputs):
+        self.inputs = [t.detach().clone(memory_format=torch.contiguous_format) for t in inputs]
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # on a side stream, into a private memory pool
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, inputs):
+        for static, t in zip(self.inputs, inputs):
+            static.copy_(t)
+        self.graph.replay()
+        return tuple(o.clone() for o in self.outputs)  # later replays overwrite the static outputs
+
+
+def _graph_eligible(q: torch.Tensor, f: torch.Tensor, cfg: SolveConfig) -> bool:
+    B, T, H, Dk = q.shape
+    return (cfg.graphs == 1 and q.is_cuda and not INTERPRET and B * T * H * (Dk + f.shape[-1]) <= cfg.graph_max_elements
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _call(direction: str, fn, inputs, key: tuple, graphed: bool):
+    """fn(*inputs), or a replay of the CUDA graph cached under (direction, key, input shapes): the
+    first call of a shape runs eagerly (compiling its kernels; one-off shapes such as prompt lengths
+    are never captured), the second captures it."""
+    if not graphed:
+        return fn(*inputs)
+    key = (direction, key, tuple((t.shape, t.dtype) for t in inputs), inputs[0].device)
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        if key not in _SEEN:
+            _SEEN[key] = None
+            while len(_SEEN) > 8 * GRAPH_CACHE_SIZE:
+                _SEEN.popitem(last=False)
+            return fn(*inputs)
+        entry = _GRAPHS[key] = _Graph(fn, inputs)
+        while len(_GRAPHS) > GRAPH_CACHE_SIZE:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    return entry(inputs)
+
+
+def clear_graphs() -> None:
+    """Drop every captured CUDA graph and its static buffers (benchmarks measure memory with a cold cache)."""
+    _GRAPHS.clear()
+    _SEEN.clear()
 
 
 class _TritonFeedbackSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, gamma, f, scale, cfg):
+        B, T, H, Dk = q.shape
         with torch.autocast(q.device.type, enabled=False):
-            S, Sl, lse, W, cfg_fit, (qc, kc, gc) = _forward(q, k, gamma, f, scale, cfg)
+            qc, kc, gc = _prep(q, k, gamma, f)
+            cfg = _fit(cfg, T, Dk, f.shape[-1])
+            ctx.graphed = _graph_eligible(q, f, cfg)
+            S, Sl, lse, W = _call("fwd", lambda *a: _forward(*a, scale, cfg), (qc, kc, gc, f), (scale, cfg),
+                                  ctx.graphed)
         ctx.save_for_backward(qc, kc, gc, f, S, Sl, lse, W)
-        ctx.scale = scale
-        ctx.cfg = cfg_fit
+        ctx.scale, ctx.cfg = scale, cfg
         ctx.dtypes = (q.dtype, k.dtype, gamma.dtype, f.dtype)
-        return S if S.dtype == f.dtype else S.to(f.dtype)
+        for out in (Sl, S):  # the solution in f's dtype without a copy where one exists (saved, not modified)
+            if out.dtype == f.dtype:
+                return out
+        return S.to(f.dtype)
 
     @staticmethod
     def backward(ctx, ds):
         qc, kc, gc, f, S, Sl, lse, W = ctx.saved_tensors
         with torch.autocast(qc.device.type, enabled=False):
-            dq, dk, dg, lam = _backward(ds, qc, kc, gc, f, S, Sl, lse, W, ctx.scale, ctx.cfg)
-        tq, tk, tg, tf = ctx.dtypes
-        return dq.to(tq), dk.to(tk), dg.to(tg), lam.to(tf), None, None
+            graphed = ctx.graphed and not torch.cuda.is_current_stream_capturing()
+            grads = _call("bwd", lambda *a: _backward(*a, ctx.scale, ctx.cfg, ctx.dtypes),
+                          (ds, qc, kc, gc, f, S, Sl, lse, W), (ctx.scale, ctx.cfg, ctx.dtypes), graphed)
+        return (*grads, None, None)
 
 
 def config_from_env(base: SolveConfig) -> SolveConfig:
@@ -354,8 +447,10 @@ def config_from_env(base: SolveConfig) -> SolveConfig:
     return replace(base, **{k: int(v) for k, v in (item.split("=") for item in text.split(","))})
 
 
+@torch.compiler.disable  # torch.compile runs the model around it; the kernels launch (or replay) as they are
 def feedback_solve_triton(q, k, gamma, f, scale: float, config: SolveConfig | None = None):
-    """Triton feedback solve (see module docstring). ``config`` overrides the tile sizes."""
+    """Triton feedback solve (see module docstring). ``config`` overrides the tile sizes and
+    the CUDA-graph policy (``graphs``, ``graph_max_elements``)."""
     if config is None:
         config = config_from_env(INTERPRET_CONFIG if INTERPRET else SolveConfig())
     if q.device.type == "cuda" and any(t.dtype == torch.float64 for t in (q, k, gamma, f)):
