@@ -58,6 +58,7 @@ def measure(arch: str, size: str, T: int, batch_tokens: int, steps: int, warmup:
         model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
     if compile_model:
+        torch._dynamo.reset()  # each row compiles afresh (no recompile limit reached across rows)
         compile_for_training(model)
     tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device="cuda")
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # as the data loader delivers them
