@@ -172,6 +172,12 @@ def test_every_problem_is_reported_at_once_naming_file_and_key(tmp_path):
     assert len(err.problems) == len(expected)
 
 
+def test_train_compile_is_a_boolean():
+    assert load_config(None).train.compile is False
+    assert load_config(None, ["train.compile=true"]).train.compile is True
+    assert "command line: train.compile: expected true or false, got 1" in str(config_error(None, ["train.compile=1"]))
+
+
 def test_model_problems_from_defaults_name_their_source():
     # n_heads stays at its default; the problem names where the model section was last set
     err = config_error(None, ["model.d_model=130"])

@@ -89,3 +89,70 @@ def test_user_errors_exit_2_with_one_paragraph_and_no_traceback(tmp_path):
         assert needle in result.stderr
     result = _cli("generate", str(tmp_path / "nope"), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+def _model_keys(run_dir, step: int) -> list[str]:
+    import torch
+
+    states = torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
+    return sorted(states["module"])
+
+
+@pytest.mark.slow
+def test_train_compile_trains_checkpoints_and_resumes_like_eager(tmp_path):
+    """train.compile=true: losses close to the eager run's, checkpoints with the eager state-dict keys
+    (nn.Module.compile in place, no _orig_mod. prefix), and an eager run resumes from them."""
+    eager = _train(tmp_path / "eager", "train.max_steps=4", "checkpoint.interval=2")
+    compiled = _train(tmp_path / "compiled", "train.max_steps=2", "train.compile=true")
+    assert _model_keys(tmp_path / "compiled", 2) == _model_keys(tmp_path / "eager", 2)
+    assert not any("_orig_mod" in k for k in _model_keys(tmp_path / "compiled", 2))
+    resumed = _train(tmp_path / "compiled", "train.max_steps=4", "train.resume=auto")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(eager, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert [r["loss"] for r in compiled] == [r["loss"] for r in resumed[:2]]
+    assert eager[-1]["val_loss"] == pytest.approx(resumed[-1]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1])
+def test_fused_adamw_through_deepspeed_resumes_exactly(tmp_path, monkeypatch, stage):
+    """Fused AdamW (what CUDA runs get) forced on CPU, where torch has a fused kernel too: DeepSpeed's
+    engine (stage 0) and ZeRO-1's flat fp32 partitions step it, save it and resume it bit-exactly."""
+    from sessa_scale.training import optimizer, trainer
+
+    monkeypatch.setattr(optimizer, "adamw_implementation", lambda params: {"fused": True})
+    built = []
+    monkeypatch.setattr(trainer, "build_optimizer", lambda *a, **kw: built.append(optimizer.build_optimizer(*a, **kw)) or built[-1])
+    common = (f"zero.stage={stage}", "train.eval_interval=0")
+    straight = _train(tmp_path / "straight", "train.max_steps=6", "checkpoint.interval=3", *common)
+    _train(tmp_path / "split", "train.max_steps=3", *common)
+    resumed = _train(tmp_path / "split", "train.max_steps=6", "train.resume=auto", *common)
+    assert len(built) == 3 and all(g["fused"] is True for opt in built for g in opt.param_groups)
+    assert [(r["loss"], r["grad_norm"]) for r in straight] == [(r["loss"], r["grad_norm"]) for r in resumed]
+    assert straight[-1]["loss"] < straight[0]["loss"]
+
+
+def test_restore_implementation_undoes_a_checkpoint_of_another_adamw(monkeypatch):
+    """Optimizer.load_state_dict takes the saved groups' fused/foreach flags; restore_implementation
+    gives back this run's (fused here, as on CUDA) with step counters where the fused kernel wants them."""
+    import torch
+
+    from sessa_scale.config import OptimConfig
+    from sessa_scale.training import optimizer
+
+    model = torch.nn.Linear(4, 3)
+    plain = optimizer.build_optimizer(model, OptimConfig())
+    assert all(g["fused"] is None for g in plain.param_groups)  # CPU: torch's default implementation
+    model(torch.ones(2, 4)).sum().backward()
+    plain.step()
+    monkeypatch.setattr(optimizer, "adamw_implementation", lambda params: {"fused": True})
+    fused = optimizer.build_optimizer(model, OptimConfig())
+    fused.load_state_dict(plain.state_dict())
+    assert all(g["fused"] is None for g in fused.param_groups)
+    optimizer.restore_implementation(fused)
+    assert all(g["fused"] is True for g in fused.param_groups)
+    assert all(s["step"].dtype == torch.float32 and s["step"].item() == 1 for s in fused.state.values())
+    fused.step()
+    assert all(s["step"].item() == 2 for s in fused.state.values())

@@ -2,9 +2,11 @@
 and the Transformer's model FLOP utilization (MFU), as a Markdown table.
 
 For each architecture and T: configs/<arch>/<size>.yaml with data.seq_len = T, built on CUDA with
-fp32 weights; one training step = bf16 autocast forward, cross-entropy on random tokens, backward,
-gradient clipping and the project's AdamW (sessa_scale.training.optimizer), as the trainer does
-(without DeepSpeed, so that this runs where DeepSpeed is not installed). B = batch_tokens // T
+fp32 weights; one training step = bf16 autocast forward with the model's own loss (model(inputs,
+targets): cross-entropy on random tokens, as the trainer's lm_loss), backward, gradient clipping and
+the project's AdamW from sessa_scale.training.optimizer.build_optimizer (fused on CUDA), as the trainer
+does (without DeepSpeed, so that this runs where DeepSpeed is not installed). --compile compiles the
+model with the trainer's train.compile helper (sessa_scale.training.compile). B = batch_tokens // T
 sequences per step. Time: CUDA-synchronized wall clock of --steps steps after --warmup steps;
 memory: max_memory_allocated over the measured steps (weights, grads and AdamW state included).
 
@@ -26,12 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sessa_scale.bench import emit_report
 from sessa_scale.config import load_config
 from sessa_scale.metrics import peak_bf16_flops_of
 from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
+from sessa_scale.training.compile import compile_for_training
 from sessa_scale.training.optimizer import build_optimizer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -55,13 +57,16 @@ def measure(arch: str, size: str, T: int, batch_tokens: int, steps: int, warmup:
     with torch.device("cuda"):
         model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
-    step_model = torch.compile(model) if compile_model else model
+    if compile_model:
+        torch._dynamo.reset()  # each row compiles afresh (no recompile limit reached across rows)
+        compile_for_training(model)
     tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device="cuda")
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # as the data loader delivers them
 
     def fwd_bwd():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = step_model(tokens[:, :-1])
-        F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+            loss = model(inputs, targets)  # the trainer's lm_loss
+        loss.backward()
 
     def fwd_bwd_only():
         fwd_bwd()
@@ -73,7 +78,10 @@ def measure(arch: str, size: str, T: int, batch_tokens: int, steps: int, warmup:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    row = {"arch": arch, "T": T, "B": B, "oom": False, "params": count_parameters(cfg.model).total}
+    row = {
+        "arch": arch, "T": T, "B": B, "oom": False, "params": count_parameters(cfg.model).total,
+        "optimizer": "fused AdamW" if optimizer.param_groups[0].get("fused") else "foreach AdamW",
+    }
     try:
         for _ in range(warmup):
             train_step()
@@ -84,7 +92,7 @@ def measure(arch: str, size: str, T: int, batch_tokens: int, steps: int, warmup:
     except torch.cuda.OutOfMemoryError:
         row["oom"] = True
     finally:
-        del model, optimizer, step_model
+        del model, optimizer
         torch.cuda.empty_cache()
     if arch == "transformer":
         row["flops_per_token"] = count_training_flops(cfg.model, T)
@@ -102,21 +110,24 @@ def format_report(rows: list[dict], args, argv: list[str], peak: float | None) -
         else f"- Machine: {device}; torch {torch.__version__}; peak bf16 unknown (no MFU)",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- Command: `python -m sessa_scale.bench.models {shlex.join(argv)}` (= `sessa-scale bench models ...`)",
-        f"- One step = bf16-autocast forward + cross-entropy + backward + grad clip + AdamW, fp32 weights,"
+        f"- One step = the trainer's: bf16-autocast forward with the model's loss (cross-entropy over float32 logits)"
+        f" + backward + grad clip + the trainer's AdamW (build_optimizer: fused on CUDA), fp32 weights,"
         f" {args.batch_tokens} tokens per step (B = {args.batch_tokens} // T; halved after an out-of-memory row); 'fwd+bwd' times forward + loss +"
         f" backward alone. Means of {args.steps} calls after {args.warmup} warm-up steps;"
-        f" {'torch.compile' if args.compile else 'eager (as the trainer runs)'}; peak memory over the timed calls.",
+        f" {'torch.compile as train.compile=true' if args.compile else 'eager (train.compile=false, the default)'}; peak memory over the timed calls.",
         "- MFU: analytic model FLOPs (sessa_scale.models.flops: all matrix products, causal attention, LM head) over"
         " the peak; 'MFU, full square' counts the whole T x T attention square as Megatron/PaLM do.",
         "",
         "| arch | T | B | params | fwd+bwd ms | fwd+bwd tokens/s | step ms | step tokens/s | step vs Transformer"
-        " | peak GiB | step TFLOP/s | MFU fwd+bwd | MFU step | MFU step, full square |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | peak GiB | step TFLOP/s | MFU fwd+bwd | MFU step | MFU step, full square | tokens/step | compile | optimizer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r["T"]: r for r in rows if r["arch"] == "transformer" and not r["oom"]}
+    compiled = "yes" if args.compile else "no"
     for r in rows:
         if r["oom"]:
-            lines.append(f"| {r['arch']} | {r['T']} | {r['B']} | {r['params'] / 1e6:.1f}M | out of memory |" + " |" * 9)
+            lines.append(f"| {r['arch']} | {r['T']} | {r['B']} | {r['params'] / 1e6:.1f}M | out of memory |" + " |" * 9
+                         + f" {r['B'] * r['T']} | {compiled} | {r['optimizer']} |")
             continue
         tokens = r["B"] * r["T"]
         ratio = f"{base[r['T']]['step_s'] / r['step_s']:.2f}" if r["T"] in base else ""
@@ -130,7 +141,7 @@ def format_report(rows: list[dict], args, argv: list[str], peak: float | None) -
         lines.append(
             f"| {r['arch']} | {r['T']} | {r['B']} | {r['params'] / 1e6:.1f}M | {1e3 * r['fwd_bwd_s']:.1f} | "
             f"{tokens / r['fwd_bwd_s']:,.0f} | {1e3 * r['step_s']:.1f} | {tokens / r['step_s']:,.0f} | {ratio} | "
-            f"{r['peak_bytes'] / 2**30:.1f} | {tflops} | {mfu_fb} | {mfu} | {mfu_sq} |"
+            f"{r['peak_bytes'] / 2**30:.1f} | {tflops} | {mfu_fb} | {mfu} | {mfu_sq} | {tokens} | {compiled} | {r['optimizer']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens per step (B = this // T); a model that runs out of memory is retried with half")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (the trainer does not)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model, as train.compile=true does in the trainer (default: eager)")
     ap.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -83,6 +83,7 @@ class TrainConfig:
     micro_batch_size: int = 16  # sequences per forward pass per data-parallel rank
     grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model for training (in place through DeepSpeed's engine.compile: same state-dict keys and checkpoints as eager); the first step pays the compilation; evaluation runs eager; tested in one process (not with parallel.tensor > 1)
     eval_interval: int = 100  # evaluate validation loss every N steps (and at the end); 0 disables
     eval_batches: int = 4  # micro-batches per evaluation
     resume: str = "auto"  # "auto": latest checkpoint of run.dir if any; "none": fresh start; or a checkpoint path

@@ -22,7 +22,8 @@ from sessa_scale.distributed.tp_plan import universal_checkpoint_info
 from sessa_scale.errors import UserError
 from sessa_scale.metrics import MetricsLogger, Progress, peak_bf16_flops, peak_memory_gib, throughput
 from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
-from sessa_scale.training.optimizer import build_optimizer, build_scheduler
+from sessa_scale.training.compile import compile_for_training, eager_forward
+from sessa_scale.training.optimizer import build_optimizer, build_scheduler, restore_implementation
 from sessa_scale.training.preemption import PreemptionHandler
 
 # Model keys that may differ between a checkpoint and the run resuming it (no effect on weights).
@@ -82,21 +83,24 @@ def _check_resumable(checkpoint: Path, cfg: Config) -> int:
 def _global_grad_norm(model: torch.nn.Module, tp_group) -> float:
     """2-norm of the whole model's gradient: TP shards summed over the TP group, replicated
     parameters counted once."""
-    sq = {True: torch.zeros((), dtype=torch.float64), False: torch.zeros((), dtype=torch.float64)}
+    # accumulated on the gradients' device in float64, in parameter order (the same sums as a CPU
+    # accumulation), with one host sync at the end instead of one per parameter
+    device = next((p.grad.device for p in model.parameters() if p.grad is not None), torch.device("cpu"))
+    sq = {k: torch.zeros((), dtype=torch.float64, device=device) for k in (True, False)}
     for p in model.parameters():
         if p.grad is not None:
-            sq[bool(getattr(p, "tensor_model_parallel", False))] += p.grad.detach().double().square().sum().cpu()
+            sq[bool(getattr(p, "tensor_model_parallel", False))] += p.grad.detach().double().square().sum()
     if tp_group is not None and tp_group.size() > 1:
         sharded = sq[True].to(device_for_rank())
         torch.distributed.all_reduce(sharded, group=tp_group)
-        sq[True] = sharded.cpu()
+        sq[True] = sharded.to(device)
     return math.sqrt((sq[True] + sq[False]).item())
 
 
 @torch.no_grad()
 def evaluate(engine, batches, cfg: Config, device: torch.device) -> float:
     engine.eval()
-    with autocast_context(cfg, device):
+    with autocast_context(cfg, device), eager_forward():  # train.compile: no second compilation for eval
         losses = [lm_loss(engine, x.to(device), y.to(device)).item() for x, y in batches]
     engine.train()
     return all_reduce_mean(sum(losses) / len(losses), device)
@@ -152,9 +156,12 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
         mpu=MegatronMPU(),
     )
 
+    if t.compile:
+        compile_for_training(engine)  # in place: state-dict keys and checkpoints as eager
     step, tokens = 0, 0
     if resume_from is not None:
         client = checkpoints.load(engine, resume_from, universal)
+        restore_implementation(optimizer)  # fused on CUDA whatever the checkpoint was saved with
         step, tokens = client["step"], client["tokens"]
         stream.load_state_dict(client["data"])
     if is_rank0():
@@ -167,6 +174,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
         f"sessa-scale: {cfg.model.arch}, {count_parameters(cfg.model).total:,} parameters, "
         f"{world_size()} rank(s) on {device.type} (tensor {layout.tp}{' + sequence' if layout.sequence_parallel else ''}"
         f" x data {dp_size}, ZeRO {cfg.zero.stage}); data: {data.description}; run dir: {cfg.run_dir}"
+        + ("; torch.compile (the first step compiles)" if t.compile else "")
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
         + (f" (re-split from {saved_layout(resume_from)} through {universal})" if universal else "")
     )
