@@ -34,12 +34,12 @@ if [[ $MODE == bench || $MODE == all ]]; then
   # Head dims <= 256: SDPA flash first, so the ratio columns read "x SDPA".
   timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
     --seq-lens 2048,8192,16384,32768 --layouts 6x128,16x64 \
-    --impls $SMALL_IMPLS --repeats 10 --max-quadratic-gib 45 \
+    --impls $SMALL_IMPLS --repeats ${SMALL_REPEATS:-10} --max-quadratic-gib 45 \
     --out "$OUT/solve_small_heads.md" 2>&1 | tee "$OUT/bench_solve_small.log" || rc=1
   # Wide single heads: ratios against the Triton kernel.
   timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
     --seq-lens 2048,8192,16384,32768 --layouts 1x768,1x2048 \
-    --impls triton,chunked,dense --repeats 5 --max-quadratic-gib 45 \
+    --impls triton,chunked,dense --repeats ${WIDE_REPEATS:-5} --max-quadratic-gib 45 \
     --out "$OUT/solve_wide_heads.md" 2>&1 | tee "$OUT/bench_solve_wide.log" || rc=1
 fi
 exit $rc
