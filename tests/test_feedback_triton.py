@@ -107,6 +107,42 @@ def test_interpreter_against_dense(dtype):
     assert proc.stdout.count("ok ") == len(INTERP_T) + 2, proc.stdout
 
 
+def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():
+    """The recursive schedule solves leaves in time order (reverse: backwards), applies each solved
+    range to the next one, and keeps nothing alive after it returns (a self-referencing closure did:
+    the call's work buffers then lived until the cyclic garbage collector ran)."""
+    import gc
+    import weakref
+
+    pytest.importorskip("triton")
+    from sessa_scale.ops.feedback_triton import _schedule
+
+    class Buffer:  # stands in for the work buffers the leaf and apply callbacks hold
+        pass
+
+    for reverse in (False, True):
+        events, buf = [], Buffer()
+        alive = weakref.ref(buf)
+        gc.disable()
+        try:
+            _schedule(5 * 8 - 3, 8, lambda a, b=buf: events.append(("leaf", a)),
+                      lambda *blk, b=buf: events.append(("apply", *blk)), reverse, 0, 5)
+            del buf
+            assert alive() is None, "the schedule kept its callbacks' buffers alive"
+        finally:
+            gc.enable()
+        leaves = [e[1] for e in events if e[0] == "leaf"]
+        assert leaves == sorted(leaves, reverse=reverse) == sorted({0, 8, 16, 24, 32}, reverse=reverse)
+        for i, event in enumerate(events):  # each apply reads solved rows only and feeds unsolved ones
+            if event[0] == "apply":
+                _, l0, l1, e0, e1 = event
+                solved = {e[1] for e in events[:i] if e[0] == "leaf"}
+                assert l1 <= 37 and e0 < e1 <= l0 < l1
+                src = range(l0, l1, 8) if reverse else range(e0, e1, 8)
+                dst = range(e0, e1, 8) if reverse else range(l0, l1, 8)
+                assert set(src) <= solved and not set(dst) & solved
+
+
 # ----------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu

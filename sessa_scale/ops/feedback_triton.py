@@ -160,22 +160,20 @@ def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int, prec: str) -> None:
             h *= 2
 
 
-def _schedule(T: int, NL: int, L: int, leaf, apply, reverse: bool) -> None:
-    """Recursive solve over leaves [0, NL * L): first half, apply(l0, l1, e0, e1) of the block
-    gamma*P[l0:l1, e0:e1] (later rows x earlier columns), second half; reverse (the
-    transposed system of the backward) runs the later half first."""
-
-    def solve(a, n):
-        if n == 1:
-            leaf(a)
-            return
-        mid = a + (n // 2) * L
-        first, second = ((mid, n - n // 2), (a, n // 2)) if reverse else ((a, n // 2), (mid, n - n // 2))
-        solve(*first)
-        apply(mid, min(a + n * L, T), a, mid)
-        solve(*second)
-
-    solve(0, NL)
+def _schedule(T: int, L: int, leaf, apply, reverse: bool, a: int, n: int) -> None:
+    """Recursive solve over the n leaves [a, a + n * L): first half, apply(l0, l1, e0, e1) of the
+    block gamma*P[l0:l1, e0:e1] (later rows x earlier columns), second half; reverse (the
+    transposed system of the backward) runs the later half first.  A plain function, not a
+    self-referencing closure: such a cycle would keep the call's buffers (held by leaf and apply)
+    alive until Python's cyclic garbage collector ran."""
+    if n == 1:
+        leaf(a)
+        return
+    mid = a + (n // 2) * L
+    first, second = ((mid, n - n // 2), (a, n // 2)) if reverse else ((a, n // 2), (mid, n - n // 2))
+    _schedule(T, L, leaf, apply, reverse, *first)
+    apply(mid, min(a + n * L, T), a, mid)
+    _schedule(T, L, leaf, apply, reverse, *second)
 
 
 class _Ctx:
@@ -313,8 +311,8 @@ def _forward(q, k, gamma, f, scale, cfg):
         q, k, gamma, lse, W, T, H, Dk, scale, *sq, *sq, *sg, NL * L, L,
         C=C, BK=cfg.BK, NK=ctx.nk, LOG2C=int(math.log2(C)), PREC=ctx.prec, **_kw(cfg, "leaf"))
     _merge_leaf_inverses(W, L, C, ctx.leaf_prec)
-    _schedule(T, NL, L, lambda a: ctx.leaf(W, X, S, Sl, a, rev=False),
-              lambda *blk: ctx.apply(*blk, Sl, X, rev=False), reverse=False)
+    _schedule(T, L, lambda a: ctx.leaf(W, X, S, Sl, a, rev=False),
+              lambda *blk: ctx.apply(*blk, Sl, X, rev=False), False, 0, NL)
     return S, Sl, lse, W
 
 
@@ -328,8 +326,8 @@ def _backward(ds, q, k, gamma, f, S, Sl, lse, W, scale, cfg, dtypes):
     Y = torch.empty_like(S)
     Y.copy_(ds)
     Lam, Ll = _pair(S.shape, acc, Sl.dtype, q.device)
-    _schedule(T, NL, cfg.L, lambda a: ctx.leaf(W, Y, Lam, Ll, a, rev=True),
-              lambda *blk: ctx.apply(*blk, Ll, Y, rev=True), reverse=True)
+    _schedule(T, cfg.L, lambda a: ctx.leaf(W, Y, Lam, Ll, a, rev=True),
+              lambda *blk: ctx.apply(*blk, Ll, Y, rev=True), True, 0, NL)
     del Y
     # delta_t = gamma_t lam_t . c_t = lam_t . (s_t - f_t)   (no division by gamma)
     delta = torch.empty((B, H, T), dtype=acc, device=q.device)
