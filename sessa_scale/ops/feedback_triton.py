@@ -112,10 +112,15 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
        torch.float64: tl.float64}
 
 
+def _acc_dtype(*tensors) -> torch.dtype:
+    """The compute dtype ACC: float64 if any input is, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _prep(q, k, gamma, f):
     """q, k in the input dtype of the products (float64 if anything is; else q's half or fp32
     dtype), contiguous; gamma contiguous."""
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in (q, k, gamma, f)) else torch.float32
+    acc = _acc_dtype(q, k, gamma, f)
     in_dt = acc if acc == torch.float64 else q.dtype
     if in_dt not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         in_dt = torch.float32
@@ -294,7 +299,7 @@ def _forward(q, k, gamma, f, scale, cfg):
     equal), lse, W: the solution and what the backward needs."""
     B, T, H, Dk = q.shape
     Dv = f.shape[-1]
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in (q, k, gamma, f)) else torch.float32
+    acc = _acc_dtype(q, k, gamma, f)
     C, L = cfg.C, cfg.L
     NL = triton.cdiv(T, L)
     lse = _new((B * H, T), acc, q.device)
@@ -378,15 +383,15 @@ class _Graph:
 
 def _graph_eligible(q: torch.Tensor, f: torch.Tensor, cfg: SolveConfig) -> bool:
     B, T, H, Dk = q.shape
-    return (cfg.graphs == 1 and q.is_cuda and not INTERPRET and B * T * H * (Dk + f.shape[-1]) <= cfg.graph_max_elements
-            and not torch.cuda.is_current_stream_capturing())
+    return cfg.graphs == 1 and q.is_cuda and not INTERPRET and B * T * H * (Dk + f.shape[-1]) <= cfg.graph_max_elements
 
 
 def _call(direction: str, fn, inputs, key: tuple, graphed: bool):
     """fn(*inputs), or a replay of the CUDA graph cached under (direction, key, input shapes): the
     first call of a shape runs eagerly (compiling its kernels; one-off shapes such as prompt lengths
-    are never captured), the second captures it."""
-    if not graphed:
+    are never captured), the second captures it.  Inside a caller's own CUDA-graph capture fn runs
+    as it is, into that graph."""
+    if not graphed or torch.cuda.is_current_stream_capturing():
         return fn(*inputs)
     key = (direction, key, tuple((t.shape, t.dtype) for t in inputs), inputs[0].device)
     entry = _GRAPHS.get(key)
@@ -431,9 +436,8 @@ class _TritonFeedbackSolve(torch.autograd.Function):
     def backward(ctx, ds):
         qc, kc, gc, f, S, Sl, lse, W = ctx.saved_tensors
         with torch.autocast(qc.device.type, enabled=False):
-            graphed = ctx.graphed and not torch.cuda.is_current_stream_capturing()
             grads = _call("bwd", lambda *a: _backward(*a, ctx.scale, ctx.cfg, ctx.dtypes),
-                          (ds, qc, kc, gc, f, S, Sl, lse, W), (ctx.scale, ctx.cfg, ctx.dtypes), graphed)
+                          (ds, qc, kc, gc, f, S, Sl, lse, W), (ctx.scale, ctx.cfg, ctx.dtypes), ctx.graphed)
         return (*grads, None, None)
 
 
