@@ -134,7 +134,7 @@ def _evaluate(args: argparse.Namespace, model, cfg, device) -> dict:
         import dataclasses
 
         from sessa_scale.evaluation.perplexity import loss_at_length
-        from sessa_scale.training.trainer import autocast_context
+        from sessa_scale.training.precision import autocast
 
         lengths = args.context_lengths or [max(1, cfg.data.seq_len // 2), cfg.data.seq_len, 2 * cfg.data.seq_len]
         if min(lengths) < 1 or args.max_tokens < 1:
@@ -142,7 +142,7 @@ def _evaluate(args: argparse.Namespace, model, cfg, device) -> dict:
         data = dataclasses.replace(cfg.data, path=args.data, sources=None) if args.data else cfg.data
         corpus = load_corpus(data)
         rows = [
-            loss_at_length(model, corpus.val, L, args.max_tokens, args.batch_size, lambda: autocast_context(cfg, device))
+            loss_at_length(model, corpus.val, L, args.max_tokens, args.batch_size, lambda: autocast(cfg.train.precision, device))
             for L in lengths
         ]
         return {"data": corpus.description, "lengths": rows}

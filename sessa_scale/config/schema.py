@@ -82,10 +82,12 @@ class TrainConfig:
     max_steps: int = 400  # optimizer steps to train for
     micro_batch_size: int = 16  # sequences per forward pass per data-parallel rank
     grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16; bf16 = mixed precision: float32 weights, gradients and AdamW state, matrix products and the feedback solve in bfloat16 (DeepSpeed's torch_autocast; sessa_scale/training/precision.py)
+    deterministic: bool = False  # deterministic GPU algorithms (torch.use_deterministic_algorithms, fixed cuBLAS workspace, no cuDNN autotuning) so that a resumed run repeats an uninterrupted one bitwise on GPUs too; costs some speed (CPU runs are deterministic either way)
     compile: bool = False  # torch.compile the model for training (in place through DeepSpeed's engine.compile: same state-dict keys and checkpoints as eager); the first step pays the compilation; evaluation runs eager; tested in one process (not with parallel.tensor > 1)
     eval_interval: int = 100  # evaluate validation loss every N steps (and at the end); 0 disables
     eval_batches: int = 4  # micro-batches per evaluation
+    profile_step: int = 0  # > 0: torch.profiler trace of that optimizer step (rank 0) -> RUN_DIR/profile/step_N.json (Chrome/Perfetto) and step_N.txt (ops by device time); 0: off
     resume: str = "auto"  # "auto": latest checkpoint of run.dir if any; "none": fresh start; or a checkpoint path
 
 
@@ -93,6 +95,7 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 100  # save every N optimizer steps (and at the end); 0 -> only at the end
     keep: int = 3  # keep the newest K checkpoints; older ones are deleted after a successful save
+    save: bool = True  # false: write no checkpoint at all, not even at the end or on preemption (benchmarks, smoke runs: nothing to resume)
 
 
 @dataclass

@@ -14,10 +14,10 @@ import typing
 from typing import Any
 
 from sessa_scale.config.schema import Config
+from sessa_scale.training.precision import PRECISIONS
 
 DEFAULT_SOURCE = "defaults"
 
-PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SOURCES = ("stdlib",)
 WANDB_MODES = ("online", "offline", "disabled")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -163,6 +163,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.grad_accum_steps", t.grad_accum_steps >= 1, "must be >= 1"),
         ("train.precision", t.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
         ("train.eval_interval", t.eval_interval >= 0, "must be >= 0 (0 disables evaluation)"),
+        ("train.profile_step", t.profile_step >= 0, "must be >= 0 (0: no profile)"),
         ("train.eval_batches", t.eval_batches >= 1, "must be >= 1"),
         ("train.resume", bool(t.resume.strip()), "must be 'auto', 'none' or a checkpoint path"),
         ("checkpoint.interval", cfg.checkpoint.interval >= 0, "must be >= 0 (0 saves only at the end)"),
