@@ -9,7 +9,7 @@ import sys
 
 from sessa_scale.errors import UserError
 
-COMMANDS = ("train", "generate", "params", "bench", "eval", "probe", "report", "prep")
+COMMANDS = ("train", "generate", "params", "config", "bench", "eval", "probe", "report", "prep", "export")
 
 
 def main(argv: list[str] | None = None) -> int:

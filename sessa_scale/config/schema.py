@@ -21,7 +21,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     arch: str = "sessa"  # architecture, a key of sessa_scale.models.registry.ARCHITECTURES
-    vocab_size: int = 257  # embedding rows; the byte-level corpus uses 256 bytes + EOS (id 256)
+    vocab_size: int | str = 257  # embedding rows; the byte-level corpus uses 256 bytes + EOS (id 256). "auto": the dataset's tokenizer vocabulary (data.path / data.sources, else the byte-level corpus) padded up to a multiple of 128 x parallel.tensor (Megatron-LM's rule: TP-divisible, tensor-core friendly rows), resolved when the config is loaded (sessa_scale/config/vocab.py); RUN_DIR/config.yaml records the number
     d_model: int = 128  # model width D
     n_layers: int = 4  # number of decoder blocks
     n_heads: int = 4  # forward-attention heads H (head dim = d_model / n_heads)
@@ -36,6 +36,7 @@ class ModelConfig:
     solver: str = "auto"  # feedback_solve implementation: auto | dense | chunked | triton
     attention: str = "sdpa"  # forward attention backend: sdpa | flash (flash-attn, CUDA only)
     activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
+    init_from: str | None = None  # a directory written by `sessa-scale export`: a fresh run starts from its weights instead of the random init (the export must match every weight-shaping model key and the data's tokenizer); a resumed run loads its checkpoint instead
     # Transformer baseline (arch: transformer)
     mlp: str = "gelu"  # MLP of the Transformer block: gelu (Linear-GELU-Linear) | swiglu
     mlp_hidden: int | None = None  # MLP hidden width; None -> 4 d_model (gelu), ~8/3 d_model rounded to 64 (swiglu)
@@ -47,6 +48,11 @@ class ModelConfig:
     ssm_conv: int = 4  # causal depthwise conv kernel width
     ssm_chunk: int = 64  # SSD chunk length in tokens (a power of two: the GPU kernel needs one)
     ssm_scan: str = "auto"  # SSD scan: auto (fla on CUDA when installed, else chunked) | chunked | sequential | fla
+
+
+# ModelConfig keys that do not shape the weights: they may differ between a checkpoint (or an exported
+# model) and the run that loads it.
+RUNTIME_MODEL_KEYS = frozenset({"solver", "attention", "activation_checkpointing", "init", "init_std", "init_from", "ssm_scan"})
 
 
 @dataclass
@@ -116,6 +122,7 @@ class LoggingConfig:
     wandb: bool = False  # log metrics to Weights & Biases
     wandb_project: str = "sessa-scale"
     wandb_mode: str = "offline"  # online | offline | disabled
+    tensorboard: bool = False  # also write every metrics.jsonl value as a TensorBoard scalar to RUN_DIR/tensorboard/ (needs the `tensorboard` extra)
 
 
 @dataclass

@@ -43,21 +43,28 @@ def section_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
-def field_types(section: str) -> dict[str, tuple[type, bool]]:
-    """Field name -> (base type, whether null is allowed) for one section of the schema."""
+def field_types(section: str) -> dict[str, tuple[type | tuple[type, ...], bool]]:
+    """Field name -> (base type, or the tuple of them for a union such as int | str; whether null is
+    allowed) for one section of the schema."""
     cls = {f.name: f for f in dataclasses.fields(Config)}[section].default_factory
     out = {}
     for name, hint in typing.get_type_hints(cls).items():
         args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         base = [a for a in args if a is not type(None)]
-        out[name] = (base[0], len(base) < len(args))
+        out[name] = (base[0] if len(base) == 1 else tuple(base), len(base) < len(args))
     return out
 
 
-def coerce(value: Any, base: type, nullable: bool) -> tuple[Any, str | None]:
+def coerce(value: Any, base: type | tuple[type, ...], nullable: bool) -> tuple[Any, str | None]:
     """(converted value, None) if `value` fits the field type, else (None, problem text).
     Integral floats are accepted for integers; numeric strings such as '3e-4' (which YAML
-    reads as strings) for floats."""
+    reads as strings) for floats. A union takes the first of its types that fits."""
+    if isinstance(base, tuple):
+        for option in base:
+            converted, problem = coerce(value, option, nullable)
+            if problem is None:
+                return converted, None
+        return None, f"expected {' or '.join(_NOUNS[b] for b in base)}, got {show(value)}"
     if value is None:
         return (None, None) if nullable else (None, f"expected {_NOUNS[base]}, got null")
     wrong = (None, f"expected {_NOUNS[base]}{' or null' if nullable else ''}, got {show(value)}")

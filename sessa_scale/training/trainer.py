@@ -14,6 +14,7 @@ import torch
 from sessa_scale.checkpoint import CheckpointManager, read_meta
 from sessa_scale.checkpoint.universal import ensure_universal, needs_universal, saved_layout
 from sessa_scale.config import Config, config_to_dict, save_config
+from sessa_scale.config.schema import RUNTIME_MODEL_KEYS
 from sessa_scale.data.setup import build_training_data
 from sessa_scale.distributed import all_reduce_mean, device_for_rank, init_distributed, is_rank0, world_size
 from sessa_scale.distributed.groups import MegatronMPU, init_model_parallel, tensor_parallel_group
@@ -26,9 +27,6 @@ from sessa_scale.training.optimizer import build_optimizer, build_scheduler, res
 from sessa_scale.training.precision import deepspeed_precision_config
 from sessa_scale.training.profiling import phase, profile_step
 from sessa_scale.training.preemption import PreemptionHandler
-
-# Model keys that may differ between a checkpoint and the run resuming it (no effect on weights).
-_RESUMABLE_MODEL_CHANGES = {"solver", "attention", "activation_checkpointing", "init", "init_std"}
 
 
 def seed_everything(seed: int) -> None:
@@ -82,7 +80,7 @@ def _check_resumable(checkpoint: Path, cfg: Config) -> int:
     diffs = [
         f"model.{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}"
         for k in current
-        if k not in _RESUMABLE_MODEL_CHANGES and saved.get(k) != current[k]
+        if k not in RUNTIME_MODEL_KEYS and saved.get(k) != current[k]
     ]
     if diffs:
         raise UserError(
@@ -171,6 +169,10 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     stream, val_set = data.train, data.val_batches
 
     model = build_model(cfg.model)  # the full model from run.seed on every rank, then split
+    if cfg.model.init_from and resume_from is None:
+        from sessa_scale.hf.export import init_from_export
+
+        init_from_export(model, cfg.model, data.tokenizer)
     if tp_group is not None:
         from sessa_scale.distributed.tensor_parallel import parallelize
 
