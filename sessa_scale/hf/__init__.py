@@ -4,7 +4,7 @@ load it (`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`), `
 (training from an exported directory), and the lm-evaluation-harness bridge.
 
 Needs the `hf` extra (transformers, safetensors): `pip install -e ".[hf]"`; `model.init_from` needs
-only safetensors. Modules: configuration.py (SessaScaleConfig), modeling.py (the model classes and
-their decoding cache), tokenizer.py (the exported tokenizer files), export.py (export and
-init_from), lm_eval.py (scoring an exported model with lm-evaluation-harness).
+only safetensors, the bridge the `lm-eval` extra. Modules: configuration.py (the config classes),
+modeling.py (the model classes and their decoding cache), tokenizer.py (the exported tokenizer
+files), export.py (export and init_from), harness.py (scoring with lm-evaluation-harness).
 """
