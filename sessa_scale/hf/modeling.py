@@ -94,11 +94,11 @@ class SessaScaleCache:
 
 
 def _left_padding(attention_mask: torch.Tensor | None, batch_size: int, device) -> torch.Tensor:
-    """(B,) int64: leading zeros of each row of a (B, T) attention mask (zeros without one)."""
+    """(B,) int64: leading zeros of each row of a (B, T) attention mask (T for a row of zeros)."""
     if attention_mask is None:
         return torch.zeros(batch_size, dtype=torch.long, device=device)
     mask = attention_mask.to(torch.long)
-    return torch.where(mask.any(dim=1), mask.argmax(dim=1), torch.zeros_like(mask[:, 0]))
+    return torch.where(mask.any(dim=1), mask.argmax(dim=1), torch.full_like(mask[:, 0], mask.shape[1]))
 
 
 class SessaScalePreTrainedModel(PreTrainedModel):
@@ -121,10 +121,9 @@ class SessaScaleForCausalLM(SessaScalePreTrainedModel, GenerationMixin):
 
     def __init__(self, config: SessaScaleConfig):
         super().__init__(config)
-        model_cfg = config.model_config()
         if not isinstance(config, self.config_class):
             raise ValueError(f"{type(self).__name__} takes a {self.config_class.__name__}, not a {type(config).__name__}")
-        self.model = build_model(model_cfg)
+        self.model = build_model(config.model_config())
         self.post_init()
 
     @classmethod
