@@ -21,7 +21,8 @@ from sessa_scale.config import load_config
 from sessa_scale.training import trainer
 from sessa_scale.training.precision import autocast, compute_dtype, deepspeed_precision_config
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 BF16_SECTION = {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
@@ -144,7 +145,9 @@ def _cli_train(run_dir: Path, arch: str, steps: int, interval: int) -> subproces
         f"checkpoint.interval={interval}", "train.precision=bf16", "train.deterministic=true",
         "logging.progress=false", f"run.dir={run_dir}",
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # a fresh single-process group each (an earlier in-process run left RANK/MASTER_PORT in os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
 
 
