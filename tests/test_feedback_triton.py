@@ -261,7 +261,7 @@ def test_gpu_graph_replays_equal_eager_and_keep_each_calls_results(dtype, H, D):
 @gpu
 @needs_cuda
 def test_gpu_power_law_tail():
-    """Uniform routing (q = 0) and constant gamma: ds_t/df_0 has the closed form of SESSA_SPEC."""
+    """Uniform routing (q = 0) and constant gamma: ds_t/df_0 has the closed form of docs/sessa_math.md."""
     T, gam = 300, 0.9
     q = torch.zeros(1, T, 1, 32, device="cuda")
     k = torch.randn(1, T, 1, 32, device="cuda")
