@@ -17,8 +17,10 @@ state entering the chunk:
 Kernels (ACC = float32, or float64 for float64 inputs; DOT = the operand dtype of tl.dot: the
 inputs' half-precision dtype, else ACC):
   cb_kernel          CB[b, g, c] = C_c B_c^T (L x L, ACC), once per group, reused by every head
-  states_fwd_kernel  sequential over chunks per (b, h, N-tile, P-tile): writes S_c (ACC) for
-                     every chunk and the final state; the chunk's contribution is one tl.dot
+  states_fwd_kernel  sequential over chunks per (b, h, N-tile, P-tile), the state in ACC in
+                     registers: writes S_c in DOT for every chunk (what the products read; half the
+                     traffic of ACC for bf16) and the final state in ACC; a chunk's contribution is
+                     one tl.dot
   out_fwd_kernel     y per (chunk, P-tile, b, h): the masked quadratic form from CB, plus C S_c
   states_bwd_kernel  the adjoint recursion backwards over chunks: dS_c = exp(a_L) dS_{c+1} +
                      sum_i exp(a_i) C_i dy_i^T; writes dS_{c+1} (the gradient of the state
@@ -100,7 +102,7 @@ def states_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, init_ptr, st_ptr, final_ptr, 
                       HAS_INIT: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                       ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Sequential over chunks: st[b, h, c] = S_c (the state entering chunk c), final = S_NC.
-    st (B, H, NC, N, P) and init / final (B, H, N, P) are contiguous. Grid (N-tiles * NPB, B * H)."""
+    st (B, H, NC, N, P; DOT) and init / final (B, H, N, P; ACC) are contiguous. Grid (N-tiles * NPB, B * H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -120,7 +122,7 @@ def states_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, init_ptr, st_ptr, final_ptr, 
     Bp = B_ptr + b * sB_b + g * sB_g
     sp = st_ptr + bh.to(tl.int64) * NC * N * P
     for c in range(NC):
-        tl.store(sp + c * N * P + tile, S, mask=smask)
+        tl.store(sp + c * N * P + tile, S.to(st_ptr.dtype.element_ty), mask=smask)
         t = c * L + tl.arange(0, L)
         tm = t < T
         dtv, a, a_last = _chunk_decay(dtp, A_ptr, h, t, tm, sdt_t, L, ACC)
@@ -196,7 +198,7 @@ def states_bwd_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, dfinal_ptr, dst_ptr, dinit_p
     sp = dst_ptr + bh.to(tl.int64) * NC * N * P
     for k in range(NC):
         c = NC - 1 - k
-        tl.store(sp + c * N * P + tile, dS, mask=smask)
+        tl.store(sp + c * N * P + tile, dS.to(dst_ptr.dtype.element_ty), mask=smask)
         t = c * L + tl.arange(0, L)
         tm = t < T
         dtv, a, a_last = _chunk_decay(dtp, A_ptr, h, t, tm, sdt_t, L, ACC)
@@ -278,7 +280,6 @@ def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_p
     Cc = _tile(C_ptr + b * sC_b + g * sC_g, t, n, tm, nm, sC_t, sC_n)
     Bc = _tile(B_ptr + b * sB_b + g * sB_g, t, n, tm, nm, sB_t, sB_n)
     Cd, Bd = Cc.to(DOT), Bc.to(DOT)
-    Ca, Ba = Cc.to(ACC), Bc.to(ACC)
     cb = tl.dot(Cd, tl.trans(Bd), input_precision=PREC)  # this N-tile's part of C_i . B_j
     i = tl.arange(0, L)
     rows_ge_cols = i[:, None] >= i[None, :]
@@ -294,18 +295,18 @@ def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_p
         dyx = tl.zeros((L, L), dtype=ACC)  # dy_i . x_j
         dyS = tl.zeros((L, BN), dtype=ACC)  # (S_c dy_i)_n
         xdS = tl.zeros((L, BN), dtype=ACC)  # (dS_{c+1} x_j)_n
-        SdS = tl.zeros((BP, BN), dtype=ACC)  # S_c * dS_{c+1}, summed over P-tiles
+        SdS = tl.zeros((BN,), dtype=ACC)  # sum_p S_c * dS_{c+1}
         for p0 in range(0, P, BP):
             p = p0 + tl.arange(0, BP)
             pm = p < P
             dY = _tile(dyp, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
             X = _tile(xp, t, p, tm, pm, sx_t, sx_p).to(DOT)
-            S = _tile(sp, p, n, pm, nm, 1, P)  # (BP, BN): S_c^T
-            dS = _tile(dsp, p, n, pm, nm, 1, P)
+            S = _tile(sp, p, n, pm, nm, 1, P).to(ACC)  # (BP, BN): S_c^T
+            dS = _tile(dsp, p, n, pm, nm, 1, P).to(ACC)
             dyx += tl.dot(dY, tl.trans(X), input_precision=PREC)
             dyS += tl.dot(dY, S.to(DOT), input_precision=PREC)
             xdS += tl.dot(X, dS.to(DOT), input_precision=PREC)
-            SdS += S * dS
+            SdS += tl.sum(S * dS, axis=0)
         Gm = dyx * _causal_decay(a, L) * dtv[None, :]  # d(loss)/d(C_i . B_j), j <= i
         ea = tl.exp(a)
         w_end = tl.exp(a_last - a) * dtv
@@ -316,10 +317,10 @@ def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_p
         f = Gm * cb
         before_t = tl.cumsum(f, axis=1) - f  # [i, t] = sum_{j < t} f[i, j]
         inside = tl.sum(tl.where(rows_ge_cols, before_t, 0.0), axis=0)
-        readout = ea * tl.sum(Ca * dyS, axis=1)
-        into = w_end * tl.sum(Ba * xdS, axis=1)
+        readout = ea * tl.sum(Cd.to(ACC) * dyS, axis=1)
+        into = w_end * tl.sum(Bd.to(ACC) * xdS, axis=1)
         dg = inside + tl.cumsum(readout, axis=0, reverse=True) + (tl.cumsum(into, axis=0) - into)
-        dg += tl.exp(a_last) * tl.sum(tl.sum(SdS, axis=1), axis=0)
+        dg += tl.exp(a_last) * tl.sum(SdS, axis=0)
         tl.store(dg_ptr + ((nb * BATCH + b) * T + t) * H + h, dg, mask=tm)
     out = ((hs * BATCH + b) * T + t[:, None]) * G * N + g * N + n[None, :]
     omask = tm[:, None] & nm[None, :]

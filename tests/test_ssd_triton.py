@@ -157,6 +157,35 @@ def test_config_from_env_overrides_fields_and_names_unknown_ones(monkeypatch):
         config_from_env(SSDConfig())
 
 
+def test_bench_ssd_reports_every_point_and_exits_1_when_one_fails(monkeypatch, tmp_path):
+    """`bench ssd` plumbing on CPU with the timer stubbed: the chunked scan and the convs are measured,
+    fla is marked n/a, and the triton scan (CPU tensors outside the interpreter) shows FAILED with its
+    error, with exit status 1."""
+    pytest.importorskip("triton")
+    import triton.testing
+
+    import sessa_scale.bench.ssd as bench
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the triton row must fail here: run outside the interpreter")
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stub")
+    monkeypatch.setattr(bench, "cuda_peak_bytes", lambda fn, warm=False: (fn(), 3 * 2**20)[1])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, rep, return_mode: (fn(), 1.5)[1])
+    monkeypatch.setattr(bench, "available_impls", lambda: {"triton": "", "chunked": "", "fla": "not here",
+                                                           "sdpa_flash": "", "conv": ""})
+    out = tmp_path / "ssd.md"
+    rc = bench.main(["--size", "125m", "--seq-lens", "16", "--batch-tokens", "32", "--impls",
+                     "chunked,triton@32,fla,conv", "--out", str(out)])
+    table = out.read_text()
+    assert rc == 1
+    assert "| 16 | 2 | chunked | 1.500 | 1.500 | 1.00 | 3 |  |" in table
+    assert "| 16 | 2 | conv | 1.500 | 1.500 | 1.00 | 3 |  |" in table
+    assert "| 16 | 2 | triton@32 | FAILED: ValueError: the triton SSD scan runs on CUDA tensors" in table
+    assert "| 16 | 2 | fla | n/a (not here) |" in table
+
+
 # ----------------------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu

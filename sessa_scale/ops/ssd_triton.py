@@ -44,7 +44,7 @@ class SSDConfig:
     BP: int = 64  # P-tile of out_fwd and dx (grid axis)
     BN_STATE: int = 64  # state tile (N x P) of the sequential state kernels, halved (N first, to 16)
     BP_STATE: int = 64  # ... while there are fewer than programs_per_sm programs per SM
-    BN_DBC: int = 64  # N-tile of dbc_kernel (grid axis)
+    BN_DBC: int = 32  # N-tile of dbc_kernel (grid axis; 64 spills registers at L = 64 on sm_90)
     BP_DBC: int = 64  # P-tile looped over inside dbc_kernel
     head_split: int = 0  # dbc_kernel: programs per group of heads (a divisor of H / G); 0 = the
     # smallest giving programs_per_sm programs per SM
@@ -161,8 +161,8 @@ def _plan(x, dt, B, C, chunk_size: int, cfg: SSDConfig) -> _Plan:
 
 
 def _chunk_states(pl: _Plan, x, dt, A, B, init):
-    """states_fwd_kernel -> (S_c for every chunk (B, H, NC, N, P), final state (B, H, N, P)), ACC."""
-    st = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.acc, x.device)
+    """states_fwd_kernel -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state (B, H, N, P) in ACC)."""
+    st = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
     final = _new((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device)
     K.states_fwd_kernel[pl.state_grid()](
         x, dt, A, B, init if init is not None else final, st, final, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
@@ -188,7 +188,7 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, cb):
     """-> dx, ddt, dA, dB, dC, dinit (ACC except dx; dinit None without an initial state)."""
     dev = x.device
     st, _ = _chunk_states(pl, x, dt, A, B, init)
-    dst = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.acc, dev)
+    dst = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
     dinit = _new((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
     K.states_bwd_kernel[pl.state_grid()](
         dy, dt, A, C, dfinal if dfinal is not None else dst, dst, dinit if dinit is not None else dst,
