@@ -1,0 +1,204 @@
+"""GEMM path of the Triton feedback solve (wide heads: Dk > 256 or Dv > 128, e.g. the paper's
+single 768-wide head): the products over Dk and over T go through cuBLAS (torch.bmm), the
+softmax parts through the memory-bound epilogues of ``kernels/feedback_gemm.py``.
+
+A block of rows is handled in three steps: logits q k^T of the block into an ACC scratch
+(cuBLAS, fp32 output for half inputs), an epilogue (lse, gamma*P, or dS and dgamma), and the
+product with S / Lam / k / q (cuBLAS).  Rows go in chunks that keep the scratch within
+``scratch_mib``.  Value-width buffers are head-major (B*H, T, Dv) so that every product is one
+batched GEMM; the op's (B, T, H, .) results are views of them (copies of q, k are made only for
+H > 1).  Memory per call: X or Y (ACC), S, Lam (product dtype), W (B*H*T*L ACC, freed after each
+pass), the scratch, and an ACC dk accumulator in the backward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from kernels import feedback_gemm as G
+from sessa_scale.ops.feedback_leaves import (
+    LOG2E, acc_dtype, fp32_matmul, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
+)
+
+_MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, D) -> (B*H, T, D): a view for one head, a copy otherwise."""
+    B, T, H, D = x.shape
+    return x[:, :, 0] if H == 1 else x.transpose(1, 2).reshape(B * H, T, D)
+
+
+def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
+    """A head-major (B*H, T, Dv) buffer as the op's (B, T, H, Dv) layout (a view)."""
+    B, T, H, Dv = shape
+    return S.view(B, H, T, Dv).transpose(1, 2)
+
+
+@functools.cache
+def _bmm_out_dtype_into(device: torch.device) -> bool:
+    """Whether torch.bmm(half, half, out_dtype=float32, out=...) writes into a given buffer here
+    (torch >= 2.8 on CUDA); otherwise the product goes through a temporary."""
+    a = torch.zeros((1, 16, 16), dtype=torch.bfloat16, device=device)
+    try:
+        torch.bmm(a, a, out_dtype=torch.float32, out=torch.empty((1, 16, 16), device=device))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a @ b (batched) in out's dtype: half operands accumulate in fp32, fp32 ones in full fp32."""
+    if a.dtype == out.dtype:
+        with fp32_matmul("ieee"):
+            torch.bmm(a, b, out=out)
+    elif _bmm_out_dtype_into(out.device):
+        torch.bmm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.copy_(torch.bmm(a, b, out_dtype=out.dtype))
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b (batched) as a new tensor in dtype (ACC for accumulations; fp32 operands in full fp32)."""
+    if a.dtype == dtype or a.dtype not in (torch.float16, torch.bfloat16):
+        with fp32_matmul("ieee"):
+            return torch.bmm(a, b).to(dtype)
+    return torch.bmm(a, b, out_dtype=dtype)
+
+
+class _Blocks:
+    """The pieces one call's blocks share: head-major q, k, the scratch, the epilogue launches."""
+
+    def __init__(self, q, k, gamma, lse, scale: float, cfg):
+        self.B, self.T, self.H, self.Dk = q.shape
+        self.BH, self.gamma, self.lse, self.cfg = self.B * self.H, gamma, lse, cfg
+        self.qh, self.kh = _heads_first(q), _heads_first(k)
+        self.acc, self.pdt, self.scale, self.qk_scale = lse.dtype, q.dtype, scale, scale * LOG2E
+        self.budget = max(_MIN_SCRATCH_BYTES, cfg.scratch_mib << 20)
+        self._scratch = None
+        self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
+
+    def rows_per_chunk(self, cols: int, bytes_per_element: int) -> int:
+        """Rows of `cols` columns whose buffers of bytes_per_element per entry fit the scratch."""
+        bm = self.cfg.EPI_BM
+        return max(bm, self.budget // (self.BH * cols * bytes_per_element) // bm * bm)
+
+    def views(self, R: int, NC: int, *dtypes) -> list[torch.Tensor]:
+        """(B*H, R, NC) buffers of the given dtypes carved from one scratch, which grows to the
+        largest request (the budget, or past it only when a chunk of the smallest height does not
+        fit)."""
+        sizes = [self.BH * R * NC * torch.finfo(dt).bits // 8 for dt in dtypes]
+        need = sum(sizes) + 256 * len(sizes)
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.uint8, device=self.qh.device)
+        out, off = [], 0
+        for dt, size in zip(dtypes, sizes):
+            out.append(self._scratch[off:off + size].view(dt).view(self.BH, R, NC))
+            off += (size + 255) // 256 * 256
+        return out
+
+    def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
+        """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0)."""
+        R, NC = r1 - r0, e1 - e0
+        A, *P = self.views(R, NC, self.acc, *([] if self.pdt == self.acc else [self.pdt]))
+        P = P[0] if P else A
+        _gemm(self.qh[:, r0:r1], self.kh[:, e0:e1].transpose(1, 2), A)
+        G.probs_kernel[(triton.cdiv(R, self.cfg.EPI_BM), triton.cdiv(NC, self.cfg.EPI_BN), self.BH)](
+            A, P, self.gamma, self.lse, self.T, self.H, r0, R, NC, self.gamma.stride(0), self.gamma.stride(1),
+            self.qk_scale, **self.epi)
+        return P
+
+    def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst, rev: bool) -> None:
+        """dst[l] += gamma*P[l, e] src[e] (forward) or dst[e] += (gamma*P[l, e])^T src[l] (rev), for
+        later rows l in [l0, l1) and earlier rows e in [e0, e1); src, dst head-major."""
+        step = self.rows_per_chunk(e1 - e0, torch.finfo(self.acc).bits // 8 + torch.finfo(self.pdt).bits // 8)
+        for r0 in range(l0, l1, step):
+            r1 = min(r0 + step, l1)
+            P = self.probs(r0, r1, e0, e1)
+            if rev:
+                dst[:, e0:e1] += _product(P.transpose(1, 2), src[:, r0:r1], self.acc)
+            else:
+                dst[:, r0:r1] += _product(P, src[:, e0:e1], self.acc)
+
+
+def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
+    """outs[i][:, a:a+L] = N x[:, a:a+L] (rev: N^T x) with the leaf inverse N; one cuBLAS product."""
+    rows = min(L, x.shape[1] - a)
+    N = W[:, a:a + rows, :rows]
+    with fp32_matmul(leaf_precision(outs[0].dtype)):
+        prod = torch.bmm(N.transpose(1, 2) if rev else N, x[:, a:a + rows])
+    for out in outs:
+        out[:, a:a + rows] = prod
+
+
+def _lse(blocks: _Blocks) -> None:
+    """The row statistics, strip by strip of rows against every earlier key."""
+    T, cfg = blocks.T, blocks.cfg
+    step = blocks.rows_per_chunk(T, torch.finfo(blocks.acc).bits // 8)
+    for r0 in range(0, T, step):
+        r1 = min(r0 + step, T)
+        (A,) = blocks.views(r1 - r0, r1, blocks.acc)
+        _gemm(blocks.qh[:, r0:r1], blocks.kh[:, :r1].transpose(1, 2), A)
+        G.lse_rows_kernel[(triton.cdiv(r1 - r0, cfg.EPI_BM), blocks.BH)](
+            A, blocks.lse, T, r0, r1 - r0, r1, blocks.qk_scale, **blocks.epi)
+
+
+def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
+    """-> (S, lse) or (S, lse, S2) as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv)."""
+    B, T, H, Dk = q.shape
+    Dv = f.shape[-1]
+    acc, pdt = acc_dtype(q, k, gamma, f), q.dtype
+    lse = new_buffer((B * H, T), acc, q.device)
+    blocks = _Blocks(q, k, gamma, lse, scale, cfg)
+    _lse(blocks)
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)
+    X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
+    X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
+    S = new_buffer((B * H, T, Dv), pdt, q.device)
+    S2 = None if s_dtype == pdt else new_buffer((B * H, T, Dv), s_dtype, q.device)
+    outs = [S] if S2 is None else [S, S2]
+    schedule(T, cfg.L, lambda a: _leaf(W, X, outs, a, cfg.L, False),
+             lambda *blk: blocks.apply(*blk, S, X, False), False, 0, triton.cdiv(T, cfg.L))
+    return (S, lse) if S2 is None else (S, lse, S2)
+
+
+def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
+    """-> dq, dk, dgamma, df in `dtypes`, (B, T, H, .) views of head-major buffers."""
+    B, T, H, Dk = q.shape
+    Dv = S.shape[-1]
+    acc, pdt = lse.dtype, S.dtype
+    tq, tk, tg, tf = dtypes
+    blocks = _Blocks(q, k, gamma, lse, scale, cfg)
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)  # recomputed: cheaper than keeping it
+    Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
+    Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
+    Lam = new_buffer((B * H, T, Dv), pdt, q.device)
+    outs = [Lam] if tf == pdt else [Lam, new_buffer((B * H, T, Dv), tf, q.device)]
+    schedule(T, cfg.L, lambda a: _leaf(W, Y, outs, a, cfg.L, True),
+             lambda *blk: blocks.apply(*blk, Lam, Y, True), True, 0, triton.cdiv(T, cfg.L))
+    del W, Y
+    dq = new_buffer((B * H, T, Dk), tq, q.device)
+    dk_acc = torch.zeros((B * H, T, Dk), dtype=acc, device=q.device)
+    dgamma = new_buffer(gamma.shape, tg, q.device)
+    per_entry = 2 * (torch.finfo(acc).bits // 8) + (0 if pdt == acc else torch.finfo(pdt).bits // 8)
+    step = blocks.rows_per_chunk(T, per_entry)
+    for r0 in range(0, T, step):  # strips of rows against every earlier key: dS, then dq and dk
+        r1 = min(r0 + step, T)
+        R = r1 - r0
+        A, D, *dS = blocks.views(R, r1, acc, acc, *([] if pdt == acc else [pdt]))
+        dS = dS[0] if dS else A
+        _gemm(blocks.qh[:, r0:r1], blocks.kh[:, :r1].transpose(1, 2), A)
+        _gemm(Lam[:, r0:r1], S[:, :r1].transpose(1, 2), D)
+        G.ds_rows_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](
+            A, D, dS, gamma, lse, Lam, S, f, dgamma, T, H, Dv, r0, R, r1, gamma.stride(0), gamma.stride(1),
+            Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1), dgamma.stride(0), dgamma.stride(1),
+            blocks.qk_scale, scale, BV=min(128, triton.next_power_of_2(Dv)), **blocks.epi)
+        dq[:, r0:r1] = _product(dS, blocks.kh[:, :r1], tq)
+        dk_acc[:, :r1] += _product(dS.transpose(1, 2), blocks.qh[:, r0:r1], acc)
+    shape = (B, T, H)
+    return (solution_view(dq, (*shape, Dk)), solution_view(dk_acc.to(tk), (*shape, Dk)), dgamma,
+            solution_view(outs[-1], (*shape, Dv)))
+
