@@ -19,6 +19,7 @@ import torch
 import triton
 
 from kernels import feedback_gemm as G
+from sessa_scale.ops import feedback_leaves
 from sessa_scale.ops.feedback_leaves import (
     LOG2E, acc_dtype, fp32_matmul, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
 )
@@ -94,6 +95,8 @@ class _Blocks:
         need = sum(sizes) + 256 * len(sizes)
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.uint8, device=self.qh.device)
+        if feedback_leaves.POISON:  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
+            self._scratch[:need].fill_(255)
         out, off = [], 0
         for dt, size in zip(dtypes, sizes):
             out.append(self._scratch[off:off + size].view(dt).view(self.BH, R, NC))

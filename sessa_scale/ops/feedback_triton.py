@@ -57,7 +57,7 @@ class SolveConfig:
     FWD_WARPS: int = 8
     BWD_BM: int = 64  # bwd_apply_kernel, dk_kernel: keys per program (at most L)
     BWD_BN: int = 64  # ... queries per step
-    BWD_WARPS: int = 4
+    BWD_WARPS: int = 8  # two accumulators (Y and dk) of BWD_BM x 128 fp32
     DQ_BM: int = 128  # dq_kernel: rows per program
     DQ_BN: int = 64  # ... keys per step
     DQ_WARPS: int = 8
@@ -105,12 +105,14 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         L = min(L, triton.next_power_of_2(triton.cdiv(T, cfg.min_leaves)))
     L = max(C, min(L, C * triton.next_power_of_2(triton.cdiv(T, C))))
     BK, BV = _p2(Dk), _p2(Dv)
-    shrink = 2 if elem_bytes * max(BK, BV) > 256 and not INTERPRET else 1
-    bwd_bm = max(16, min(cfg.BWD_BM // shrink, L))
+    h = 2 if elem_bytes * max(BK, BV) > 256 and not INTERPRET else 1  # wide rows: halve tiles (shared memory)
+    fwd_bn, dq_bn = max(16, cfg.FWD_BN // h), max(16, cfg.DQ_BN // h)
+    bwd_bm = max(16, min(cfg.BWD_BM // h, L))
     return replace(
         cfg, gemm=int(gemm), L=L, BK=BK, BV=BV, BK_PREP=min(BK, 128) if gemm else BK, BML=min(cfg.BML, L),
-        FWD_BM=max(cfg.FWD_BN, cfg.FWD_BM // shrink), DQ_BM=max(cfg.DQ_BN, cfg.DQ_BM // shrink),
-        BWD_BM=bwd_bm, BWD_BN=min(cfg.BWD_BN, bwd_bm), STAGES=cfg.STAGES if shrink == 1 else min(cfg.STAGES, 2),
+        FWD_BM=max(fwd_bn, cfg.FWD_BM // h), FWD_BN=fwd_bn, DQ_BM=max(dq_bn, cfg.DQ_BM // h), DQ_BN=dq_bn,
+        BWD_BM=bwd_bm, BWD_BN=max(16, min(cfg.BWD_BN // h, bwd_bm)),
+        STAGES=cfg.STAGES if h == 1 else min(cfg.STAGES, 2),
     )
 
 
@@ -148,8 +150,8 @@ def _backward_input_bytes(q, k, gamma, f) -> int:
     """An upper bound of the backward's input bytes (ds, q, k, gamma, f, the solution, lse), which
     the forward's graph reserves in the shared input arena."""
     B, T, H, _ = q.shape
-    widest = max(f.element_size(), q.element_size(), 4)
-    return sum(t.nbytes for t in (q, k, gamma, f)) + 2 * f.numel() * widest + B * H * T * 8 + 8 * 256
+    ds_and_solution = f.numel() * (f.element_size() + max(f.element_size(), q.element_size()))
+    return sum(t.nbytes for t in (q, k, gamma, f)) + ds_and_solution + B * H * T * 8 + 8 * 256
 
 
 class _TritonFeedbackSolve(torch.autograd.Function):
