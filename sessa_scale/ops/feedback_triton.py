@@ -183,12 +183,16 @@ class _TritonFeedbackSolve(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def config_from_env(base: SolveConfig) -> SolveConfig:
-    """SESSA_TRITON_CFG="L=256,FWD_BM=64" overrides fields (for tuning sweeps)."""
-    text = os.environ.get("SESSA_TRITON_CFG", "")
-    if not text:
+def parse_config(text: str, base: SolveConfig) -> SolveConfig:
+    """base with the fields of "L=256,FWD_BM=64" replaced ("" or "-": base itself)."""
+    if text in ("", "-"):
         return base
     return replace(base, **{k: int(v) for k, v in (item.split("=") for item in text.split(","))})
+
+
+def config_from_env(base: SolveConfig) -> SolveConfig:
+    """SESSA_TRITON_CFG="L=256,FWD_BM=64" overrides fields (for tuning sweeps)."""
+    return parse_config(os.environ.get("SESSA_TRITON_CFG", ""), base)
 
 
 @torch.compiler.disable  # torch.compile runs the model around it; the kernels launch (or replay) as they are
