@@ -1,13 +1,16 @@
 """Triton epilogues of the GEMM path of the feedback solve (wide heads: Dk > 256 or Dv > 128).
 
 There the logits q k^T and lam s^T of a block of rows come from cuBLAS (torch.bmm, fp32 output)
-into a scratch of shape (B*H, R, NC) (rows r0 .. r0 + R of the sequence against keys 0 .. NC or
+into a scratch of shape (B*H, R, NC) (rows r0 .. r0 + R of the sequence against keys 0 .. NC, or
 an apply's column block), and these kernels turn them into what the next product needs.  Shapes
 and units as in ``kernels/feedback.py`` (lse in base 2, qk_scale = scale * log2(e)); value-width
 slabs here are head-major (B*H, T, Dv) with strides (sx_bh, sx_t), except f ((B, T, H, Dv),
-strides (sf_b, sf_t)).  Memory-bound: one pass over the scratch each.  Row lengths NC stay
-specialized (rows known to be 16-aligned load as vectors); positions, heights and gamma's
-strides do not (fewer compilations).
+strides (sf_b, sf_t)).
+
+All are memory-bound, so every kernel that reads the scratch runs one (BM, BN) tile per program
+(many programs in flight); row sums across tiles go through per-tile partials (B*H, R, NCB),
+NCB = cdiv(NC, BN), and a small reduction.  Row lengths NC stay specialized (rows known to be
+16-aligned load as vectors); positions, heights and gamma's strides do not (fewer compilations).
 """
 
 from __future__ import annotations
@@ -15,27 +18,57 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.feedback import _lse_final, _online
+from kernels.feedback import _lse_final
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R'])
-def lse_rows_kernel(a_ptr, lse_ptr, T, r0, R, NC, qk_scale, BM: tl.constexpr, BN: tl.constexpr):
-    """lse[bh, r0 + i] over the strictly causal part (j < r0 + i) of the logits A (B*H, R, NC)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    i = pid_m * BM + tl.arange(0, BM)
-    t = r0 + i
+@triton.jit
+def _tile_rows(r0, R, NC, BM: tl.constexpr, BN: tl.constexpr):
+    """Program (pid_m, pid_n, bh)'s tile of a (B*H, R, NC) block: (bh, i, t = r0 + i, cols, masks, offsets)."""
+    bh = tl.program_id(2)
+    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
     imask = i < R
-    ap = a_ptr + bh * R * NC + i[:, None] * NC
-    ACC = lse_ptr.dtype.element_ty
+    m2 = imask[:, None] & (cols < NC)[None, :]
+    return bh, i, r0 + i, cols, imask, m2, bh * R * NC + i[:, None] * NC + cols[None, :]
+
+
+@triton.jit(do_not_specialize=['r0', 'R'])
+def lse_partial_kernel(a_ptr, m_ptr, l_ptr, r0, R, NC, NCB, qk_scale, BM: tl.constexpr, BN: tl.constexpr):
+    """Per tile of the logits A (B*H, R, NC) of rows r0 + i against keys 0 .. NC: the base-2 max m and
+    sum l = sum 2^(qk_scale A - m) over the keys j < r0 + i, into (B*H, R, NCB) partials."""
+    bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
+    ACC = m_ptr.dtype.element_ty
     m = tl.full((BM,), -1e30, dtype=ACC)
     l = tl.zeros((BM,), dtype=ACC)
-    for n0 in range(0, tl.minimum(NC, r0 + pid_m * BM + BM), BN):
-        cols = n0 + tl.arange(0, BN)
-        ok = (cols[None, :] < t[:, None]) & imask[:, None]
-        s = tl.load(ap + cols[None, :], mask=ok, other=0.0) * qk_scale
-        m, l = _online(m, l, tl.where(ok, s, float("-inf")))
-    tl.store(lse_ptr + bh * T + t, _lse_final(m, l), mask=imask)
+    if tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
+        ok = (cols[None, :] < t[:, None]) & m2
+        s = tl.where(ok, tl.load(a_ptr + off, mask=m2, other=0.0) * qk_scale, float("-inf"))
+        m = tl.maximum(m, tl.max(s, 1))
+        l = tl.sum(tl.exp2(s - m[:, None]), 1)
+    po = bh * R * NCB + i * NCB + tl.program_id(1)
+    tl.store(m_ptr + po, m, mask=imask)
+    tl.store(l_ptr + po, l, mask=imask)
+
+
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'NCB'])
+def lse_reduce_kernel(m_ptr, l_ptr, lse_ptr, T, r0, R, NCB, BM: tl.constexpr, BN: tl.constexpr):
+    """lse[bh, r0 + i] from the partials of lse_partial_kernel (0 for rows with no earlier key)."""
+    bh = tl.program_id(1)
+    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    imask = i < R
+    ACC = lse_ptr.dtype.element_ty
+    M = tl.full((BM,), -1e30, dtype=ACC)
+    S = tl.zeros((BM,), dtype=ACC)
+    for n0 in range(0, NCB, BN):
+        c = n0 + tl.arange(0, BN)
+        mk = imask[:, None] & (c < NCB)[None, :]
+        po = bh * R * NCB + i[:, None] * NCB + c[None, :]
+        m = tl.load(m_ptr + po, mask=mk, other=-1e30)
+        l = tl.load(l_ptr + po, mask=mk, other=0.0)
+        M_new = tl.maximum(M, tl.max(m, 1))
+        S = S * tl.exp2(M - M_new) + tl.sum(l * tl.exp2(m - M_new[:, None]), 1)
+        M = M_new
+    tl.store(lse_ptr + bh * T + r0 + i, _lse_final(M, S), mask=imask)
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'sg_b', 'sg_t'])
@@ -43,59 +76,68 @@ def probs_kernel(a_ptr, p_ptr, g_ptr, lse_ptr, T, H, r0, R, NC, sg_b, sg_t, qk_s
                  BM: tl.constexpr, BN: tl.constexpr):
     """P = gamma_t 2^(qk_scale A - lse_t) of an apply's block (rows r0 + i, every column before
     them: no mask), A (B*H, R, NC) in ACC -> P, same shape, in P's dtype (may be A itself)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    i = pid_m * BM + tl.arange(0, BM)
-    t = r0 + i
-    imask = i < R
-    cols = pid_n * BN + tl.arange(0, BN)
-    m2 = imask[:, None] & (cols < NC)[None, :]
-    off = bh * R * NC + i[:, None] * NC + cols[None, :]
+    bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
     lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
-    g = tl.load(g_ptr + b * sg_b + h + t * sg_t, mask=imask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
     p = g[:, None] * tl.exp2(tl.load(a_ptr + off, mask=m2, other=0.0) * qk_scale - lse[:, None])
     tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'sg_b', 'sg_t', 'sdg_b', 'sdg_t'])
-def ds_rows_kernel(a_ptr, d_ptr, ds_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, f_ptr, dg_ptr,
-                   T, H, Dv, r0, R, NC, sg_b, sg_t, sx_bh, sx_t, sf_b, sf_t, sdg_b, sdg_t, qk_scale, scale,
-                   BM: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
-    """Rows t = r0 + i of the softmax backward from the logits A and D = lam s^T (both (B*H, R, NC)
-    in ACC, keys 0 .. NC):  dS_scaled = scale P (gamma_t D - delta_t) into ds (zero for j >= t; its
-    dtype), dgamma_t = sum_j P D (dg's dtype, at (b, t, h)), with delta_t = lam_t . (s_t - f_t)."""
-    pid_m = tl.program_id(0)
+@triton.jit(do_not_specialize=['T'])
+def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_t, BM: tl.constexpr, BV: tl.constexpr):
+    """delta[bh, t] = lam_t . (s_t - f_t) in ACC (the softmax-backward row term)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    i = pid_m * BM + tl.arange(0, BM)
-    t = r0 + i
-    imask = i < R
-    ACC = lse_ptr.dtype.element_ty
+    t = tl.program_id(0) * BM + tl.arange(0, BM)
+    tmask = t < T
+    ACC = dl_ptr.dtype.element_ty
     dl = tl.zeros((BM,), dtype=ACC)
     for v0 in range(0, Dv, BV):
         vv = v0 + tl.arange(0, BV)
-        mv = imask[:, None] & (vv < Dv)[None, :]
+        mv = tmask[:, None] & (vv < Dv)[None, :]
         xo = bh * sx_bh + t[:, None] * sx_t + vv[None, :]
         lam = tl.load(lam_ptr + xo, mask=mv, other=0.0).to(ACC)
         sv = tl.load(s_ptr + xo, mask=mv, other=0.0).to(ACC)
         fv = tl.load(f_ptr + b * sf_b + h * Dv + t[:, None] * sf_t + vv[None, :], mask=mv, other=0.0).to(ACC)
         dl += tl.sum(lam * (sv - fv), 1)
-    lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
-    g = tl.load(g_ptr + b * sg_b + h + t * sg_t, mask=imask, other=0.0).to(ACC)
+    tl.store(dl_ptr + bh * T + t, dl, mask=tmask)
+
+
+@triton.jit(do_not_specialize=['T', 'r0', 'R'])
+def ds_kernel(a_ptr, d_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, NC, NCB, sg_b, sg_t,
+              qk_scale, scale, BM: tl.constexpr, BN: tl.constexpr):
+    """Rows t = r0 + i of the softmax backward from the logits A and D = lam s^T (both (B*H, R, NC)
+    in ACC, keys 0 .. NC): dS_scaled = scale P (gamma_t D - delta_t) into ds (zero for j >= t; its
+    dtype) and the tile's partial dgamma sum_j P D into dgp (B*H, R, NCB)."""
+    bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
+    ACC = lse_ptr.dtype.element_ty
+    ds = tl.zeros((BM, BN), dtype=ACC)
     dg = tl.zeros((BM,), dtype=ACC)
-    row = bh * R * NC + i[:, None] * NC
-    for n0 in range(0, NC, BN):
-        cols = n0 + tl.arange(0, BN)
-        m2 = imask[:, None] & (cols < NC)[None, :]
-        a = tl.load(a_ptr + row + cols[None, :], mask=m2, other=0.0)
-        d = tl.load(d_ptr + row + cols[None, :], mask=m2, other=0.0)
-        p = tl.where(cols[None, :] < t[:, None], tl.exp2(a * qk_scale - lse[:, None]), 0.0)
-        dg += tl.sum(p * d, 1)
-        tl.store(ds_ptr + row + cols[None, :], (scale * p * (g[:, None] * d - dl[:, None])).to(ds_ptr.dtype.element_ty),
-                 mask=m2)
-    tl.store(dg_ptr + b * sdg_b + h + t * sdg_t, dg.to(dg_ptr.dtype.element_ty), mask=imask)
+    if tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
+        lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
+        dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
+        g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
+        d = tl.load(d_ptr + off, mask=m2, other=0.0)
+        p = tl.exp2(tl.load(a_ptr + off, mask=m2, other=0.0) * qk_scale - lse[:, None])
+        p = tl.where((cols[None, :] < t[:, None]) & m2, p, 0.0)
+        dg = tl.sum(p * d, 1)
+        ds = scale * p * (g[:, None] * d - dl[:, None])
+    tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
+    tl.store(dgp_ptr + bh * R * NCB + i * NCB + tl.program_id(1), dg, mask=imask)
+
+
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'NCB', 'sdg_b', 'sdg_t'])
+def rowsum_kernel(x_ptr, out_ptr, T, H, r0, R, NCB, sdg_b, sdg_t, BM: tl.constexpr, BN: tl.constexpr):
+    """out[b, r0 + i, h] = sum_c x[bh, i, c] (x: (B*H, R, NCB) partials; out in its dtype, (B, T, H)
+    with strides (sdg_b, sdg_t))."""
+    bh = tl.program_id(1)
+    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    imask = i < R
+    acc = tl.zeros((BM,), dtype=x_ptr.dtype.element_ty)
+    for n0 in range(0, NCB, BN):
+        c = n0 + tl.arange(0, BN)
+        acc += tl.sum(tl.load(x_ptr + bh * R * NCB + i[:, None] * NCB + c[None, :],
+                              mask=imask[:, None] & (c < NCB)[None, :], other=0.0), 1)
+    tl.store(out_ptr + (bh // H) * sdg_b + bh % H + (r0 + i) * sdg_t, acc.to(out_ptr.dtype.element_ty), mask=imask)

@@ -103,13 +103,17 @@ class _Blocks:
             off += (size + 255) // 256 * 256
         return out
 
+    def grid(self, R: int, NC: int) -> tuple[int, int, int]:
+        """One epilogue program per (EPI_BM, EPI_BN) tile of a (B*H, R, NC) block."""
+        return triton.cdiv(R, self.cfg.EPI_BM), triton.cdiv(NC, self.cfg.EPI_BN), self.BH
+
     def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
         """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0)."""
         R, NC = r1 - r0, e1 - e0
         A, *P = self.views(R, NC, self.acc, *([] if self.pdt == self.acc else [self.pdt]))
         P = P[0] if P else A
         _gemm(self.qh[:, r0:r1], self.kh[:, e0:e1].transpose(1, 2), A)
-        G.probs_kernel[(triton.cdiv(R, self.cfg.EPI_BM), triton.cdiv(NC, self.cfg.EPI_BN), self.BH)](
+        G.probs_kernel[self.grid(R, NC)](
             A, P, self.gamma, self.lse, self.T, self.H, r0, R, NC, self.gamma.stride(0), self.gamma.stride(1),
             self.qk_scale, **self.epi)
         return P
@@ -122,9 +126,9 @@ class _Blocks:
             r1 = min(r0 + step, l1)
             P = self.probs(r0, r1, e0, e1)
             if rev:
-                dst[:, e0:e1] += _product(P.transpose(1, 2), src[:, r0:r1], self.acc)
+                dst[:, e0:e1].add_(_product(P.transpose(1, 2), src[:, r0:r1], self.acc))
             else:
-                dst[:, r0:r1] += _product(P, src[:, e0:e1], self.acc)
+                dst[:, r0:r1].add_(_product(P, src[:, e0:e1], self.acc))
 
 
 def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
@@ -139,14 +143,16 @@ def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
 
 def _lse(blocks: _Blocks) -> None:
     """The row statistics, strip by strip of rows against every earlier key."""
-    T, cfg = blocks.T, blocks.cfg
+    T, BH, cfg = blocks.T, blocks.BH, blocks.cfg
     step = blocks.rows_per_chunk(T, torch.finfo(blocks.acc).bits // 8)
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
-        (A,) = blocks.views(r1 - r0, r1, blocks.acc)
+        R, NCB = r1 - r0, triton.cdiv(r1, cfg.EPI_BN)
+        (A,) = blocks.views(R, r1, blocks.acc)
         _gemm(blocks.qh[:, r0:r1], blocks.kh[:, :r1].transpose(1, 2), A)
-        G.lse_rows_kernel[(triton.cdiv(r1 - r0, cfg.EPI_BM), blocks.BH)](
-            A, blocks.lse, T, r0, r1 - r0, r1, blocks.qk_scale, **blocks.epi)
+        m, l = (new_buffer((BH, R, NCB), blocks.acc, A.device) for _ in range(2))
+        G.lse_partial_kernel[blocks.grid(R, r1)](A, m, l, r0, R, r1, NCB, blocks.qk_scale, **blocks.epi)
+        G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
 
 
 def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
@@ -186,21 +192,26 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
     dq = new_buffer((B * H, T, Dk), tq, q.device)
     dk_acc = torch.zeros((B * H, T, Dk), dtype=acc, device=q.device)
     dgamma = new_buffer(gamma.shape, tg, q.device)
+    delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t)
+    G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
+        Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
+        BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
     per_entry = 2 * (torch.finfo(acc).bits // 8) + (0 if pdt == acc else torch.finfo(pdt).bits // 8)
     step = blocks.rows_per_chunk(T, per_entry)
-    for r0 in range(0, T, step):  # strips of rows against every earlier key: dS, then dq and dk
+    for r0 in range(0, T, step):  # strips of rows against every earlier key: dS, then dq, dk and dgamma
         r1 = min(r0 + step, T)
-        R = r1 - r0
+        R, NCB = r1 - r0, triton.cdiv(r1, cfg.EPI_BN)
         A, D, *dS = blocks.views(R, r1, acc, acc, *([] if pdt == acc else [pdt]))
         dS = dS[0] if dS else A
         _gemm(blocks.qh[:, r0:r1], blocks.kh[:, :r1].transpose(1, 2), A)
         _gemm(Lam[:, r0:r1], S[:, :r1].transpose(1, 2), D)
-        G.ds_rows_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](
-            A, D, dS, gamma, lse, Lam, S, f, dgamma, T, H, Dv, r0, R, r1, gamma.stride(0), gamma.stride(1),
-            Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1), dgamma.stride(0), dgamma.stride(1),
-            blocks.qk_scale, scale, BV=min(128, triton.next_power_of_2(Dv)), **blocks.epi)
+        dgp = new_buffer((B * H, R, NCB), acc, q.device)
+        G.ds_kernel[blocks.grid(R, r1)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, r1, NCB, gamma.stride(0),
+                                        gamma.stride(1), blocks.qk_scale, scale, **blocks.epi)
+        G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dgamma, T, H, r0, R, NCB, dgamma.stride(0),
+                                                             dgamma.stride(1), **blocks.epi)
         dq[:, r0:r1] = _product(dS, blocks.kh[:, :r1], tq)
-        dk_acc[:, :r1] += _product(dS.transpose(1, 2), blocks.qh[:, r0:r1], acc)
+        dk_acc[:, :r1].add_(_product(dS.transpose(1, 2), blocks.qh[:, r0:r1], acc))
     shape = (B, T, H)
     return (solution_view(dq, (*shape, Dk)), solution_view(dk_acc.to(tk), (*shape, Dk)), dgamma,
             solution_view(outs[-1], (*shape, Dv)))
