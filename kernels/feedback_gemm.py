@@ -105,33 +105,32 @@ def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_
     tl.store(dl_ptr + bh * T + t, dl, mask=tmask)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R'])
-def ds_kernel(a_ptr, d_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, NC, NCB, sg_b, sg_t,
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'sg_b', 'sg_t'])
+def ds_kernel(a_ptr, d_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, sg_b, sg_t,
               qk_scale, scale, BM: tl.constexpr, BN: tl.constexpr):
-    """Rows t = r0 + i of the softmax backward from the logits A and D = lam s^T (both (B*H, R, NC)
-    in ACC, keys 0 .. NC): dS_scaled = scale P (gamma_t D - delta_t) into ds (zero for j >= t; its
+    """Rows t = r0 + i, keys j = c0 + c of the softmax backward from the logits A and D = lam s^T (both
+    (B*H, R, NC) in ACC): dS_scaled = scale P (gamma_t D - delta_t) into ds (zero for j >= t; its
     dtype) and the tile's partial dgamma sum_j P D into dgp (B*H, R, NCB)."""
     bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
     ds = tl.zeros((BM, BN), dtype=ACC)
     dg = tl.zeros((BM,), dtype=ACC)
-    if tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
+    if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
         lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
         dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
         g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
         d = tl.load(d_ptr + off, mask=m2, other=0.0)
         p = tl.exp2(tl.load(a_ptr + off, mask=m2, other=0.0) * qk_scale - lse[:, None])
-        p = tl.where((cols[None, :] < t[:, None]) & m2, p, 0.0)
+        p = tl.where((c0 + cols[None, :] < t[:, None]) & m2, p, 0.0)
         dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])
     tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
     tl.store(dgp_ptr + bh * R * NCB + i * NCB + tl.program_id(1), dg, mask=imask)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'NCB', 'sdg_b', 'sdg_t'])
-def rowsum_kernel(x_ptr, out_ptr, T, H, r0, R, NCB, sdg_b, sdg_t, BM: tl.constexpr, BN: tl.constexpr):
-    """out[b, r0 + i, h] = sum_c x[bh, i, c] (x: (B*H, R, NCB) partials; out in its dtype, (B, T, H)
-    with strides (sdg_b, sdg_t))."""
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'NCB'])
+def rowsum_kernel(x_ptr, out_ptr, T, r0, R, NCB, BM: tl.constexpr, BN: tl.constexpr):
+    """out[bh, r0 + i] += sum_c x[bh, i, c]  (x: (B*H, R, NCB) partials, out (B*H, T), both in ACC)."""
     bh = tl.program_id(1)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
     imask = i < R
@@ -140,4 +139,5 @@ def rowsum_kernel(x_ptr, out_ptr, T, H, r0, R, NCB, sdg_b, sdg_t, BM: tl.constex
         c = n0 + tl.arange(0, BN)
         acc += tl.sum(tl.load(x_ptr + bh * R * NCB + i[:, None] * NCB + c[None, :],
                               mask=imask[:, None] & (c < NCB)[None, :], other=0.0), 1)
-    tl.store(out_ptr + (bh // H) * sdg_b + bh % H + (r0 + i) * sdg_t, acc.to(out_ptr.dtype.element_ty), mask=imask)
+    ptrs = out_ptr + bh * T + r0 + i
+    tl.store(ptrs, tl.load(ptrs, mask=imask, other=0.0) + acc, mask=imask)

@@ -14,6 +14,7 @@ pass), the scratch, and an ACC dk accumulator in the backward.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -40,34 +41,47 @@ def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
 
 
 @functools.cache
-def _bmm_out_dtype_into(device: torch.device) -> bool:
-    """Whether torch.bmm(half, half, out_dtype=float32, out=...) writes into a given buffer here
-    (torch >= 2.8 on CUDA); otherwise the product goes through a temporary."""
-    a = torch.zeros((1, 16, 16), dtype=torch.bfloat16, device=device)
+def _out_dtype_support(device: torch.device) -> tuple[bool, bool]:
+    """Whether torch.bmm writes half x half -> fp32 into a given buffer, and whether torch.baddbmm
+    accumulates half x half into an fp32 strided view (torch >= 2.8 on CUDA), probed once per device;
+    where not, products go through temporaries."""
+    a = torch.ones((2, 16, 16), dtype=torch.bfloat16, device=device)
+    full = torch.ones((2, 32, 16), device=device)
     try:
-        torch.bmm(a, a, out_dtype=torch.float32, out=torch.empty((1, 16, 16), device=device))
+        torch.bmm(a, a, out_dtype=torch.float32, out=torch.empty((2, 16, 16), device=device))
+        into = True
     except (RuntimeError, TypeError, NotImplementedError):
-        return False
-    return True
+        into = False
+    try:
+        view = full[:, 8:24]
+        torch.baddbmm(view, a, a, out_dtype=torch.float32, out=view)
+        accumulates = bool((view == 17).all() and (full[:, :8] == 1).all() and (full[:, 24:] == 1).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        accumulates = False
+    return into, accumulates
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out = a @ b (batched) in out's dtype: half operands accumulate in fp32, fp32 ones in full fp32."""
+    """out = a @ b (batched, out contiguous) in out's dtype: half operands accumulate in fp32, fp32
+    ones in full fp32."""
     if a.dtype == out.dtype:
         with fp32_matmul("ieee"):
             torch.bmm(a, b, out=out)
-    elif _bmm_out_dtype_into(out.device):
+    elif _out_dtype_support(out.device)[0]:
         torch.bmm(a, b, out_dtype=out.dtype, out=out)
     else:
         out.copy_(torch.bmm(a, b, out_dtype=out.dtype))
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b (batched) as a new tensor in dtype (ACC for accumulations; fp32 operands in full fp32)."""
-    if a.dtype == dtype or a.dtype not in (torch.float16, torch.bfloat16):
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b (batched; out in ACC, possibly a strided view of a larger buffer)."""
+    if a.dtype == out.dtype:
         with fp32_matmul("ieee"):
-            return torch.bmm(a, b).to(dtype)
-    return torch.bmm(a, b, out_dtype=dtype)
+            out.baddbmm_(a, b)
+    elif _out_dtype_support(out.device)[1]:
+        torch.baddbmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.add_(torch.bmm(a, b, out_dtype=out.dtype))
 
 
 class _Blocks:
@@ -78,14 +92,22 @@ class _Blocks:
         self.BH, self.gamma, self.lse, self.cfg = self.B * self.H, gamma, lse, cfg
         self.qh, self.kh = _heads_first(q), _heads_first(k)
         self.acc, self.pdt, self.scale, self.qk_scale = lse.dtype, q.dtype, scale, scale * LOG2E
+        # bytes per scratch entry of an ACC buffer, and of a product-dtype one (0: it reuses the ACC one)
+        self.acc_bytes = torch.finfo(self.acc).bits // 8
+        self.extra_pdt_bytes = 0 if self.pdt == self.acc else torch.finfo(self.pdt).bits // 8
         self.budget = max(_MIN_SCRATCH_BYTES, cfg.scratch_mib << 20)
         self._scratch = None
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
 
-    def rows_per_chunk(self, cols: int, bytes_per_element: int) -> int:
-        """Rows of `cols` columns whose buffers of bytes_per_element per entry fit the scratch."""
+    def lines_per_chunk(self, length: int, bytes_per_entry: int) -> int:
+        """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch."""
         bm = self.cfg.EPI_BM
-        return max(bm, self.budget // (self.BH * cols * bytes_per_element) // bm * bm)
+        return max(bm, self.budget // (self.BH * length * bytes_per_entry) // bm * bm)
+
+    def block_side(self, bytes_per_entry: int) -> int:
+        """Side of the square blocks whose buffers of bytes_per_entry fit the scratch."""
+        bn = self.cfg.EPI_BN
+        return max(bn, math.isqrt(self.budget // (self.BH * bytes_per_entry)) // bn * bn)
 
     def views(self, R: int, NC: int, *dtypes) -> list[torch.Tensor]:
         """(B*H, R, NC) buffers of the given dtypes carved from one scratch, which grows to the
@@ -108,7 +130,7 @@ class _Blocks:
         return triton.cdiv(R, self.cfg.EPI_BM), triton.cdiv(NC, self.cfg.EPI_BN), self.BH
 
     def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
-        """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0)."""
+        """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0), in the scratch."""
         R, NC = r1 - r0, e1 - e0
         A, *P = self.views(R, NC, self.acc, *([] if self.pdt == self.acc else [self.pdt]))
         P = P[0] if P else A
@@ -120,15 +142,19 @@ class _Blocks:
 
     def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst, rev: bool) -> None:
         """dst[l] += gamma*P[l, e] src[e] (forward) or dst[e] += (gamma*P[l, e])^T src[l] (rev), for
-        later rows l in [l0, l1) and earlier rows e in [e0, e1); src, dst head-major."""
-        step = self.rows_per_chunk(e1 - e0, torch.finfo(self.acc).bits // 8 + torch.finfo(self.pdt).bits // 8)
-        for r0 in range(l0, l1, step):
-            r1 = min(r0 + step, l1)
-            P = self.probs(r0, r1, e0, e1)
-            if rev:
-                dst[:, e0:e1].add_(_product(P.transpose(1, 2), src[:, r0:r1], self.acc))
-            else:
-                dst[:, r0:r1].add_(_product(P, src[:, e0:e1], self.acc))
+        later rows l in [l0, l1) and earlier rows e in [e0, e1); src, dst head-major.  Chunks split
+        the rows the product writes (forward: l, rev: e), so each chunk's output is final."""
+        per_entry = self.acc_bytes + self.extra_pdt_bytes
+        if rev:
+            step = self.lines_per_chunk(l1 - l0, per_entry)
+            for c0 in range(e0, e1, step):
+                c1 = min(c0 + step, e1)
+                _accumulate(dst[:, c0:c1], self.probs(l0, l1, c0, c1).transpose(1, 2), src[:, l0:l1])
+        else:
+            step = self.lines_per_chunk(e1 - e0, per_entry)
+            for r0 in range(l0, l1, step):
+                r1 = min(r0 + step, l1)
+                _accumulate(dst[:, r0:r1], self.probs(r0, r1, e0, e1), src[:, e0:e1])
 
 
 def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
@@ -144,7 +170,7 @@ def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
 def _lse(blocks: _Blocks) -> None:
     """The row statistics, strip by strip of rows against every earlier key."""
     T, BH, cfg = blocks.T, blocks.BH, blocks.cfg
-    step = blocks.rows_per_chunk(T, torch.finfo(blocks.acc).bits // 8)
+    step = blocks.lines_per_chunk(T, blocks.acc_bytes)
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
         R, NCB = r1 - r0, triton.cdiv(r1, cfg.EPI_BN)
@@ -189,30 +215,31 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
     schedule(T, cfg.L, lambda a: _leaf(W, Y, outs, a, cfg.L, True),
              lambda *blk: blocks.apply(*blk, Lam, Y, True), True, 0, triton.cdiv(T, cfg.L))
     del W, Y
-    dq = new_buffer((B * H, T, Dk), tq, q.device)
-    dk_acc = torch.zeros((B * H, T, Dk), dtype=acc, device=q.device)
-    dgamma = new_buffer(gamma.shape, tg, q.device)
     delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t)
     G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
         Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
         BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
-    per_entry = 2 * (torch.finfo(acc).bits // 8) + (0 if pdt == acc else torch.finfo(pdt).bits // 8)
-    step = blocks.rows_per_chunk(T, per_entry)
-    for r0 in range(0, T, step):  # strips of rows against every earlier key: dS, then dq, dk and dgamma
-        r1 = min(r0 + step, T)
-        R, NCB = r1 - r0, triton.cdiv(r1, cfg.EPI_BN)
-        A, D, *dS = blocks.views(R, r1, acc, acc, *([] if pdt == acc else [pdt]))
-        dS = dS[0] if dS else A
-        _gemm(blocks.qh[:, r0:r1], blocks.kh[:, :r1].transpose(1, 2), A)
-        _gemm(Lam[:, r0:r1], S[:, :r1].transpose(1, 2), D)
-        dgp = new_buffer((B * H, R, NCB), acc, q.device)
-        G.ds_kernel[blocks.grid(R, r1)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, r1, NCB, gamma.stride(0),
-                                        gamma.stride(1), blocks.qk_scale, scale, **blocks.epi)
-        G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dgamma, T, H, r0, R, NCB, dgamma.stride(0),
-                                                             dgamma.stride(1), **blocks.epi)
-        dq[:, r0:r1] = _product(dS, blocks.kh[:, :r1], tq)
-        dk_acc[:, :r1].add_(_product(dS.transpose(1, 2), blocks.qh[:, r0:r1], acc))
+    # dS over square causal blocks (rows r x keys c): dq, dk and dgamma accumulate in ACC across them
+    dq, dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
+    dg = torch.zeros((B * H, T), dtype=acc, device=q.device)
+    side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)
+    for r0 in range(0, T, side):
+        r1 = min(r0 + side, T)
+        for c0 in range(0, r1, side):
+            c1 = min(c0 + side, r1)
+            R, NC = r1 - r0, c1 - c0
+            NCB = triton.cdiv(NC, cfg.EPI_BN)
+            A, D, *dS = blocks.views(R, NC, acc, acc, *([] if pdt == acc else [pdt]))
+            dS = dS[0] if dS else A
+            _gemm(blocks.qh[:, r0:r1], blocks.kh[:, c0:c1].transpose(1, 2), A)
+            _gemm(Lam[:, r0:r1], S[:, c0:c1].transpose(1, 2), D)
+            dgp = new_buffer((B * H, R, NCB), acc, q.device)
+            G.ds_kernel[blocks.grid(R, NC)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, NCB,
+                                            gamma.stride(0), gamma.stride(1), blocks.qk_scale, scale, **blocks.epi)
+            G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, NCB, **blocks.epi)
+            _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
+            _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
     shape = (B, T, H)
-    return (solution_view(dq, (*shape, Dk)), solution_view(dk_acc.to(tk), (*shape, Dk)), dgamma,
-            solution_view(outs[-1], (*shape, Dv)))
+    return (solution_view(dq.to(tq), (*shape, Dk)), solution_view(dk.to(tk), (*shape, Dk)),
+            dg.view(B, H, T).transpose(1, 2).to(tg), solution_view(outs[-1], (*shape, Dv)))
 
