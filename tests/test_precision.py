@@ -143,7 +143,7 @@ def _cli_train(run_dir: Path, arch: str, steps: int, interval: int) -> subproces
         "model.n_heads=4", "data.seq_len=256", "data.corpus_bytes=2000000", "train.micro_batch_size=8",
         f"train.max_steps={steps}", "optim.decay_steps=40", "optim.warmup_steps=5", "train.eval_interval=0",
         f"checkpoint.interval={interval}", "train.precision=bf16", "train.deterministic=true",
-        "logging.progress=false", f"run.dir={run_dir}",
+        "logging.progress=true", f"run.dir={run_dir}",
     ]  # fmt: skip
     # a fresh single-process group each (an earlier in-process run left RANK/MASTER_PORT in os.environ)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
