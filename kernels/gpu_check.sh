@@ -7,6 +7,8 @@
 #                 (bf16 asserted inside the engine, resume bitwise under train.deterministic)
 #                 = pytest -m gpu tests/test_precision.py
 #   train-bench   `sessa-scale bench train`: the 350M trio through the trainer ($TRAIN_BENCH_ARGS)
+#   parallel-bench     `sessa-scale bench parallel` on 2 GPUs (nvidia-h200-x2): the 350M Sessa, every layout, T=2048
+#   parallel-bench-8k  the same, 1 GPU vs tp=2+SP at T=8192
 #   solve-tests   GPU tests of the Triton feedback solve ($GPU_TEST_K: a pytest -k filter)
 #   solve-bench   `bench layer` and `bench solve` tables
 #   ssd-tests     GPU tests of the Triton SSD scan (Mamba-2)
@@ -40,6 +42,13 @@ for step in "${STEPS[@]}"; do
         --out "$OUT/train_bench.md" 2>&1 | tee "$OUT/train_bench.log" || rc=1
       # profiles of steps run with train.profile_step=N (in TRAIN_BENCH_ARGS): one file of all their tables
       for f in /tmp/bench_train/*/profile/step_*.txt; do [[ -f $f ]] && { echo "## $f"; cat "$f"; }; done > "$OUT/train_profiles.txt" ;;
+    parallel-bench)  # a partial table is written after every run, so a timeout still leaves one
+      timeout "${PARALLEL_TIMEOUT:-540}" python3 -m sessa_scale bench parallel --steps 10 --out /tmp/bench_parallel \
+        --report "$OUT/parallel_T2048.md" 2>&1 | tee "$OUT/parallel_T2048.log" || rc=1 ;;
+    parallel-bench-8k)
+      timeout "${PARALLEL_TIMEOUT:-540}" python3 -m sessa_scale bench parallel --steps 10 --seq-len 8192 --micro-batch-size 2 \
+        --layouts "1 GPU" "tp=2+SP" --out /tmp/bench_parallel_8k --report "$OUT/parallel_T8192.md" 2>&1 \
+        | tee "$OUT/parallel_T8192.log" || rc=1 ;;
     solve-tests)
       python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs tests/test_feedback_triton.py \
         ${GPU_TEST_K:+-k "$GPU_TEST_K"} 2>&1 | tee "$OUT/solve_gpu.log" || rc=1 ;;
@@ -61,7 +70,7 @@ for step in "${STEPS[@]}"; do
     quick)
       # shellcheck disable=SC2086
       python3 -m kernels.bench_quick ${QUICK_ARGS:-} 2>&1 | tee "$OUT/bench_quick.log" || rc=1 ;;
-    *) echo "unknown step $step (trainer, train-bench, solve-tests, solve-bench, ssd-tests, quick)"; rc=2 ;;
+    *) echo "unknown step $step (trainer, train-bench, parallel-bench, parallel-bench-8k, solve-tests, solve-bench, ssd-tests, quick)"; rc=2 ;;
   esac
 done
 echo "=== done $(date -u +%H:%M:%S) rc=$rc" | tee -a "$OUT/device.txt"
