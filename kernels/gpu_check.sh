@@ -6,6 +6,8 @@
 #   trainer       the user's path on the GPU: every architecture trains through `sessa-scale train`
 #                 (bf16 asserted inside the engine, resume bitwise under train.deterministic)
 #   train-bench   `sessa-scale bench train`: the 350M trio through the trainer ($TRAIN_BENCH_ARGS)
+#   parallel-bench     `sessa-scale bench parallel` on 2 GPUs (nvidia-h200-x2): the 350M Sessa, every layout, T=2048
+#   parallel-bench-8k  the same, 1 GPU vs tp=2+SP at T=8192
 #   solve-tests   GPU tests of the Triton feedback solve ($GPU_TEST_K: a pytest -k filter)
 #   solve-bench   `bench layer` (SessaLayer vs the project's Transformer block) and `bench solve` tables
 #   solve-profile kernel profiles of the solve (kernels.bench_quick --profile)
@@ -48,6 +50,12 @@ for s in "${STEPS[@]}"; do
       step train_bench python3 -m sessa_scale bench train ${TRAIN_BENCH_ARGS:-} --runs-dir /tmp/bench_train --out "$OUT/train_bench.md"
       # profiles of steps run with train.profile_step=N (in TRAIN_BENCH_ARGS): one file of all their tables
       for f in /tmp/bench_train/*/profile/step_*.txt; do [[ -f $f ]] && { echo "## $f"; cat "$f"; }; done > "$OUT/train_profiles.txt" ;;
+    parallel-bench)  # a partial table is written after every run, so a time-out still leaves one
+      STEP_TIMEOUT=${PARALLEL_TIMEOUT:-540} step parallel_T2048 python3 -m sessa_scale bench parallel --steps 10 \
+        --out /tmp/bench_parallel --report "$OUT/parallel_T2048.md" ;;
+    parallel-bench-8k)
+      STEP_TIMEOUT=${PARALLEL_TIMEOUT:-540} step parallel_T8192 python3 -m sessa_scale bench parallel --steps 10 --seq-len 8192 \
+        --micro-batch-size 2 --layouts "1 GPU" "tp=2+SP" --out /tmp/bench_parallel_8k --report "$OUT/parallel_T8192.md" ;;
     solve-tests)
       step solve_tests python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs -s tests/test_feedback_triton.py \
         ${GPU_TEST_K:+-k "$GPU_TEST_K"} ;;
@@ -72,7 +80,7 @@ for s in "${STEPS[@]}"; do
       step ssd_tests python3 -m pytest -q -m gpu -p no:cacheprovider -rsP --durations=10 tests/test_ssd_triton.py tests/test_ssd.py ;;
     ssd-bench)
       step bench_ssd python3 -m sessa_scale bench ssd --out "$OUT/ssd.md" ;;
-    *) echo "unknown step $s (trainer, train-bench, solve-tests, solve-bench, solve-profile, solve-sweep, ssd-tests, ssd-bench)"; rc=2 ;;
+    *) echo "unknown step $s (trainer, train-bench, parallel-bench, parallel-bench-8k, solve-tests, solve-bench, solve-profile, solve-sweep, ssd-tests, ssd-bench)"; rc=2 ;;
   esac
 done
 echo "=== done $(date -u +%H:%M:%S) rc=$rc" | tee -a "$OUT/times.txt"

@@ -26,6 +26,7 @@ from sessa_scale.training.optimizer import build_optimizer, build_scheduler, res
 from sessa_scale.training.precision import deepspeed_precision_config
 from sessa_scale.training.profiling import phase, profile_step
 from sessa_scale.training.preemption import PreemptionHandler
+from sessa_scale.training.zero_communication import zero_communication_config
 
 # Model keys that may differ between a checkpoint and the run resuming it (no effect on weights).
 _RESUMABLE_MODEL_CHANGES = {"solver", "attention", "activation_checkpointing", "init", "init_std"}
@@ -42,7 +43,7 @@ def deepspeed_config(cfg: Config, dp_size: int, device: torch.device, load_unive
     At ZeRO stage 0 the trainer clips gradients itself (clip_gradients: one fused norm, the norm it
     logs), so DeepSpeed's per-parameter clipping is off there; ZeRO 1-3 clip in their optimizers."""
     t = cfg.train
-    zero = {"stage": cfg.zero.stage}
+    zero = {"stage": cfg.zero.stage, **zero_communication_config(cfg)}
     if cfg.zero.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
