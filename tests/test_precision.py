@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from sessa_scale.config import load_config
+from short_runs import single_process_env
 from sessa_scale.training import trainer
 from sessa_scale.training.precision import autocast, compute_dtype, deepspeed_precision_config
 
@@ -145,9 +146,7 @@ def _cli_train(run_dir: Path, arch: str, steps: int, interval: int) -> subproces
         f"checkpoint.interval={interval}", "train.precision=bf16", "train.deterministic=true",
         "logging.progress=true", f"run.dir={run_dir}",
     ]  # fmt: skip
-    # a fresh single-process group each (an earlier in-process run left RANK/MASTER_PORT in os.environ)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = single_process_env(PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
 
 
