@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from sessa_scale.bench.layer import build_block, training_autocast
+from sessa_scale.bench.layer import build_block
+from sessa_scale.training.precision import autocast
 from sessa_scale.models.sessa import SessaLayer
 from sessa_scale.models.transformer import MLP, TransformerBlock
 
@@ -25,11 +26,11 @@ def test_blocks_are_the_trained_models_blocks_with_the_requested_width():
 def test_training_autocast_runs_the_blocks_in_bf16_over_fp32_parameters():
     x = torch.randn(2, 17, 64, requires_grad=True)
     block = build_block("transformer", "350m", 64, 4, "auto")
-    with training_autocast("bf16", x.device):
+    with autocast("bf16", x.device):
         hidden = block.attn.q_proj(block.ln1(x))
         y = block(x)
     assert hidden.dtype == torch.bfloat16 and y.dtype == torch.float32  # residual stream stays fp32
     y.sum().backward()
     assert x.grad.dtype == torch.float32 and block.attn.q_proj.weight.grad.dtype == torch.float32
-    with training_autocast("fp32", x.device):
+    with autocast("fp32", x.device):
         assert block.attn.q_proj(x).dtype == torch.float32

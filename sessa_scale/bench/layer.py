@@ -18,7 +18,6 @@ count).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import shlex
 import statistics
@@ -32,14 +31,10 @@ import torch.nn as nn
 from sessa_scale.bench import cuda_peak_bytes, emit_report
 from sessa_scale.config import load_config
 from sessa_scale.models.registry import ARCHITECTURES
+from sessa_scale.training.precision import autocast
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRECISIONS = ("bf16", "fp32")
-
-
-def training_autocast(precision: str, device: torch.device):
-    """The precision context of a training step: bf16 autocast over fp32 parameters, or plain fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def build_block(arch: str, size: str, D: int, heads: int, solver: str) -> nn.Module:
@@ -59,7 +54,7 @@ def measure(module: nn.Module, B: int, T: int, D: int, precision: str, device: s
     def step():
         module.zero_grad(set_to_none=True)
         x.grad = None
-        with training_autocast(precision, x.device):
+        with autocast(precision, x.device):  # the trainer's precision rule (training/precision.py)
             y = module(x)
         y.backward(dy)
 
