@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from sessa_scale.config import load_config
+from short_runs import single_process_env
 from sessa_scale.training import trainer
 from sessa_scale.training.precision import autocast, compute_dtype, deepspeed_precision_config
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 REPO = Path(__file__).resolve().parents[1]
 BF16_SECTION = {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
@@ -142,9 +144,9 @@ def _cli_train(run_dir: Path, arch: str, steps: int, interval: int) -> subproces
         "model.n_heads=4", "data.seq_len=256", "data.corpus_bytes=2000000", "train.micro_batch_size=8",
         f"train.max_steps={steps}", "optim.decay_steps=40", "optim.warmup_steps=5", "train.eval_interval=0",
         f"checkpoint.interval={interval}", "train.precision=bf16", "train.deterministic=true",
-        "logging.progress=false", f"run.dir={run_dir}",
+        "logging.progress=true", f"run.dir={run_dir}",
     ]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = single_process_env(PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
 
 

@@ -1,4 +1,4 @@
-"""`sessa-scale bench train|solve|layer|data|parallel [options]`: benchmark tables (see docs/benchmarks/)."""
+"""`sessa-scale bench train|solve|ssd|layer|data|parallel [options]`: benchmark tables (see docs/benchmarks/)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 
 BENCHMARKS = {
     "solve": "sessa_scale.bench.solve",  # the feedback solve: implementations side by side
+    "ssd": "sessa_scale.bench.ssd",  # Mamba-2's SSD scan alone vs SDPA flash of the same token count
     "layer": "sessa_scale.bench.layer",  # a whole SessaLayer vs a Transformer block
     "train": "sessa_scale.bench.train",  # training speed of a matched trio through `sessa-scale train`
     "data": "sessa_scale.bench.data",  # prep and loader throughput on CPU

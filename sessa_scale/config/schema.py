@@ -46,8 +46,8 @@ class ModelConfig:
     ssm_expand: int = 2  # inner width = ssm_expand * d_model
     ssm_groups: int = 1  # groups of heads sharing B and C (must divide the head count)
     ssm_conv: int = 4  # causal depthwise conv kernel width
-    ssm_chunk: int = 64  # SSD chunk length in tokens (a power of two: the GPU kernel needs one)
-    ssm_scan: str = "auto"  # SSD scan: auto (fla on CUDA when installed, else chunked) | chunked | sequential | fla
+    ssm_chunk: int = 64  # SSD chunk length in tokens (a power of two >= 16; the triton scan runs chunks above 128 as 128)
+    ssm_scan: str = "auto"  # SSD scan: auto (triton on CUDA, else chunked) | triton (our kernels, kernels/ssd.py) | chunked (PyTorch) | sequential | fla (fla-core; wrong backward on Hopper with Triton < 3.7.1)
 
 
 # ModelConfig keys that do not shape the weights: they may differ between a checkpoint (or an exported
@@ -108,6 +108,12 @@ class CheckpointConfig:
 class ZeroConfig:
     stage: int = 0  # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters) partitioned over the data-parallel ranks
     offload_optimizer: bool = False  # keep optimizer states in CPU memory and step there (DeepSpeedCPUAdam); needs zero.stage >= 1
+    # Data-parallel communication (DeepSpeed's zero_optimization keys of the same names; see
+    # sessa_scale/training/zero_communication.py). Sizes count elements, not bytes.
+    overlap_comm: bool = True  # stages 1-3: reduce gradient buckets over the data-parallel ranks during the backward pass (on a side stream) instead of after it; costs about 2 reduce buckets of memory (double buffering)
+    reduce_bucket_size: int = 50_000_000  # stages 1-3: gradient elements per reduction bucket (all-reduce / reduce-scatter); smaller buckets start reducing earlier in the backward pass, larger ones have less per-collective latency
+    allgather_bucket_size: int = 50_000_000  # parameter elements per all-gather: stages 1-2 all-gather the updated parameter partitions after the step in buckets of this size; stage 3 prefetches parameters of the coming layers up to this many elements (DeepSpeed's stage3_prefetch_bucket_size)
+    contiguous_gradients: bool = True  # stages 1-3: copy gradients into one contiguous buffer as they are produced (no memory fragmentation in the backward pass)
 
 
 @dataclass

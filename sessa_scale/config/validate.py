@@ -181,6 +181,8 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
             not cfg.zero.offload_optimizer or cfg.zero.stage >= 1,
             "needs zero.stage 1, 2 or 3 (ZeRO partitions what it offloads); set zero.stage=1 or offload_optimizer=false",
         ),
+        ("zero.reduce_bucket_size", cfg.zero.reduce_bucket_size >= 1, "must be >= 1 (elements per gradient reduction bucket)"),
+        ("zero.allgather_bucket_size", cfg.zero.allgather_bucket_size >= 1, "must be >= 1 (elements per parameter all-gather)"),
         ("parallel.tensor", cfg.parallel.tensor >= 1, "must be >= 1 (1 disables tensor parallelism)"),
         (
             "data.seq_len",

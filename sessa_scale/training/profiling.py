@@ -25,11 +25,16 @@ def profile_step(step: int, wanted: int, run_dir: Path, write: bool, device: tor
     with torch.profiler.profile(activities=activities, record_shapes=False) as prof:
         yield
     if write:
-        out = run_dir / "profile"
-        out.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(out / f"step_{step}.json"))
+        trace = trace_path(run_dir, step)
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
         sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        (out / f"step_{step}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        trace.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+
+
+def trace_path(run_dir: Path, step: int) -> Path:
+    """Where the trace of profiled step `step` is written: RUN_DIR/profile/step_N.json."""
+    return Path(run_dir) / "profile" / f"step_{step}.json"
 
 
 def phase(name: str):

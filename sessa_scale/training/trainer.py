@@ -27,6 +27,7 @@ from sessa_scale.training.optimizer import build_optimizer, build_scheduler, res
 from sessa_scale.training.precision import deepspeed_precision_config
 from sessa_scale.training.profiling import phase, profile_step
 from sessa_scale.training.preemption import PreemptionHandler
+from sessa_scale.training.zero_communication import zero_communication_config
 
 
 def seed_everything(seed: int) -> None:
@@ -40,7 +41,7 @@ def deepspeed_config(cfg: Config, dp_size: int, device: torch.device, load_unive
     At ZeRO stage 0 the trainer clips gradients itself (clip_gradients: one fused norm, the norm it
     logs), so DeepSpeed's per-parameter clipping is off there; ZeRO 1-3 clip in their optimizers."""
     t = cfg.train
-    zero = {"stage": cfg.zero.stage}
+    zero = {"stage": cfg.zero.stage, **zero_communication_config(cfg)}
     if cfg.zero.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
@@ -63,7 +64,7 @@ def set_deterministic(enabled: bool) -> None:
     if not enabled:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
 
