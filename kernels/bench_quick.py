@@ -1,8 +1,8 @@
 """Quick GPU timing, config sweeps and kernel profiles of the feedback solve (used by kernels/gpu_check.sh).
 
-    python -m kernels.bench_quick --layouts 6x128,1x768 --seq-lens 2048,8192 [--impls triton,sdpa,fla,dense]
-    python -m kernels.bench_quick --layouts 6x128 --seq-lens 8192 --configs "-;FWD_BM=64;BWD_WARPS=4"
-    python -m kernels.bench_quick --layouts 6x128,1x768 --seq-lens 16384 --profile
+    python -m sessa_scale.kernels.bench_quick --layouts 6x128,1x768 --seq-lens 2048,8192 [--impls triton,sdpa,fla,dense]
+    python -m sessa_scale.kernels.bench_quick --layouts 6x128 --seq-lens 8192 --configs "-;FWD_BM=64;BWD_WARPS=4"
+    python -m sessa_scale.kernels.bench_quick --layouts 6x128,1x768 --seq-lens 16384 --profile
 
 B = batch_tokens // T; bf16 inputs; fwd+bwd median ms via triton.testing.do_bench, peak memory of a
 warm fwd+bwd (as ``sessa-scale bench solve``).  --configs: the Triton solve under each config
@@ -39,7 +39,7 @@ def _solve_impl(name, cfg=None):
         from sessa_scale.ops.feedback_chunked import feedback_solve_chunked
         return feedback_solve_chunked
     if name == "fla":
-        from kernels.baselines import fla_deltaformer_solve
+        from sessa_scale.kernels.baselines import fla_deltaformer_solve
         return fla_deltaformer_solve
     raise KeyError(name)
 

@@ -55,7 +55,7 @@ SKIPPED = "skipped (T^2 memory)"
 
 # Triton kernels (issue 3) and the yardsticks: SDPA flash attention of the same shape, fla-core's
 # DeltaFormer (the same solve with beta = -gamma). Each supports head dims up to MAX_HEAD_DIM.
-from kernels.baselines import fla_available, fla_deltaformer_solve, sdpa_flash_same_shape  # noqa: E402
+from sessa_scale.kernels.baselines import fla_available, fla_deltaformer_solve, sdpa_flash_same_shape  # noqa: E402
 from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS  # noqa: E402
 
 if "triton" in FEEDBACK_SOLVE_IMPLS:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels import feedback as K
+from sessa_scale.kernels import feedback as K
 from sessa_scale.ops.feedback_leaves import (
     LOG2E, acc_dtype, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
 )

@@ -19,7 +19,7 @@ import math
 import torch
 import triton
 
-from kernels import feedback_gemm as G
+from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops import feedback_leaves
 from sessa_scale.ops.feedback_leaves import (
     LOG2E, acc_dtype, fp32_matmul, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 import triton
 
-from kernels import feedback as K
+from sessa_scale.kernels import feedback as K
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634  # the kernels work in base 2: P = 2^(scale*log2(e)*q.k - lse)
