@@ -302,7 +302,8 @@ def test_gpu_power_law_tail():
 @needs_cuda
 def test_gpu_against_deltaformer():
     """fla-core's DeltaFormer computes u = v - beta * softmax-strict(qk) u: beta = -gamma gives s."""
-    from sessa_scale.kernels.baselines import fla_available, fla_deltaformer_solve
+    from sessa_scale.bench.baselines import fla_deltaformer_solve
+    from sessa_scale.ops.ssd import fla_available
 
     if not fla_available():
         pytest.skip("fla-core (fla.ops.deltaformer) not installed")
@@ -350,7 +351,7 @@ def test_gpu_single_head_768_memory_linear_in_T():
 def test_gpu_memory_within_3x_sdpa():
     """6 heads of 128 at T = 8192, B = 2 (graphs on, as in training): the op's fwd+bwd peak memory is
     at most 3x that of causal SDPA flash attention of the same shape."""
-    from sessa_scale.kernels.baselines import sdpa_flash_same_shape
+    from sessa_scale.bench.baselines import sdpa_flash_same_shape
 
     inputs, ds = _inputs(2, 8192, 6, 128, 128, torch.bfloat16, "cuda", seed=9)
     peaks = {name: _op_peak_bytes(impl, inputs, ds, 128 ** -0.5)

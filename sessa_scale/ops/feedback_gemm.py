@@ -22,8 +22,9 @@ import triton
 from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops import feedback_leaves
 from sessa_scale.ops.feedback_leaves import (
-    LOG2E, acc_dtype, fp32_matmul, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
+    LOG2E, fp32_matmul, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
 )
+from sessa_scale.ops.feedback_reference import acc_dtype
 
 _MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
 

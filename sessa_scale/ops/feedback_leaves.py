@@ -30,11 +30,6 @@ def launch_options(num_warps: int, num_stages: int) -> dict:
     return {} if INTERPRET else {"num_warps": num_warps, "num_stages": num_stages}
 
 
-def acc_dtype(*tensors) -> torch.dtype:
-    """The compute dtype ACC: float64 if any input is, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def leaf_precision(product_dtype: torch.dtype) -> str:
     """Precision of the fp32 leaf products: TF32 when the inputs are half precision (their own
     products are bf16/fp16), full fp32 otherwise."""

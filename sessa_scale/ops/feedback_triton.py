@@ -37,7 +37,8 @@ import torch
 import triton
 
 from sessa_scale.ops import feedback_fused, feedback_gemm
-from sessa_scale.ops.feedback_leaves import INTERPRET, acc_dtype
+from sessa_scale.ops.feedback_leaves import INTERPRET
+from sessa_scale.ops.feedback_reference import acc_dtype
 from sessa_scale.ops.graph_cache import GraphCache
 
 FUSED_MAX_DK, FUSED_MAX_DV = 256, 128  # the fused kernels hold a whole head row of q/k and of s in one tile
