@@ -118,7 +118,7 @@ class _Blocks:
         need = sum(sizes) + 256 * len(sizes)
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.uint8, device=self.qh.device)
-        if feedback_leaves.POISON:  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
+        if feedback_leaves.buffers_poisoned():  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
             self._scratch[:need].fill_(255)
         out, off = [], 0
         for dt, size in zip(dtypes, sizes):
