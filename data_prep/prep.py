@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.inputs import Unit, expand_inputs, read_documents
+from sessa_scale.data_prep.inputs import Unit, expand_inputs, read_documents
 from sessa_scale.data.dataset import DEFAULT_SHARD_BYTES, DatasetWriter, token_dtype
 from sessa_scale.data.tokenizer import ByteTokenizer, HFTokenizer
 from sessa_scale.errors import UserError
@@ -106,7 +106,7 @@ def _results(units: list[Unit], workers: int, init_args: tuple):
         yield from map(tokenize_unit, units)
         return
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["data_prep.prep"])
+    ctx.set_forkserver_preload(["sessa_scale.data_prep.prep"])
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init_args) as pool:
         pending: deque = deque()
         for unit in units:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.feedback import _lse_final
+from sessa_scale.kernels.feedback import _lse_final
 
 
 @triton.jit

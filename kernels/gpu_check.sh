@@ -10,7 +10,7 @@
 #   parallel-bench-8k  the same, 1 GPU vs tp=2+SP at T=8192
 #   solve-tests   GPU tests of the Triton feedback solve ($GPU_TEST_K: a pytest -k filter)
 #   solve-bench   `bench layer` (SessaLayer vs the project's Transformer block) and `bench solve` tables
-#   solve-profile kernel profiles of the solve (kernels.bench_quick --profile)
+#   solve-profile kernel profiles of the solve (bench/solve_quick.py --profile)
 #   solve-sweep   a small tile sweep of the solve ($SWEEP_CONFIGS: ";"-separated SolveConfig overrides)
 #   ssd-tests     GPU tests of the Triton SSD scan (Mamba-2)
 #   ssd-bench     `bench ssd`: the scan alone vs the chunked scan, fla and SDPA flash of the same tokens
@@ -39,7 +39,7 @@ step() {  # step NAME CMD...: run under $STEP_TIMEOUT, log to $OUT/NAME.log, not
   echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
 }
 fla_impls() {  # the DeltaFormer column only where fla-core imports
-  python3 -c "import sys, kernels.baselines as b; sys.exit(0 if b.fla_available() else 1)" && echo ",fla_deltaformer"
+  python3 -c "import sys; from sessa_scale.bench.solve import IMPLS; sys.exit(0 if 'fla_deltaformer' in IMPLS else 1)" && echo ",fla_deltaformer"
 }
 for s in "${STEPS[@]}"; do
   case $s in
@@ -70,10 +70,10 @@ for s in "${STEPS[@]}"; do
         --seq-lens 2048,8192,16384,32768 --layouts 1x768 --impls triton --repeats "${WIDE_REPEATS:-5}" \
         --out "$OUT/solve_wide_heads.md" ;;
     solve-profile)
-      step solve_profile python3 -m kernels.bench_quick --profile --layouts 6x128 --seq-lens 2048,16384 --out "$OUT/profile_6x128.md"
-      step solve_profile_wide python3 -m kernels.bench_quick --profile --layouts 1x768 --seq-lens 32768 --out "$OUT/profile_1x768.md" ;;
+      step solve_profile python3 -m sessa_scale.bench.solve_quick --profile --layouts 6x128 --seq-lens 2048,16384 --out "$OUT/profile_6x128.md"
+      step solve_profile_wide python3 -m sessa_scale.bench.solve_quick --profile --layouts 1x768 --seq-lens 32768 --out "$OUT/profile_1x768.md" ;;
     solve-sweep)
-      step solve_sweep python3 -m kernels.bench_quick --layouts 6x128 --seq-lens 8192 --out "$OUT/sweep_6x128.md" \
+      step solve_sweep python3 -m sessa_scale.bench.solve_quick --layouts 6x128 --seq-lens 8192 --out "$OUT/sweep_6x128.md" \
         --configs "${SWEEP_CONFIGS:--;FWD_BM=64,FWD_WARPS=4,DQ_BM=64,DQ_WARPS=4;BWD_WARPS=4;STAGES=2;fuse_dk=0}" ;;
     ssd-tests)
       # -rsP: skip reasons, and the error figures each passing test prints

@@ -3,6 +3,7 @@ NVIDIA PyTorch base and installs exactly the dependencies pyproject.toml declare
 test-only ones, so the GPU extras; nothing undeclared; NVIDIA's own builds kept); run.sh mounts the run directory where run.dir points
 inside the image and starts one torchrun worker per GPU."""
 
+import ast
 import os
 import re
 import shlex
@@ -94,9 +95,9 @@ def test_image_installs_exactly_the_declared_dependencies_with_the_gpu_extras():
     assert set(re.findall(r"[\w-]+", target[1:])) == image_extras, f"{target}: expected {sorted(image_extras)}"
     assert "--no-build-isolation" in argv  # builds against the base image's torch, never a downloaded one
 
-    # That install sees the metadata: pyproject.toml and the files it references are copied before it.
+    # That install sees the metadata: pyproject.toml, setup.py and the files they reference are copied before it.
     copied = {w for i, rest in _instructions()[:index] if i == "COPY" for w in rest.split()[:-1]}
-    assert {"pyproject.toml", PYPROJECT["project"]["readme"]} <= copied
+    assert {"pyproject.toml", "setup.py", PYPROJECT["project"]["readme"]} <= copied
     assert not PYPROJECT["project"].get("dynamic"), "dynamic metadata would need more files in that layer"
 
     base_packages = set(map(_name, _args()["BASE_PACKAGES"].split()))
@@ -104,10 +105,17 @@ def test_image_installs_exactly_the_declared_dependencies_with_the_gpu_extras():
     assert any(i == "ENV" and "PIP_CONSTRAINT=" in rest for i, rest in _instructions())
 
 
+def _package_folders() -> list[str]:
+    """The folders setup.py installs as packages (its PACKAGE_DIRS literal)."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    (value,) = [node.value for node in tree.body if isinstance(node, ast.Assign) and node.targets[0].id == "PACKAGE_DIRS"]
+    return list(ast.literal_eval(value).values())
+
+
 def test_dockerignore_keeps_what_the_package_and_configs_need():
     patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and p[0] != "#"]
     needed = ["pyproject.toml", PYPROJECT["project"]["readme"], "configs/sessa/tiny.yaml", "sessa_scale/cli.py"]
-    needed += [f"{pkg.rstrip('*')}/__init__.py" for pkg in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
+    needed += ["setup.py", *(f"{folder}/__init__.py" for folder in _package_folders())]
     for path in needed:
         assert not any(fnmatch(path, p) or path.startswith(p.rstrip("/") + "/") for p in patterns), path
 

@@ -81,32 +81,32 @@ def _interp_worker(dtype_name: str) -> None:
     from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS, feedback_solve
 
     assert "triton" in FEEDBACK_SOLVE_IMPLS, "triton impl not registered under TRITON_INTERPRET=1"
-    fl.POISON = True  # work buffers and gradient outputs start as NaN
-    dtype = getattr(torch, dtype_name)
-    tol = INTERP_TOL[dtype_name]
+    with fl.poisoned_buffers():  # work buffers and gradient outputs start as NaN
+        dtype = getattr(torch, dtype_name)
+        tol = INTERP_TOL[dtype_name]
 
-    def public(q, k, g, f, scale):
-        return feedback_solve(q, k, g, f, scale=scale, impl="triton")
+        def public(q, k, g, f, scale):
+            return feedback_solve(q, k, g, f, scale=scale, impl="triton")
 
-    def with_config(**fields):
-        cfg = replace(ft.INTERPRET_CONFIG, **fields)
-        return lambda *a: ft.feedback_solve_triton(*a, config=cfg)
+        def with_config(**fields):
+            cfg = replace(ft.INTERPRET_CONFIG, **fields)
+            return lambda *a: ft.feedback_solve_triton(*a, config=cfg)
 
-    for i, T in enumerate(INTERP_T):
-        B, H = (1, 2) if i % 2 == 0 else (2, 1)
-        # Dk = 24, Dv = 40 with 16-wide row tiles: ragged head rows, several leaves, ragged last leaf.
-        for path, impl, Ts in (("fused", public, INTERP_FUSED_T), ("gemm", with_config(gemm=1), INTERP_GEMM_T)):
-            if T in Ts[dtype_name]:
-                errs = _check_against_dense(impl, B, T, H, 24, 40, dtype, "cpu", seed=100 + T, tol_s=tol, tol_g=tol)
-                print(f"ok {dtype_name} {path} T={T} B={B} H={H} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
-                      flush=True)
-    # Small widths, a non-default scale, both paths; the fused backward with one dk pass over all pairs.
-    for path, fields in (("fused", {}), ("gemm", {"gemm": 1})):
-        _check_against_dense(with_config(**fields), 1, 33, 1, 16, 16, dtype, "cpu", seed=7, tol_s=tol, tol_g=tol,
-                             scale=0.3)
-        print(f"ok {dtype_name} {path} Dk=Dv=16 scale=0.3", flush=True)
-    _check_against_dense(with_config(fuse_dk=0), 2, 70, 1, 24, 40, dtype, "cpu", seed=8, tol_s=tol, tol_g=tol)
-    print(f"ok {dtype_name} fused fuse_dk=0", flush=True)
+        for i, T in enumerate(INTERP_T):
+            B, H = (1, 2) if i % 2 == 0 else (2, 1)
+            # Dk = 24, Dv = 40 with 16-wide row tiles: ragged head rows, several leaves, ragged last leaf.
+            for path, impl, Ts in (("fused", public, INTERP_FUSED_T), ("gemm", with_config(gemm=1), INTERP_GEMM_T)):
+                if T in Ts[dtype_name]:
+                    errs = _check_against_dense(impl, B, T, H, 24, 40, dtype, "cpu", seed=100 + T, tol_s=tol, tol_g=tol)
+                    print(f"ok {dtype_name} {path} T={T} B={B} H={H} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
+                          flush=True)
+        # Small widths, a non-default scale, both paths; the fused backward with one dk pass over all pairs.
+        for path, fields in (("fused", {}), ("gemm", {"gemm": 1})):
+            _check_against_dense(with_config(**fields), 1, 33, 1, 16, 16, dtype, "cpu", seed=7, tol_s=tol, tol_g=tol,
+                                 scale=0.3)
+            print(f"ok {dtype_name} {path} Dk=Dv=16 scale=0.3", flush=True)
+        _check_against_dense(with_config(fuse_dk=0), 2, 70, 1, 24, 40, dtype, "cpu", seed=8, tol_s=tol, tol_g=tol)
+        print(f"ok {dtype_name} fused fuse_dk=0", flush=True)
 
 
 def _interp_expected(dtype_name: str) -> int:
@@ -122,6 +122,16 @@ def test_interpreter_against_dense(dtype):
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     assert proc.stdout.count("ok ") == _interp_expected(dtype), proc.stdout
+
+
+def test_poisoned_buffers_fill_work_buffers_with_nan_only_inside_the_context():
+    """The interpreter checks rely on this hook: unwritten tiles must show as NaN."""
+    pytest.importorskip("triton")
+    from sessa_scale.ops import feedback_leaves as fl
+
+    with fl.poisoned_buffers():
+        assert fl.buffers_poisoned() and torch.isnan(fl.new_buffer((3, 5), torch.float32, "cpu")).all()
+    assert not fl.buffers_poisoned()
 
 
 def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():
@@ -247,8 +257,9 @@ def test_gpu_graph_replays_equal_eager_and_keep_each_calls_results(dtype, H, D):
     one shape run their forwards before either backward (outputs and saved tensors are cloned) and
     when graphs of two shapes, which share one memory pool and one input arena, alternate."""
     import sessa_scale.ops.feedback_triton as ft
+    from sessa_scale.ops import graph_cache
 
-    ft.clear_graphs()
+    graph_cache.clear_graphs()
     eager, graphed = ft.SolveConfig(graphs=0), ft.SolveConfig()
     lengths = (300, 200, 300, 300, 200, 200, 300)
     inputs = [_inputs(2, T, H, D, D, dtype, "cuda", seed=seed) for seed, T in enumerate(lengths)]
@@ -261,22 +272,22 @@ def test_gpu_graph_replays_equal_eager_and_keep_each_calls_results(dtype, H, D):
         return [s, *torch.autograd.grad(s, leaves, ds)]
 
     want = [grads(*forward(eager, i)) for i in range(len(lengths))]
-    assert not len(ft.GRAPHS)
+    assert not len(graph_cache.GRAPHS)
     got = {i: grads(*forward(graphed, i)) for i in (0, 1)}  # a shape's first call runs eagerly
-    assert not len(ft.GRAPHS)
+    assert not len(graph_cache.GRAPHS)
     # Two forwards, then the backwards in reverse order (as in a model): call 2's forward and call 3's
     # backward capture, call 3's forward and call 2's backward replay over the other call's statics.
     call2, call3 = forward(graphed, 2), forward(graphed, 3)
     got[3], got[2] = grads(*call3), grads(*call2)
-    assert len(ft.GRAPHS) == 2
+    assert len(graph_cache.GRAPHS) == 2
     call4, call5 = forward(graphed, 4), forward(graphed, 5)  # the other shape: captured, sharing pool and arena
     got[5], got[4] = grads(*call5), grads(*call4)
     got[6] = grads(*forward(graphed, 6))  # the first shape again, after the second one's replays
-    assert len(ft.GRAPHS) == 4
+    assert len(graph_cache.GRAPHS) == 4
     for i, g in got.items():
         for name, a, b in zip(("s", "dq", "dk", "dgamma", "df"), g, want[i]):
             assert a.dtype == b.dtype and torch.equal(a, b), f"call {i}: {name} differs from eager"
-    ft.clear_graphs()
+    graph_cache.clear_graphs()
 
 
 @gpu
@@ -302,7 +313,8 @@ def test_gpu_power_law_tail():
 @needs_cuda
 def test_gpu_against_deltaformer():
     """fla-core's DeltaFormer computes u = v - beta * softmax-strict(qk) u: beta = -gamma gives s."""
-    from kernels.baselines import fla_available, fla_deltaformer_solve
+    from sessa_scale.bench.baselines import fla_deltaformer_solve
+    from sessa_scale.ops.ssd import fla_available
 
     if not fla_available():
         pytest.skip("fla-core (fla.ops.deltaformer) not installed")
@@ -350,7 +362,7 @@ def test_gpu_single_head_768_memory_linear_in_T():
 def test_gpu_memory_within_3x_sdpa():
     """6 heads of 128 at T = 8192, B = 2 (graphs on, as in training): the op's fwd+bwd peak memory is
     at most 3x that of causal SDPA flash attention of the same shape."""
-    from kernels.baselines import sdpa_flash_same_shape
+    from sessa_scale.bench.baselines import sdpa_flash_same_shape
 
     inputs, ds = _inputs(2, 8192, 6, 128, 128, torch.bfloat16, "cuda", seed=9)
     peaks = {name: _op_peak_bytes(impl, inputs, ds, 128 ** -0.5)

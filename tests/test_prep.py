@@ -100,7 +100,7 @@ def test_parquet_input(tmp_path):
 
 
 def test_large_jsonl_is_chunked_without_losing_or_repeating_lines(tmp_path, monkeypatch):
-    import data_prep.inputs as inputs
+    import sessa_scale.data_prep.inputs as inputs
 
     monkeypatch.setattr(inputs, "CHUNK_BYTES", 100)
     lines = [json.dumps({"text": f"document {i} " + "y" * (i % 37)}) for i in range(60)]

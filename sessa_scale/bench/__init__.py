@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import gc
-import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from sessa_scale.ops.graph_cache import clear_graphs
+
 
 def clear_op_caches() -> None:
     """Drop what the feedback solve keeps between calls (its CUDA graphs and their static buffers)."""
-    triton_solve = sys.modules.get("sessa_scale.ops.feedback_triton")
-    if triton_solve is not None:
-        triton_solve.clear_graphs()
+    clear_graphs()
 
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str | None = None, warm: bool = False) -> int:

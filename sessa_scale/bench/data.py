@@ -42,7 +42,7 @@ def _corpus(path: Path, megabytes: float) -> int:
 
 
 def _prep_row(name: str, corpus: Path, out: Path, text_bytes: int, **kw) -> dict:
-    from data_prep.prep import prepare
+    from sessa_scale.data_prep.prep import prepare
 
     start = time.perf_counter()
     m = prepare([str(corpus)], str(out), progress=False, overwrite=True, **kw)
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         prep = [_prep_row("byte", tmp / "corpus.jsonl", tmp / "byte", text_bytes, **common)]
         prep.append(_prep_row("bpe (train + encode)", tmp / "corpus.jsonl", tmp / "bpe", text_bytes, tokenizer="bpe", bpe_vocab_size=args.bpe_vocab_size, **common))
         start = time.perf_counter()
-        from data_prep.inputs import expand_inputs
-        from data_prep.prep import train_bpe
+        from sessa_scale.data_prep.inputs import expand_inputs
+        from sessa_scale.data_prep.prep import train_bpe
 
         train_bpe(expand_inputs([str(tmp / "corpus.jsonl")]), tmp / "tok.json", args.bpe_vocab_size, "text", "error", 256 * 2**20)
         train_s = time.perf_counter() - start

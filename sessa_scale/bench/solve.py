@@ -17,7 +17,7 @@ s.backward(upstream). Reported: the median time of --repeats fwd+bwd calls and t
   by an allocator-dependent amount. Times on CPU are taken in this process (default allocator).
 
 Implementations whose memory is quadratic in T are skipped when their estimate exceeds
---max-quadratic-gib. To add an implementation, add one entry to IMPLS.
+--max-quadratic-gib. To add an implementation, register it in FEEDBACK_SOLVE_IMPLS (a yardstick: in IMPLS).
 """
 
 from __future__ import annotations
@@ -40,43 +40,39 @@ from typing import Callable
 import torch
 
 from sessa_scale.bench import cuda_peak_bytes, emit_report
-from sessa_scale.ops.feedback_chunked import feedback_solve_chunked
-from sessa_scale.ops.feedback_reference import feedback_solve_dense
+from sessa_scale.bench.baselines import fla_deltaformer_solve, sdpa_flash_same_shape
+from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS
+from sessa_scale.ops.ssd import fla_available
 
-# name -> callable(q, k, gamma, f, scale) -> s, in the layout of sessa_scale.ops.feedback_solve.
-IMPLS: dict[str, Callable[..., torch.Tensor]] = {
-    "chunked": feedback_solve_chunked,
-    "dense": feedback_solve_dense,
-}
+# name -> callable(q, k, gamma, f, scale) -> s: the solve's implementations (FEEDBACK_SOLVE_IMPLS:
+# dense, chunked, and triton where it runs) and the yardsticks of bench/baselines.py: SDPA flash
+# attention of the same shape, fla-core's DeltaFormer (the same solve with beta = -gamma). The one
+# registry of the solve benches (this one and solve_quick.py).
+IMPLS: dict[str, Callable[..., torch.Tensor]] = dict(FEEDBACK_SOLVE_IMPLS)
+if torch.cuda.is_available():
+    IMPLS["sdpa_flash"] = sdpa_flash_same_shape
+    if fla_available():
+        IMPLS["fla_deltaformer"] = fla_deltaformer_solve
 # Implementations with T^2 memory: peak bytes ~= factor * B * H * T^2 * compute element size
 # (dense: 6.3 measured on CPU in float32).
 QUADRATIC_MEMORY_FACTOR: dict[str, float] = {"dense": 6.5}
 SKIPPED = "skipped (T^2 memory)"
-
-# Triton kernels (issue 3) and the yardsticks: SDPA flash attention of the same shape, fla-core's
-# DeltaFormer (the same solve with beta = -gamma). Each supports head dims up to MAX_HEAD_DIM.
-from kernels.baselines import fla_available, fla_deltaformer_solve, sdpa_flash_same_shape  # noqa: E402
-from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS  # noqa: E402
-
-if "triton" in FEEDBACK_SOLVE_IMPLS:
-    IMPLS["triton"] = FEEDBACK_SOLVE_IMPLS["triton"]
-if torch.cuda.is_available():
-    IMPLS["sdpa_flash"] = sdpa_flash_same_shape
-if fla_available():
-    IMPLS["fla_deltaformer"] = fla_deltaformer_solve
+# The yardsticks support head dims up to MAX_HEAD_DIM.
 MAX_HEAD_DIM: dict[str, int] = {"sdpa_flash": 256, "fla_deltaformer": 256}
 UNSUPPORTED = "n/a (head dim > 256)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def _fwd_bwd(impl: str, inputs: list[torch.Tensor], upstream: torch.Tensor) -> None:
+def fwd_bwd(solve: Callable[..., torch.Tensor], inputs: list[torch.Tensor], upstream: torch.Tensor) -> None:
+    """One fwd+bwd of solve(q, k, gamma, f, 1/sqrt(Dk)) (inputs from make_inputs; earlier gradients dropped)."""
     for t in inputs:
         t.grad = None
     q, k, gamma, f = inputs
-    IMPLS[impl](q, k, gamma, f, 1.0 / math.sqrt(q.shape[-1])).backward(upstream)
+    solve(q, k, gamma, f, 1.0 / math.sqrt(q.shape[-1])).backward(upstream)
 
 
-def _make_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str):
+def make_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str):
+    """[q, k, gamma, f] (B, T, H, D) / (B, T, H) requiring gradients, and the upstream gradient of s."""
     gen = torch.Generator(device).manual_seed(0)
     shape = (B, T, H, D)
     q, k, f = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(3))
@@ -101,22 +97,22 @@ def measure(impl: str, B: int, T: int, H: int, D: int, dtype: str, device: str, 
     "peak_bytes": peak memory of a fwd+bwd (CUDA: a warm one, with what the op keeps between calls;
     CPU: the first, meaningful only in a fresh process)}."""
     torch_dtype = DTYPES[dtype]
-    _fwd_bwd(impl, *_make_inputs(1, min(T, 128), H, D, torch_dtype, device))  # load code paths
-    inputs, upstream = _make_inputs(B, T, H, D, torch_dtype, device)
+    fwd_bwd(IMPLS[impl], *make_inputs(1, min(T, 128), H, D, torch_dtype, device))  # load code paths
+    inputs, upstream = make_inputs(B, T, H, D, torch_dtype, device)
     gc.collect()
     if device.startswith("cuda"):
-        peak = cuda_peak_bytes(lambda: _fwd_bwd(impl, inputs, upstream), device, warm=True)
+        peak = cuda_peak_bytes(lambda: fwd_bwd(IMPLS[impl], inputs, upstream), device, warm=True)
     else:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # peak RSS := current RSS
         base = _peak_rss_bytes()
-        _fwd_bwd(impl, inputs, upstream)
+        fwd_bwd(IMPLS[impl], inputs, upstream)
         peak = _peak_rss_bytes() - base
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        _fwd_bwd(impl, inputs, upstream)
+        fwd_bwd(IMPLS[impl], inputs, upstream)
         _sync(device)
         times.append(time.perf_counter() - start)
     return {"ms": 1e3 * statistics.median(times) if times else None, "peak_bytes": peak}

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_prep.prep import prepare
+    from sessa_scale.data_prep.prep import prepare
     from sessa_scale.errors import UserError
 
     problems = []

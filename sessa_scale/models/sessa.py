@@ -170,27 +170,16 @@ def _adapt_reference_state(module, state_dict, prefix, *args) -> None:
 
 
 class SessaLayer(nn.Module):
-    """Pre-norm residual Sessa block (no separate MLP): x (B, T, D) -> x + W_out(s * g)."""
+    """Pre-norm residual Sessa block (no separate MLP): x (B, T, D) -> x + W_out(s * g).
 
-    def __init__(
-        self,
-        D: int,
-        n_heads: int = 1,
-        n_kv_heads: int | None = None,
-        max_len: int | None = None,
-        ln_eps: float = 1e-5,
-        use_flash: bool = False,
-        use_forward_rope: bool = True,
-        gamma_max: float = 0.999,
-        n_fb_heads: int = 1,
-        solver: str = "auto",
-    ):
+    ln_eps: the LayerNorm's epsilon; mixer_options: SessaMixer's keyword arguments (n_heads,
+    n_kv_heads, max_len, use_flash, use_forward_rope, gamma_max, n_fb_heads, solver)."""
+
+    def __init__(self, D: int, *, ln_eps: float = 1e-5, **mixer_options):
         super().__init__()
         self.ln = nn.LayerNorm(D, eps=ln_eps)
         self.W_in = nn.Linear(D, 2 * D)
-        self.mixer = SessaMixer(
-            D, n_heads, n_kv_heads, max_len, use_flash, use_forward_rope, gamma_max, n_fb_heads, solver
-        )
+        self.mixer = SessaMixer(D, **mixer_options)
         self.W_out = nn.Linear(D, D)
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+from sessa_scale.ops.feedback_reference import acc_dtype
 
 
 def _heads_first(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -56,7 +54,7 @@ class _ChunkedFeedbackSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, gamma, f, scale: float, chunk_size: int):
-        dtype = _compute_dtype(q, k, gamma, f)
+        dtype = acc_dtype(q, k, gamma, f)
         with torch.autocast(q.device.type, enabled=False):
             qh, kh, fh = (_heads_first(t, dtype) for t in (q, k, f))
             gh = _heads_first(gamma, dtype)  # (B, H, T)

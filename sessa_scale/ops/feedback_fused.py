@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from kernels import feedback as K
+from sessa_scale.kernels import feedback as K
 from sessa_scale.ops.feedback_leaves import (
-    LOG2E, acc_dtype, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
+    LOG2E, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
 )
+from sessa_scale.ops.feedback_reference import acc_dtype
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int]:

@@ -19,11 +19,12 @@ import math
 import torch
 import triton
 
-from kernels import feedback_gemm as G
+from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops import feedback_leaves
 from sessa_scale.ops.feedback_leaves import (
-    LOG2E, acc_dtype, fp32_matmul, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
+    LOG2E, fp32_matmul, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
 )
+from sessa_scale.ops.feedback_reference import acc_dtype
 
 _MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
 
@@ -117,7 +118,7 @@ class _Blocks:
         need = sum(sizes) + 256 * len(sizes)
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = torch.empty(need, dtype=torch.uint8, device=self.qh.device)
-        if feedback_leaves.POISON:  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
+        if feedback_leaves.buffers_poisoned():  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
             self._scratch[:need].fill_(255)
         out, off = [], 0
         for dt, size in zip(dtypes, sizes):

@@ -11,28 +11,39 @@ from contextlib import contextmanager
 import torch
 import triton
 
-from kernels import feedback as K
+from sessa_scale.kernels import feedback as K
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634  # the kernels work in base 2: P = 2^(scale*log2(e)*q.k - lse)
-# Tests set this: buffers the kernels must fill start as NaN, so unwritten tiles show.
-POISON = False
+_poisoned = False  # True only inside poisoned_buffers()
+
+
+@contextmanager
+def poisoned_buffers():
+    """Test hook: inside it, every work buffer, gradient output and GEMM-path scratch of the Triton
+    solve starts as NaN, so tiles no kernel wrote show in the results."""
+    global _poisoned
+    previous, _poisoned = _poisoned, True
+    try:
+        yield
+    finally:
+        _poisoned = previous
+
+
+def buffers_poisoned() -> bool:
+    """Whether poisoned_buffers() is active."""
+    return _poisoned
 
 
 def new_buffer(shape, dtype, device) -> torch.Tensor:
-    """An uninitialized work buffer (NaN-filled under POISON)."""
-    if POISON:
+    """An uninitialized work buffer (NaN-filled inside poisoned_buffers())."""
+    if _poisoned:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
 def launch_options(num_warps: int, num_stages: int) -> dict:
     return {} if INTERPRET else {"num_warps": num_warps, "num_stages": num_stages}
-
-
-def acc_dtype(*tensors) -> torch.dtype:
-    """The compute dtype ACC: float64 if any input is, else float32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def leaf_precision(product_dtype: torch.dtype) -> str:

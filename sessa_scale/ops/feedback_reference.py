@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The solve's compute dtype ACC (every implementation): float64 if any input is, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
@@ -38,7 +39,7 @@ def feedback_solve_dense(
 ) -> torch.Tensor:
     """Materialize alpha (T x T per head) and solve (I - diag(gamma) alpha) s = f with a dense
     unit-lower-triangular solve. O(T^2) memory; differentiable through autograd."""
-    dtype = _compute_dtype(q, k, gamma, f)
+    dtype = acc_dtype(q, k, gamma, f)
     qc, kc, gc, fc = (t.to(dtype) for t in (q, k, gamma, f))
     alpha = strictly_causal_alpha(qc, kc, scale)  # (B, H, T, T)
     T = q.shape[1]
@@ -52,7 +53,7 @@ def feedback_solve_sequential(
     q: torch.Tensor, k: torch.Tensor, gamma: torch.Tensor, f: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Token-by-token recurrence, the most literal form of the definition (slow; for tests)."""
-    dtype = _compute_dtype(q, k, gamma, f)
+    dtype = acc_dtype(q, k, gamma, f)
     qc, kc, gc, fc = (t.to(dtype) for t in (q, k, gamma, f))
     B, T, H, _ = q.shape
     outputs = []

@@ -24,8 +24,11 @@ each pass); between forward and backward only the solution and the row statistic
 CUDA graphs: a call issues tens to hundreds of kernels, and at short sequences their CPU launch
 cost, not the GPU, sets the time.  On CUDA, calls with T <= ``graph_max_T`` (and at most
 ``graph_max_elements`` = B*T*H*(Dk+Dv)) are captured on the second call of a shape (forward and
-backward separately) and replayed (``graph_cache.py``: inputs copied in, outputs cloned, one
+backward separately) and replayed (``graph_cache.GRAPHS``: inputs copied in, outputs cloned, one
 memory pool and one input arena shared by all graphs).
+
+Configuration: ``SolveConfig``, passed as ``config``; calls without one use ``DEFAULT_CONFIG``
+(which the SESSA_TRITON_CFG debug hook can change at import).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ import torch
 import triton
 
 from sessa_scale.ops import feedback_fused, feedback_gemm
-from sessa_scale.ops.feedback_leaves import INTERPRET, acc_dtype
-from sessa_scale.ops.graph_cache import GraphCache
+from sessa_scale.ops.feedback_leaves import INTERPRET
+from sessa_scale.ops.feedback_reference import acc_dtype
+from sessa_scale.ops.graph_cache import GRAPHS
 
 FUSED_MAX_DK, FUSED_MAX_DV = 256, 128  # the fused kernels hold a whole head row of q/k and of s in one tile
 
@@ -84,6 +88,19 @@ class SolveConfig:
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_gemm=32, min_leaves=1, FWD_BM=16, FWD_BN=16, FWD_WARPS=1, BWD_BM=16,
                                BWD_BN=16, BWD_WARPS=1, DQ_BM=16, DQ_BN=16, DQ_WARPS=1, STAGES=1, BML=16, BNL=16,
                                LEAF_WARPS=1, EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
+
+
+def parse_config(text: str, base: SolveConfig) -> SolveConfig:
+    """base with the fields of "L=256,FWD_BM=64" replaced ("" or "-": base itself)."""
+    if text in ("", "-"):
+        return base
+    return replace(base, **{k: int(v) for k, v in (item.split("=") for item in text.split(","))})
+
+
+# The config of calls that pass none (the model's): the defaults, or the interpreter's small tiles.
+# Debug hook: SESSA_TRITON_CFG="L=256,FWD_BM=64" overrides its fields (tuning without code changes),
+# read once, when this module is imported; callers that want another config pass it explicitly.
+DEFAULT_CONFIG = parse_config(os.environ.get("SESSA_TRITON_CFG", ""), INTERPRET_CONFIG if INTERPRET else SolveConfig())
 
 
 def _p2(x: int) -> int:
@@ -132,14 +149,6 @@ def _prep(q, k, gamma, f):
     return rows_ok(q, in_dt), rows_ok(k, in_dt), gamma.contiguous(), rows_ok(f, f.dtype)
 
 
-GRAPHS = GraphCache()
-
-
-def clear_graphs() -> None:
-    """Drop every captured CUDA graph and its buffers (benchmarks measure memory with a cold cache)."""
-    GRAPHS.clear()
-
-
 def _graph_eligible(q: torch.Tensor, f: torch.Tensor, cfg: SolveConfig) -> bool:
     B, T, H, Dk = q.shape
     return (cfg.graphs == 1 and q.is_cuda and not INTERPRET and T <= cfg.graph_max_T
@@ -183,24 +192,12 @@ class _TritonFeedbackSolve(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def parse_config(text: str, base: SolveConfig) -> SolveConfig:
-    """base with the fields of "L=256,FWD_BM=64" replaced ("" or "-": base itself)."""
-    if text in ("", "-"):
-        return base
-    return replace(base, **{k: int(v) for k, v in (item.split("=") for item in text.split(","))})
-
-
-def config_from_env(base: SolveConfig) -> SolveConfig:
-    """SESSA_TRITON_CFG="L=256,FWD_BM=64" overrides fields (for tuning sweeps)."""
-    return parse_config(os.environ.get("SESSA_TRITON_CFG", ""), base)
-
-
 @torch.compiler.disable  # torch.compile runs the model around it; the kernels launch (or replay) as they are
 def feedback_solve_triton(q, k, gamma, f, scale: float, config: SolveConfig | None = None):
-    """Triton feedback solve (see module docstring). ``config`` overrides the tile sizes, the path
-    and the CUDA-graph policy (``graphs``, ``graph_max_T``, ``graph_max_elements``)."""
+    """Triton feedback solve (see module docstring). ``config`` (default DEFAULT_CONFIG) sets the
+    tile sizes, the path and the CUDA-graph policy (``graphs``, ``graph_max_T``, ``graph_max_elements``)."""
     if config is None:
-        config = config_from_env(INTERPRET_CONFIG if INTERPRET else SolveConfig())
+        config = DEFAULT_CONFIG
     if q.device.type == "cuda" and any(t.dtype == torch.float64 for t in (q, k, gamma, f)):
         # fp64 is for the CPU interpreter tests; on GPU use the torch blocked path.
         from sessa_scale.ops.feedback_chunked import feedback_solve_chunked

@@ -11,6 +11,9 @@ one input arena (their static inputs overlap).  Both are safe because replays ar
 the caller's stream and a replay's outputs are cloned before anything else runs: no graph reads
 memory another graph wrote except its own inputs, which are copied in right before it replays.
 What stays allocated per cached graph is its static outputs.
+
+``GRAPHS`` is the process's cache, used by the Triton feedback solve; ``clear_graphs()`` frees it
+(benchmarks measure an op's memory from a cold cache).
 """
 
 from __future__ import annotations
@@ -108,3 +111,11 @@ class GraphCache:
         self._seen.clear()
         self._pools.clear()
         self._arenas.clear()
+
+
+GRAPHS = GraphCache()
+
+
+def clear_graphs() -> None:
+    """Drop every captured CUDA graph of GRAPHS and its buffers."""
+    GRAPHS.clear()

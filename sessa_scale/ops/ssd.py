@@ -30,7 +30,8 @@ SSD_IMPLS = ("triton", "chunked", "sequential", "fla")
 
 
 def fla_available() -> bool:
-    """Whether fla-core's simple-GLA ops import (they need triton and einops)."""
+    """Whether fla-core's Triton ops import (they need triton and einops): the "fla" scan here, and
+    the DeltaFormer yardstick of the solve benches (bench/baselines.py)."""
     try:
         import fla.ops.simple_gla  # noqa: F401
     except ImportError:

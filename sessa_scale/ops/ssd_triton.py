@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import ssd as K
+from sessa_scale.kernels import ssd as K
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tests set this: buffers the kernels must fill start as NaN, so unwritten tiles show.

@@ -4,7 +4,10 @@ callable(q, k, gamma, f, scale) with q, k (B, T, H, Dk), gamma (B, T, H), f (B, 
 * ``sdpa_flash_same_shape``: causal SDPA flash attention on the same shape (q, k, v = f),
   ignoring gamma: the cost of ordinary attention that the solve is compared against.
 * ``fla_deltaformer_solve``: fla-core's DeltaFormer (u = v - beta * strict-softmax(qk) u), which
-  is this solve with beta = -gamma, v = f (its own scale is 1/sqrt(D)); head dims <= ~256.
+  is this solve with beta = -gamma, v = f (its own scale is 1/sqrt(D)); head dims <= ~256; CUDA
+  with fla-core installed (``sessa_scale.ops.ssd.fla_available``).
+
+``sessa_scale.bench.solve.IMPLS`` registers them next to the solve's own implementations.
 """
 
 from __future__ import annotations
@@ -45,16 +48,6 @@ def _deltaformer_function():
     from fla.ops.deltaformer.parallel import ParallelDeltaformerFunction
 
     return ParallelDeltaformerFunction
-
-
-def fla_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _deltaformer_function()
-    except Exception:
-        return False
-    return True
 
 
 def fla_deltaformer_solve(q, k, gamma, f, scale):

@@ -1,9 +1,10 @@
 """Quick GPU timing, config sweeps and kernel profiles of the feedback solve (used by kernels/gpu_check.sh).
 
-    python -m kernels.bench_quick --layouts 6x128,1x768 --seq-lens 2048,8192 [--impls triton,sdpa,fla,dense]
-    python -m kernels.bench_quick --layouts 6x128 --seq-lens 8192 --configs "-;FWD_BM=64;BWD_WARPS=4"
-    python -m kernels.bench_quick --layouts 6x128,1x768 --seq-lens 16384 --profile
+    python -m sessa_scale.bench.solve_quick --layouts 6x128,1x768 --seq-lens 2048,8192 [--impls triton,sdpa_flash,dense]
+    python -m sessa_scale.bench.solve_quick --layouts 6x128 --seq-lens 8192 --configs "-;FWD_BM=64;BWD_WARPS=4"
+    python -m sessa_scale.bench.solve_quick --layouts 6x128,1x768 --seq-lens 16384 --profile
 
+Implementations: the registry of ``sessa-scale bench solve`` (bench/solve.py IMPLS).
 B = batch_tokens // T; bf16 inputs; fwd+bwd median ms via triton.testing.do_bench, peak memory of a
 warm fwd+bwd (as ``sessa-scale bench solve``).  --configs: the Triton solve under each config
 (SolveConfig fields as in SESSA_TRITON_CFG, "-" = the defaults), in this process.  --profile: the
@@ -15,59 +16,25 @@ Markdown tables go to stdout and, with --out, to a file.  The committed benchmar
 from __future__ import annotations
 
 import argparse
-import math
+import functools
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from sessa_scale.bench import cuda_peak_bytes, emit_report
-from sessa_scale.ops.feedback_triton import SolveConfig, parse_config
-
-
-def _solve_impl(name, cfg=None):
-    if name == "triton":
-        from sessa_scale.ops.feedback_triton import feedback_solve_triton
-        return lambda *a: feedback_solve_triton(*a, config=cfg)
-    if name == "dense":
-        from sessa_scale.ops.feedback_reference import feedback_solve_dense
-        return feedback_solve_dense
-    if name == "chunked":
-        from sessa_scale.ops.feedback_chunked import feedback_solve_chunked
-        return feedback_solve_chunked
-    if name == "fla":
-        from kernels.baselines import fla_deltaformer_solve
-        return fla_deltaformer_solve
-    raise KeyError(name)
+from sessa_scale.bench.solve import IMPLS, MAX_HEAD_DIM, QUADRATIC_MEMORY_FACTOR, fwd_bwd, make_inputs
+from sessa_scale.ops.feedback_triton import SolveConfig, feedback_solve_triton, parse_config
 
 
 def fwd_bwd_fn(name, B, T, H, D, dtype=torch.bfloat16, cfg=None):
-    """A closure running one fwd+bwd of implementation `name` on fixed random inputs."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda *s: torch.randn(*s, generator=gen, device="cuda").to(dtype)  # noqa: E731
-    if name == "sdpa":
-        q, k, v = (mk(B, H, T, D).requires_grad_() for _ in range(3))
-        do = mk(B, H, T, D)
-
-        def fn():
-            for t in (q, k, v):
-                t.grad = None
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
-        return fn
-    impl = _solve_impl(name, cfg)
-    q, k, f = (mk(B, T, H, D).requires_grad_() for _ in range(3))
-    g = (0.9 * torch.tanh(torch.randn(B, T, H, generator=gen, device="cuda"))).to(dtype).requires_grad_()
-    ds = mk(B, T, H, D)
-
-    def fn():
-        for t in (q, k, g, f):
-            t.grad = None
-        impl(q, k, g, f, 1.0 / math.sqrt(D)).backward(ds)
-    return fn
+    """A closure running one fwd+bwd of ``IMPLS[name]`` (the Triton solve under ``cfg`` when given)
+    on fixed random inputs on CUDA (as ``sessa-scale bench solve``)."""
+    solve = IMPLS[name] if cfg is None else functools.partial(feedback_solve_triton, config=cfg)
+    inputs, upstream = make_inputs(B, T, H, D, dtype, "cuda")
+    return lambda: fwd_bwd(solve, inputs, upstream)
 
 
 def point(fn) -> tuple[float, int]:
@@ -104,7 +71,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--layouts", default="6x128,16x64,1x768,1x2048")
     ap.add_argument("--seq-lens", default="2048,8192,16384,32768")
-    ap.add_argument("--impls", default="triton,sdpa,fla,dense")
+    ap.add_argument("--impls", default=",".join(n for n in ("triton", "sdpa_flash", "fla_deltaformer", "dense") if n in IMPLS),
+                    help=f"comma-separated, from {list(IMPLS)}")
     ap.add_argument("--configs", default="", help='";"-separated Triton configs to sweep ("-" = defaults)')
     ap.add_argument("--profile", action="store_true", help="kernel-time tables of the Triton solve")
     ap.add_argument("--batch-tokens", type=int, default=16384)
@@ -125,8 +93,8 @@ def main(argv=None):
             sweep = [(c, parse_config(c, SolveConfig())) for c in configs]
             for label, cfg in sweep or [(n, None) for n in impls]:
                 name = "triton" if configs else label
-                too_wide = name in ("sdpa", "fla") and D > 256
-                if too_wide or name == "dense" and 6 * B * H * T * T * 4 > a.max_dense_gib * 2**30:
+                too_wide = D > MAX_HEAD_DIM.get(name, D)
+                if too_wide or QUADRATIC_MEMORY_FACTOR.get(name, 0.0) * B * H * T * T * 4 > a.max_dense_gib * 2**30:
                     continue
                 try:
                     ms, peak = point(fwd_bwd_fn(name, B, T, H, D, cfg=cfg))
