@@ -18,8 +18,8 @@ On resume every config difference is printed, with what happens to it:
   sequence continues where it stopped, in steps of the new global batch (data/loader.py);
 - the data (data.path/sources/source, corpus_bytes, val_fraction, seq_len, shuffle_buffer, run.seed):
   checked against the checkpoint's data position when the data loads; other samples are refused;
-- anything else (logging, checkpointing, evaluation, solver, compile, ...): applied; no effect on
-  the math.
+- anything else (logging, checkpointing, evaluation, solver, precision, compile, ...): applied; these
+  choose how the same model and data are computed or recorded.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def config_changes(checkpoint: Path, cfg: Config, dp_size: int) -> list[str]:
         )
     other = [k for k in changed if k not in {*schedule, *adamw, *BATCH_KEYS, *DATA_KEYS}]
     if other:
-        lines.append(f"  => no effect on the math ({', '.join(other)}): applied")
+        lines.append(f"  => how the same model and data are computed or recorded ({', '.join(other)}): applied")
     return lines
 
 
