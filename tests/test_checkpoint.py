@@ -142,6 +142,7 @@ def test_a_missing_or_unusable_latest_stands_for_the_newest_complete_checkpoint(
     err = capsys.readouterr().err
     assert "names step_00000003, which is incomplete (mp_rank_00_model_states.pt has 1,000 bytes" in err
     assert "using the newest complete checkpoint found by scanning, step_00000002" in err
+    assert err.count("1,000 bytes") == 1  # the truncated checkpoint is described once
     client = manager.load(_engine(7), manager.latest())
     assert client["step"] == 2
 

@@ -68,30 +68,30 @@ class Choice:
     note: str | None  # set when `latest` was missing or unusable (what was wrong, what was used)
 
 
-def _pointer_problem(checkpoints_dir: Path) -> tuple[Path | None, str | None]:
-    """(the complete checkpoint `latest` names, None) or (None, what is wrong with the pointer)."""
+def _read_pointer(checkpoints_dir: Path) -> tuple[Path | None, str | None, str | None]:
+    """(the complete checkpoint `latest` names or None, the name it holds or None, what is wrong or None)."""
     pointer = checkpoints_dir / LATEST
     try:
         tag = pointer.read_text().strip()
     except FileNotFoundError:
-        return None, f"{pointer} is missing"
+        return None, None, f"{pointer} is missing"
     except (OSError, UnicodeDecodeError) as exc:
-        return None, f"{pointer} is unreadable ({exc})"
+        return None, None, f"{pointer} is unreadable ({exc})"
     if not STEP_DIR.match(tag):
-        return None, f"{pointer} holds {tag[:40]!r}, not a checkpoint name"
+        return None, None, f"{pointer} holds {tag[:40]!r}, not a checkpoint name"
     target = checkpoints_dir / tag
     if not target.is_dir():
-        return None, f"{pointer} names {tag}, which does not exist"
+        return None, tag, f"{pointer} names {tag}, which does not exist"
     reason = incomplete_reason(target)
     if reason is not None:
-        return None, f"{pointer} names {tag}, which is incomplete ({reason})"
-    return target, None
+        return None, tag, f"{pointer} names {tag}, which is incomplete ({reason})"
+    return target, tag, None
 
 
 def newest_complete(checkpoints_dir: Path) -> Choice:
     """What RUN_DIR/checkpoints stands for: the checkpoint `latest` names if it is complete, else
     the newest complete step_N (with a note saying why). Choice(None, None): no checkpoints at all."""
-    target, problem = _pointer_problem(checkpoints_dir)
+    target, named, problem = _read_pointer(checkpoints_dir)
     if target is not None:
         return Choice(target, None)
     candidates = step_dirs(checkpoints_dir)
@@ -100,6 +100,8 @@ def newest_complete(checkpoints_dir: Path) -> Choice:
     skipped = []
     for candidate in reversed(candidates):
         reason = incomplete_reason(candidate)
+        if reason is not None and candidate.name == named:
+            continue  # the problem with the pointer already says what is wrong with it
         if reason is None:
             newer = f" (newer but incomplete: {'; '.join(skipped)})" if skipped else ""
             used = f"using the newest complete checkpoint found by scanning, {candidate.name}{newer}"
