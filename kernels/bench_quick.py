@@ -1,28 +1,37 @@
-"""Quick GPU timing of the feedback solve kernels (used by kernels/gpu_check.sh).
+"""Quick GPU timing, config sweeps and kernel profiles of the feedback solve (used by kernels/gpu_check.sh).
 
     python -m kernels.bench_quick --layouts 6x128,1x768 --seq-lens 2048,8192 [--impls triton,sdpa,fla,dense]
+    python -m kernels.bench_quick --layouts 6x128 --seq-lens 8192 --configs "-;FWD_BM=64;BWD_WARPS=4"
+    python -m kernels.bench_quick --layouts 6x128,1x768 --seq-lens 16384 --profile
 
-B = batch_tokens // T; bf16 inputs; fwd+bwd median ms via triton.testing.do_bench, peak memory
-of one fwd+bwd (max_memory_allocated minus the inputs). Prints one line per point and a table.
-The committed benchmark table comes from `sessa-scale bench solve` (sessa_scale/bench/solve.py).
+B = batch_tokens // T; bf16 inputs; fwd+bwd median ms via triton.testing.do_bench, peak memory of a
+warm fwd+bwd (as ``sessa-scale bench solve``).  --configs: the Triton solve under each config
+(SolveConfig fields as in SESSA_TRITON_CFG, "-" = the defaults), in this process.  --profile: the
+GPU kernels of three Triton fwd+bwd calls by total time (torch.profiler), against their wall time.
+Markdown tables go to stdout and, with --out, to a file.  The committed benchmark tables come from
+`sessa-scale bench solve` / `bench layer`.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import time
+from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from sessa_scale.bench import cuda_peak_bytes
+from sessa_scale.bench import cuda_peak_bytes, emit_report
+from sessa_scale.ops.feedback_triton import SolveConfig, parse_config
 
 
-def _solve_impl(name):
+def _solve_impl(name, cfg=None):
     if name == "triton":
         from sessa_scale.ops.feedback_triton import feedback_solve_triton
-        return feedback_solve_triton
+        return lambda *a: feedback_solve_triton(*a, config=cfg)
     if name == "dense":
         from sessa_scale.ops.feedback_reference import feedback_solve_dense
         return feedback_solve_dense
@@ -35,7 +44,8 @@ def _solve_impl(name):
     raise KeyError(name)
 
 
-def point(name, B, T, H, D, dtype=torch.bfloat16, fwd_only=False):
+def fwd_bwd_fn(name, B, T, H, D, dtype=torch.bfloat16, cfg=None):
+    """A closure running one fwd+bwd of implementation `name` on fixed random inputs."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda *s: torch.randn(*s, generator=gen, device="cuda").to(dtype)  # noqa: E731
     if name == "sdpa":
@@ -43,24 +53,51 @@ def point(name, B, T, H, D, dtype=torch.bfloat16, fwd_only=False):
         do = mk(B, H, T, D)
 
         def fn():
+            for t in (q, k, v):
+                t.grad = None
             with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            if not fwd_only:
-                o.backward(do)
-    else:
-        impl = _solve_impl(name)
-        q, k, f = (mk(B, T, H, D).requires_grad_() for _ in range(3))
-        g = (0.9 * torch.tanh(torch.randn(B, T, H, generator=gen, device="cuda"))).to(dtype).requires_grad_()
-        ds = mk(B, T, H, D)
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(do)
+        return fn
+    impl = _solve_impl(name, cfg)
+    q, k, f = (mk(B, T, H, D).requires_grad_() for _ in range(3))
+    g = (0.9 * torch.tanh(torch.randn(B, T, H, generator=gen, device="cuda"))).to(dtype).requires_grad_()
+    ds = mk(B, T, H, D)
 
-        def fn():
-            s = impl(q, k, g, f, 1.0 / math.sqrt(D))
-            if not fwd_only:
-                s.backward(ds)
+    def fn():
+        for t in (q, k, g, f):
+            t.grad = None
+        impl(q, k, g, f, 1.0 / math.sqrt(D)).backward(ds)
+    return fn
+
+
+def point(fn) -> tuple[float, int]:
+    """(median ms, warm peak bytes) of a fwd+bwd closure."""
+    peak = cuda_peak_bytes(fn, warm=True)
+    return triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median"), peak
+
+
+def profile(fn, calls: int = 3, top: int = 14) -> list[str]:
+    """Markdown rows: the GPU kernels of `calls` fwd+bwd calls by total time, and the wall time."""
     fn()
-    peak = cuda_peak_bytes(fn)
-    ms = triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median")
-    return ms, peak
+    fn()  # compiled, and captured where CUDA graphs apply
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / calls
+    per_kernel, launches = defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name if len(e.name) < 48 else e.name[:45] + "..."
+            per_kernel[name] += e.time_range.elapsed_us() / calls
+            launches[name] += 1
+    total = sum(per_kernel.values())
+    rows = [f"| wall per call | {1e3 * wall:.2f} ms | GPU busy {total / 1e3:.2f} ms |"]
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append(f"| `{name}` | {us / 1e3:.3f} ms | {launches[name] // calls} per call |")
+    return rows
 
 
 def main(argv=None):
@@ -68,38 +105,39 @@ def main(argv=None):
     ap.add_argument("--layouts", default="6x128,16x64,1x768,1x2048")
     ap.add_argument("--seq-lens", default="2048,8192,16384,32768")
     ap.add_argument("--impls", default="triton,sdpa,fla,dense")
+    ap.add_argument("--configs", default="", help='";"-separated Triton configs to sweep ("-" = defaults)')
+    ap.add_argument("--profile", action="store_true", help="kernel-time tables of the Triton solve")
     ap.add_argument("--batch-tokens", type=int, default=16384)
-    ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--max-dense-gib", type=float, default=30.0)
+    ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    rows = []
+    configs = a.configs.split(";") if a.configs else []
+    impls = ["triton"] if a.profile or configs else a.impls.split(",")
+    lines = []
     for lay in a.layouts.split(","):
         H, D = (int(x) for x in lay.split("x"))
         for T in (int(t) for t in a.seq_lens.split(",")):
             B = max(1, a.batch_tokens // T)
-            res = {}
-            for name in a.impls.split(","):
-                if name in ("sdpa", "fla") and D > 256:
-                    continue
-                if name == "dense" and 6 * B * H * T * T * 4 > a.max_dense_gib * 2**30:
+            if a.profile:
+                lines += ["", f"### {lay}, T={T}, B={B}", "", "| kernel | time per call | launches |", "|---|---|---|"]
+                lines += profile(fwd_bwd_fn("triton", B, T, H, D))
+                continue
+            sweep = [(c, parse_config(c, SolveConfig())) for c in configs]
+            for label, cfg in sweep or [(n, None) for n in impls]:
+                name = "triton" if configs else label
+                too_wide = name in ("sdpa", "fla") and D > 256
+                if too_wide or name == "dense" and 6 * B * H * T * T * 4 > a.max_dense_gib * 2**30:
                     continue
                 try:
-                    res[name] = point(name, B, T, H, D, fwd_only=a.fwd_only)
+                    ms, peak = point(fwd_bwd_fn(name, B, T, H, D, cfg=cfg))
                 except Exception as e:  # report and go on
-                    print(f"{lay} T={T} {name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    torch.cuda.empty_cache()
-                    continue
-                print(f"{lay} T={T} B={B} {name}: {res[name][0]:.3f} ms, peak {res[name][1] / 2**30:.3f} GiB",
-                      flush=True)
+                    print(f"{lay} T={T} {label}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                else:
+                    lines.append(f"| {lay} | {T} | {B} | {label} | {ms:.3f} | {peak / 2**20:.0f} |")
+                    print(lines[-1], flush=True)
                 torch.cuda.empty_cache()
-            rows.append((lay, T, B, res))
-    print("\n| layout | T | B | " + " | ".join(f"{n} ms" for n in a.impls.split(",")) + " | triton/sdpa | triton/dense |")
-    for lay, T, B, res in rows:
-        cells = [f"{res[n][0]:.2f}" if n in res else "-" for n in a.impls.split(",")]
-        tr = res.get("triton", (None,))[0]
-        r1 = f"{tr / res['sdpa'][0]:.2f}" if tr and "sdpa" in res else "-"
-        r2 = f"{res['dense'][0] / tr:.1f}x faster" if tr and "dense" in res else "-"
-        print(f"| {lay} | {T} | {B} | " + " | ".join(cells) + f" | {r1} | {r2} |")
+    head = [] if a.profile else ["| layout | T | B | impl / config | fwd+bwd ms | peak MiB |", "|" + "---|" * 6]
+    emit_report("\n".join(head + lines) + "\n", a.out)
 
 
 if __name__ == "__main__":

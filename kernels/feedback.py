@@ -1,34 +1,38 @@
-"""Triton kernels for the Sessa feedback solve (forward and backward).
+"""Triton kernels for the Sessa feedback solve: leaves and the fused (flash-style) path.
 
 Problem, per (batch, head):  s[t] = f[t] + gamma[t] * sum_{j<t} P[t, j] s[j],
 P[t, :] = softmax_{j<t}(scale * q[t].k[j]) (strictly causal; row 0 is all zero).
 Plain references: ``sessa_scale/ops/feedback_reference.py`` (dense, sequential) and
 ``sessa_scale/ops/feedback_chunked.py`` (blocked torch with hand backward).
 
-Layouts: q, k (B, T, H, Dk); gamma (B, T, H); f (B, T, H, Dv), arbitrary strides passed in.
-Work buffers are in the compute dtype ACC (float32, or float64 for float64 inputs):
-  lse  (B*H, T)         row log-sum-exp of the strictly causal logits (0 for row 0)
+Layouts: q, k (B, T, H, Dk) with any batch / row strides (head stride Dk, unit last stride);
+gamma (B, T, H); value-width slabs (f, the solution S, the adjoint Lam, the accumulators X / Y)
+(B, T, H, Dv) with batch / row strides passed in.  Work buffers are in the compute dtype ACC
+(float32, or float64 for float64 inputs):
+  lse  (B*H, T)         row log-sum-exp of the strictly causal logits in base 2 (log2 of the
+                        softmax denominator of scale*log2(e)*q.k; 0 for row 0)
   W    (B*H, NL*L, L)   per leaf of L rows (NL leaves, the last padded with identity rows):
                         ``leaf_prep_kernel`` writes the C x C blocks A_ij = gamma_i P_ij (j < i),
                         the inverses of the diagonal systems (I - gamma_i P_ii) and zeros above;
-                        the wrapper then merges them into the full inverse of (I - A_leaf).
-  X / S (B, T, H, Dv)   right-hand side accumulator (starts as f) / solution (+ a copy of S
-                        in the input dtype that the tensor-core products read)
-Schedule (``sessa_scale/ops/feedback_triton.py``): lse pass -> leaf inverses (both fully
-parallel) -> recursive solve over leaves: solve the first half, apply its block of gamma*P to
-the second half, recurse; a leaf is one product S = N X with its inverse N.  An apply either
-recomputes P inside the product (``fwd_apply_kernel`` / ``bwd_apply_kernel``, one Dv tile) or
-runs in two passes: ``tile_kernel`` writes the gamma*P block (input dtype) to a bounded
-scratch, ``mm_kernel`` multiplies it (wide heads: P is computed once, not once per Dv tile;
-large single-head products go through cuBLAS instead, see ``SolveConfig.cublas_min``).
-The backward solves the transposed system backwards in time with the same schedule, then
-``tile_kernel`` writes dS row chunks (and partial dgamma sums) and ``mm_kernel`` forms
-dq = dS k and dk = dS^T q from them.
+                        the wrapper then merges them into the full inverse N of (I - A_leaf).
+Schedule (``sessa_scale/ops/feedback_triton.py``): lse -> leaf inverses (both fully parallel)
+-> recursive solve over leaves: solve the first half, apply its block of gamma*P to the second
+half, recurse; a leaf is one product S = N X (``leaf_kernel``).
 
-Numerics: logits, lse, accumulators and the leaf inverses in ACC ("ieee" dots, "tf32" for
-the leaf products when inputs are half precision); P, dS and s enter the large products in
-the input dtype (bf16/fp16 tensor cores, fp32 accumulation) when the inputs are half
-precision, ACC otherwise.  No atomics: results are deterministic.
+Fused path (head widths Dk <= 256, Dv <= 128: a whole head row is one tile), the kernels of
+flash attention with P recomputed from q, k and lse:
+  forward   ``lse_kernel``, ``fwd_apply_kernel``  X[l] += gamma_l P[l, e] S[e]
+  backward  the transposed system backwards in time: ``bwd_apply_kernel`` Y[e] += P[l, e]^T
+            gamma_l Lam[l] (optionally also dk of those pairs), the leaf product writes Lam and
+            delta_t = lam_t . (s_t - f_t); then ``dq_kernel`` (rows: dq, dgamma) and
+            ``dk_kernel`` (columns: dk), flash-attention backward with values S and output
+            gradient gamma*Lam:  dS[t, j] = P[t, j] (gamma_t lam_t . s_j - delta_t).
+Wide heads take the GEMM path (``kernels/feedback_gemm.py``).
+
+Numerics: logits, lse, accumulators and the leaf inverses in ACC ("ieee" dots; "tf32" for the
+leaf products when inputs are half precision); P, dS, S and Lam enter the products in the input
+dtype (bf16/fp16 tensor cores, fp32 accumulation) when the inputs are half precision, ACC
+otherwise.  No atomics: results are deterministic.
 """
 
 from __future__ import annotations
@@ -57,65 +61,44 @@ def _tile(ptr, rows, rmask, st, d0, D, BK: tl.constexpr):
 @triton.jit
 def _qk(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dk,
         BK: tl.constexpr, NK: tl.constexpr, PREC: tl.constexpr):
-    """a[rows] . b[cols]^T over Dk (NK chunks of BK; a0 = chunk 0 of a[rows] in a's dtype,
-    preloaded outside the caller's loop so that the column loop is the innermost, pipelined one;
-    b is cast to a0's dtype)."""
-    DT = a0.dtype
-    acc = _dot(a0, tl.trans(_tile(b_ptr, cols, cmask, sb_t, 0, Dk, BK).to(DT)), PREC)
-    if NK > 1:  # wide heads: a runtime loop (an unrolled one would pipeline every chunk in smem)
+    """a[rows] . b[cols]^T over Dk (NK chunks of BK; a0 = chunk 0 of a[rows], preloaded)."""
+    acc = _dot(a0, tl.trans(_tile(b_ptr, cols, cmask, sb_t, 0, Dk, BK)), PREC)
+    if NK > 1:  # wide heads (leaf_prep of the GEMM path): a runtime loop over Dk chunks
         for c in range(1, NK):
-            at = _tile(a_ptr, rows, rmask, sa_t, c * BK, Dk, BK).to(DT)
-            bt = _tile(b_ptr, cols, cmask, sb_t, c * BK, Dk, BK).to(DT)
+            at = _tile(a_ptr, rows, rmask, sa_t, c * BK, Dk, BK)
+            bt = _tile(b_ptr, cols, cmask, sb_t, c * BK, Dk, BK)
             acc += _dot(at, tl.trans(bt), PREC)
     return acc
 
 
 @triton.jit
-def _probs(q0, q_ptr, k_ptr, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale,
-           BK: tl.constexpr, NK: tl.constexpr, PREC: tl.constexpr):
-    """P[rows, cols] (strictly causal, zero outside), in ACC; lse = lse[rows] (preloaded)."""
-    s = _qk(q0, q_ptr, k_ptr, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BK, NK, PREC) * scale
-    ok = (cols[None, :] < rows[:, None]) & rmask[:, None] & cmask[None, :]
-    return tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+def _online(m, l, s):
+    """One step of the base-2 online log-sum-exp: (max, sum of 2^(s - max)) of rows of s."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+    return m_new, l
 
 
-# ----------------------------------------------------------------------------- row statistics, leaves
+@triton.jit
+def _lse_final(m, l):
+    """log2 of the softmax denominator; 0 for rows with no admissible key (l = 0)."""
+    return tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), 0.0)
 
 
-@triton.jit(do_not_specialize=['T'])
-def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, scale,
-               sq_b, sq_t, sk_b, sk_t,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr,
-               PREC: tl.constexpr):
-    """lse[bh, t] = logsumexp_{j<t}(scale q_t.k_j); 0 for rows with no admissible key."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    qp = q_ptr + b * sq_b + h * Dk
-    kp = k_ptr + b * sk_b + h * Dk
-    rows = pid_m * BM + tl.arange(0, BM)
-    rmask = rows < T
-    lse_dt = lse_ptr.dtype.element_ty
-    m_i = tl.full((BM,), -1e30, dtype=lse_dt)
-    l_i = tl.zeros((BM,), dtype=lse_dt)
-    hi = tl.minimum(pid_m * BM + BM, T)  # keys j < t <= hi - 1
-    q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
-    for n0 in range(0, hi, BN):
-        cols = n0 + tl.arange(0, BN)
-        cmask = cols < T
-        s = _qk(q0, qp, kp, rows, cols, rmask, cmask, sq_t, sk_t, Dk, BK, NK, PREC) * scale
-        ok = (cols[None, :] < rows[:, None]) & rmask[:, None]
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-        m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), 0.0)
-    tl.store(lse_ptr + bh * T + rows, lse, mask=rmask)
+# ----------------------------------------------------------------------------- leaves
 
 
-@triton.jit(do_not_specialize=['T', 'TP'])
-def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, scale,
+@triton.jit
+def _gp(q0, qp, kp, g, lse, rows, cols, rmask, T, sq_t, sk_t, Dk, qk_scale,
+        BK: tl.constexpr, NK: tl.constexpr, PREC: tl.constexpr):
+    """gamma_t P[t, j] on rows x cols (strictly causal, zero outside), in ACC."""
+    s = _qk(q0, qp, kp, rows, cols, rmask, cols < T, sq_t, sk_t, Dk, BK, NK, PREC) * qk_scale
+    ok = (cols[None, :] < rows[:, None]) & rmask[:, None]
+    return g[:, None] * tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit(do_not_specialize=['T', 'TP', 'sg_b', 'sg_t'])
+def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, qk_scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, TP,
                      L, C: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, LOG2C: tl.constexpr,
                      PREC: tl.constexpr):
@@ -128,40 +111,39 @@ def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, scale,
     h = bh % H
     qp = q_ptr + b * sq_b + h * Dk
     kp = k_ptr + b * sk_b + h * Dk
-    lp = lse_ptr + bh * T
     r0 = pid * C
     a0 = (r0 // L) * L
     rows = r0 + tl.arange(0, C)
     rmask = rows < T
-    g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(lse_ptr.dtype.element_ty)
+    ACC = lse_ptr.dtype.element_ty
+    g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(ACC)
     wrow = w_ptr + bh * TP * L + rows[:, None] * L
     cl = tl.arange(0, C)
     q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
-    lse = tl.load(lp + rows, mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + bh * T + rows, mask=rmask, other=0.0)
     for c0 in range(a0, r0, C):
-        cols = c0 + cl
-        p = _probs(q0, qp, kp, lse, rows, cols, rmask, cols < T, sq_t, sk_t, Dk, scale, BK, NK, PREC)
-        tl.store(wrow + (c0 - a0) + cl[None, :], g[:, None] * p)
-    p = _probs(q0, qp, kp, lse, rows, rows, rmask, rmask, sq_t, sk_t, Dk, scale, BK, NK, PREC)
-    A = g[:, None] * p
-    eye = tl.where(cl[:, None] == cl[None, :], 1.0, 0.0).to(A.dtype)
-    M = eye + A
+        A = _gp(q0, qp, kp, g, lse, rows, c0 + cl, rmask, T, sq_t, sk_t, Dk, qk_scale, BK, NK, PREC)
+        tl.store(wrow + (c0 - a0) + cl[None, :], A)
+    A = _gp(q0, qp, kp, g, lse, rows, rows, rmask, T, sq_t, sk_t, Dk, qk_scale, BK, NK, PREC)
+    M = tl.where(cl[:, None] == cl[None, :], 1.0, 0.0).to(ACC) + A
     Ap = A
     for _ in range(LOG2C - 1):
         Ap = _dot(Ap, Ap, PREC)
         M = M + _dot(M, Ap, PREC)
     tl.store(wrow + (r0 - a0) + cl[None, :], M)
     for c0 in range(r0 + C, a0 + L, C):
-        tl.store(wrow + (c0 - a0) + cl[None, :], tl.zeros((C, C), dtype=A.dtype))
+        tl.store(wrow + (c0 - a0) + cl[None, :], tl.zeros((C, C), dtype=ACC))
 
 
 @triton.jit(do_not_specialize=['T', 'TP', 'a0'])
-def leaf_kernel(w_ptr, x_ptr, s_ptr, sl_ptr, T, H, Dv, sx_b, sx_t, TP, a0, L,
+def leaf_kernel(w_ptr, x_ptr, o_ptr, o2_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_b, sx_t, sf_b, sf_t, TP, a0, L,
                 BML: tl.constexpr, BNL: tl.constexpr, BV: tl.constexpr,
-                REV: tl.constexpr, COPY: tl.constexpr, PREC: tl.constexpr):
-    """Leaf [a0, a0 + L) with its inverse N = W[a0:a0+L] (lower triangular):
-    S = N X (REV: S = N^T X, the transposed system of the backward), rows < T; COPY: also
-    write S in sl's dtype."""
+                REV: tl.constexpr, COPY: tl.constexpr, DELTA: tl.constexpr, PREC: tl.constexpr):
+    """Leaf [a0, a0 + L) with its inverse N = W[a0:a0+L] (lower triangular): O = N X
+    (REV: O = N^T X, the transposed system of the backward) in O's dtype, rows < T; COPY: also
+    O2 in its dtype.  DELTA (one Dv tile, BV >= Dv): delta[t] = O_t . (S_t - F_t) in ACC
+    (the softmax-backward row term; O is lam here, S the forward solution, F = f).
+    X, O, O2, S share the strides (sx_b, sx_t); F has (sf_b, sf_t)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     bh = tl.program_id(2)
@@ -174,7 +156,8 @@ def leaf_kernel(w_ptr, x_ptr, s_ptr, sl_ptr, T, H, Dv, sx_b, sx_t, TP, a0, L,
     rmask = rows < T
     vv = pid_v * BV + tl.arange(0, BV)
     vm = vv < Dv
-    acc = tl.zeros((BML, BV), dtype=s_ptr.dtype.element_ty)
+    ACC = x_ptr.dtype.element_ty
+    acc = tl.zeros((BML, BV), dtype=ACC)
     if REV:
         lo = pid_m * BML
         hi = L
@@ -192,189 +175,252 @@ def leaf_kernel(w_ptr, x_ptr, s_ptr, sl_ptr, T, H, Dv, sx_b, sx_t, TP, a0, L,
         acc += _dot(w, xs, PREC)
     off = b * sx_b + h * Dv + rows[:, None] * sx_t + vv[None, :]
     m2 = rmask[:, None] & vm[None, :]
-    tl.store(s_ptr + off, acc, mask=m2)
+    tl.store(o_ptr + off, acc.to(o_ptr.dtype.element_ty), mask=m2)
     if COPY:
-        tl.store(sl_ptr + off, acc.to(sl_ptr.dtype.element_ty), mask=m2)
+        tl.store(o2_ptr + off, acc.to(o2_ptr.dtype.element_ty), mask=m2)
+    if DELTA:
+        sv = tl.load(s_ptr + off, mask=m2, other=0.0).to(ACC)
+        fv = tl.load(f_ptr + b * sf_b + h * Dv + rows[:, None] * sf_t + vv[None, :], mask=m2, other=0.0).to(ACC)
+        tl.store(dl_ptr + bh * T + rows, tl.sum(acc * (sv - fv), 1), mask=rmask)
 
 
-# ----------------------------------------------------------------------------- one-pass applies
+# ----------------------------------------------------------------------------- fused path: forward
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'r1', 'c0', 'c1'])
-def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, s_ptr, x_ptr, T, H, Dk, Dv, scale,
-                     sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
-                     r0, r1, c0, c1,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     NK: tl.constexpr, PREC: tl.constexpr):
-    """X[r0:r1] += gamma * P[r0:r1, c0:c1] @ S[c0:c1]  (c1 <= r0: solved rows into unsolved)."""
+@triton.jit(do_not_specialize=['T'])
+def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, qk_scale, sq_b, sq_t, sk_b, sk_t,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """lse[bh, t] = log2 sum_{j<t} 2^(qk_scale q_t.k_j); 0 for row 0.  BM % BN == 0."""
     pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     qp = q_ptr + b * sq_b + h * Dk
     kp = k_ptr + b * sk_b + h * Dk
-    xp = x_ptr + b * sx_b + h * Dv
+    row0 = pid_m * BM
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < T
+    ACC = lse_ptr.dtype.element_ty
+    m = tl.full((BM,), -1e30, dtype=ACC)
+    l = tl.zeros((BM,), dtype=ACC)
+    q = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
+    for n0 in range(0, row0, BN):  # keys before the block's first row: no causal mask
+        cols = n0 + tl.arange(0, BN)
+        s = _dot(q, tl.trans(_tile(kp, cols, cols < T, sk_t, 0, Dk, BK)), PREC) * qk_scale
+        m, l = _online(m, l, s)
+    for n0 in range(row0, tl.minimum(row0 + BM, T), BN):  # the diagonal tiles
+        cols = n0 + tl.arange(0, BN)
+        s = _dot(q, tl.trans(_tile(kp, cols, cols < T, sk_t, 0, Dk, BK)), PREC) * qk_scale
+        s = tl.where((cols[None, :] < rows[:, None]) & rmask[:, None], s, float("-inf"))
+        m, l = _online(m, l, s)
+    tl.store(lse_ptr + bh * T + rows, _lse_final(m, l), mask=rmask)
+
+
+@triton.jit(do_not_specialize=['T', 'r0', 'r1', 'c0', 'c1', 'sg_b', 'sg_t'])
+def fwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, s_ptr, x_ptr, T, H, Dk, Dv, qk_scale,
+                     sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t, r0, r1, c0, c1,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """X[r0:r1] += gamma * P[r0:r1, c0:c1] @ S[c0:c1]  (c1 <= r0: solved rows into unsolved ones,
+    so no causal mask inside the block)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    qp = q_ptr + b * sq_b + h * Dk
+    kp = k_ptr + b * sk_b + h * Dk
     sp = s_ptr + b * sx_b + h * Dv
-    lp = lse_ptr + bh * T
     rows = r0 + pid_m * BM + tl.arange(0, BM)
     rmask = rows < r1
-    vv = pid_v * BV + tl.arange(0, BV)
-    vm = vv < Dv
-    acc = tl.zeros((BM, BV), dtype=x_ptr.dtype.element_ty)
-    q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
-    lse = tl.load(lp + rows, mask=rmask, other=0.0)
+    vv = tl.arange(0, BV)
+    ACC = x_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BV), dtype=ACC)
+    q = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
+    lse = tl.load(lse_ptr + bh * T + rows, mask=rmask, other=0.0)
     for n0 in range(c0, c1, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < c1
-        p = _probs(q0, qp, kp, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale, BK, NK, PREC)
-        xs = tl.load(sp + cols[:, None] * sx_t + vv[None, :], mask=cmask[:, None] & vm[None, :], other=0.0)
-        acc += _dot(p.to(q_ptr.dtype.element_ty), xs.to(q_ptr.dtype.element_ty), PREC).to(acc.dtype)
-    g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(acc.dtype)
-    ptrs = xp + rows[:, None] * sx_t + vv[None, :]
-    m2 = rmask[:, None] & vm[None, :]
-    x = tl.load(ptrs, mask=m2, other=0.0)
-    tl.store(ptrs, x + g[:, None] * acc, mask=m2)
+        s = _dot(q, tl.trans(_tile(kp, cols, cmask, sk_t, 0, Dk, BK)), PREC) * qk_scale
+        p = tl.where(cmask[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        sv = _tile(sp, cols, cmask, sx_t, 0, Dv, BV)
+        acc += _dot(p.to(s_ptr.dtype.element_ty), sv, PREC).to(ACC)
+    g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(ACC)
+    ptrs = x_ptr + b * sx_b + h * Dv + rows[:, None] * sx_t + vv[None, :]
+    m2 = rmask[:, None] & (vv < Dv)[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) + g[:, None] * acc, mask=m2)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'r1', 'c0', 'c1'])
-def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, s_ptr, y_ptr, T, H, Dk, Dv, scale,
-                     sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sy_b, sy_t,
-                     r0, r1, c0, c1,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     NK: tl.constexpr, PREC: tl.constexpr):
-    """Y[j in r0:r1] += sum_{t in c0:c1} P[t, j] gamma_t Lam[t]  (r1 <= c0: solved later rows;
-    s_ptr holds Lam)."""
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    bh = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    qp = q_ptr + b * sq_b + h * Dk
-    kp = k_ptr + b * sk_b + h * Dk
-    yp = y_ptr + b * sy_b + h * Dv
-    sp = s_ptr + b * sy_b + h * Dv
-    lp = lse_ptr + bh * T
-    js = r0 + pid_m * BM + tl.arange(0, BM)
-    jmask = js < r1
-    vv = pid_v * BV + tl.arange(0, BV)
-    vm = vv < Dv
-    acc = tl.zeros((BM, BV), dtype=y_ptr.dtype.element_ty)
-    k0 = _tile(kp, js, jmask, sk_t, 0, Dk, BK)
-    for n0 in range(c0, c1, BN):
-        ts = n0 + tl.arange(0, BN)
-        tmask = ts < c1
-        pT = _qk(k0, kp, qp, js, ts, jmask, tmask, sk_t, sq_t, Dk, BK, NK, PREC) * scale
-        lse = tl.load(lp + ts, mask=tmask, other=0.0)
-        ok = (js[:, None] < ts[None, :]) & jmask[:, None] & tmask[None, :]
-        pT = tl.where(ok, tl.exp(pT - lse[None, :]), 0.0)
-        g = tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(acc.dtype)
-        ys = tl.load(sp + ts[:, None] * sy_t + vv[None, :], mask=tmask[:, None] & vm[None, :], other=0.0)
-        mu = g[:, None] * ys
-        acc += _dot(pT.to(q_ptr.dtype.element_ty), mu.to(q_ptr.dtype.element_ty), PREC).to(acc.dtype)
-    ptrs = yp + js[:, None] * sy_t + vv[None, :]
-    m2 = jmask[:, None] & vm[None, :]
-    y = tl.load(ptrs, mask=m2, other=0.0)
-    tl.store(ptrs, y + acc, mask=m2)
-
-
-# ----------------------------------------------------------------------------- two-pass products
+# ----------------------------------------------------------------------------- fused path: backward
 
 
 @triton.jit
-def _ls(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dv,
-        BV: tl.constexpr, NV: tl.constexpr, PREC: tl.constexpr):
-    """a[rows] . b[cols]^T over Dv (lam . s; a0 = chunk 0 of a[rows], preloaded)."""
-    return _qk(a0, a_ptr, b_ptr, rows, cols, rmask, cmask, sa_t, sb_t, Dv, BV, NV, PREC)
+def _dk_acc(pT, sj, qt, lam, g, dl, dk, DT: tl.constexpr, PREC: tl.constexpr):
+    """dk += dS^T qt for keys j x queries t, dS^T = P^T (gamma_t s_j . lam_t - delta_t)."""
+    dsT = pT * (g[None, :] * _dot(sj, tl.trans(lam), PREC).to(dk.dtype) - dl[None, :])
+    return dk + _dot(dsT.to(DT), qt, PREC).to(dk.dtype)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NC', 'NCT'])
-def tile_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, dl_ptr, s_ptr, y_ptr, out_ptr, dgp_ptr,
-                T, H, Dk, Dv, scale,
-                sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
-                r0, R, c0, NC, NCT,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                NK: tl.constexpr, NV: tl.constexpr, DS: tl.constexpr, PREC: tl.constexpr):
-    """First pass, one (BM, BN) tile per program of the block rows [r0, r0 + R) x cols
-    [c0, c0 + NC), written to out (B*H, R, NC) in out's dtype:
-      DS=False: gamma_t P[t, j]                                  (the block an apply multiplies)
-      DS=True:  dS[t, j] = P[t, j] (gamma_t lam_t . s_j - delta_t), and the partial dgamma
-                dgp[bh, c0 / BN + pid_n, t] = sum_{j in tile} P[t, j] lam_t . s_j  (dgp: (B*H, NCT, T),
-                c0 a multiple of BN);
-                y_ptr / s_ptr hold lam / s, dl_ptr delta (B*H, T).
-    Tiles with no j < t are written as zeros without computing anything."""
+@triton.jit(do_not_specialize=['T', 'r0', 'r1', 'c0', 'c1', 'sg_b', 'sg_t'])
+def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, y_ptr, s_ptr, dl_ptr, dk_ptr,
+                     T, H, Dk, Dv, qk_scale, sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t, sd_b, sd_t,
+                     r0, r1, c0, c1,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     DK: tl.constexpr, PREC: tl.constexpr):
+    """Y[j] += sum_{t in [c0, c1)} P[t, j] gamma_t Lam[t] for j in [r0, r1) (r1 <= c0: solved later
+    rows into unsolved earlier ones).  DK: also dk_acc[j] += sum_t dS[t, j] q_t (unscaled) with
+    dS[t, j] = P[t, j] (gamma_t lam_t . s_j - delta_t)  (s_ptr: the forward solution S, dl_ptr:
+    delta, dk_ptr: an ACC (B, T, H, Dk) buffer with strides (sd_b, sd_t))."""
     pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     qp = q_ptr + b * sq_b + h * Dk
     kp = k_ptr + b * sk_b + h * Dk
-    ACC = lse_ptr.dtype.element_ty
-    lr = pid_m * BM + tl.arange(0, BM)
-    lc = pid_n * BN + tl.arange(0, BN)
-    rows = r0 + lr
-    cols = c0 + lc
-    rmask = (lr < R) & (rows < T)
-    cmask = (lc < NC) & (cols < T)
-    out = tl.zeros((BM, BN), dtype=ACC)
-    dg = tl.zeros((BM,), dtype=ACC)
-    if c0 + pid_n * BN < tl.minimum(r0 + pid_m * BM + BM, T):
-        g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(ACC)
-        lse = tl.load(lse_ptr + bh * T + rows, mask=rmask, other=0.0)
-        q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
-        p = _probs(q0, qp, kp, lse, rows, cols, rmask, cmask, sq_t, sk_t, Dk, scale, BK, NK, PREC)
-        if DS:
-            yp = y_ptr + b * sx_b + h * Dv
-            sp = s_ptr + b * sx_b + h * Dv
-            y0 = _tile(yp, rows, rmask, sx_t, 0, Dv, BV)
-            D = _ls(y0, yp, sp, rows, cols, rmask, cmask, sx_t, sx_t, Dv, BV, NV, PREC)
-            dl = tl.load(dl_ptr + bh * T + rows, mask=rmask, other=0.0)
-            out = p * (g[:, None] * D - dl[:, None])
-            dg = tl.sum(p * D, 1)
-        else:
-            out = g[:, None] * p
-    tl.store(out_ptr + bh * R * NC + lr[:, None] * NC + lc[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(lr < R)[:, None] & (lc < NC)[None, :])
-    if DS:
-        tl.store(dgp_ptr + (bh * NCT + c0 // BN + pid_n) * T + rows, dg, mask=rmask)
+    lp = lam_ptr + b * sx_b + h * Dv
+    js = r0 + pid_m * BM + tl.arange(0, BM)
+    jmask = js < r1
+    vv = tl.arange(0, BV)
+    ACC = y_ptr.dtype.element_ty
+    DT = lam_ptr.dtype.element_ty
+    acc = tl.zeros((BM, BV), dtype=ACC)
+    kj = _tile(kp, js, jmask, sk_t, 0, Dk, BK)
+    if DK:
+        sj = _tile(s_ptr + b * sx_b + h * Dv, js, jmask, sx_t, 0, Dv, BV)
+        dk = tl.zeros((BM, BK), dtype=ACC)
+    # t outside [c0, c1) load as zeros: their lam, gamma and delta are 0, so they add nothing.
+    for n0 in range(c0, c1, BN):
+        ts = n0 + tl.arange(0, BN)
+        tmask = ts < c1
+        qt = _tile(qp, ts, tmask, sq_t, 0, Dk, BK)
+        lse = tl.load(lse_ptr + bh * T + ts, mask=tmask, other=0.0)
+        g = tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(ACC)
+        pT = tl.exp2(_dot(kj, tl.trans(qt), PREC) * qk_scale - lse[None, :])
+        lam = _tile(lp, ts, tmask, sx_t, 0, Dv, BV)
+        acc += _dot(pT.to(DT), (g[:, None] * lam.to(ACC)).to(DT), PREC).to(ACC)
+        if DK:
+            dk = _dk_acc(pT, sj, qt, lam, g, tl.load(dl_ptr + bh * T + ts, mask=tmask, other=0.0), dk, DT, PREC)
+    ptrs = y_ptr + b * sx_b + h * Dv + js[:, None] * sx_t + vv[None, :]
+    m2 = jmask[:, None] & (vv < Dv)[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=m2, other=0.0) + acc, mask=m2)
+    if DK:
+        kk = tl.arange(0, BK)
+        dptrs = dk_ptr + b * sd_b + h * Dk + js[:, None] * sd_t + kk[None, :]
+        mk = jmask[:, None] & (kk < Dk)[None, :]
+        tl.store(dptrs, tl.load(dptrs, mask=mk, other=0.0) + dk, mask=mk)
 
 
-@triton.jit(do_not_specialize=['M', 'N', 'v_off', 'o_off', 'lim_off'])
-def mm_kernel(a_ptr, sa_m, sa_n, v_ptr, sv_b, sv_t, o_ptr, so_b, so_t,
-              H, M, N, DV, v_off, o_off, lim_off, alpha,
-              BM: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, LIMIT: tl.constexpr,
-              ACC: tl.constexpr, PREC: tl.constexpr):
-    """Second pass: O[o_off + m, :] += alpha * sum_n A[bh, m, n] V[v_off + n, :] per (b, h),
-    A = a scratch written by tile_kernel ((B*H, M, N) elements, strides sa_m / sa_n: either
-    orientation), V and O (B, T, H, DV)-strided slabs (V cast to A's dtype).  Causal limits per
-    row tile [m0, m0 + BM): LIMIT 1: n < m0 + BM + lim_off; LIMIT 2: n >= m0 + lim_off."""
+@triton.jit
+def _dq_step(q, kt, sv, lam, lse, g, dl, dq, dg, ok, qk_scale,
+             MASK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of dq_kernel: dq += dS kt, dg += sum_j P lam.s_j; MASK: P where ok, else 0."""
+    p = tl.exp2(_dot(q, tl.trans(kt), PREC) * qk_scale - lse[:, None])
+    if MASK:
+        p = tl.where(ok, p, 0.0)
+    D = _dot(lam, tl.trans(sv), PREC).to(dq.dtype)
+    dg += tl.sum(p * D, 1)
+    dq += _dot((p * (g[:, None] * D - dl[:, None])).to(DT), kt, PREC).to(dq.dtype)
+    return dq, dg
+
+
+@triton.jit(do_not_specialize=['T', 'sg_b', 'sg_t', 'sdg_b', 'sdg_t'])
+def dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, dq_ptr, dg_ptr,
+              T, H, Dk, Dv, qk_scale, scale, sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
+              sdq_b, sdq_t, sdg_b, sdg_t,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Rows t of the softmax backward, all keys j < t:  dq_t = scale sum_j dS[t, j] k_j (in dq's
+    dtype) and dgamma_t = sum_j P[t, j] lam_t . s_j (in dg's dtype, at (b, t, h) with strides
+    (sdg_b, sdg_t)).  BM % BN == 0."""
     pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    ap = a_ptr + bh * M * N
-    vp = v_ptr + b * sv_b + h * DV + v_off * sv_t
-    op = o_ptr + b * so_b + h * DV + o_off * so_t
-    m = pid_m * BM + tl.arange(0, BM)
-    mmask = m < M
-    vv = pid_v * BV + tl.arange(0, BV)
-    vm = vv < DV
-    lo = 0
-    hi = N
-    if LIMIT == 1:
-        hi = tl.minimum(N, pid_m * BM + BM + lim_off)
-    if LIMIT == 2:
-        lo = tl.maximum(0, pid_m * BM + lim_off)
-    acc = tl.zeros((BM, BV), dtype=ACC)
-    for n0 in range(lo, hi, BN):
-        n = n0 + tl.arange(0, BN)
-        nmask = n < hi
-        a = tl.load(ap + m[:, None] * sa_m + n[None, :] * sa_n, mask=mmask[:, None] & nmask[None, :], other=0.0)
-        v = tl.load(vp + n[:, None] * sv_t + vv[None, :], mask=nmask[:, None] & vm[None, :], other=0.0)
-        acc += _dot(a, v.to(a.dtype), PREC).to(ACC)
-    ptrs = op + m[:, None] * so_t + vv[None, :]
-    m2 = mmask[:, None] & vm[None, :]
-    res = alpha * acc + tl.load(ptrs, mask=m2, other=0.0).to(ACC)
-    tl.store(ptrs, res.to(o_ptr.dtype.element_ty), mask=m2)
+    qp = q_ptr + b * sq_b + h * Dk
+    kp = k_ptr + b * sk_b + h * Dk
+    sp = s_ptr + b * sx_b + h * Dv
+    row0 = pid_m * BM
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < T
+    ACC = lse_ptr.dtype.element_ty
+    DT = lam_ptr.dtype.element_ty
+    q = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
+    lam = _tile(lam_ptr + b * sx_b + h * Dv, rows, rmask, sx_t, 0, Dv, BV)
+    lse = tl.load(lse_ptr + bh * T + rows, mask=rmask, other=0.0)
+    dl = tl.load(dl_ptr + bh * T + rows, mask=rmask, other=0.0)
+    g = tl.load(g_ptr + b * sg_b + h + rows * sg_t, mask=rmask, other=0.0).to(ACC)
+    dq = tl.zeros((BM, BK), dtype=ACC)
+    dg = tl.zeros((BM,), dtype=ACC)
+    for n0 in range(0, row0, BN):  # keys before the block's first row: no causal mask
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < T
+        dq, dg = _dq_step(q, _tile(kp, cols, cmask, sk_t, 0, Dk, BK), _tile(sp, cols, cmask, sx_t, 0, Dv, BV),
+                          lam, lse, g, dl, dq, dg, None, qk_scale, False, DT, PREC)
+    for n0 in range(row0, tl.minimum(row0 + BM, T), BN):  # the diagonal tiles
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < T
+        ok = (cols[None, :] < rows[:, None]) & rmask[:, None]
+        dq, dg = _dq_step(q, _tile(kp, cols, cmask, sk_t, 0, Dk, BK), _tile(sp, cols, cmask, sx_t, 0, Dv, BV),
+                          lam, lse, g, dl, dq, dg, ok, qk_scale, True, DT, PREC)
+    kk = tl.arange(0, BK)
+    tl.store(dq_ptr + b * sdq_b + h * Dk + rows[:, None] * sdq_t + kk[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=rmask[:, None] & (kk < Dk)[None, :])
+    tl.store(dg_ptr + b * sdg_b + h + rows * sdg_t, dg.to(dg_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _dk_step(kj, sj, qt, lam, lse, g, dl, dk, ok, qk_scale, MASK: tl.constexpr, DT: tl.constexpr,
+             PREC: tl.constexpr):
+    """One query tile of dk_kernel: dk += dS^T qt; MASK: P where ok, else 0."""
+    pT = tl.exp2(_dot(kj, tl.trans(qt), PREC) * qk_scale - lse[None, :])
+    if MASK:
+        pT = tl.where(ok, pT, 0.0)
+    return _dk_acc(pT, sj, qt, lam, g, dl, dk, DT, PREC)
+
+
+@triton.jit(do_not_specialize=['T', 'sg_b', 'sg_t'])
+def dk_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, acc_ptr, dk_ptr,
+              T, H, Dk, Dv, qk_scale, scale, sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
+              sa_b, sa_t, sdk_b, sdk_t, L,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              DIAG: tl.constexpr, ACC_IN: tl.constexpr, PREC: tl.constexpr):
+    """Keys j, queries t > j:  dk_j = scale (sum_t dS[t, j] q_t [+ acc_j]) in dk's dtype.
+    DIAG: only queries t in j's own leaf of L rows (the pairs the applies of the schedule do not
+    cover; their sums arrive in acc (ACC_IN), an ACC (B, T, H, Dk) buffer with strides
+    (sa_b, sa_t)).  BM % BN == 0 and, with DIAG, L % BM == 0."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    qp = q_ptr + b * sq_b + h * Dk
+    lp = lam_ptr + b * sx_b + h * Dv
+    j0 = pid_m * BM
+    js = j0 + tl.arange(0, BM)
+    jmask = js < T
+    ACC = lse_ptr.dtype.element_ty
+    DT = lam_ptr.dtype.element_ty
+    kj = _tile(k_ptr + b * sk_b + h * Dk, js, jmask, sk_t, 0, Dk, BK)
+    sj = _tile(s_ptr + b * sx_b + h * Dv, js, jmask, sx_t, 0, Dv, BV)
+    hi = T
+    if DIAG:
+        hi = tl.minimum((j0 // L + 1) * L, T)
+    dk = tl.zeros((BM, BK), dtype=ACC)
+    # queries t >= hi load as zeros: their lam, gamma and delta are 0, so they add nothing.
+    for n0 in range(j0, tl.minimum(j0 + BM, hi), BN):  # the diagonal tiles: t > j only
+        ts = n0 + tl.arange(0, BN)
+        tmask = ts < hi
+        ok = (js[:, None] < ts[None, :]) & tmask[None, :]
+        dk = _dk_step(kj, sj, _tile(qp, ts, tmask, sq_t, 0, Dk, BK), _tile(lp, ts, tmask, sx_t, 0, Dv, BV),
+                      tl.load(lse_ptr + bh * T + ts, mask=tmask, other=0.0),
+                      tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(ACC),
+                      tl.load(dl_ptr + bh * T + ts, mask=tmask, other=0.0), dk, ok, qk_scale, True, DT, PREC)
+    for n0 in range(j0 + BM, hi, BN):  # later queries: no causal mask
+        ts = n0 + tl.arange(0, BN)
+        tmask = ts < hi
+        dk = _dk_step(kj, sj, _tile(qp, ts, tmask, sq_t, 0, Dk, BK), _tile(lp, ts, tmask, sx_t, 0, Dv, BV),
+                      tl.load(lse_ptr + bh * T + ts, mask=tmask, other=0.0),
+                      tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(ACC),
+                      tl.load(dl_ptr + bh * T + ts, mask=tmask, other=0.0), dk, None, qk_scale, False, DT, PREC)
+    kk = tl.arange(0, BK)
+    mk = jmask[:, None] & (kk < Dk)[None, :]
+    if ACC_IN:
+        dk += tl.load(acc_ptr + b * sa_b + h * Dk + js[:, None] * sa_t + kk[None, :], mask=mk, other=0.0)
+    tl.store(dk_ptr + b * sdk_b + h * Dk + js[:, None] * sdk_t + kk[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
+             mask=mk)

@@ -1,45 +1,87 @@
 #!/usr/bin/env bash
-# One device call: install carried wheels (.whl/: fla-core, einops), run the GPU tests of the
-# Triton feedback solve, then the benchmarks; logs and tables land under $OUT.
-#   usage: bash kernels/gpu_check.sh [tests|bench|quick|all] [extra args for the quick bench]
+# The GPU session script: one device call installs the carried wheels, then runs the named steps,
+# each under a time limit; logs, Markdown tables and times.txt land under $OUT.
+#   usage: bash kernels/gpu_check.sh STEP [STEP ...]      (default: trainer train-bench)
+# Steps:
+#   trainer       the user's path on the GPU: every architecture trains through `sessa-scale train`
+#                 (bf16 asserted inside the engine, resume bitwise under train.deterministic)
+#   train-bench   `sessa-scale bench train`: the 350M trio through the trainer ($TRAIN_BENCH_ARGS)
+#   parallel-bench     `sessa-scale bench parallel` on 2 GPUs (nvidia-h200-x2): the 350M Sessa, every layout, T=2048
+#   parallel-bench-8k  the same, 1 GPU vs tp=2+SP at T=8192
+#   solve-tests   GPU tests of the Triton feedback solve ($GPU_TEST_K: a pytest -k filter)
+#   solve-bench   `bench layer` (SessaLayer vs the project's Transformer block) and `bench solve` tables
+#   solve-profile kernel profiles of the solve (kernels.bench_quick --profile)
+#   solve-sweep   a small tile sweep of the solve ($SWEEP_CONFIGS: ";"-separated SolveConfig overrides)
+#   ssd-tests     GPU tests of the Triton SSD scan (Mamba-2)
+#   ssd-bench     `bench ssd`: the scan alone vs the chunked scan, fla and SDPA flash of the same tokens
+# Knobs: STEP_TIMEOUT (seconds per step, default 300), SMALL_REPEATS / WIDE_REPEATS (timed calls per
+# solve bench point). Wheels: $WHL (default .whl) holds the packages the GPU image lacks (deepspeed,
+# megatron-core, webdataset, pydantic, fla-core, ...); README "GPU machines" lists them.
 set -o pipefail
-MODE=${1:-all}; shift || true
+STEPS=("$@"); [[ ${#STEPS[@]} -eq 0 ]] && STEPS=(trainer train-bench)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-WHL=${WHL:-.whl}  # folder of carried wheels (fla-core, einops); run from elsewhere: WHL=path/to/.whl
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+WHL=${WHL:-.whl}
 if ls "$WHL"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:.
+  export PYTHONPATH=/tmp/site:$PWD
 else
-  export PYTHONPATH=.
+  export PYTHONPATH=$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 rc=0
-if [[ $MODE == tests || $MODE == all ]]; then
-  # GPU_TEST_K: a pytest -k filter (e.g. "not large_widths" when the call's time is short)
-  python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 tests/test_feedback_triton.py -rs \
-    ${GPU_TEST_K:+-k "$GPU_TEST_K"} 2>&1 | tee "$OUT/gpu_tests.log" || rc=1
-fi
-if [[ $MODE == quick ]]; then
-  python3 -m kernels.bench_quick "$@" 2>&1 | tee "$OUT/bench_quick.log" || rc=1
-fi
-if [[ $MODE == bench || $MODE == all ]]; then
-  timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.layer --seq-lens 2048,8192,16384 --out "$OUT/layer.md" 2>&1 | tee "$OUT/bench_layer.log" || rc=1
-  SMALL_IMPLS=sdpa_flash,triton,fla_deltaformer,chunked,dense
-  if ! python3 -c "import sys, kernels.baselines as b; sys.exit(0 if b.fla_available() else 1)"; then
-    echo "fla-core not importable (no wheels in $WHL): the table has no DeltaFormer column" | tee -a "$OUT/device.txt"
-    SMALL_IMPLS=sdpa_flash,triton,chunked,dense
-  fi
-  # Head dims <= 256: SDPA flash first, so the ratio columns read "x SDPA".
-  timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
-    --seq-lens 2048,8192,16384,32768 --layouts 6x128,16x64 \
-    --impls $SMALL_IMPLS --repeats ${SMALL_REPEATS:-10} --max-quadratic-gib 45 \
-    --out "$OUT/solve_small_heads.md" 2>&1 | tee "$OUT/bench_solve_small.log" || rc=1
-  # Wide single heads: ratios against the Triton kernel.
-  timeout ${BENCH_TIMEOUT:-300} python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
-    --seq-lens 2048,8192,16384,32768 --layouts 1x768,1x2048 \
-    --impls triton,chunked,dense --repeats ${WIDE_REPEATS:-5} --max-quadratic-gib 45 \
-    --out "$OUT/solve_wide_heads.md" 2>&1 | tee "$OUT/bench_solve_wide.log" || rc=1
-fi
+step() {  # step NAME CMD...: run under $STEP_TIMEOUT, log to $OUT/NAME.log, note the wall time
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== $name $(date -u +%H:%M:%S)" | tee -a "$OUT/times.txt"
+  timeout "${STEP_TIMEOUT:-300}" "$@" 2>&1 | tee "$OUT/$name.log" || rc=1
+  echo "$name: $((SECONDS - t0)) s" | tee -a "$OUT/times.txt"
+}
+fla_impls() {  # the DeltaFormer column only where fla-core imports
+  python3 -c "import sys, kernels.baselines as b; sys.exit(0 if b.fla_available() else 1)" && echo ",fla_deltaformer"
+}
+for s in "${STEPS[@]}"; do
+  case $s in
+    trainer)
+      step trainer python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs tests/test_precision.py ;;
+    train-bench)
+      # shellcheck disable=SC2086
+      step train_bench python3 -m sessa_scale bench train ${TRAIN_BENCH_ARGS:-} --runs-dir /tmp/bench_train --out "$OUT/train_bench.md"
+      # profiles of steps run with train.profile_step=N (in TRAIN_BENCH_ARGS): one file of all their tables
+      for f in /tmp/bench_train/*/profile/step_*.txt; do [[ -f $f ]] && { echo "## $f"; cat "$f"; }; done > "$OUT/train_profiles.txt" ;;
+    parallel-bench)  # a partial table is written after every run, so a time-out still leaves one
+      STEP_TIMEOUT=${PARALLEL_TIMEOUT:-540} step parallel_T2048 python3 -m sessa_scale bench parallel --steps 10 \
+        --out /tmp/bench_parallel --report "$OUT/parallel_T2048.md" ;;
+    parallel-bench-8k)
+      STEP_TIMEOUT=${PARALLEL_TIMEOUT:-540} step parallel_T8192 python3 -m sessa_scale bench parallel --steps 10 --seq-len 8192 \
+        --micro-batch-size 2 --layouts "1 GPU" "tp=2+SP" --out /tmp/bench_parallel_8k --report "$OUT/parallel_T8192.md" ;;
+    solve-tests)
+      step solve_tests python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs -s tests/test_feedback_triton.py \
+        ${GPU_TEST_K:+-k "$GPU_TEST_K"} ;;
+    solve-bench)
+      step bench_layer python3 -m sessa_scale.bench.layer --seq-lens 2048,8192,16384 --out "$OUT/layer.md"
+      # head dims <= 256: SDPA flash first, so the ratio columns read "x SDPA"
+      step bench_solve_small python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
+        --seq-lens 2048,8192,16384 --layouts 6x128 --impls "sdpa_flash,triton$(fla_impls)" --repeats "${SMALL_REPEATS:-10}" \
+        --out "$OUT/solve_small_heads.md"
+      # the paper's single wide head: time and memory against T
+      step bench_solve_wide python3 -m sessa_scale.bench.solve --device cuda --dtype bfloat16 --batch-tokens 16384 \
+        --seq-lens 2048,8192,16384,32768 --layouts 1x768 --impls triton --repeats "${WIDE_REPEATS:-5}" \
+        --out "$OUT/solve_wide_heads.md" ;;
+    solve-profile)
+      step solve_profile python3 -m kernels.bench_quick --profile --layouts 6x128 --seq-lens 2048,16384 --out "$OUT/profile_6x128.md"
+      step solve_profile_wide python3 -m kernels.bench_quick --profile --layouts 1x768 --seq-lens 32768 --out "$OUT/profile_1x768.md" ;;
+    solve-sweep)
+      step solve_sweep python3 -m kernels.bench_quick --layouts 6x128 --seq-lens 8192 --out "$OUT/sweep_6x128.md" \
+        --configs "${SWEEP_CONFIGS:--;FWD_BM=64,FWD_WARPS=4,DQ_BM=64,DQ_WARPS=4;BWD_WARPS=4;STAGES=2;fuse_dk=0}" ;;
+    ssd-tests)
+      # -rsP: skip reasons, and the error figures each passing test prints
+      step ssd_tests python3 -m pytest -q -m gpu -p no:cacheprovider -rsP --durations=10 tests/test_ssd_triton.py tests/test_ssd.py ;;
+    ssd-bench)
+      step bench_ssd python3 -m sessa_scale bench ssd --out "$OUT/ssd.md" ;;
+    *) echo "unknown step $s (trainer, train-bench, parallel-bench, parallel-bench-8k, solve-tests, solve-bench, solve-profile, solve-sweep, ssd-tests, ssd-bench)"; rc=2 ;;
+  esac
+done
+echo "=== done $(date -u +%H:%M:%S) rc=$rc" | tee -a "$OUT/times.txt"
 exit $rc

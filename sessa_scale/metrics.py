@@ -1,7 +1,7 @@
 """Training metrics: one JSON object per optimizer step in RUN_DIR/metrics.jsonl, optional
-Weights & Biases, a progress display (a tqdm bar on a terminal, periodic lines otherwise), and
-throughput: tokens/s/GPU, model TFLOP/s/GPU and MFU (from sessa_scale.models.flops and the peak
-bf16 table below), peak memory."""
+Weights & Biases and TensorBoard (RUN_DIR/tensorboard/) with the same values, a progress display
+(a tqdm bar on a terminal, periodic lines otherwise), and throughput: tokens/s/GPU, model
+TFLOP/s/GPU and MFU (from sessa_scale.models.flops and the peak bf16 table below), peak memory."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from sessa_scale.config import Config, config_to_dict
+from sessa_scale.errors import UserError
 from sessa_scale.filesystem import cause_of, file_system_error
 
 
@@ -81,11 +82,13 @@ class MetricsLogger:
     def __init__(self, cfg: Config, enabled: bool, start_step: int):
         self.enabled = enabled
         self.path = cfg.run_dir / "metrics.jsonl"
-        self.wandb = None
+        self.wandb = self.tensorboard = None
         if not enabled:
             return
         _truncate_after(self.path, start_step)
         self.file = open(self.path, "a")
+        if cfg.logging.tensorboard:
+            self.tensorboard = _tensorboard_writer(cfg.run_dir / "tensorboard", start_step)
         if cfg.logging.wandb:
             import wandb
 
@@ -110,14 +113,34 @@ class MetricsLogger:
                 f"Training stopped at step {record['step']} without saving; the run's last checkpoint is intact: fix "
                 "the cause and run the same command again to resume from it.",
             ) from None
+        scalars = {k: v for k, v in record.items() if k != "step" and v is not None}
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+            self.wandb.log(scalars, step=record["step"])
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, record["step"])
+            self.tensorboard.flush()
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             if self.wandb is not None:
                 self.wandb.finish()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+
+def _tensorboard_writer(log_dir: Path, start_step: int):
+    """A TensorBoard SummaryWriter on log_dir; a resumed run (start_step > 0) purges the events a
+    crashed run wrote after its checkpoint, as metrics.jsonl drops them."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError(
+            'logging.tensorboard=true needs the tensorboard package: pip install -e ".[tensorboard]" '
+            "(or set logging.tensorboard=false)"
+        ) from None
+    return SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
 
 
 class Progress:

@@ -24,3 +24,12 @@ def assert_same_losses(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
         assert (x["loss"], x["lr"], x["tokens"], x["grad_norm"]) == (y["loss"], y["lr"], y["tokens"], y["grad_norm"])
+
+
+def single_process_env(**extra: str) -> dict:
+    """os.environ for a subprocess that starts its own one-process group: without the rendezvous
+    variables (RANK, MASTER_PORT, ...) that an earlier in-process training run left behind."""
+    import os
+
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}

@@ -107,17 +107,3 @@ def test_training_records_throughput_and_memory(tmp_path):
     cfg = ModelConfig(d_model=32, n_layers=1, n_heads=2)
     expected = record["tokens_per_s_per_gpu"] * training_flops_per_token(cfg, 32) / 1e12
     assert record["tflops_per_gpu"] == pytest.approx(expected)
-
-
-def test_parallel_bench_table_from_metrics():
-    from sessa_scale.bench.parallel import summarize
-
-    def records(tok, loss_shift, mfu):
-        return [{"step": s, "loss": 5.0 - s / 10 + loss_shift, "tokens_per_s_per_gpu": tok, "tflops_per_gpu": tok / 1000,
-                 "mfu": mfu, "peak_mem_gib": 10.0 + s} for s in range(1, 11)]  # fmt: skip
-
-    table = summarize({"1 GPU": records(1000.0, 0, 0.4), "tp=1, dp=2": records(950.0, 1e-3, 0.38),
-                       "tp=2, dp=1, SP": records(600.0, -2e-3, None)}, warmup=3)  # fmt: skip
-    assert "| tp=1, dp=2 | 1.00e-03 | 950 | 0.9 | 38.0% | 20.0 |" in table
-    assert "| tp=2, dp=1, SP | 2.00e-03 | 600 | 0.6 | n/a (unknown GPU) | 20.0 |" in table
-    assert "DP scaling efficiency (dp=2 tokens/s over 2 x 1-GPU tokens/s): 95.0%" in table

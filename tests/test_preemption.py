@@ -115,7 +115,7 @@ def test_a_second_ctrl_c_aborts_at_once_and_one_ctrl_c_checkpoints_after_the_ste
     from sessa_scale.checkpoint import find_checkpoint
 
     run = tmp_path / "run"
-    slow = ["model.d_model=128", "data.seq_len=64", "train.micro_batch_size=8"]  # steps of ~100 ms or more
+    slow = ["model.d_model=128", "model.n_layers=2", "data.seq_len=64", "train.micro_batch_size=8"]  # steps of ~50 ms or more
     args = [*SHORT_RUN, *slow, "checkpoint.interval=2", "train.max_steps=400", "logging.progress=false"]
     python = [sys.executable, "-m", "sessa_scale"]
     proc = _start(python, run, *args, own_session=True)

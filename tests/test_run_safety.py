@@ -205,13 +205,18 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_latest_on_the_last_good_checkp
     assert [r["step"] for r in records] == [1, 2, 3] and (records[2]["loss"], records[2]["skipped"]) == (None, True)
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_skip_nonfinite_steps_drops_the_update_and_continues(tmp_path, capsys, monkeypatch, stage):
+@pytest.mark.parametrize("stage, fused", [(0, False), (0, True), (1, False)])
+def test_skip_nonfinite_steps_drops_the_update_and_continues(tmp_path, capsys, monkeypatch, stage, fused):
     """train.skip_nonfinite_steps=1: NaN steps 3 and 6 change no weight (step 3's checkpoint equals
-    step 2's) and the schedule goes on; at ZeRO stage 0 the trainer skips the update, at stage 1
-    DeepSpeed does."""
+    step 2's) and the schedule goes on. At ZeRO stage 0 the trainer skips the update: fused AdamW (what
+    CUDA runs use; forced here on CPU, where torch has the kernel too) through `found_inf`, without a
+    host sync, the default CPU AdamW by a no-op step; at stage 1 DeepSpeed skips it."""
     run = tmp_path / "run"
     _poison_loss(monkeypatch, {3, 6})
+    if fused:
+        from sessa_scale.training import optimizer
+
+        monkeypatch.setattr(optimizer, "adamw_implementation", lambda params: {"fused": True})
     rc, err = _train(
         capsys, run, SCHEDULE_OF_MAX_STEPS, "train.max_steps=8", "train.skip_nonfinite_steps=1", "checkpoint.interval=1",
         "checkpoint.keep=8", f"zero.stage={stage}",

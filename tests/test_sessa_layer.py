@@ -1,4 +1,4 @@
-"""SessaLayer / SessaMixer against an independent float64 oracle written from SESSA_SPEC.md,
+"""SessaLayer / SessaMixer against an independent float64 oracle written from docs/sessa_math.md,
 reference state-dict compatibility, cached decoding and constructor validation."""
 
 from __future__ import annotations

@@ -97,3 +97,22 @@ def test_tensor_parallel_problems_name_keys_and_fixes():
     assert tensor_parallel_problems(ModelConfig(arch="mamba2", vocab_size=258, ssm_groups=2), 2) == []
     swiglu = ModelConfig(arch="transformer", vocab_size=258, mlp="swiglu", mlp_hidden=330)
     assert tensor_parallel_problems(swiglu, 2) == [] and "model.mlp_hidden: 330" in "".join(tensor_parallel_problems(swiglu, 4))
+
+
+def test_each_block_communicates_exactly_what_its_layout_needs(tmp_path):
+    """Collectives of one block's forward + backward at tp=2 (a 2-block model minus a 1-block one).
+    Sessa under SP: forward all-gathers the normed residual over the sequence (attention and the
+    feedback solve need every position) and a_bar over the hidden dim (q/k/v and the replicated
+    q_b/k_b need every feature; q_b/k_b themselves are computed, never gathered), reduce-scatters f
+    over the hidden dim and W_out's output over the sequence; backward runs the transposes (2 + 2);
+    all-reduces: the 7 replicated parameters' partial gradients (ln weight/bias, W_out bias, proj_fb
+    weight/bias, gamma_ctx, gamma_bias), 3 when the feedback heads are split. Without SP the
+    sequence collectives become all-reduces (W_out forward, the norm's backward)."""
+    out = tmp_path / "collectives.pt"
+    torchrun("tp_collectives.py", str(out))
+    counts = torch.load(out, weights_only=False)
+    gather, scatter, reduce = "c10d::_allgather_base_", "c10d::_reduce_scatter_base_", "c10d::allreduce_"
+    assert counts["sessa_fb1_sp"] == {gather: 4, scatter: 4, reduce: 7}
+    assert counts["sessa_fb2_sp"] == {gather: 4, scatter: 4, reduce: 3}
+    assert counts["sessa_fb1"] == {gather: 2, scatter: 2, reduce: 2 + 4}
+    assert counts["transformer_sp"] == {gather: 4, scatter: 4, reduce: 6}  # 2 norms' weights and biases, 2 Row biases

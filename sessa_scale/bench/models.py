@@ -1,5 +1,7 @@
-"""`sessa-scale bench models`: training throughput of a matched trio (Sessa, Transformer, Mamba-2)
-and the Transformer's model FLOP utilization (MFU), as a Markdown table.
+"""Diagnostic: the bare training step of a matched trio (Sessa, Transformer, Mamba-2) outside
+DeepSpeed and the data loader, and the Transformer's MFU, as a Markdown table. The headline training
+speed is `sessa-scale bench train` (real `sessa-scale train` runs), which runs this module beside
+each row (`python -m sessa_scale.bench.models ... --json FILE`) to show what the trainer adds.
 
 For each architecture and T: configs/<arch>/<size>.yaml with data.seq_len = T, built on CUDA with
 fp32 weights; one training step = bf16 autocast forward with the model's own loss (model(inputs,
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import shlex
 import sys
 import time
@@ -32,9 +35,11 @@ import torch
 from sessa_scale.bench import emit_report
 from sessa_scale.config import load_config
 from sessa_scale.metrics import peak_bf16_flops_of
+from sessa_scale.models.flops import full_square_attention_extra
 from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
 from sessa_scale.training.compile import compile_for_training
 from sessa_scale.training.optimizer import build_optimizer
+from sessa_scale.training.precision import autocast
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -64,7 +69,7 @@ def measure(arch: str, size: str, T: int, batch_tokens: int, steps: int, warmup:
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # as the data loader delivers them
 
     def fwd_bwd():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(cfg.train.precision, "cuda"):
             loss = model(inputs, targets)  # the trainer's lm_loss
         loss.backward()
 
@@ -96,8 +101,7 @@ def measure(arch: str, size: str, T: int, batch_tokens: int, steps: int, warmup:
         torch.cuda.empty_cache()
     if arch == "transformer":
         row["flops_per_token"] = count_training_flops(cfg.model, T)
-        # the full square adds the upper triangle: 2 D (T - 1) forward FLOPs per token and layer, x3 for training
-        row["flops_per_token_full_square"] = row["flops_per_token"] + 6 * cfg.model.n_layers * cfg.model.d_model * (T - 1)
+        row["flops_per_token_full_square"] = row["flops_per_token"] + full_square_attention_extra(cfg.model, T)
     return row
 
 
@@ -109,7 +113,7 @@ def format_report(rows: list[dict], args, argv: list[str], peak: float | None) -
         f"- Machine: {device}; torch {torch.__version__}; peak bf16 {peak / 1e12:.1f} TFLOP/s" if peak
         else f"- Machine: {device}; torch {torch.__version__}; peak bf16 unknown (no MFU)",
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Command: `python -m sessa_scale.bench.models {shlex.join(argv)}` (= `sessa-scale bench models ...`)",
+        f"- Command: `python -m sessa_scale.bench.models {shlex.join(argv)}` (diagnostic; the training speed is `sessa-scale bench train`)",
         f"- One step = the trainer's: bf16-autocast forward with the model's loss (cross-entropy over float32 logits)"
         f" + backward + grad clip + the trainer's AdamW (build_optimizer: fused on CUDA), fp32 weights,"
         f" {args.batch_tokens} tokens per step (B = {args.batch_tokens} // T; halved after an out-of-memory row); 'fwd+bwd' times forward + loss +"
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="torch.compile the model, as train.compile=true does in the trainer (default: eager)")
     ap.add_argument("--out", type=Path, help="also write the Markdown table here")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON here (for sessa-scale bench train)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("bench models needs a CUDA device")
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not rows[-1]["oom"] or batch_tokens // 2 < T:
                     break
                 batch_tokens //= 2
+    if args.json:
+        args.json.write_text(json.dumps(rows))
     report = format_report(rows, args, argv, peak_bf16_flops_of(torch.cuda.get_device_name()))
     emit_report(report, args.out)
     return 0

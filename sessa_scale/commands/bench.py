@@ -1,4 +1,4 @@
-"""`sessa-scale bench solve|layer|models|data|parallel [options]`: benchmark tables (see docs/benchmarks/)."""
+"""`sessa-scale bench train|solve|ssd|layer|data|parallel [options]`: benchmark tables (see docs/benchmarks/)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import importlib
 
 BENCHMARKS = {
     "solve": "sessa_scale.bench.solve",  # the feedback solve: implementations side by side
+    "ssd": "sessa_scale.bench.ssd",  # Mamba-2's SSD scan alone vs SDPA flash of the same token count
     "layer": "sessa_scale.bench.layer",  # a whole SessaLayer vs a Transformer block
-    "models": "sessa_scale.bench.models",  # training tokens/s of a matched trio, Transformer MFU
+    "train": "sessa_scale.bench.train",  # training speed of a matched trio through `sessa-scale train`
     "data": "sessa_scale.bench.data",  # prep and loader throughput on CPU
     "parallel": "sessa_scale.bench.parallel",  # 1 GPU vs 2 GPUs as dp=2 and as tp=2 + SP (torchrun)
 }

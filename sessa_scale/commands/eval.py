@@ -1,4 +1,4 @@
-"""`sessa-scale eval CHECKPOINT --task ppl|answers|mqar|passkey [options] [--json]`: evaluate a
+"""`sessa-scale eval CHECKPOINT --task ppl|answers|mqar|passkey|lm-eval [options] [--json]`: evaluate a
 trained model; results are printed and saved to RUN_DIR/eval/<name>.json for `sessa-scale report`.
 `--write-jsonl` / `--write-data` write a synthetic task out instead (records, or a training dataset;
 no checkpoint needed)."""
@@ -11,7 +11,7 @@ import sys
 
 from sessa_scale.errors import UserError
 
-TASKS = ("ppl", "answers", "mqar", "passkey")
+TASKS = ("ppl", "answers", "mqar", "passkey", "lm-eval")
 
 
 def _list_of(kind):
@@ -27,11 +27,11 @@ def _list_of(kind):
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a model: perplexity, prompt->answer accuracy, MQAR, passkey",
+        help="evaluate a model: perplexity, prompt->answer accuracy, MQAR, passkey, lm-evaluation-harness tasks",
         description="Evaluate a run directory (its latest checkpoint) or a checkpoint directory. Tasks: ppl "
         "(validation loss at several context lengths), answers (greedy exact match on a JSONL file of "
         '{"prompt", "answer"} records), mqar (multi-query associative recall) and passkey (retrieval at controlled '
-        "depths). Results go to RUN_DIR/eval/NAME.json. With --write-jsonl (prompt/answer records) or "
+        "depths), lm-eval (lm-evaluation-harness tasks on the model exported to transformers, run by the harness's hf model). Results go to RUN_DIR/eval/NAME.json. With --write-jsonl (prompt/answer records) or "
         "--write-data (a training dataset for data.path), mqar/passkey are written out instead; no checkpoint is needed.",
     )
     p.add_argument("checkpoint", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
@@ -49,6 +49,14 @@ def register(subparsers) -> None:
                    help="a prepared dataset whose validation split is scored (default: the run's data)")
     g = p.add_argument_group("answers")
     g.add_argument("--file", default=None, help='JSONL of {"prompt": str, "answer": str} records (optional "length")')
+    g = p.add_argument_group("lm-eval (needs the lm-eval extra)")
+    g.add_argument("--lm-eval-tasks", type=_list_of(str), default=[], metavar="NAME,NAME,...",
+                   help="lm-evaluation-harness task or group names, e.g. hellaswag,arc_easy")
+    g.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="a directory of extra task YAMLs (e.g. local tasks over your own JSONL files)")
+    g.add_argument("--limit", type=float, default=None,
+                   help="lm-eval: examples per task (a count, or a fraction of the task when < 1)")
+    g.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: each task's own)")
     g = p.add_argument_group("mqar and passkey")
     g.add_argument("--num-examples", type=int, default=None,
                    help="examples per setting (default: 64 for mqar, 8 for passkey; e.g. 20000 to write training data)")
@@ -82,6 +90,8 @@ def task_set(args: argparse.Namespace):
 
 
 def _summary(result: dict) -> str:
+    if result["task"] == "lm-eval":
+        return result["table"]
     if result["task"] == "ppl":
         rows = [f"{'context':>8}  {'loss':>8}  {'ppl':>10}  {'tail loss':>9}  {'tokens':>8}"]
         rows += [
@@ -106,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         return _write(args)
     if args.checkpoint is None:
         raise UserError("eval needs a RUN_DIR_OR_CHECKPOINT to evaluate (or --write-jsonl / --write-data to write a task out)")
+    if args.task == "lm-eval":
+        return _lm_eval(args)
     if args.task == "answers" and not args.file:
         raise UserError('--task answers needs --file FILE.jsonl with one {"prompt": ..., "answer": ...} per line')
 
@@ -127,6 +139,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval(args: argparse.Namespace) -> int:
+    """lm-evaluation-harness on the exported model (sessa_scale/hf/harness.py); same result file and
+    printing as the other tasks."""
+    import torch
+
+    from sessa_scale.checkpoint import find_checkpoint, read_meta
+    from sessa_scale.evaluation.results import run_dir_of, save_result
+    from sessa_scale.hf.harness import run_lm_eval
+
+    checkpoint = find_checkpoint(args.checkpoint)
+    meta = read_meta(checkpoint)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    scores = run_lm_eval(
+        checkpoint, args.lm_eval_tasks, args.lm_eval_include, limit, args.num_fewshot, args.batch_size, device
+    )
+    header = {"task": "lm-eval", "checkpoint": str(checkpoint), "step": meta["step"], "arch": meta["config"]["model"]["arch"]}
+    result = {**header, "tasks": args.lm_eval_tasks, "limit": limit, "num_fewshot": args.num_fewshot, **scores}
+    if not args.no_save:
+        path = save_result(run_dir_of(checkpoint), args.name or "lm-eval", result)
+        print(f"sessa-scale eval: wrote {path}", file=sys.stderr)
+    print(json.dumps(result, indent=1) if args.json else _summary(result))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace, model, cfg, device, model_tokenizer: dict | None) -> dict:
     """The task's result. model_tokenizer: the tokenizer identity the checkpoint recorded (None for
     checkpoints that predate it: then the run's data manifest says)."""
@@ -137,7 +174,7 @@ def _evaluate(args: argparse.Namespace, model, cfg, device, model_tokenizer: dic
         import dataclasses
 
         from sessa_scale.evaluation.perplexity import loss_at_length
-        from sessa_scale.training.trainer import autocast_context
+        from sessa_scale.training.precision import autocast
 
         lengths = args.context_lengths or [max(1, cfg.data.seq_len // 2), cfg.data.seq_len, 2 * cfg.data.seq_len]
         if min(lengths) < 1 or args.max_tokens < 1:
@@ -146,10 +183,11 @@ def _evaluate(args: argparse.Namespace, model, cfg, device, model_tokenizer: dic
         if args.data:
             from sessa_scale.data.reader import load_manifest
 
-            check_eval_data(args.data, load_manifest(args.data)["tokenizer"], model_tokenizer or run_tokenizer(cfg.data), cfg.model.vocab_size)
+            model_tokenizer = model_tokenizer or run_tokenizer(cfg.data)
+            check_eval_data(args.data, load_manifest(args.data)["tokenizer"], model_tokenizer, cfg.model.vocab_size)
         corpus = load_corpus(data)
         rows = [
-            loss_at_length(model, corpus.val, L, args.max_tokens, args.batch_size, lambda: autocast_context(cfg, device))
+            loss_at_length(model, corpus.val, L, args.max_tokens, args.batch_size, lambda: autocast(cfg.train.precision, device))
             for L in lengths
         ]
         return {"data": corpus.description, "lengths": rows}

@@ -88,7 +88,7 @@ def _probe_uniform(args: argparse.Namespace) -> dict:
         (sum(uniform_closed_form(args.gamma, j, lag) ** 2 for j in range(args.sources)) / args.sources) ** 0.5
         for lag in result["lags"]
     ]
-    result["reference"] = {"label": "closed form (SESSA_SPEC.md)", "lags": result["lags"], "influence": reference}
+    result["reference"] = {"label": "closed form (docs/sessa_math.md)", "lags": result["lags"], "influence": reference}
     return result
 
 

@@ -19,6 +19,9 @@ def register(subparsers) -> None:
         "3: NaN/inf losses beyond train.skip_nonfinite_steps.",
     )
     p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="an optional YAML config, then overrides")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve the config, build the model (on the meta device: every shape, no memory) and read one "
+                   "micro-batch of rank 0, print what the run would be (parameters, FLOPs, tokens per step) and exit")
 
 
 def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -36,10 +39,13 @@ def run(args: argparse.Namespace) -> int:
     from sessa_scale.config import load_config
     from sessa_scale.distributed import is_rank0
     from sessa_scale.training.preemption import PREEMPTED_EXIT_CODE
-    from sessa_scale.training.trainer import train
 
     path, overrides = split_config_and_overrides(args.args)
     cfg = load_config(path, overrides)
+    if args.dry_run:
+        return dry_run(cfg)
+    from sessa_scale.training.trainer import train
+
     try:
         summary = train(cfg)
     except KeyboardInterrupt:
@@ -70,5 +76,30 @@ def run(args: argparse.Namespace) -> int:
         f"done: {end}, loss {_format(summary['first_loss'])} -> {_format(summary['last_loss'])}, "
         f"val_loss {_format(summary['val_loss'])}, {summary['wall_s']:.1f} s; checkpoint {summary['checkpoint']}",
         file=sys.stderr,
+    )
+    return 0
+
+
+def dry_run(cfg) -> int:
+    """Check a run without training: the model is built (meta device) and one micro-batch read."""
+    import torch
+
+    from sessa_scale.commands.config import format_summary, run_summary
+    from sessa_scale.data.setup import build_training_data
+    from sessa_scale.models.registry import build_model
+
+    summary = run_summary(cfg)
+    with torch.device("meta"):
+        build_model(cfg.model)
+    data = build_training_data(cfg, dp_rank=0, dp_size=summary["data_parallel"])
+    try:
+        inputs, targets = data.train.next_step()[0]
+    finally:
+        data.train.close()
+    print(
+        f"dry run: {cfg.model.arch} model built; data: {data.description}; one micro-batch of rank 0: inputs and targets "
+        f"{tuple(inputs.shape)} {inputs.dtype}, token ids {int(inputs.min())}..{int(inputs.max())} "
+        f"(model.vocab_size {cfg.model.vocab_size}); {len(data.val_batches)} validation micro-batch(es)\n"
+        + format_summary(summary, cfg)
     )
     return 0

@@ -1,7 +1,14 @@
 """Configuration: the typed schema (`schema.py`), YAML loading with `base:` inheritance and
 dotted overrides, and validation that reports every problem at once."""
 
-from sessa_scale.config.loader import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from sessa_scale.config.loader import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    load_config_with_sources,
+    save_config,
+)
 from sessa_scale.config.schema import (
     CheckpointConfig,
     Config,
@@ -30,5 +37,6 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
+    "load_config_with_sources",
     "save_config",
 ]

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import yaml
 
 from sessa_scale.config.schema import Config
-from sessa_scale.config.validate import check_values, coerce, field_types, section_names, show, suggest
+from sessa_scale.config.validate import DEFAULT_SOURCE, check_values, coerce, field_types, section_names, show, suggest
+from sessa_scale.config.vocab import resolve_vocab_size
 from sessa_scale.errors import UserError
 
 CLI_SOURCE = "command line"
@@ -184,7 +185,17 @@ def _build(tree: dict, sources: _Sources, problems: list[str]) -> tuple[Config, 
 
 
 def _finish(tree: dict, sources: _Sources, problems: list[str]) -> Config:
+    """The validated Config of a merged tree (model.vocab_size "auto" resolved, its source
+    annotated with how); raises ConfigError listing every problem."""
     cfg, bad = _build(tree, sources, problems)
+    if "model.vocab_size" not in bad:
+        src = sources.get("model.vocab_size", DEFAULT_SOURCE)
+        note, problem = resolve_vocab_size(cfg)
+        if problem:
+            problems.append(f"{src}: model.vocab_size: {problem}")
+            bad.add("model.vocab_size")
+        elif note:
+            sources["model.vocab_size"] = f"{src} ({note})"
     problems.extend(check_values(cfg, sources, bad))
     if problems:
         raise ConfigError(problems)
@@ -194,6 +205,12 @@ def _finish(tree: dict, sources: _Sources, problems: list[str]) -> Config:
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """The validated Config: schema defaults, then the YAML file at `path` (with its bases),
     then the `key=value` overrides in order. Raises ConfigError listing every problem."""
+    return load_config_with_sources(path, overrides)[0]
+
+
+def load_config_with_sources(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[Config, dict[str, str]]:
+    """load_config, and where each value came from: dotted key -> "defaults", the file that set it,
+    or "command line" (model.vocab_size "auto" also says how it was resolved)."""
     tree: dict = {}
     sources: _Sources = {}
     if path is not None:
@@ -206,7 +223,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             continue
         _merge(tree, override)
         sources.update(_sources_of(override, CLI_SOURCE))
-    return _finish(tree, sources, problems)
+    cfg = _finish(tree, sources, problems)
+    leaves = {f"{section}.{key}" for section, values in config_to_dict(cfg).items() for key in values}
+    return cfg, {key: sources.get(key, DEFAULT_SOURCE) for key in sorted(leaves)}
 
 
 def config_from_dict(d: dict, source: str) -> Config:

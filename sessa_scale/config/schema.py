@@ -21,7 +21,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     arch: str = "sessa"  # architecture, a key of sessa_scale.models.registry.ARCHITECTURES
-    vocab_size: int = 257  # embedding rows; the byte-level corpus uses 256 bytes + EOS (id 256)
+    vocab_size: int | str = 257  # embedding rows; the byte-level corpus uses 256 bytes + EOS (id 256). "auto": the dataset's tokenizer vocabulary (data.path / data.sources, else the byte-level corpus) padded up to a multiple of 128 x parallel.tensor (Megatron-LM's rule: TP-divisible, tensor-core friendly rows), resolved when the config is loaded (sessa_scale/config/vocab.py); RUN_DIR/config.yaml records the number
     d_model: int = 128  # model width D
     n_layers: int = 4  # number of decoder blocks
     n_heads: int = 4  # forward-attention heads H (head dim = d_model / n_heads)
@@ -36,6 +36,7 @@ class ModelConfig:
     solver: str = "auto"  # feedback_solve implementation: auto | dense | chunked | triton
     attention: str = "sdpa"  # forward attention backend: sdpa | flash (flash-attn, CUDA only)
     activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
+    init_from: str | None = None  # a directory written by `sessa-scale export`: a fresh run starts from its weights instead of the random init (the export must match every weight-shaping model key and the data's tokenizer); a resumed run loads its checkpoint instead
     # Transformer baseline (arch: transformer)
     mlp: str = "gelu"  # MLP of the Transformer block: gelu (Linear-GELU-Linear) | swiglu
     mlp_hidden: int | None = None  # MLP hidden width; None -> 4 d_model (gelu), ~8/3 d_model rounded to 64 (swiglu)
@@ -45,8 +46,13 @@ class ModelConfig:
     ssm_expand: int = 2  # inner width = ssm_expand * d_model
     ssm_groups: int = 1  # groups of heads sharing B and C (must divide the head count)
     ssm_conv: int = 4  # causal depthwise conv kernel width
-    ssm_chunk: int = 64  # SSD chunk length in tokens (a power of two: the GPU kernel needs one)
-    ssm_scan: str = "auto"  # SSD scan: auto (fla on CUDA when installed, else chunked) | chunked | sequential | fla
+    ssm_chunk: int = 64  # SSD chunk length in tokens (a power of two >= 16; the triton scan runs chunks above 128 as 128)
+    ssm_scan: str = "auto"  # SSD scan: auto (triton on CUDA, else chunked) | triton (our kernels, kernels/ssd.py) | chunked (PyTorch) | sequential | fla (fla-core; wrong backward on Hopper with Triton < 3.7.1)
+
+
+# ModelConfig keys that do not shape the weights: they may differ between a checkpoint (or an exported
+# model) and the run that loads it.
+RUNTIME_MODEL_KEYS = frozenset({"solver", "attention", "activation_checkpointing", "init", "init_std", "init_from", "ssm_scan"})
 
 
 @dataclass
@@ -82,10 +88,12 @@ class TrainConfig:
     max_steps: int = 400  # optimizer steps to train for
     micro_batch_size: int = 16  # sequences per forward pass per data-parallel rank
     grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16; bf16 = mixed precision: float32 weights, gradients and AdamW state, matrix products and the feedback solve in bfloat16 (DeepSpeed's torch_autocast; sessa_scale/training/precision.py)
+    deterministic: bool = False  # deterministic GPU algorithms (torch.use_deterministic_algorithms, fixed cuBLAS workspace, no cuDNN autotuning) so that a resumed run repeats an uninterrupted one bitwise on GPUs too; costs some speed (CPU runs are deterministic either way)
     compile: bool = False  # torch.compile the model for training (in place through DeepSpeed's engine.compile: same state-dict keys and checkpoints as eager); the first step pays the compilation; evaluation runs eager; tested in one process (not with parallel.tensor > 1)
     eval_interval: int = 100  # evaluate validation loss every N steps (and at the end); 0 disables
     eval_batches: int = 4  # micro-batches per evaluation: val_loss is the mean over the first eval_batches x micro_batch_size x data-parallel ranks validation samples (a fixed subset, comparable across steps), while `sessa-scale eval --task ppl` scores the whole validation split
+    profile_step: int = 0  # > 0: torch.profiler trace of that optimizer step (rank 0) -> RUN_DIR/profile/step_N.json (Chrome/Perfetto) and step_N.txt (ops by device time); 0: off
     resume: str = "auto"  # "auto": the newest complete checkpoint of run.dir (a fresh start only where run.dir holds no run); "none": fresh start, refused where run.dir holds a run; or a checkpoint / run path (refused when run.dir holds another run). Config changes on resume are printed and applied or refused (README, "Resume")
     skip_nonfinite_steps: int = 0  # steps in a row whose loss or gradient norm is NaN/inf that are skipped (no update, logged with "skipped": true); one more stops training with exit status 3, leaving `latest` on the last good checkpoint
 
@@ -94,12 +102,19 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 100  # save every N optimizer steps (and at the end); 0 -> only at the end
     keep: int = 3  # keep the newest K checkpoints; older ones are deleted after a successful save
+    save: bool = True  # false: write no checkpoint at all, not even at the end or on preemption (benchmarks, smoke runs: nothing to resume)
 
 
 @dataclass
 class ZeroConfig:
     stage: int = 0  # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters) partitioned over the data-parallel ranks
     offload_optimizer: bool = False  # keep optimizer states in CPU memory and step there (DeepSpeedCPUAdam); needs zero.stage >= 1
+    # Data-parallel communication (DeepSpeed's zero_optimization keys of the same names; see
+    # sessa_scale/training/zero_communication.py). Sizes count elements, not bytes.
+    overlap_comm: bool = True  # stages 1-3: reduce gradient buckets over the data-parallel ranks during the backward pass (on a side stream) instead of after it; costs about 2 reduce buckets of memory (double buffering)
+    reduce_bucket_size: int = 50_000_000  # stages 1-3: gradient elements per reduction bucket (all-reduce / reduce-scatter); smaller buckets start reducing earlier in the backward pass, larger ones have less per-collective latency
+    allgather_bucket_size: int = 50_000_000  # parameter elements per all-gather: stages 1-2 all-gather the updated parameter partitions after the step in buckets of this size; stage 3 prefetches parameters of the coming layers up to this many elements (DeepSpeed's stage3_prefetch_bucket_size)
+    contiguous_gradients: bool = True  # stages 1-3: copy gradients into one contiguous buffer as they are produced (no memory fragmentation in the backward pass)
 
 
 @dataclass
@@ -114,6 +129,7 @@ class LoggingConfig:
     wandb: bool = False  # log metrics to Weights & Biases
     wandb_project: str = "sessa-scale"
     wandb_mode: str = "offline"  # online | offline | disabled
+    tensorboard: bool = False  # also write every metrics.jsonl value as a TensorBoard scalar to RUN_DIR/tensorboard/ (needs the `tensorboard` extra)
 
 
 @dataclass

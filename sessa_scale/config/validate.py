@@ -14,10 +14,10 @@ import typing
 from typing import Any
 
 from sessa_scale.config.schema import Config
+from sessa_scale.training.precision import PRECISIONS
 
 DEFAULT_SOURCE = "defaults"
 
-PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SOURCES = ("stdlib",)
 WANDB_MODES = ("online", "offline", "disabled")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -43,21 +43,28 @@ def section_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
-def field_types(section: str) -> dict[str, tuple[type, bool]]:
-    """Field name -> (base type, whether null is allowed) for one section of the schema."""
+def field_types(section: str) -> dict[str, tuple[type | tuple[type, ...], bool]]:
+    """Field name -> (base type, or the tuple of them for a union such as int | str; whether null is
+    allowed) for one section of the schema."""
     cls = {f.name: f for f in dataclasses.fields(Config)}[section].default_factory
     out = {}
     for name, hint in typing.get_type_hints(cls).items():
         args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
         base = [a for a in args if a is not type(None)]
-        out[name] = (base[0], len(base) < len(args))
+        out[name] = (base[0] if len(base) == 1 else tuple(base), len(base) < len(args))
     return out
 
 
-def coerce(value: Any, base: type, nullable: bool) -> tuple[Any, str | None]:
+def coerce(value: Any, base: type | tuple[type, ...], nullable: bool) -> tuple[Any, str | None]:
     """(converted value, None) if `value` fits the field type, else (None, problem text).
     Integral floats are accepted for integers; numeric strings such as '3e-4' (which YAML
-    reads as strings) for floats."""
+    reads as strings) for floats. A union takes the first of its types that fits."""
+    if isinstance(base, tuple):
+        for option in base:
+            converted, problem = coerce(value, option, nullable)
+            if problem is None:
+                return converted, None
+        return None, f"expected {' or '.join(_NOUNS[b] for b in base)}, got {show(value)}"
     if value is None:
         return (None, None) if nullable else (None, f"expected {_NOUNS[base]}, got null")
     wrong = (None, f"expected {_NOUNS[base]}{' or null' if nullable else ''}, got {show(value)}")
@@ -163,6 +170,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.grad_accum_steps", t.grad_accum_steps >= 1, "must be >= 1"),
         ("train.precision", t.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
         ("train.eval_interval", t.eval_interval >= 0, "must be >= 0 (0 disables evaluation)"),
+        ("train.profile_step", t.profile_step >= 0, "must be >= 0 (0: no profile)"),
         ("train.eval_batches", t.eval_batches >= 1, "must be >= 1"),
         ("train.resume", bool(t.resume.strip()), "must be 'auto', 'none' or a checkpoint path"),
         ("train.skip_nonfinite_steps", t.skip_nonfinite_steps >= 0, "must be >= 0 (0 stops at the first NaN/inf step)"),
@@ -174,6 +182,8 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
             not cfg.zero.offload_optimizer or cfg.zero.stage >= 1,
             "needs zero.stage 1, 2 or 3 (ZeRO partitions what it offloads); set zero.stage=1 or offload_optimizer=false",
         ),
+        ("zero.reduce_bucket_size", cfg.zero.reduce_bucket_size >= 1, "must be >= 1 (elements per gradient reduction bucket)"),
+        ("zero.allgather_bucket_size", cfg.zero.allgather_bucket_size >= 1, "must be >= 1 (elements per parameter all-gather)"),
         ("parallel.tensor", cfg.parallel.tensor >= 1, "must be >= 1 (1 disables tensor parallelism)"),
         (
             "data.seq_len",

@@ -85,7 +85,7 @@ Style = Union[Norm, Column, Row, RowToHidden, Shard, Replicated, Heads]
 
 
 def sessa_plan(cfg: ModelConfig) -> dict[str, Style]:
-    """The layout of shared/SESSA_SPEC.md: W_in column-parallel (a and g split alike), attention and
+    """The layout of docs/sessa_math.md: W_in column-parallel (a and g split alike), attention and
     feedback heads local, out_proj reduce-scattered over the hidden dim so each rank holds f for its
     own feedback columns, W_out row-parallel. One feedback head: q_b, k_b, gamma replicated."""
     fb_sharded = cfg.n_fb_heads > 1

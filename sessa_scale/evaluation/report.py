@@ -72,6 +72,11 @@ def _row(run: Run) -> dict:
                 row[f"{name} loss@{x['context_length']}"] = x["loss"]
         elif "beta" in r:
             row[f"{name} beta"] = r["beta"]
+        elif r.get("task") == "lm-eval":  # the harness's "metric,filter" keys, stderrs left out
+            for task, metrics in sorted(r["results"].items()):
+                for key, value in metrics.items():
+                    if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+                        row[f"{task} {key.replace(',none', '')}"] = value
     return row
 
 

@@ -87,3 +87,10 @@ def forward_flops_per_token(cfg: ModelConfig, T: int) -> float:
 def training_flops_per_token(cfg: ModelConfig, T: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3x forward)."""
     return 3 * forward_flops_per_token(cfg, T)
+
+
+def full_square_attention_extra(cfg: ModelConfig, T: int) -> float:
+    """Training FLOPs per token that the Megatron/PaLM convention adds for a Transformer by counting
+    the whole T x T attention square instead of its causal triangle: the upper triangle's scores and
+    value products, 2 D (T - 1) forward per layer, x 3 for training. 0 for other architectures."""
+    return 6 * cfg.n_layers * cfg.d_model * (T - 1) if cfg.arch == "transformer" else 0.0

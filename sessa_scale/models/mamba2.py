@@ -121,17 +121,20 @@ class Mamba2Mixer(nn.Module):
         y = y + x * self.D[:, None].to(x.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z)), state
 
-    def _forward(self, u: torch.Tensor):
-        """u (B, T, D) -> out (B, T, D), the final SSM state, and the conv inputs."""
-        T = u.shape[1]
-        z, conv_in, dt_raw = self._project(u)
+    def causal_convs(self, conv_in: dict) -> dict:
+        """{conv name: (B, T, channels)} -> silu(causal depthwise conv) of each, (B, T, channels)."""
         conv_out = {}
         for name, value in conv_in.items():
             conv = getattr(self, name)
             k, channels = conv.weight.shape[-1], conv.weight.shape[0]
             out = F.conv1d(value.transpose(1, 2), conv.weight, conv.bias, padding=k - 1, groups=channels)
-            conv_out[name] = F.silu(out[..., :T].transpose(1, 2))
-        out, state = self._mix(z, conv_out, dt_raw, None)
+            conv_out[name] = F.silu(out[..., : value.shape[1]].transpose(1, 2))
+        return conv_out
+
+    def _forward(self, u: torch.Tensor):
+        """u (B, T, D) -> out (B, T, D), the final SSM state, and the conv inputs."""
+        z, conv_in, dt_raw = self._project(u)
+        out, state = self._mix(z, self.causal_convs(conv_in), dt_raw, None)
         return out, state, conv_in
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:

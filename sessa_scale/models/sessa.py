@@ -1,7 +1,7 @@
 """The Sessa layer (arXiv 2604.18580): causal attention whose output f feeds a recurrent,
 attention-routed feedback path s[t] = f[t] + gamma[t] * sum_{j<t} alpha[t, j] s[j].
 
-Exactly the layer of shared/SESSA_SPEC.md, with the public reference implementation's
+Exactly the layer of docs/sessa_math.md, with the public reference implementation's
 constructor arguments and parameter names, so its state dicts load with strict=True.
 Shapes: B batch, T tokens, D width, H attention heads of width d = D/H, H_kv key/value heads,
 H_b feedback heads of width D/H_b.

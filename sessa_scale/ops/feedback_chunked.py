@@ -9,8 +9,8 @@ Public layout (as :func:`sessa_scale.ops.feedback_solve`):
 Rows are processed in chunks of C. For the row chunk [r0, r1) we build the (C, r1) block of P
 against all earlier keys on the fly, so memory per (batch, head) is O(T * (Dk + Dv) + T * C);
 P is never materialized as T x T. Internally tensors are (B, H, T, D) in the compute dtype
-(float64 if any input is float64, else float32). Backward (see SESSA_SPEC.md, "Efficient
-backward") recomputes P from the saved row log-sum-exp and solves the adjoint system
+(float64 if any input is float64, else float32). Backward (see docs/sessa_math.md,
+"Backward") recomputes P from the saved row log-sum-exp and solves the adjoint system
 (I - diag(gamma) P)^T lambda = ds backwards in time, chunk by chunk.
 """
 

@@ -2,16 +2,19 @@
 dispatching to an implementation by name.
 
 Implementations:
-* "chunked": the PyTorch chunked algorithm (ssd_reference.ssd_chunked), everywhere.
+* "triton": our Triton kernels (kernels/ssd.py via sessa_scale/ops/ssd_triton.py), forward and
+  backward; CUDA (or the CPU interpreter under TRITON_INTERPRET=1). What "auto" picks on CUDA.
+* "chunked": the PyTorch chunked algorithm (ssd_reference.ssd_chunked), everywhere; "auto" off CUDA.
 * "sequential": the token-by-token recurrence (ssd_reference.ssd_sequential), the oracle.
 * "fla": fla-core's Triton `chunk_simple_gla` (CUDA only; `pip install -e .[gpu]`). Simple GLA is
   SSD with a scalar decay per head: its recurrence S_t = exp(g_t) S_{t-1} + k_t v_t^T,
   o_t = scale * S_t^T q_t maps onto SSD with q = C, k = B (one copy per head), v = dt * x,
   g = dt * A, scale = 1; its state (B, H, K, V) is ours (B, H, N, P).
   fla 0.6 flags its gated simple-GLA backward as wrong on Hopper GPUs (H100/H200) with Triton >= 3.4
-  and < 3.7.1 (fla issue #640) and raises there in the backward pass; "auto" then picks "chunked"
-  (measured on H100 with Triton 3.6; fla's chunk_gla, the per-channel-gate variant, failed there too
-  with a misaligned-address error). Triton >= 3.7.1 (or fla's tilelang backend) lifts this.
+  and < 3.7.1 (fla issue #640) and raises there in the backward pass (measured on H100 with Triton
+  3.6; fla's chunk_gla, the per-channel-gate variant, failed there too with a misaligned-address
+  error). Triton >= 3.7.1 (or fla's tilelang backend) lifts this; `simple_gla_backward_is_broken`
+  tells, and the GPU tests cross-check fla against ours only where it is not.
 The chunked scan keeps only its inputs for the backward pass and recomputes the rest: its (chunk x
 chunk) float32 intermediates would otherwise dominate a layer's activation memory.
 """
@@ -23,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sessa_scale.ops.ssd_reference import per_head, ssd_chunked, ssd_sequential
 
-SSD_IMPLS = ("chunked", "sequential", "fla")
+SSD_IMPLS = ("triton", "chunked", "sequential", "fla")
 
 
 def fla_available() -> bool:
@@ -35,12 +38,19 @@ def fla_available() -> bool:
     return True
 
 
+def triton_available() -> bool:
+    """Whether triton imports (the "triton" scan needs it, and CUDA or TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_ssd_impl(impl: str, device: torch.device) -> str:
-    """Map "auto" to "fla" on CUDA when fla-core is installed and does not flag its backward as wrong
-    on this GPU, else "chunked"."""
+    """Map "auto" to "triton" on CUDA when triton imports, else "chunked"."""
     if impl == "auto":
-        usable = device.type == "cuda" and fla_available() and not simple_gla_backward_is_broken()
-        return "fla" if usable else "chunked"
+        return "triton" if device.type == "cuda" and triton_available() else "chunked"
     if impl not in SSD_IMPLS:
         raise ValueError(f"unknown SSD scan impl {impl!r}; choose from {['auto', *SSD_IMPLS]}")
     return impl
@@ -74,7 +84,7 @@ def ssd_fla(x, dt, A, B, C, initial_state=None, chunk_size: int = 64):
 def ssd_scan(x, dt, A, B, C, *, initial_state=None, chunk_size: int = 64, impl: str = "auto"):
     """x (B, T, H, P), dt (B, T, H) > 0, A (H,) < 0, B and C (B, T, G, N), initial_state
     (B, H, N, P) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P)).
-    impl: "auto" (fla on CUDA when installed, else chunked) or one of SSD_IMPLS."""
+    impl: "auto" (triton on CUDA, else chunked) or one of SSD_IMPLS."""
     batch, T, H, P = x.shape
     if dt.shape != (batch, T, H) or A.shape != (H,):
         raise ValueError(f"dt must be (B, T, H) = {(batch, T, H)} and A (H,); got {tuple(dt.shape)}, {tuple(A.shape)}")
@@ -85,6 +95,10 @@ def ssd_scan(x, dt, A, B, C, *, initial_state=None, chunk_size: int = 64, impl: 
         return ssd_sequential(x, dt, A, B, C, initial_state)
     if name == "fla":
         return ssd_fla(x, dt, A, B, C, initial_state, chunk_size)
+    if name == "triton":
+        from sessa_scale.ops.ssd_triton import ssd_scan_triton
+
+        return ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size)
     inputs = (x, dt, A, B, C, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return checkpoint(ssd_chunked, *inputs, chunk_size, use_reentrant=False)

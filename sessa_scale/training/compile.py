@@ -1,4 +1,4 @@
-"""torch.compile for training (`train.compile: true`; `sessa-scale bench models --compile`): one helper
+"""torch.compile for training (`train.compile: true`; `sessa-scale bench train --compile yes`): one helper
 that the trainer and the bench share, so that the bench times the step the trainer runs."""
 
 from __future__ import annotations

@@ -24,21 +24,29 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
-def skip_update_if_nonfinite(engine, grad_norm: float) -> bool:
-    """Before the optimizer step, when the trainer computed grad_norm itself (ZeRO stage 0): if it is
-    not finite and the engine steps a plain torch optimizer, make that optimizer's next step() a no-op,
-    so that no parameter and no optimizer state changes (DeepSpeed still clips and clears the gradients
-    and advances the LR schedule). True if the update will be skipped. DeepSpeed's own optimizers
-    (ZeRO, bf16) skip non-finite steps themselves (engine.was_step_applied() tells)."""
+def skip_update_if_nonfinite(engine, grad_norm: torch.Tensor) -> torch.Tensor | None:
+    """Before the optimizer step, when the trainer computed the gradient norm itself (ZeRO stage 0;
+    grad_norm: 0-dim tensor): make the torch optimizer's update a no-op when the norm is not finite,
+    so that no parameter and no AdamW state changes (DeepSpeed still clears the gradients and advances
+    the LR schedule). Returns the 0-dim bool "not finite" tensor, or None when the engine steps one of
+    DeepSpeed's own optimizers (those skip non-finite steps themselves: engine.was_step_applied()).
+
+    Fused AdamW (CUDA) gets it as `found_inf`, which its kernel reads to skip the update and undo the
+    step count: no host sync. Other AdamW implementations (CPU) take no `found_inf`; there the check
+    syncs (free on CPU) and the optimizer's next step() becomes a no-op."""
     optimizer = engine.optimizer
-    if math.isfinite(grad_norm) or not isinstance(optimizer, torch.optim.Optimizer):
-        return False
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return None
+    nonfinite = ~torch.isfinite(grad_norm)
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = nonfinite.float()
+    elif nonfinite:
 
-    def skip(*_args, **_kwargs) -> None:
-        del optimizer.step  # one step only: the class's step() is back for the next one
+        def skip(*_args, **_kwargs) -> None:
+            del optimizer.step  # one step only: the class's step() is back for the next one
 
-    optimizer.step = skip
-    return True
+        optimizer.step = skip
+    return nonfinite
 
 
 def _number(value: float) -> float | None:
@@ -53,17 +61,17 @@ class NonFiniteSteps:
         self.in_a_row = 0
         self.problem: str | None = None  # set when training must stop
 
-    def check(self, step: int, loss: float, grad_norm: float, update_dropped: bool, engine, scheduler) -> dict:
+    def check(self, step: int, loss: float, grad_norm: float, trainer_skipped, engine, scheduler) -> dict:
         """After the optimizer step of `step`: the metrics fields to log for it ({} for a finite step).
-        update_dropped: the trainer skipped the update (skip_update_if_nonfinite). Sets
-        `problem` when training must stop (call stop_if_needed after logging the record)."""
+        trainer_skipped: what skip_update_if_nonfinite returned (None: not called). Sets `problem`
+        when training must stop (call stop_if_needed after logging the record)."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.in_a_row = 0
             return {}
         skipped_by_deepspeed = not engine.was_step_applied()
         if skipped_by_deepspeed:  # its overflow path leaves the scheduler: keep lr a function of the step
             scheduler.step()
-        dropped = update_dropped or skipped_by_deepspeed
+        dropped = bool(trainer_skipped) if trainer_skipped is not None else skipped_by_deepspeed
         self.in_a_row += 1
         what = f"step {step}: the loss is {loss} and the gradient norm {grad_norm}"
         if not dropped and not math.isfinite(grad_norm):

@@ -30,13 +30,13 @@ from pathlib import Path
 from sessa_scale.checkpoint import find_checkpoint, read_meta
 from sessa_scale.checkpoint.scan import newest_complete, step_dirs, step_of
 from sessa_scale.config import Config, config_from_dict, config_to_dict
+from sessa_scale.config.schema import RUNTIME_MODEL_KEYS
 from sessa_scale.distributed import is_rank0
 from sessa_scale.errors import UserError
 from sessa_scale.filesystem import writable_dir
 from sessa_scale.training.optimizer import lr_at
 
-# Model keys that may differ between a checkpoint and the run resuming it (no effect on the weights).
-RESUMABLE_MODEL_KEYS = {"model.solver", "model.attention", "model.activation_checkpointing", "model.init", "model.init_std"}
+RESUMABLE_MODEL_KEYS = {f"model.{key}" for key in RUNTIME_MODEL_KEYS}  # may differ from the checkpoint's
 SCHEDULE_KEYS = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_steps")
 ADAMW_KEYS = ("optim.weight_decay", "optim.beta1", "optim.beta2", "optim.eps", "optim.grad_clip")
 BATCH_KEYS = ("train.micro_batch_size", "train.grad_accum_steps")

@@ -3,8 +3,6 @@ periodic evaluation, metrics, and checkpoints that resume bit-exactly."""
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import random
 import time
@@ -28,8 +26,11 @@ from sessa_scale.training.optimizer import (
     build_scheduler,
     restore_implementation,
 )
+from sessa_scale.training.precision import deepspeed_precision_config
+from sessa_scale.training.profiling import phase, profile_step
 from sessa_scale.training.preemption import PreemptionHandler
 from sessa_scale.training.resume import plan_resume
+from sessa_scale.training.zero_communication import zero_communication_config
 
 
 def seed_everything(seed: int) -> None:
@@ -37,27 +38,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def deepspeed_config(cfg: Config, dp_size: int, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: Config, dp_size: int, device: torch.device, load_universal: bool = False) -> dict:
+    """The DeepSpeed config of a run: batch sizes, ZeRO, precision (training/precision.py) and clipping.
+
+    At ZeRO stage 0 the trainer clips gradients itself (clip_gradients: one fused norm, the norm it
+    logs), so DeepSpeed's per-parameter clipping is off there; ZeRO 1-3 clip in their optimizers."""
     t = cfg.train
-    zero = {"stage": cfg.zero.stage}
+    zero = {"stage": cfg.zero.stage, **zero_communication_config(cfg)}
     if cfg.zero.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp_size,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip if cfg.zero.stage > 0 else 0.0,
         "zero_optimization": zero,
+        **deepspeed_precision_config(t.precision, device),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
 
 
-def autocast_context(cfg: Config, device: torch.device):
-    """bf16 autocast (fp32 weights and optimizer state) or plain fp32."""
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+def set_deterministic(enabled: bool) -> None:
+    """`train.deterministic`: deterministic algorithms everywhere torch has them (embedding and
+    scatter backward, cuBLAS with a fixed workspace, cuDNN without autotuning), so that a resumed
+    run repeats an uninterrupted one bitwise on GPUs too. Must run before the first cuBLAS call."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,27 +77,42 @@ def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return model(inputs, targets)
 
 
-def _global_grad_norm(model: torch.nn.Module, tp_group) -> float:
-    """2-norm of the whole model's gradient: TP shards summed over the TP group, replicated
-    parameters counted once."""
-    # accumulated on the gradients' device in float64, in parameter order (the same sums as a CPU
-    # accumulation), with one host sync at the end instead of one per parameter
-    device = next((p.grad.device for p in model.parameters() if p.grad is not None), torch.device("cpu"))
-    sq = {k: torch.zeros((), dtype=torch.float64, device=device) for k in (True, False)}
+def clip_gradients(model: torch.nn.Module, max_norm: float, tp_group) -> torch.Tensor:
+    """Clip the whole model's gradient to 2-norm `max_norm` (0: no clipping) and return its norm
+    before clipping, as a 0-dim float32 tensor on the gradients' device (no host sync).
+
+    TP-sharded gradients' squared norms are summed over the TP group, replicated parameters counted
+    once. torch._foreach_norm: a few fused kernels for all parameters (DeepSpeed's stage-0 clipping
+    launches two per parameter). The clip factor is min(1, max_norm / (norm + 1e-6)), as DeepSpeed's."""
+    grads = {True: [], False: []}
     for p in model.parameters():
         if p.grad is not None:
-            sq[bool(getattr(p, "tensor_model_parallel", False))] += p.grad.detach().double().square().sum()
+            grads[bool(getattr(p, "tensor_model_parallel", False))].append(p.grad)
+    device = next(g.device for gs in grads.values() for g in gs)
+
+    def sum_sq(gs: list[torch.Tensor]) -> torch.Tensor:
+        if not gs:
+            return torch.zeros((), dtype=torch.float32, device=device)
+        return torch.stack(torch._foreach_norm(gs)).float().square().sum()
+
+    sharded = sum_sq(grads[True])
     if tp_group is not None and tp_group.size() > 1:
-        sharded = sq[True].to(device_for_rank())
+        sharded = sharded.to(device_for_rank())
         torch.distributed.all_reduce(sharded, group=tp_group)
-        sq[True] = sharded.to(device)
-    return math.sqrt((sq[True] + sq[False]).item())
+        sharded = sharded.to(device)
+    norm = (sharded + sum_sq(grads[False])).sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for gs in grads.values():
+            if gs:
+                torch._foreach_mul_(gs, coef.to(gs[0].dtype))
+    return norm
 
 
 @torch.no_grad()
 def evaluate(engine, batches, cfg: Config, device: torch.device) -> float:
     engine.eval()
-    with autocast_context(cfg, device), eager_forward():  # train.compile: no second compilation for eval
+    with eager_forward():  # train.compile: no second compilation for eval; precision: the engine's
         losses = [lm_loss(engine, x.to(device), y.to(device)).item() for x, y in batches]
     engine.train()
     return all_reduce_mean(sum(losses) / len(losses), device)
@@ -104,6 +131,7 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     wall_start = time.time()
+    set_deterministic(cfg.train.deterministic)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if cfg.parallel.tensor > 1:  # megatron: keeps TP/SP communication ordered ahead of compute (set before CUDA starts)
@@ -126,6 +154,10 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     stream, val_set = data.train, data.val_batches
 
     model = build_model(cfg.model)  # the full model from run.seed on every rank, then split
+    if cfg.model.init_from and resume_from is None:
+        from sessa_scale.hf.export import init_from_export
+
+        init_from_export(model, cfg.model, data.tokenizer)
     if tp_group is not None:
         from sessa_scale.distributed.tensor_parallel import parallelize
 
@@ -135,7 +167,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optim, t.max_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, dp_size, load_universal=universal is not None),
+        config=deepspeed_config(cfg, dp_size, device, load_universal=universal is not None),
         mpu=MegatronMPU(),
     )
 
@@ -173,6 +205,8 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
 
     def save() -> None:
         nonlocal last_saved
+        if not cfg.checkpoint.save:
+            return
         client = {"step": step, "tokens": tokens, "data": stream.state_dict(), "universal_checkpoint_info": universal_info}
         layout_meta = {"tensor": layout.tp, "data": dp_size}
         checkpoints.save(engine, step, client, {"config": config_to_dict(cfg), "parallel": layout_meta, "tokenizer": data.tokenizer})
@@ -181,24 +215,28 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     while step < t.max_steps:
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
-        micro_losses, grad_norm, dropped = [], None, False
-        for inputs, targets in stream.next_step():
-            with autocast_context(cfg, device):
-                loss = lm_loss(engine, inputs.to(device), targets.to(device))
-            engine.backward(loss)
-            micro_losses.append(loss.item())
-            if engine.is_gradient_accumulation_boundary() and cfg.zero.stage == 0:
-                grad_norm = _global_grad_norm(engine.module, tp_group)  # averaged, before clipping
-                dropped = skip_update_if_nonfinite(engine, grad_norm)  # a NaN/inf step changes nothing
-            engine.step()
-        if grad_norm is None:
-            grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        with profile_step(step + 1, t.profile_step, cfg.run_dir, is_rank0(), device):
+            loss_sum, grad_norm, dropped = None, None, None
+            for inputs, targets in stream.next_step():  # no host sync until the step's end
+                with phase("forward"):
+                    loss = lm_loss(engine, inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+                with phase("backward"):
+                    engine.backward(loss)
+                loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+                if engine.is_gradient_accumulation_boundary() and cfg.zero.stage == 0:
+                    with phase("clip_gradients"):
+                        grad_norm = clip_gradients(engine.module, cfg.optim.grad_clip, tp_group)  # averaged over DP
+                    dropped = skip_update_if_nonfinite(engine, grad_norm)  # NaN/inf gradients change nothing
+                with phase("optimizer_step"):
+                    engine.step()
+            grad_norm = float(grad_norm if grad_norm is not None else engine.get_global_grad_norm() or 0.0)
+            micro_loss_mean = loss_sum.item() / t.grad_accum_steps
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
         step += 1
         tokens += tokens_per_step
-        last_loss = all_reduce_mean(sum(micro_losses) / len(micro_losses), device)
+        last_loss = all_reduce_mean(micro_loss_mean, device)
         verdict = nonfinite.check(step, last_loss, grad_norm, dropped, engine, scheduler)  # {} for a finite step
         first_loss = last_loss if first_loss is None else first_loss
         record = {

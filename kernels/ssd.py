@@ -1,0 +1,328 @@
+"""Triton kernels for Mamba-2's SSD scan with a scalar decay per head (forward and backward).
+
+Problem, per batch element b and head h (group g = h // (H / G) for B and C):
+
+    S_t = exp(dt_t A_h) S_{t-1} + B_t (dt_t x_t)^T   (N x P),   y_t = S_t^T C_t   (P,)
+
+Plain references: ``sessa_scale/ops/ssd_reference.py`` (sequential recurrence, PyTorch chunked).
+The autograd wrapper and the launch schedule live in ``sessa_scale/ops/ssd_triton.py``.
+
+Chunks of L positions (a power of two; the last chunk masked past T). Within chunk c, with
+a_i = sum_{k <= i} dt_k A_h (cumulative log decay from the chunk start, inclusive) and S_c the
+state entering the chunk:
+
+    y_i         = sum_{j <= i} (C_i . B_j) exp(a_i - a_j) dt_j x_j + exp(a_i) C_i^T S_c
+    S_{c+1}     = exp(a_L) S_c + sum_j exp(a_L - a_j) dt_j B_j x_j^T
+
+Kernels (ACC = float32, or float64 for float64 inputs; DOT = the operand dtype of tl.dot: the
+inputs' half-precision dtype, else ACC):
+  cb_kernel          CB[b, g, c] = C_c B_c^T (L x L, ACC), once per group, reused by every head
+  states_fwd_kernel  sequential over chunks per (b, h, N-tile, P-tile), the state in ACC in
+                     registers: writes S_c in DOT for every chunk (what the products read; half the
+                     traffic of ACC for bf16) and the final state in ACC; a chunk's contribution is
+                     one tl.dot
+  out_fwd_kernel     y per (chunk, P-tile, b, h): the masked quadratic form from CB, plus C S_c
+  states_bwd_kernel  the adjoint recursion backwards over chunks: dS_c = exp(a_L) dS_{c+1} +
+                     sum_i exp(a_i) C_i dy_i^T; writes dS_{c+1} (the gradient of the state
+                     leaving chunk c) per chunk and the initial state's gradient
+  dx_kernel          du_j = sum_{i >= j} (C_i . B_j) exp(a_i - a_j) dy_i + exp(a_L - a_j) dS_{c+1}^T B_j;
+                     dx = dt du, and x . du (dt's gradient through u = dt x)
+  dbc_kernel         per (chunk, N-tile, b, g, head split), looping over the split's heads:
+                     dC, dB summed over the heads in registers, and dg, the gradient of the
+                     per-step log decay g_t = dt_t A_h (dt's and A's gradients through the decay)
+
+dg_t collects every (i, j) pair whose decay exp(sum_{j < k <= i} g_k) contains g_t (j < t <= i),
+split by where i and j lie relative to t's chunk: both inside (from the L x L products, by a
+cumulative sum over j and a masked sum over i), i inside and j before the chunk (the C_i S_c
+read-out, a reverse cumulative sum), j inside and i after it (dS_{c+1} against B_j x_j^T, a
+cumulative sum), both outside (exp(a_L) <S_c, dS_{c+1}>). Each part is a sum of like-signed
+terms within one chunk: no cancellation across the sequence (the shortcut C.dC - B.dB followed
+by a global reverse cumulative sum would cancel large terms in low precision).
+
+No atomics: partial results over N-tiles (dg) and head splits (dB, dC) go to separate slices
+that the wrapper sums, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(ptr, r, c, rmask, cmask, sr, sc):
+    """(len(r), len(c)) tile at ptr + r * sr + c * sc, zero outside the masks."""
+    return tl.load(ptr + r[:, None] * sr + c[None, :] * sc, mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _chunk_decay(dt_ptr, A_ptr, h, t, tmask, sdt_t, L: tl.constexpr, ACC: tl.constexpr):
+    """dt over the chunk (0 past T), the cumulative log decay a (L,) and its last entry a_L."""
+    dtv = tl.load(dt_ptr + t * sdt_t, mask=tmask, other=0.0).to(ACC)
+    a = tl.cumsum(dtv * tl.load(A_ptr + h).to(ACC), axis=0)
+    a_last = tl.sum(tl.where(tl.arange(0, L) == L - 1, a, 0.0), axis=0)
+    return dtv, a, a_last
+
+
+@triton.jit
+def _causal_decay(a, L: tl.constexpr):
+    """exp(a_i - a_j) for j <= i, else 0 (L x L, rows i)."""
+    i = tl.arange(0, L)
+    causal = i[None, :] <= i[:, None]
+    return tl.exp(tl.where(causal, a[:, None] - a[None, :], float("-inf")))
+
+
+@triton.jit(do_not_specialize=["T"])
+def cb_kernel(C_ptr, B_ptr, CB_ptr, T, G, N, NC,
+              sC_b, sC_t, sC_g, sC_n, sB_b, sB_t, sB_g, sB_n,
+              L: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """CB[b, g, c] = C_c B_c^T, rows and columns past T zero. Grid (NC, B * G)."""
+    c = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = (bg // G).to(tl.int64)
+    g = bg % G
+    t = c * L + tl.arange(0, L)
+    tm = t < T
+    Cp = C_ptr + b * sC_b + g * sC_g
+    Bp = B_ptr + b * sB_b + g * sB_g
+    acc = tl.zeros((L, L), dtype=ACC)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        nm = n < N
+        Cc = _tile(Cp, t, n, tm, nm, sC_t, sC_n).to(DOT)
+        Bt = _tile(Bp, n, t, nm, tm, sB_n, sB_t).to(DOT)  # (BN, L)
+        acc += tl.dot(Cc, Bt, input_precision=PREC)
+    i = tl.arange(0, L)
+    tl.store(CB_ptr + (bg.to(tl.int64) * NC + c) * L * L + i[:, None] * L + i[None, :], acc)
+
+
+@triton.jit(do_not_specialize=["T"])
+def states_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, init_ptr, st_ptr, final_ptr, T, H, G, N, P, NC, NPB,
+                      sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n,
+                      HAS_INIT: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                      ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Sequential over chunks: st[b, h, c] = S_c (the state entering chunk c), final = S_NC.
+    st (B, H, NC, N, P; DOT) and init / final (B, H, N, P; ACC) are contiguous. Grid (N-tiles * NPB, B * H)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    g = h // (H // G)
+    n = (pid // NPB) * BN + tl.arange(0, BN)
+    p = (pid % NPB) * BP + tl.arange(0, BP)
+    nm, pm = n < N, p < P
+    tile = n[:, None] * P + p[None, :]
+    smask = nm[:, None] & pm[None, :]
+    if HAS_INIT:
+        S = tl.load(init_ptr + bh.to(tl.int64) * N * P + tile, mask=smask, other=0.0).to(ACC)
+    else:
+        S = tl.zeros((BN, BP), dtype=ACC)
+    xp = x_ptr + b * sx_b + h * sx_h
+    dtp = dt_ptr + b * sdt_b + h * sdt_h
+    Bp = B_ptr + b * sB_b + g * sB_g
+    sp = st_ptr + bh.to(tl.int64) * NC * N * P
+    for c in range(NC):
+        tl.store(sp + c * N * P + tile, S.to(st_ptr.dtype.element_ty), mask=smask)
+        t = c * L + tl.arange(0, L)
+        tm = t < T
+        dtv, a, a_last = _chunk_decay(dtp, A_ptr, h, t, tm, sdt_t, L, ACC)
+        Bt = _tile(Bp, n, t, nm, tm, sB_n, sB_t).to(ACC)  # (BN, L)
+        Bw = (Bt * (tl.exp(a_last - a) * dtv)[None, :]).to(DOT)
+        X = _tile(xp, t, p, tm, pm, sx_t, sx_p).to(DOT)  # (L, BP)
+        S = S * tl.exp(a_last) + tl.dot(Bw, X, input_precision=PREC)
+    tl.store(final_ptr + bh.to(tl.int64) * N * P + tile, S, mask=smask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def out_fwd_kernel(x_ptr, dt_ptr, A_ptr, C_ptr, CB_ptr, st_ptr, y_ptr, T, H, G, N, P, NC, NPB,
+                   sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sC_b, sC_t, sC_g, sC_n,
+                   sy_b, sy_t, sy_h, sy_p,
+                   L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                   ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """y for one chunk and P-tile of (b, h): the masked quadratic form plus exp(a) C S_c.
+    Grid (NC * NPB, B * H)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    c = pid // NPB
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    g = h // (H // G)
+    t = c * L + tl.arange(0, L)
+    tm = t < T
+    p = (pid % NPB) * BP + tl.arange(0, BP)
+    pm = p < P
+    dtv, a, a_last = _chunk_decay(dt_ptr + b * sdt_b + h * sdt_h, A_ptr, h, t, tm, sdt_t, L, ACC)
+    i = tl.arange(0, L)
+    cb = tl.load(CB_ptr + ((b * G + g) * NC + c) * L * L + i[:, None] * L + i[None, :])
+    scores = (cb * _causal_decay(a, L) * dtv[None, :]).to(DOT)
+    X = _tile(x_ptr + b * sx_b + h * sx_h, t, p, tm, pm, sx_t, sx_p).to(DOT)
+    y = tl.dot(scores, X, input_precision=PREC)
+    Cp = C_ptr + b * sC_b + g * sC_g
+    sp = st_ptr + (bh.to(tl.int64) * NC + c) * N * P
+    inter = tl.zeros((L, BP), dtype=ACC)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        nm = n < N
+        Cc = _tile(Cp, t, n, tm, nm, sC_t, sC_n).to(DOT)
+        S = _tile(sp, n, p, nm, pm, P, 1).to(DOT)
+        inter += tl.dot(Cc, S, input_precision=PREC)
+    y += tl.exp(a)[:, None] * inter
+    yp = y_ptr + b * sy_b + h * sy_h
+    tl.store(yp + t[:, None] * sy_t + p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty), mask=tm[:, None] & pm[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def states_bwd_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, dfinal_ptr, dst_ptr, dinit_ptr, T, H, G, N, P, NC, NPB,
+                      sdy_b, sdy_t, sdy_h, sdy_p, sdt_b, sdt_t, sdt_h, sC_b, sC_t, sC_g, sC_n,
+                      HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, L: tl.constexpr, BN: tl.constexpr,
+                      BP: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Backwards over chunks: dst[b, h, c] = dS_{c+1}, the gradient of the state leaving chunk c
+    (dfinal for the last one), and dinit = dS_0. Layouts as states_fwd_kernel. Grid as there."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    g = h // (H // G)
+    n = (pid // NPB) * BN + tl.arange(0, BN)
+    p = (pid % NPB) * BP + tl.arange(0, BP)
+    nm, pm = n < N, p < P
+    tile = n[:, None] * P + p[None, :]
+    smask = nm[:, None] & pm[None, :]
+    if HAS_DFINAL:
+        dS = tl.load(dfinal_ptr + bh.to(tl.int64) * N * P + tile, mask=smask, other=0.0).to(ACC)
+    else:
+        dS = tl.zeros((BN, BP), dtype=ACC)
+    dyp = dy_ptr + b * sdy_b + h * sdy_h
+    dtp = dt_ptr + b * sdt_b + h * sdt_h
+    Cp = C_ptr + b * sC_b + g * sC_g
+    sp = dst_ptr + bh.to(tl.int64) * NC * N * P
+    for k in range(NC):
+        c = NC - 1 - k
+        tl.store(sp + c * N * P + tile, dS.to(dst_ptr.dtype.element_ty), mask=smask)
+        t = c * L + tl.arange(0, L)
+        tm = t < T
+        dtv, a, a_last = _chunk_decay(dtp, A_ptr, h, t, tm, sdt_t, L, ACC)
+        Ct = _tile(Cp, n, t, nm, tm, sC_n, sC_t).to(ACC)  # (BN, L)
+        Cw = (Ct * tl.exp(a)[None, :]).to(DOT)
+        dY = _tile(dyp, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
+        dS = dS * tl.exp(a_last) + tl.dot(Cw, dY, input_precision=PREC)
+    if HAS_INIT:
+        tl.store(dinit_ptr + bh.to(tl.int64) * N * P + tile, dS, mask=smask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, dx_ptr, ddt_ptr, T, H, G, N, P, NC, NPB, BATCH,
+              sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n,
+              sdy_b, sdy_t, sdy_h, sdy_p, sdx_b, sdx_t, sdx_h, sdx_p,
+              L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+              ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """du for one chunk and P-tile of (b, h); dx = dt du, and ddt[pb, b, t, h] = x . du over this
+    P-tile (ddt is (NPB, B, T, H) contiguous, ACC). Grid (NC * NPB, B * H)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    c = pid // NPB
+    pb = pid % NPB
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    g = h // (H // G)
+    t = c * L + tl.arange(0, L)
+    tm = t < T
+    p = pb * BP + tl.arange(0, BP)
+    pm = p < P
+    dtv, a, a_last = _chunk_decay(dt_ptr + b * sdt_b + h * sdt_h, A_ptr, h, t, tm, sdt_t, L, ACC)
+    i = tl.arange(0, L)
+    # rows j, columns i: CB[i, j] exp(a_i - a_j) for i >= j
+    cbT = tl.load(CB_ptr + ((b * G + g) * NC + c) * L * L + i[None, :] * L + i[:, None])
+    causal = i[None, :] >= i[:, None]
+    scoresT = (cbT * tl.exp(tl.where(causal, a[None, :] - a[:, None], float("-inf")))).to(DOT)
+    dY = _tile(dy_ptr + b * sdy_b + h * sdy_h, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
+    du = tl.dot(scoresT, dY, input_precision=PREC)
+    Bp = B_ptr + b * sB_b + g * sB_g
+    sp = dst_ptr + (bh.to(tl.int64) * NC + c) * N * P
+    inter = tl.zeros((L, BP), dtype=ACC)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        nm = n < N
+        Bc = _tile(Bp, t, n, tm, nm, sB_t, sB_n).to(DOT)
+        dS = _tile(sp, n, p, nm, pm, P, 1).to(DOT)
+        inter += tl.dot(Bc, dS, input_precision=PREC)
+    du += tl.exp(a_last - a)[:, None] * inter
+    X = _tile(x_ptr + b * sx_b + h * sx_h, t, p, tm, pm, sx_t, sx_p).to(ACC)
+    dxp = dx_ptr + b * sdx_b + h * sdx_h
+    tl.store(dxp + t[:, None] * sdx_t + p[None, :] * sdx_p, (du * dtv[:, None]).to(dx_ptr.dtype.element_ty),
+             mask=tm[:, None] & pm[None, :])
+    tl.store(ddt_ptr + ((pb * BATCH + b) * T + t) * H + h, tl.sum(X * du, axis=1), mask=tm)
+
+
+@triton.jit(do_not_specialize=["T"])
+def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_ptr, dC_ptr, dg_ptr,
+               T, H, G, N, P, NC, NNB, HS, BATCH,
+               sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n, sC_b, sC_t, sC_g, sC_n,
+               sdy_b, sdy_t, sdy_h, sdy_p,
+               L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """For one chunk, N-tile, (b, g) and head split: dB and dC over the split's heads, written to
+    dB / dC[hs, b, t, g, n] ((HS, B, T, G, N) contiguous, ACC), and per head the N-tile's part of
+    dg, written to dg[nb, b, t, h] ((NNB, B, T, H) contiguous, ACC). Grid (NC * NNB, B * G * HS)."""
+    pid = tl.program_id(0)
+    prog = tl.program_id(1)
+    c = pid // NNB
+    nb = pid % NNB
+    hs = prog % HS
+    bg = prog // HS
+    b = (bg // G).to(tl.int64)
+    g = bg % G
+    HPS = H // G // HS  # heads per split
+    t = c * L + tl.arange(0, L)
+    tm = t < T
+    n = nb * BN + tl.arange(0, BN)
+    nm = n < N
+    Cc = _tile(C_ptr + b * sC_b + g * sC_g, t, n, tm, nm, sC_t, sC_n)
+    Bc = _tile(B_ptr + b * sB_b + g * sB_g, t, n, tm, nm, sB_t, sB_n)
+    Cd, Bd = Cc.to(DOT), Bc.to(DOT)
+    cb = tl.dot(Cd, tl.trans(Bd), input_precision=PREC)  # this N-tile's part of C_i . B_j
+    i = tl.arange(0, L)
+    rows_ge_cols = i[:, None] >= i[None, :]
+    dC = tl.zeros((L, BN), dtype=ACC)
+    dB = tl.zeros((L, BN), dtype=ACC)
+    for k in range(HPS):
+        h = g * (H // G) + hs * HPS + k
+        dtv, a, a_last = _chunk_decay(dt_ptr + b * sdt_b + h * sdt_h, A_ptr, h, t, tm, sdt_t, L, ACC)
+        xp = x_ptr + b * sx_b + h * sx_h
+        dyp = dy_ptr + b * sdy_b + h * sdy_h
+        sp = st_ptr + ((b * H + h) * NC + c) * N * P
+        dsp = dst_ptr + ((b * H + h) * NC + c) * N * P
+        dyx = tl.zeros((L, L), dtype=ACC)  # dy_i . x_j
+        dyS = tl.zeros((L, BN), dtype=ACC)  # (S_c dy_i)_n
+        xdS = tl.zeros((L, BN), dtype=ACC)  # (dS_{c+1} x_j)_n
+        SdS = tl.zeros((BN,), dtype=ACC)  # sum_p S_c * dS_{c+1}
+        for p0 in range(0, P, BP):
+            p = p0 + tl.arange(0, BP)
+            pm = p < P
+            dY = _tile(dyp, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
+            X = _tile(xp, t, p, tm, pm, sx_t, sx_p).to(DOT)
+            S = _tile(sp, p, n, pm, nm, 1, P).to(ACC)  # (BP, BN): S_c^T
+            dS = _tile(dsp, p, n, pm, nm, 1, P).to(ACC)
+            dyx += tl.dot(dY, tl.trans(X), input_precision=PREC)
+            dyS += tl.dot(dY, S.to(DOT), input_precision=PREC)
+            xdS += tl.dot(X, dS.to(DOT), input_precision=PREC)
+            SdS += tl.sum(S * dS, axis=0)
+        Gm = dyx * _causal_decay(a, L) * dtv[None, :]  # d(loss)/d(C_i . B_j), j <= i
+        ea = tl.exp(a)
+        w_end = tl.exp(a_last - a) * dtv
+        dC += tl.dot(Gm.to(DOT), Bd, input_precision=PREC) + ea[:, None] * dyS
+        dB += tl.dot(tl.trans(Gm).to(DOT), Cd, input_precision=PREC) + w_end[:, None] * xdS
+        # dg_t: pairs j < t <= i inside the chunk; i >= t inside with j before; j < t inside with
+        # i after; both outside.
+        f = Gm * cb
+        before_t = tl.cumsum(f, axis=1) - f  # [i, t] = sum_{j < t} f[i, j]
+        inside = tl.sum(tl.where(rows_ge_cols, before_t, 0.0), axis=0)
+        readout = ea * tl.sum(Cd.to(ACC) * dyS, axis=1)
+        into = w_end * tl.sum(Bd.to(ACC) * xdS, axis=1)
+        dg = inside + tl.cumsum(readout, axis=0, reverse=True) + (tl.cumsum(into, axis=0) - into)
+        dg += tl.exp(a_last) * tl.sum(SdS, axis=0)
+        tl.store(dg_ptr + ((nb * BATCH + b) * T + t) * H + h, dg, mask=tm)
+    out = ((hs * BATCH + b) * T + t[:, None]) * G * N + g * N + n[None, :]
+    omask = tm[:, None] & nm[None, :]
+    tl.store(dB_ptr + out, dB, mask=omask)
+    tl.store(dC_ptr + out, dC, mask=omask)

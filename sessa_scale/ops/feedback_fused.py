@@ -1,0 +1,109 @@
+"""Fused path of the Triton feedback solve (head widths Dk <= 256, Dv <= 128): every product is
+a flash-attention-style kernel that recomputes P from q, k and the row statistics, so nothing of
+size T x T is ever written (``kernels/feedback.py``).
+
+Layouts as the op (``sessa_scale/ops/feedback_triton.py``): q, k (B, T, H, Dk) in the product
+dtype with head stride Dk and unit last stride, gamma (B, T, H) contiguous, f (B, T, H, Dv) with
+head stride Dv and unit last stride.  Work buffers (B, T, H, Dv) contiguous.  Memory per call:
+forward X (ACC) + S (product dtype) + W (B*H*T*L ACC, freed on return), backward Y (ACC) + Lam +
+W again (recomputed, not kept between the passes) + an ACC dk accumulator with ``fuse_dk``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels import feedback as K
+from sessa_scale.ops.feedback_leaves import (
+    LOG2E, acc_dtype, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
+)
+
+
+def _rows(x: torch.Tensor) -> tuple[int, int]:
+    """(batch stride, row stride) of a (B, T, H, D) tensor."""
+    return x.stride(0), x.stride(1)
+
+
+def _leaf(W, x, out, out2, a: int, cfg, rev: bool, S=None, f=None, delta=None) -> None:
+    """out (and out2, when not None, in its dtype) = N x over the leaf [a, a + L) with its inverse N
+    (rev: N^T x); with delta: also delta_t = out_t . (S_t - f_t) (the backward's lam)."""
+    B, T, H, Dv = x.shape
+    K.leaf_kernel[(cfg.L // cfg.BML, 1, B * H)](
+        W, x, out, out if out2 is None else out2, out if S is None else S, x if f is None else f,
+        W if delta is None else delta, T, H, Dv, *_rows(x), *_rows(x if f is None else f), W.shape[1], a, cfg.L,
+        BML=cfg.BML, BNL=cfg.BNL, BV=cfg.BV, REV=rev, COPY=out2 is not None, DELTA=delta is not None,
+        PREC=leaf_precision(out.dtype), **launch_options(cfg.LEAF_WARPS, 2))
+
+
+def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
+    """The solution buffer as the op's (B, T, H, Dv) output (it already is)."""
+    return S
+
+
+def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
+    """-> (S, lse) or (S, lse, S2): the solution S in q's (product) dtype, what the backward reads,
+    the row statistics lse (B*H, T) in base 2, and S2, the solution in s_dtype when that differs."""
+    B, T, H, Dk = q.shape
+    Dv = f.shape[-1]
+    acc, pdt, BH = acc_dtype(q, k, gamma, f), q.dtype, B * H
+    qk_scale = scale * LOG2E
+    lse = new_buffer((BH, T), acc, q.device)
+    K.lse_kernel[(triton.cdiv(T, cfg.FWD_BM), BH)](
+        q, k, lse, T, H, Dk, qk_scale, *_rows(q), *_rows(k),
+        BM=cfg.FWD_BM, BN=cfg.FWD_BN, BK=cfg.BK, PREC="ieee", **launch_options(cfg.FWD_WARPS, cfg.STAGES))
+    W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale)
+    X = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
+    X.copy_(f)
+    S = new_buffer((B, T, H, Dv), pdt, q.device)
+    S2 = None if s_dtype == pdt else new_buffer((B, T, H, Dv), s_dtype, q.device)
+    sx, L = _rows(X), cfg.L
+
+    def apply(l0, l1, e0, e1):
+        K.fwd_apply_kernel[(triton.cdiv(l1 - l0, cfg.FWD_BM), BH)](
+            q, k, gamma, lse, S, X, T, H, Dk, Dv, qk_scale, *_rows(q), *_rows(k), *_rows(gamma), *sx,
+            l0, l1, e0, e1, BM=cfg.FWD_BM, BN=cfg.FWD_BN, BK=cfg.BK, BV=cfg.BV, PREC="ieee",
+            **launch_options(cfg.FWD_WARPS, cfg.STAGES))
+
+    schedule(T, L, lambda a: _leaf(W, X, S, S2, a, cfg, False), apply, False, 0, triton.cdiv(T, L))
+    return (S, lse) if S2 is None else (S, lse, S2)
+
+
+def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
+    """-> dq, dk, dgamma, df in `dtypes` (df is lam, the solution of the transposed system)."""
+    B, T, H, Dk = q.shape
+    Dv = S.shape[-1]
+    acc, pdt, BH = lse.dtype, S.dtype, B * H
+    qk_scale = scale * LOG2E
+    tq, tk, tg, tf = dtypes
+    W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale)  # recomputed: cheaper than keeping it
+    Y = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
+    Y.copy_(ds)
+    Lam = new_buffer((B, T, H, Dv), pdt, q.device)
+    Lam2 = None if tf == pdt else new_buffer((B, T, H, Dv), tf, q.device)
+    delta = new_buffer((BH, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t), from each leaf product
+    dk_acc = torch.zeros((B, T, H, Dk), dtype=acc, device=q.device) if cfg.fuse_dk else None
+    sx, L = _rows(Y), cfg.L
+    bwd = dict(BK=cfg.BK, BV=cfg.BV, PREC="ieee", **launch_options(cfg.BWD_WARPS, cfg.STAGES))
+
+    def apply(l0, l1, e0, e1):
+        dk = Y if dk_acc is None else dk_acc
+        K.bwd_apply_kernel[(triton.cdiv(e1 - e0, cfg.BWD_BM), BH)](
+            q, k, gamma, lse, Lam, Y, S, delta, dk, T, H, Dk, Dv, qk_scale, *_rows(q), *_rows(k), *_rows(gamma),
+            *sx, *_rows(dk), e0, e1, l0, l1, BM=cfg.BWD_BM, BN=cfg.BWD_BN, DK=dk_acc is not None, **bwd)
+
+    schedule(T, L, lambda a: _leaf(W, Y, Lam, Lam2, a, cfg, True, S, f, delta), apply, True, 0, triton.cdiv(T, L))
+    del W, Y
+    dq = new_buffer(q.shape, tq, q.device)
+    dgamma = new_buffer(gamma.shape, tg, q.device)
+    K.dq_kernel[(triton.cdiv(T, cfg.DQ_BM), BH)](
+        q, k, gamma, lse, Lam, S, delta, dq, dgamma, T, H, Dk, Dv, qk_scale, scale, *_rows(q), *_rows(k),
+        *_rows(gamma), *sx, *_rows(dq), *_rows(dgamma), BM=cfg.DQ_BM, BN=cfg.DQ_BN, BK=cfg.BK, BV=cfg.BV,
+        PREC="ieee", **launch_options(cfg.DQ_WARPS, cfg.STAGES))
+    dk = new_buffer(k.shape, tk, q.device)
+    acc_in = dk if dk_acc is None else dk_acc
+    K.dk_kernel[(triton.cdiv(T, cfg.BWD_BM), BH)](
+        q, k, gamma, lse, Lam, S, delta, acc_in, dk, T, H, Dk, Dv, qk_scale, scale, *_rows(q), *_rows(k),
+        *_rows(gamma), *sx, *_rows(acc_in), *_rows(dk), L, BM=cfg.BWD_BM, BN=cfg.BWD_BN,
+        DIAG=dk_acc is not None, ACC_IN=dk_acc is not None, **bwd)
+    return dq, dk, dgamma, Lam if Lam2 is None else Lam2

@@ -1,0 +1,245 @@
+"""GEMM path of the Triton feedback solve (wide heads: Dk > 256 or Dv > 128, e.g. the paper's
+single 768-wide head): the products over Dk and over T go through cuBLAS (torch.bmm), the
+softmax parts through the memory-bound epilogues of ``kernels/feedback_gemm.py``.
+
+A block of rows is handled in three steps: logits q k^T of the block into an ACC scratch
+(cuBLAS, fp32 output for half inputs), an epilogue (lse, gamma*P, or dS and dgamma), and the
+product with S / Lam / k / q (cuBLAS).  Rows go in chunks that keep the scratch within
+``scratch_mib``.  Value-width buffers are head-major (B*H, T, Dv) so that every product is one
+batched GEMM; the op's (B, T, H, .) results are views of them (copies of q, k are made only for
+H > 1).  Memory per call: X or Y (ACC), S, Lam (product dtype), W (B*H*T*L ACC, freed after each
+pass), the scratch, and an ACC dk accumulator in the backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+
+from kernels import feedback_gemm as G
+from sessa_scale.ops import feedback_leaves
+from sessa_scale.ops.feedback_leaves import (
+    LOG2E, acc_dtype, fp32_matmul, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
+)
+
+_MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, D) -> (B*H, T, D): a view for one head, a copy otherwise."""
+    B, T, H, D = x.shape
+    return x[:, :, 0] if H == 1 else x.transpose(1, 2).reshape(B * H, T, D)
+
+
+def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
+    """A head-major (B*H, T, Dv) buffer as the op's (B, T, H, Dv) layout (a view)."""
+    B, T, H, Dv = shape
+    return S.view(B, H, T, Dv).transpose(1, 2)
+
+
+@functools.cache
+def _out_dtype_support(device: torch.device) -> tuple[bool, bool]:
+    """Whether torch.bmm writes half x half -> fp32 into a given buffer, and whether torch.baddbmm
+    accumulates half x half into an fp32 strided view (torch >= 2.8 on CUDA), probed once per device;
+    where not, products go through temporaries."""
+    a = torch.ones((2, 16, 16), dtype=torch.bfloat16, device=device)
+    full = torch.ones((2, 32, 16), device=device)
+    try:
+        torch.bmm(a, a, out_dtype=torch.float32, out=torch.empty((2, 16, 16), device=device))
+        into = True
+    except (RuntimeError, TypeError, NotImplementedError):
+        into = False
+    try:
+        view = full[:, 8:24]
+        torch.baddbmm(view, a, a, out_dtype=torch.float32, out=view)
+        accumulates = bool((view == 17).all() and (full[:, :8] == 1).all() and (full[:, 24:] == 1).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        accumulates = False
+    return into, accumulates
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a @ b (batched, out contiguous) in out's dtype: half operands accumulate in fp32, fp32
+    ones in full fp32."""
+    if a.dtype == out.dtype:
+        with fp32_matmul("ieee"):
+            torch.bmm(a, b, out=out)
+    elif _out_dtype_support(out.device)[0]:
+        torch.bmm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.copy_(torch.bmm(a, b, out_dtype=out.dtype))
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b (batched; out in ACC, possibly a strided view of a larger buffer)."""
+    if a.dtype == out.dtype:
+        with fp32_matmul("ieee"):
+            out.baddbmm_(a, b)
+    elif _out_dtype_support(out.device)[1]:
+        torch.baddbmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.add_(torch.bmm(a, b, out_dtype=out.dtype))
+
+
+class _Blocks:
+    """The pieces one call's blocks share: head-major q, k, the scratch, the epilogue launches."""
+
+    def __init__(self, q, k, gamma, lse, scale: float, cfg):
+        self.B, self.T, self.H, self.Dk = q.shape
+        self.BH, self.gamma, self.lse, self.cfg = self.B * self.H, gamma, lse, cfg
+        self.qh, self.kh = _heads_first(q), _heads_first(k)
+        self.acc, self.pdt, self.scale, self.qk_scale = lse.dtype, q.dtype, scale, scale * LOG2E
+        # bytes per scratch entry of an ACC buffer, and of a product-dtype one (0: it reuses the ACC one)
+        self.acc_bytes = torch.finfo(self.acc).bits // 8
+        self.extra_pdt_bytes = 0 if self.pdt == self.acc else torch.finfo(self.pdt).bits // 8
+        self.budget = max(_MIN_SCRATCH_BYTES, cfg.scratch_mib << 20)
+        self._scratch = None
+        self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
+
+    def lines_per_chunk(self, length: int, bytes_per_entry: int) -> int:
+        """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch."""
+        bm = self.cfg.EPI_BM
+        return max(bm, self.budget // (self.BH * length * bytes_per_entry) // bm * bm)
+
+    def block_side(self, bytes_per_entry: int) -> int:
+        """Side of the square blocks whose buffers of bytes_per_entry fit the scratch."""
+        bn = self.cfg.EPI_BN
+        return max(bn, math.isqrt(self.budget // (self.BH * bytes_per_entry)) // bn * bn)
+
+    def views(self, R: int, NC: int, *dtypes) -> list[torch.Tensor]:
+        """(B*H, R, NC) buffers of the given dtypes carved from one scratch, which grows to the
+        largest request (the budget, or past it only when a chunk of the smallest height does not
+        fit)."""
+        sizes = [self.BH * R * NC * torch.finfo(dt).bits // 8 for dt in dtypes]
+        need = sum(sizes) + 256 * len(sizes)
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.uint8, device=self.qh.device)
+        if feedback_leaves.POISON:  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
+            self._scratch[:need].fill_(255)
+        out, off = [], 0
+        for dt, size in zip(dtypes, sizes):
+            out.append(self._scratch[off:off + size].view(dt).view(self.BH, R, NC))
+            off += (size + 255) // 256 * 256
+        return out
+
+    def grid(self, R: int, NC: int) -> tuple[int, int, int]:
+        """One epilogue program per (EPI_BM, EPI_BN) tile of a (B*H, R, NC) block."""
+        return triton.cdiv(R, self.cfg.EPI_BM), triton.cdiv(NC, self.cfg.EPI_BN), self.BH
+
+    def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
+        """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0), in the scratch."""
+        R, NC = r1 - r0, e1 - e0
+        A, *P = self.views(R, NC, self.acc, *([] if self.pdt == self.acc else [self.pdt]))
+        P = P[0] if P else A
+        _gemm(self.qh[:, r0:r1], self.kh[:, e0:e1].transpose(1, 2), A)
+        G.probs_kernel[self.grid(R, NC)](
+            A, P, self.gamma, self.lse, self.T, self.H, r0, R, NC, self.gamma.stride(0), self.gamma.stride(1),
+            self.qk_scale, **self.epi)
+        return P
+
+    def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst, rev: bool) -> None:
+        """dst[l] += gamma*P[l, e] src[e] (forward) or dst[e] += (gamma*P[l, e])^T src[l] (rev), for
+        later rows l in [l0, l1) and earlier rows e in [e0, e1); src, dst head-major.  Chunks split
+        the rows the product writes (forward: l, rev: e), so each chunk's output is final."""
+        per_entry = self.acc_bytes + self.extra_pdt_bytes
+        if rev:
+            step = self.lines_per_chunk(l1 - l0, per_entry)
+            for c0 in range(e0, e1, step):
+                c1 = min(c0 + step, e1)
+                _accumulate(dst[:, c0:c1], self.probs(l0, l1, c0, c1).transpose(1, 2), src[:, l0:l1])
+        else:
+            step = self.lines_per_chunk(e1 - e0, per_entry)
+            for r0 in range(l0, l1, step):
+                r1 = min(r0 + step, l1)
+                _accumulate(dst[:, r0:r1], self.probs(r0, r1, e0, e1), src[:, e0:e1])
+
+
+def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
+    """outs[i][:, a:a+L] = N x[:, a:a+L] (rev: N^T x) with the leaf inverse N; one cuBLAS product."""
+    rows = min(L, x.shape[1] - a)
+    N = W[:, a:a + rows, :rows]
+    with fp32_matmul(leaf_precision(outs[0].dtype)):
+        prod = torch.bmm(N.transpose(1, 2) if rev else N, x[:, a:a + rows])
+    for out in outs:
+        out[:, a:a + rows] = prod
+
+
+def _lse(blocks: _Blocks) -> None:
+    """The row statistics, strip by strip of rows against every earlier key."""
+    T, BH, cfg = blocks.T, blocks.BH, blocks.cfg
+    step = blocks.lines_per_chunk(T, blocks.acc_bytes)
+    for r0 in range(0, T, step):
+        r1 = min(r0 + step, T)
+        R, NCB = r1 - r0, triton.cdiv(r1, cfg.EPI_BN)
+        (A,) = blocks.views(R, r1, blocks.acc)
+        _gemm(blocks.qh[:, r0:r1], blocks.kh[:, :r1].transpose(1, 2), A)
+        m, l = (new_buffer((BH, R, NCB), blocks.acc, A.device) for _ in range(2))
+        G.lse_partial_kernel[blocks.grid(R, r1)](A, m, l, r0, R, r1, NCB, blocks.qk_scale, **blocks.epi)
+        G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
+
+
+def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
+    """-> (S, lse) or (S, lse, S2) as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv)."""
+    B, T, H, Dk = q.shape
+    Dv = f.shape[-1]
+    acc, pdt = acc_dtype(q, k, gamma, f), q.dtype
+    lse = new_buffer((B * H, T), acc, q.device)
+    blocks = _Blocks(q, k, gamma, lse, scale, cfg)
+    _lse(blocks)
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)
+    X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
+    X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
+    S = new_buffer((B * H, T, Dv), pdt, q.device)
+    S2 = None if s_dtype == pdt else new_buffer((B * H, T, Dv), s_dtype, q.device)
+    outs = [S] if S2 is None else [S, S2]
+    schedule(T, cfg.L, lambda a: _leaf(W, X, outs, a, cfg.L, False),
+             lambda *blk: blocks.apply(*blk, S, X, False), False, 0, triton.cdiv(T, cfg.L))
+    return (S, lse) if S2 is None else (S, lse, S2)
+
+
+def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
+    """-> dq, dk, dgamma, df in `dtypes`, (B, T, H, .) views of head-major buffers."""
+    B, T, H, Dk = q.shape
+    Dv = S.shape[-1]
+    acc, pdt = lse.dtype, S.dtype
+    tq, tk, tg, tf = dtypes
+    blocks = _Blocks(q, k, gamma, lse, scale, cfg)
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)  # recomputed: cheaper than keeping it
+    Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
+    Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
+    Lam = new_buffer((B * H, T, Dv), pdt, q.device)
+    outs = [Lam] if tf == pdt else [Lam, new_buffer((B * H, T, Dv), tf, q.device)]
+    schedule(T, cfg.L, lambda a: _leaf(W, Y, outs, a, cfg.L, True),
+             lambda *blk: blocks.apply(*blk, Lam, Y, True), True, 0, triton.cdiv(T, cfg.L))
+    del W, Y
+    delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t)
+    G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
+        Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
+        BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
+    # dS over square causal blocks (rows r x keys c): dq, dk and dgamma accumulate in ACC across them
+    dq, dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
+    dg = torch.zeros((B * H, T), dtype=acc, device=q.device)
+    side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)
+    for r0 in range(0, T, side):
+        r1 = min(r0 + side, T)
+        for c0 in range(0, r1, side):
+            c1 = min(c0 + side, r1)
+            R, NC = r1 - r0, c1 - c0
+            NCB = triton.cdiv(NC, cfg.EPI_BN)
+            A, D, *dS = blocks.views(R, NC, acc, acc, *([] if pdt == acc else [pdt]))
+            dS = dS[0] if dS else A
+            _gemm(blocks.qh[:, r0:r1], blocks.kh[:, c0:c1].transpose(1, 2), A)
+            _gemm(Lam[:, r0:r1], S[:, c0:c1].transpose(1, 2), D)
+            dgp = new_buffer((B * H, R, NCB), acc, q.device)
+            G.ds_kernel[blocks.grid(R, NC)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, NCB,
+                                            gamma.stride(0), gamma.stride(1), blocks.qk_scale, scale, **blocks.epi)
+            G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, NCB, **blocks.epi)
+            _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
+            _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
+    shape = (B, T, H)
+    return (solution_view(dq.to(tq), (*shape, Dk)), solution_view(dk.to(tk), (*shape, Dk)),
+            dg.view(B, H, T).transpose(1, 2).to(tg), solution_view(outs[-1], (*shape, Dv)))
+

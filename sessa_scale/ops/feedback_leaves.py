@@ -1,0 +1,103 @@
+"""What both paths of the Triton feedback solve share: work buffers, launch options, the leaf
+inverses and the recursive schedule over leaves (see ``kernels/feedback.py`` for the kernels and
+``sessa_scale/ops/feedback_triton.py`` for the op)."""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+
+import torch
+import triton
+
+from kernels import feedback as K
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634  # the kernels work in base 2: P = 2^(scale*log2(e)*q.k - lse)
+# Tests set this: buffers the kernels must fill start as NaN, so unwritten tiles show.
+POISON = False
+
+
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    """An uninitialized work buffer (NaN-filled under POISON)."""
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def launch_options(num_warps: int, num_stages: int) -> dict:
+    return {} if INTERPRET else {"num_warps": num_warps, "num_stages": num_stages}
+
+
+def acc_dtype(*tensors) -> torch.dtype:
+    """The compute dtype ACC: float64 if any input is, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def leaf_precision(product_dtype: torch.dtype) -> str:
+    """Precision of the fp32 leaf products: TF32 when the inputs are half precision (their own
+    products are bf16/fp16), full fp32 otherwise."""
+    return "tf32" if product_dtype in (torch.float16, torch.bfloat16) else "ieee"
+
+
+@contextmanager
+def fp32_matmul(prec: str = "ieee"):
+    """torch fp32 matmuls in full fp32 (prec "ieee") or TF32 ("tf32"), whatever the caller's setting."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float) -> torch.Tensor:
+    """W (B*H, NL*L, L) in lse's dtype: per leaf of cfg.L rows the inverse N of (I - gamma*P_leaf),
+    lower triangular (rows past T padded with identity).  q, k (B, T, H, Dk) (head stride Dk,
+    unit last stride), gamma (B, T, H) contiguous, lse (B*H, T) in base 2."""
+    B, T, H, Dk = q.shape
+    C, L = cfg.C, cfg.L
+    NL = triton.cdiv(T, L)
+    W = new_buffer((B * H, NL * L, L), lse.dtype, q.device)
+    K.leaf_prep_kernel[(NL * L // C, B * H)](
+        q, k, gamma, lse, W, T, H, Dk, qk_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        gamma.stride(0), gamma.stride(1), NL * L, L, C=C, BK=cfg.BK_PREP, NK=triton.cdiv(Dk, cfg.BK_PREP),
+        LOG2C=int(math.log2(C)), PREC="ieee", **launch_options(cfg.LEAF_WARPS, 2))
+    _merge_leaf_inverses(W, L, C, leaf_precision(q.dtype))
+    return W
+
+
+def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int, prec: str) -> None:
+    """In place: W (B*H, NL*L, L) holds, per leaf, the blocks of A = gamma*P below the
+    diagonal, the inverses of the C x C diagonal blocks of (I - A) and zeros above; doubling
+    the block size h, N21 = N22 A21 N11 turns it into the full inverse of (I - A).
+    prec: "tf32" for half-precision inputs (as the leaf products), else "ieee"."""
+    Wl = W.view(-1, L, L)
+    base = Wl.storage_offset()
+    n = Wl.shape[0]
+    h = C
+    with fp32_matmul(prec):
+        while h < L:
+            size, stride = (n, L // (2 * h), h, h), (L * L, 2 * h * L + 2 * h, L, 1)
+            n11 = Wl.as_strided(size, stride, base)
+            a21 = Wl.as_strided(size, stride, base + h * L)
+            n22 = Wl.as_strided(size, stride, base + h * L + h)
+            a21.copy_(torch.matmul(n22, torch.matmul(a21, n11)))
+            h *= 2
+
+
+def schedule(T: int, L: int, leaf, apply, reverse: bool, a: int, n: int) -> None:
+    """Recursive solve over the n leaves [a, a + n * L): first half, apply(l0, l1, e0, e1) of the
+    block gamma*P[l0:l1, e0:e1] (later rows x earlier columns), second half; reverse (the
+    transposed system of the backward) runs the later half first.  A plain function, not a
+    self-referencing closure: such a cycle would keep the call's buffers (held by leaf and apply)
+    alive until Python's cyclic garbage collector ran."""
+    if n == 1:
+        leaf(a)
+        return
+    mid = a + (n // 2) * L
+    first, second = ((mid, n - n // 2), (a, n // 2)) if reverse else ((a, n // 2), (mid, n - n // 2))
+    schedule(T, L, leaf, apply, reverse, *first)
+    apply(mid, min(a + n * L, T), a, mid)
+    schedule(T, L, leaf, apply, reverse, *second)

@@ -1,0 +1,259 @@
+"""Triton SSD scan: autograd wrapper and launch schedule around the kernels in ``kernels/ssd.py``.
+
+``ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size)`` has the contract of
+``ssd_reference.ssd_chunked``: x (B, T, H, P), dt (B, T, H), A (H,), B and C (B, T, G, N),
+initial_state (B, H, N, P) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P) in
+ACC). Any strides; any T (the last chunk is masked). Selected by ``ssd_scan(..., impl="triton")``
+and by "auto" on CUDA.
+
+Schedule: forward = cb_kernel, states_fwd_kernel, out_fwd_kernel (3 launches); the backward
+recomputes the chunk states (states_fwd_kernel), then states_bwd_kernel, dx_kernel, dbc_kernel,
+and a few small torch reductions over the kernels' partial slices (deterministic, no atomics).
+Kept for the backward: the inputs and CB (B, G, T/L, L, L) in ACC (L floats per token and
+group); the chunk states (H N P / L floats per token) are recomputed, never kept.
+
+Numerics: decays, cumulative sums, states and accumulators in ACC (float32; float64 for float64
+inputs, the CPU interpreter tests); tl.dot operands in the inputs' half-precision dtype (bf16 or
+fp16: x's dtype) with fp32 accumulation, else in ACC ("tf32x3" for float32 on GPU, configurable;
+"ieee" in the interpreter). Chunk sizes above ``SSDConfig.max_chunk`` run as max_chunk (the
+result does not depend on the chunk size; the L x L tiles live in registers).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import ssd as K
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tests set this: buffers the kernels must fill start as NaN, so unwritten tiles show.
+POISON = False
+
+
+@dataclass(frozen=True)
+class SSDConfig:
+    """Tiles and launch options (each clamped to the problem; powers of two >= 16)."""
+
+    BN: int = 64  # N-tile of the C S_c / B dS contractions (out_fwd, dx) and of cb_kernel
+    BP: int = 64  # P-tile of out_fwd and dx (grid axis)
+    BN_STATE: int = 64  # state tile (N x P) of the sequential state kernels, halved (N first, to 16)
+    BP_STATE: int = 64  # ... while there are fewer than programs_per_sm programs per SM
+    BN_DBC: int = 32  # N-tile of dbc_kernel (grid axis; 64 spills registers at L = 64 on sm_90)
+    BP_DBC: int = 64  # P-tile looped over inside dbc_kernel
+    head_split: int = 0  # dbc_kernel: programs per group of heads (a divisor of H / G); 0 = the
+    # smallest giving programs_per_sm programs per SM
+    programs_per_sm: int = 2
+    max_chunk: int = 128
+    num_warps: int = 4  # cb, out_fwd, dx
+    num_warps_state: int = 4  # the sequential state kernels
+    num_warps_dbc: int = 8
+    num_stages: int = 2
+    prec_fp32: str = "tf32x3"  # tl.dot input precision for float32 inputs on GPU: tf32x3 | tf32 | ieee
+
+
+# Small tiles for the CPU interpreter: tests cover several N-, P- and state tiles and head splits.
+INTERPRET_CONFIG = SSDConfig(BN=16, BP=16, BN_STATE=16, BP_STATE=16, BN_DBC=16, BP_DBC=16, head_split=2)
+
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def config_from_env(base: SSDConfig) -> SSDConfig:
+    """SESSA_SSD_CFG="BN_DBC=32,num_warps_dbc=4,prec_fp32=ieee" overrides fields (tuning sweeps)."""
+    text = os.environ.get("SESSA_SSD_CFG", "")
+    if not text:
+        return base
+    types = {f.name: f.type for f in fields(SSDConfig)}
+    items = dict(item.split("=", 1) for item in text.split(","))
+    unknown = sorted(set(items) - set(types))
+    if unknown:
+        raise ValueError(f"SESSA_SSD_CFG: unknown fields {unknown}; choose from {sorted(types)}")
+    return replace(base, **{k: v if types[k] == "str" else int(v) for k, v in items.items()})
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _p2(n: int) -> int:
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one call's launches share: sizes, tiles, dtypes."""
+
+    batch: int
+    T: int
+    H: int
+    G: int
+    N: int
+    P: int
+    L: int
+    NC: int
+    BN: int
+    BP: int
+    BN_S: int
+    BP_S: int
+    BN_D: int
+    BP_D: int
+    HS: int
+    acc: torch.dtype
+    dot: torch.dtype
+    prec: str
+    cfg: SSDConfig
+
+    def kw(self, kind: str = "") -> dict:
+        if INTERPRET:
+            return {}
+        warps = {"state": self.cfg.num_warps_state, "dbc": self.cfg.num_warps_dbc}.get(kind, self.cfg.num_warps)
+        return {"num_warps": warps, "num_stages": self.cfg.num_stages}
+
+    def consts(self) -> dict:
+        return {"L": self.L, "ACC": _TL[self.acc], "DOT": _TL[self.dot], "PREC": self.prec}
+
+    def state_grid(self):
+        return (triton.cdiv(self.N, self.BN_S) * triton.cdiv(self.P, self.BP_S), self.batch * self.H)
+
+    def chunk_grid(self):
+        return (self.NC * triton.cdiv(self.P, self.BP), self.batch * self.H)
+
+
+def _plan(x, dt, B, C, chunk_size: int, cfg: SSDConfig) -> _Plan:
+    batch, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"the triton SSD scan needs a power-of-two chunk size; got {chunk_size}")
+    L = max(16, min(chunk_size, cfg.max_chunk))
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in (x, dt, B, C)) else torch.float32
+    dot = x.dtype if acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) else acc
+    prec = "ieee" if INTERPRET or acc == torch.float64 else cfg.prec_fp32 if dot == torch.float32 else "tf32"
+    target = 0 if INTERPRET or not x.is_cuda else _sm_count(x.device.index or 0) * cfg.programs_per_sm
+    bn_s, bp_s = min(cfg.BN_STATE, _p2(N)), min(cfg.BP_STATE, _p2(P))
+    while batch * H * triton.cdiv(N, bn_s) * triton.cdiv(P, bp_s) < target and max(bn_s, bp_s) > 16:
+        if bn_s >= bp_s:
+            bn_s //= 2
+        else:
+            bp_s //= 2
+    NC = triton.cdiv(T, L)
+    bn_d = min(cfg.BN_DBC, _p2(N))
+    per_group = H // G
+    divisors = [d for d in range(1, per_group + 1) if per_group % d == 0]
+    if cfg.head_split:
+        hs = max(d for d in divisors if d <= cfg.head_split)
+    else:
+        base = NC * triton.cdiv(N, bn_d) * batch * G
+        hs = next((d for d in divisors if base * d >= target), per_group)
+    return _Plan(batch, T, H, G, N, P, L, NC, min(cfg.BN, _p2(N)), min(cfg.BP, _p2(P)), bn_s, bp_s, bn_d,
+                 min(cfg.BP_DBC, _p2(P)), hs, acc, dot, prec, cfg)
+
+
+def _chunk_states(pl: _Plan, x, dt, A, B, init):
+    """states_fwd_kernel -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state (B, H, N, P) in ACC)."""
+    st = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
+    final = _new((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device)
+    K.states_fwd_kernel[pl.state_grid()](
+        x, dt, A, B, init if init is not None else final, st, final, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
+        triton.cdiv(pl.P, pl.BP_S), *x.stride(), *dt.stride(), *B.stride(),
+        HAS_INIT=init is not None, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
+    return st, final
+
+
+def _forward(pl: _Plan, x, dt, A, B, C, init):
+    """-> y (x's dtype, contiguous), final state (ACC), CB (B, G, NC, L, L) (ACC)."""
+    cb = _new((pl.batch, pl.G, pl.NC, pl.L, pl.L), pl.acc, x.device)
+    K.cb_kernel[(pl.NC, pl.batch * pl.G)](
+        C, B, cb, pl.T, pl.G, pl.N, pl.NC, *C.stride(), *B.stride(), BN=pl.BN, **pl.consts(), **pl.kw())
+    st, final = _chunk_states(pl, x, dt, A, B, init)
+    y = _new(x.shape, x.dtype, x.device)
+    K.out_fwd_kernel[pl.chunk_grid()](
+        x, dt, A, C, cb, st, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP),
+        *x.stride(), *dt.stride(), *C.stride(), *y.stride(), BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
+    return y, final, cb
+
+
+def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, cb):
+    """-> dx, ddt, dA, dB, dC, dinit (ACC except dx; dinit None without an initial state)."""
+    dev = x.device
+    st, _ = _chunk_states(pl, x, dt, A, B, init)
+    dst = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
+    dinit = _new((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
+    K.states_bwd_kernel[pl.state_grid()](
+        dy, dt, A, C, dfinal if dfinal is not None else dst, dst, dinit if dinit is not None else dst,
+        pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP_S), *dy.stride(), *dt.stride(), *C.stride(),
+        HAS_DFINAL=dfinal is not None, HAS_INIT=init is not None, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(),
+        **pl.kw("state"))
+    npb = triton.cdiv(pl.P, pl.BP)
+    dx = _new(x.shape, x.dtype, dev)
+    ddt_u = _new((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    K.dx_kernel[pl.chunk_grid()](
+        x, dt, A, B, cb, dst, dy, dx, ddt_u, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
+        *x.stride(), *dt.stride(), *B.stride(), *dy.stride(), *dx.stride(),
+        BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
+    nnb = triton.cdiv(pl.N, pl.BN_D)
+    dB = _new((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
+    dC = _new((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
+    dg = _new((nnb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    K.dbc_kernel[(pl.NC * nnb, pl.batch * pl.G * pl.HS)](
+        x, dt, A, B, C, st, dst, dy, dB, dC, dg, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, nnb, pl.HS, pl.batch,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
+        BN=pl.BN_D, BP=pl.BP_D, **pl.consts(), **pl.kw("dbc"))
+    dg = dg.sum(0)  # the gradient of the log decay g = dt A, (B, T, H)
+    ddt = ddt_u.sum(0) + dg * A.to(pl.acc)
+    dA = (dg * dt.to(pl.acc)).sum((0, 1))
+    return dx, ddt, dA, dB.sum(0), dC.sum(0), dinit
+
+
+class _TritonSSD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, init, chunk_size, cfg):
+        pl = _plan(x, dt, B, C, chunk_size, cfg)
+        A_c = A.contiguous()
+        init_c = None if init is None else init.contiguous()
+        y, final, cb = _forward(pl, x, dt, A_c, B, C, init_c)
+        ctx.save_for_backward(x, dt, A_c, B, C, init_c, cb)
+        ctx.plan = pl
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, init, cb = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
+        if dfinal is not None:
+            dfinal = dfinal.contiguous()
+        dx, ddt, dA, dB, dC, dinit = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, cb)
+        need = ctx.needs_input_grad
+        grads = (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                 None if dinit is None else dinit.to(init.dtype))
+        return (*(g if n else None for g, n in zip(grads, need)), None, None)
+
+
+@torch.compiler.disable  # torch.compile runs the model around it; the kernels launch as they are
+def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, config: SSDConfig | None = None):
+    """The SSD scan on the Triton kernels (module docstring). ``config`` overrides tiles and launch
+    options (default: SSDConfig with SESSA_SSD_CFG applied; INTERPRET_CONFIG in the interpreter)."""
+    if not (x.is_cuda or INTERPRET):
+        raise ValueError("the triton SSD scan runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+                         "use impl='chunked' or 'auto' here")
+    if config is None:
+        config = config_from_env(INTERPRET_CONFIG if INTERPRET else SSDConfig())
+    if x.is_cuda and any(t.dtype == torch.float64 for t in (x, dt, A, B, C)):
+        # float64 is for the CPU interpreter tests; on GPU the PyTorch chunked scan serves it.
+        from sessa_scale.ops.ssd_reference import ssd_chunked
+
+        return ssd_chunked(x, dt, A, B, C, initial_state, chunk_size)
+    return _TritonSSD.apply(x, dt, A, B, C, initial_state, int(chunk_size), config)
