@@ -1,5 +1,6 @@
 """`sessa-scale` / `python -m sessa_scale`: parse the command line and dispatch to a command
-module under sessa_scale/commands/. User errors print one paragraph and exit with status 2."""
+module under sessa_scale/commands/. User errors, and file-system faults (no space, read-only,
+permission) wherever they occur, print one paragraph and exit with status 2."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib
 import sys
 
 from sessa_scale.errors import UserError
+from sessa_scale.filesystem import cause_of, is_file_system_fault
 
 COMMANDS = ("train", "generate", "params", "config", "bench", "eval", "probe", "report", "prep", "export")
 
@@ -26,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"sessa-scale {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if not is_file_system_fault(exc):
+            raise
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"sessa-scale {args.command}: error: {where}{cause_of(exc)}.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sessa-scale {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from sessa_scale.config import Config, config_to_dict
 from sessa_scale.errors import UserError
+from sessa_scale.filesystem import cause_of, file_system_error
 
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets, matched against
@@ -103,8 +104,15 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise file_system_error(
+                self.path, "append to", cause_of(exc),
+                f"Training stopped at step {record['step']} without saving; the run's last checkpoint is intact: fix "
+                "the cause and run the same command again to resume from it.",
+            ) from None
         scalars = {k: v for k, v in record.items() if k != "step" and v is not None}
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])

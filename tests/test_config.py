@@ -258,3 +258,14 @@ def test_params_errors_exit_2(capsys, tmp_path):
     assert "unknown option --bogus" in capsys.readouterr().err
     assert main(["params", "model.d_model=big"]) == 2
     assert "command line: model.d_model: expected an integer, got 'big'" in capsys.readouterr().err
+
+
+def test_the_triton_solver_without_cuda_is_named_as_needing_cuda():
+    from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS
+
+    if "triton" in FEEDBACK_SOLVE_IMPLS:
+        pytest.skip("the Triton solver is available here (CUDA, or TRITON_INTERPRET=1)")
+    with pytest.raises(ConfigError, match=r"model\.solver: 'triton' needs CUDA .*use auto \(= chunked there\), chunked or dense"):
+        load_config(None, ["model.solver=triton"])
+    with pytest.raises(ConfigError, match=r"unknown feedback solver 'trition'"):
+        load_config(None, ["model.solver=trition"])

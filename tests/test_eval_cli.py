@@ -112,3 +112,26 @@ def test_user_errors_are_one_paragraph(argv, message, capsys, tmp_path, monkeypa
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("vocab", [257, 300])  # the model's size (silently wrong), larger (IndexError)
+def test_eval_data_with_another_tokenizer_is_refused_and_overwrites_nothing(run_dir, tmp_path, capsys, vocab):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(40):
+        (texts / f"{i}.txt").write_text(f"document {i}: " + "alpha beta gamma delta " * (i % 7 + 3))
+    other = tmp_path / "bpe"
+    argv = ["prep", str(texts), "--out", str(other), "--tokenizer", "bpe", "--bpe-vocab-size", str(vocab)]
+    assert main([*argv, "--seq-len", "64", "--val-fraction", "0.2", "--no-progress"]) == 0
+    main(["eval", str(run_dir), "--task", "ppl", "--context-lengths", "32", "--max-tokens", "200"])
+    saved = (run_dir / "eval" / "ppl.json").read_bytes()
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--task", "ppl", "--data", str(other), "--max-tokens", "200"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {other} is tokenized with" in err and "but the model was trained on byte" in err
+    assert "Traceback" not in err and (run_dir / "eval" / "ppl.json").read_bytes() == saved
+
+
+def test_report_to_an_unwritable_out_is_one_paragraph(run_dir, capsys):
+    assert main(["report", str(run_dir), "--out", "/proc/nope/report"]) == 2
+    assert "cannot create --out /proc/nope/report (in /proc): no such file or directory (ENOENT)" in capsys.readouterr().err

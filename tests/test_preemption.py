@@ -1,6 +1,6 @@
 """Preemption and crash safety without SLURM (tests/test_slurm.py covers the sbatch path): SIGTERM stops
 a run after the current step with a checkpoint and exit status 75, and running again resumes the exact
-loss sequence; a signal that reaches only one of two torchrun ranks stops both at the same step; a
+loss sequence; Ctrl-C does the same, and a second Ctrl-C aborts at once; a signal that reaches only one of two torchrun ranks stops both at the same step; a
 kill -9 in the middle of writing a checkpoint leaves `latest` on the previous one, which loads and
 resumes exactly."""
 
@@ -37,13 +37,16 @@ def _latest(run_dir: Path) -> str:
     return (run_dir / "checkpoints" / "latest").read_text().strip()
 
 
-def _start(launcher: list[str], run_dir: Path, *overrides: str) -> subprocess.Popen:
+def _start(launcher: list[str], run_dir: Path, *overrides: str, own_session: bool = False) -> subprocess.Popen:
+    """own_session: the run leads a process group of its own (with its DataLoader workers), which
+    os.killpg signals the way a terminal's Ctrl-C signals its foreground group."""
     return subprocess.Popen(
         [*launcher, "train", f"run.dir={run_dir}", *overrides],
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=own_session,
     )
 
 
@@ -103,6 +106,40 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_matches_an_uninterrupted_run
 
     assert main(["train", f"run.dir={run}", *SHORT_RUN, "train.max_steps=30"]) == 0  # resume=auto
     assert_same_losses(metrics(tmp_path / "straight"), metrics(run))
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_one_ctrl_c_checkpoints_after_the_step(tmp_path):
+    """Ctrl-C is SIGINT to the whole process group (DataLoader workers included): two abort at once
+    (status 130) with `latest` on the previous checkpoint; the same command resumes from it, and one
+    Ctrl-C then behaves like SIGTERM: the step finishes, a checkpoint is written, status 75."""
+    from sessa_scale.checkpoint import find_checkpoint
+
+    run = tmp_path / "run"
+    slow = ["model.d_model=128", "model.n_layers=2", "data.seq_len=64", "train.micro_batch_size=8"]  # steps of ~50 ms or more
+    args = [*SHORT_RUN, *slow, "checkpoint.interval=2", "train.max_steps=400", "logging.progress=false"]
+    python = [sys.executable, "-m", "sessa_scale"]
+    proc = _start(python, run, *args, own_session=True)
+    _wait_until(proc, lambda: len(metrics(run)) >= 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = _finish(proc)
+    assert proc.returncode == 130, out
+    latest = run / "checkpoints" / _latest(run)
+    assert "aborted by a second Ctrl-C without saving; the last complete checkpoint is" in out and str(latest) in out
+    assert "Traceback" not in out and find_checkpoint(run) == latest  # complete and loadable
+    logged = len(metrics(run))
+
+    proc = _start(python, run, *args, own_session=True)  # resumes from `latest`
+    _wait_until(proc, lambda: len(metrics(run)) > logged)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = _finish(proc)
+    assert proc.returncode == 75, out
+    step = len(metrics(run))
+    assert out.count("Ctrl-C: finishing the current step, then saving a checkpoint and stopping") == 1  # not the workers
+    assert f"stopped early: SIGINT received at step {step}/400" in out and "run the same command again" in out
+    assert _latest(run) == f"step_{step:08d}" and "Traceback" not in out
+    assert [r["step"] for r in metrics(run)] == list(range(1, step + 1))
 
 
 def _worker_pids(launcher_pid: int) -> dict[int, int]:

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saves with a `latest` pointer, keep-K pruning, resume resolution."""
+"""Checkpoints: atomic saves with a `latest` pointer, keep-K pruning, and finding the newest complete
+checkpoint of a run (scan.py)."""
 
 from sessa_scale.checkpoint.manager import CheckpointManager, find_checkpoint, read_meta
 from sessa_scale.checkpoint.rng import capture_rng_state, restore_rng_state

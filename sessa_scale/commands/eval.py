@@ -129,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, checkpoint = load_model(args.checkpoint, device)
-    header = {"task": args.task, "checkpoint": str(checkpoint), "step": read_meta(checkpoint)["step"], "arch": cfg.model.arch}
-    result = {**header, **_evaluate(args, model, cfg, torch.device(device))}
+    meta = read_meta(checkpoint)
+    header = {"task": args.task, "checkpoint": str(checkpoint), "step": meta["step"], "arch": cfg.model.arch}
+    result = {**header, **_evaluate(args, model, cfg, torch.device(device), meta.get("tokenizer"))}
     if not args.no_save:
         path = save_result(run_dir_of(checkpoint), args.name or args.task, result)
         print(f"sessa-scale eval: wrote {path}", file=sys.stderr)
@@ -163,9 +164,11 @@ def _lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, model, cfg, device) -> dict:
+def _evaluate(args: argparse.Namespace, model, cfg, device, model_tokenizer: dict | None) -> dict:
+    """The task's result. model_tokenizer: the tokenizer identity the checkpoint recorded (None for
+    checkpoints that predate it: then the run's data manifest says)."""
     from sessa_scale.evaluation.answers import exact_match
-    from sessa_scale.data.setup import load_corpus, tokenizer_for
+    from sessa_scale.data.setup import check_eval_data, load_corpus, run_tokenizer, tokenizer_for
 
     if args.task == "ppl":
         import dataclasses
@@ -177,6 +180,11 @@ def _evaluate(args: argparse.Namespace, model, cfg, device) -> dict:
         if min(lengths) < 1 or args.max_tokens < 1:
             raise UserError(f"--context-lengths must be >= 1 and --max-tokens >= 1, got {lengths} and {args.max_tokens}")
         data = dataclasses.replace(cfg.data, path=args.data, sources=None) if args.data else cfg.data
+        if args.data:
+            from sessa_scale.data.reader import load_manifest
+
+            model_tokenizer = model_tokenizer or run_tokenizer(cfg.data)
+            check_eval_data(args.data, load_manifest(args.data)["tokenizer"], model_tokenizer, cfg.model.vocab_size)
         corpus = load_corpus(data)
         rows = [
             loss_at_length(model, corpus.val, L, args.max_tokens, args.batch_size, lambda: autocast(cfg.train.precision, device))

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from sessa_scale.data_prep.prep import prepare
     from sessa_scale.errors import UserError
+    from sessa_scale.filesystem import writable_dir
 
     problems = []
     if args.seq_len < 1:
@@ -50,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         problems.append(f"--shard-mb must be > 0, got {args.shard_mb}")
     if problems:
         raise UserError("; ".join(problems))
+    parent = Path(args.out).absolute().parent  # the dataset is written next to --out, then renamed
+    writable_dir(parent, f"{parent}, the directory of --out {args.out}")
     start = time.perf_counter()
     m = prepare(
         args.inputs,

@@ -13,8 +13,10 @@ def register(subparsers) -> None:
         description="Train a model. With no CONFIG, trains the tiny Sessa model on the embedded corpus "
         "(the Python standard library, byte-level). Overrides are dotted keys, e.g. train.max_steps=30 "
         "run.name=exp1 train.resume=none. Run under torchrun / srun as `python -m sessa_scale train ...`. "
-        "SIGUSR1 or SIGTERM stops training after the current step with a checkpoint and exit status 75; "
-        "running the same command again resumes (train.resume=auto).",
+        "SIGUSR1, SIGTERM or Ctrl-C stops training after the current step with a checkpoint and exit status 75 "
+        "(a second Ctrl-C aborts at once, status 130); running the same command again resumes (train.resume=auto). "
+        "Exit status 2: a configuration, data or file-system problem (nothing of an existing run is changed); "
+        "3: NaN/inf losses beyond train.skip_nonfinite_steps.",
     )
     p.add_argument("args", nargs="*", metavar="CONFIG|key=value", help="an optional YAML config, then overrides")
     p.add_argument("--dry-run", action="store_true",
@@ -29,6 +31,10 @@ def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]
     return None, items
 
 
+def _format(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def run(args: argparse.Namespace) -> int:
     from sessa_scale.config import load_config
     from sessa_scale.distributed import is_rank0
@@ -40,22 +46,37 @@ def run(args: argparse.Namespace) -> int:
         return dry_run(cfg)
     from sessa_scale.training.trainer import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except KeyboardInterrupt:
+        from sessa_scale.checkpoint import CheckpointManager
+
+        latest = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep).latest()
+        kept = f"the last complete checkpoint is {latest}; run the same command again to resume from it" if latest else "no checkpoint was saved"
+        print(f"sessa-scale train: aborted by a second Ctrl-C without saving; {kept}", file=sys.stderr)
+        return 130
+    if not is_rank0():
+        return PREEMPTED_EXIT_CODE if summary["preempted"] else 0
+    end = f"step {summary['final_step']}/{cfg.train.max_steps}"
     if summary["preempted"]:
-        if is_rank0():
-            print(
-                f"stopped early: {summary['preempted']} at step {summary['final_step']}/{cfg.train.max_steps}; "
-                f"checkpoint {summary['checkpoint']}; run the same command again to resume",
-                file=sys.stderr,
-            )
-        return PREEMPTED_EXIT_CODE
-    if is_rank0():
         print(
-            f"done: step {summary['final_step']}/{cfg.train.max_steps}, loss {summary['first_loss']} -> "
-            f"{summary['last_loss']}, val_loss {summary['val_loss']}, {summary['wall_s']:.1f} s; "
-            f"checkpoint {summary['checkpoint']}",
+            f"stopped early: {summary['preempted']} at {end}; checkpoint {summary['checkpoint']}; "
+            "run the same command again to resume",
             file=sys.stderr,
         )
+        return PREEMPTED_EXIT_CODE
+    if summary["final_step"] == summary["start_step"]:
+        print(
+            f"already complete: the run is at {end} (checkpoint {summary['checkpoint']}); nothing to train. "
+            "Raise train.max_steps to continue it.",
+            file=sys.stderr,
+        )
+        return 0
+    print(
+        f"done: {end}, loss {_format(summary['first_loss'])} -> {_format(summary['last_loss'])}, "
+        f"val_loss {_format(summary['val_loss'])}, {summary['wall_s']:.1f} s; checkpoint {summary['checkpoint']}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -92,9 +92,10 @@ class TrainConfig:
     deterministic: bool = False  # deterministic GPU algorithms (torch.use_deterministic_algorithms, fixed cuBLAS workspace, no cuDNN autotuning) so that a resumed run repeats an uninterrupted one bitwise on GPUs too; costs some speed (CPU runs are deterministic either way)
     compile: bool = False  # torch.compile the model for training (in place through DeepSpeed's engine.compile: same state-dict keys and checkpoints as eager); the first step pays the compilation; evaluation runs eager; tested in one process (not with parallel.tensor > 1)
     eval_interval: int = 100  # evaluate validation loss every N steps (and at the end); 0 disables
-    eval_batches: int = 4  # micro-batches per evaluation
+    eval_batches: int = 4  # micro-batches per evaluation: val_loss is the mean over the first eval_batches x micro_batch_size x data-parallel ranks validation samples (a fixed subset, comparable across steps), while `sessa-scale eval --task ppl` scores the whole validation split
     profile_step: int = 0  # > 0: torch.profiler trace of that optimizer step (rank 0) -> RUN_DIR/profile/step_N.json (Chrome/Perfetto) and step_N.txt (ops by device time); 0: off
-    resume: str = "auto"  # "auto": latest checkpoint of run.dir if any; "none": fresh start; or a checkpoint path
+    resume: str = "auto"  # "auto": the newest complete checkpoint of run.dir (a fresh start only where run.dir holds no run); "none": fresh start, refused where run.dir holds a run; or a checkpoint / run path (refused when run.dir holds another run). Config changes on resume are printed and applied or refused (README, "Resume")
+    skip_nonfinite_steps: int = 0  # steps in a row whose loss or gradient norm is NaN/inf that are skipped (no update, logged with "skipped": true); one more stops training with exit status 3, leaving `latest` on the last good checkpoint
 
 
 @dataclass

@@ -173,6 +173,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.profile_step", t.profile_step >= 0, "must be >= 0 (0: no profile)"),
         ("train.eval_batches", t.eval_batches >= 1, "must be >= 1"),
         ("train.resume", bool(t.resume.strip()), "must be 'auto', 'none' or a checkpoint path"),
+        ("train.skip_nonfinite_steps", t.skip_nonfinite_steps >= 0, "must be >= 0 (0 stops at the first NaN/inf step)"),
         ("checkpoint.interval", cfg.checkpoint.interval >= 0, "must be >= 0 (0 saves only at the end)"),
         ("checkpoint.keep", cfg.checkpoint.keep >= 1, "must be >= 1"),
         ("zero.stage", cfg.zero.stage in ZERO_STAGES, "must be 0, 1, 2 or 3"),

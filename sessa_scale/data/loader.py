@@ -20,6 +20,7 @@ identity of the sources, which must not change under a resumed run). What holds 
 from __future__ import annotations
 
 import hashlib
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,6 +110,12 @@ class _RankMicroBatches(IterableDataset):
             k += workers
 
 
+def _ignore_interrupts(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and the
+    training process decides what it means (training/preemption.py); workers end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ShardStream:
     """Training batches for one data-parallel rank (the trainer calls `next_step()` once per
     optimizer step). num_workers = 0 reads in the calling process; > 0 uses that many DataLoader
@@ -148,6 +155,7 @@ class ShardStream:
             prefetch_factor=self.prefetch,
             pin_memory=self.pin_memory,
             multiprocessing_context="fork",
+            worker_init_fn=_ignore_interrupts,
         )
         return iter(loader)
 

@@ -74,6 +74,36 @@ def load_corpus(d: DataConfig) -> TokenCorpus:
     return TokenCorpus(val, tok["vocab_size"], tok["eos_id"], f"{location} (val, {val.numel():,} tokens, {tok['name']})")
 
 
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two tokenizer identities (manifest "tokenizer" entries) encode text the same way:
+    kind, name, vocabulary size, EOS id, and the tokenizer.json hash when both have one."""
+    keys = ["kind", "name", "vocab_size", "eos_id"] + (["sha256"] if a.get("sha256") and b.get("sha256") else [])
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def run_tokenizer(d: DataConfig) -> dict:
+    """The tokenizer identity of a run's data (byte-level for the embedded corpus, else its first
+    source's manifest entry), for runs whose checkpoints predate recording it."""
+    if not d.sources and not d.path:
+        return ByteTokenizer().identity()
+    return load_manifest(_first_location(d))["tokenizer"]
+
+
+def check_eval_data(location: str, data_tokenizer: dict, model_tokenizer: dict, vocab_size: int) -> None:
+    """A dataset scored by a trained model must be tokenized as the model's training data was (and
+    fit its vocabulary); raises a UserError naming both tokenizers otherwise."""
+    def show(tok: dict) -> str:
+        return f"{tok.get('name')} ({tok.get('kind')}, vocab {tok.get('vocab_size')}, eos {tok.get('eos_id')})"
+
+    if not same_tokenizer(data_tokenizer, model_tokenizer) or data_tokenizer["vocab_size"] > vocab_size:
+        raise UserError(
+            f"--data {location} is tokenized with {show(data_tokenizer)}, but the model was trained on "
+            f"{show(model_tokenizer)} (model.vocab_size={vocab_size}): its losses would be meaningless. Pass a dataset "
+            "prepared with the model's tokenizer (`sessa-scale prep ... --tokenizer` with the run's tokenizer.json), "
+            "or leave out --data to score the run's own validation data."
+        )
+
+
 def check_sources(cfg: Config, locations: list[str], manifests: list[dict]) -> None:
     """Every source must match data.seq_len, share one tokenizer, and fit model.vocab_size.
     All problems are reported in one UserError."""
@@ -91,9 +121,7 @@ def check_sources(cfg: Config, locations: list[str], manifests: list[dict]) -> N
                 f"{where}: its tokenizer ({tok['name']}) has {tok['vocab_size']} tokens, more than "
                 f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size >= {tok['vocab_size']}"
             )
-        if {k: tok.get(k) for k in ("kind", "name", "vocab_size", "eos_id")} != {
-            k: first.get(k) for k in ("kind", "name", "vocab_size", "eos_id")
-        }:
+        if not same_tokenizer(tok, first):
             problems.append(
                 f"{where} uses tokenizer {tok['name']} (vocab {tok['vocab_size']}, eos {tok['eos_id']}) but "
                 f"{locations[0]} uses {first['name']} (vocab {first['vocab_size']}, eos {first['eos_id']}); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,11 @@ def free_port() -> int:
 def init_distributed() -> None:
     """Initialize torch.distributed once. Without a launcher (no RANK/WORLD_SIZE in the
     environment) this becomes a one-process group on a free local port."""
+    # DeepSpeed's ZeRO-3 calls torch.distributed functions that torch deprecates, and torch warns on every call
+    # (two lines per training step); nothing a user of this project can act on.
+    warnings.filterwarnings(
+        "ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning
+    )
     if dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -73,22 +73,30 @@ def plot_loss_vs_tokens(runs: list[tuple[str, list[dict]]], path: str | Path) ->
     return _save(fig, path)
 
 
+# marker, line style and size per run, so that runs with equal accuracies stay visible on top of each other
+_RUN_STYLES = (("o", "-", 7), ("s", "--", 5.5), ("^", ":", 4.5), ("D", "-.", 3.5), ("v", (0, (1, 3)), 3))
+
+
 def plot_accuracy_vs_length(tasks: dict[str, list[tuple[str, dict]]], path: str | Path) -> Path:
-    """One panel per task: exact-match accuracy vs context length for each run, from eval results
-    with "by_length" (and the task's chance level, dotted, when known)."""
+    """One panel per task: exact-match accuracy vs the records' context length (characters of the
+    prompt, as the tasks measure it) for each run, from eval results with "by_length" (and the task's
+    chance level, dotted, when known). Each run has its own marker, line style and marker size, so
+    equal curves do not hide each other."""
     names = sorted(tasks)
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         chance = None
         for i, (label, r) in enumerate(tasks[name]):
             pts = r["by_length"]
-            ax.plot([p["length"] for p in pts], [p["accuracy"] for p in pts], "o-", color=f"C{i}", label=label)
+            marker, style, size = _RUN_STYLES[i % len(_RUN_STYLES)]
+            ax.plot([p["length"] for p in pts], [p["accuracy"] for p in pts], marker=marker, ls=style, ms=size,
+                    mfc="none" if i else None, color=f"C{i}", label=label)  # fmt: skip
             chance = r.get("chance", chance)
         if chance is not None:
             ax.axhline(chance, ls=":", color="gray", label=f"chance ({chance:.3g})")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("context length (tokens)")
+        ax.set_xlabel("context length (characters; = tokens for byte-level models)")
         ax.set_ylabel("exact-match accuracy")
         ax.set_title(name, fontsize=10)
         ax.grid(True, alpha=0.3)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sessa_scale.errors import UserError
 from sessa_scale.evaluation.results import load_results
+from sessa_scale.filesystem import writable_dir
 
 
 @dataclass
@@ -105,8 +106,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> dict:
     if len(set(names)) != len(names):  # same directory names under different parents: use the paths
         for r in runs:
             r.name = str(r.path)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out, f"--out {out}")
     rows = [_row(r) for r in runs]
     plots = []
     if any(r.metrics for r in runs):

@@ -149,7 +149,11 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
             bad("ssm_groups", f"{G} does not divide the {inner // P} SSD heads", "use a divisor of the head count, e.g. 1")
     choice("mlp", "Transformer MLP", list(MLP_KINDS))
     choice("ssm_scan", "SSD scan", ["auto", *SSD_IMPLS])
-    choice("solver", "feedback solver", ["auto", *FEEDBACK_SOLVE_IMPLS])
+    if cfg.solver == "triton" and "triton" not in FEEDBACK_SOLVE_IMPLS:  # registered only where it can run
+        bad("solver", "'triton' needs CUDA (a GPU, and the triton package that CUDA builds of torch bring)",
+            "without CUDA use auto (= chunked there), chunked or dense")  # fmt: skip
+    else:
+        choice("solver", "feedback solver", ["auto", *FEEDBACK_SOLVE_IMPLS])
     choice("attention", "attention backend", list(ATTENTION_BACKENDS))
     choice("init", "init mode", list(INIT_MODES))
     return problems

@@ -82,3 +82,21 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, max_steps) / cfg.lr)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, cfg: OptimConfig) -> None:
+    """After a checkpoint load: make this run's optim config the one in force. Loading restores the
+    saved param-group settings (lr, betas, eps, weight_decay) and the scheduler's base learning rates;
+    this sets them from `cfg` (the decay group is build_optimizer's first) and the current learning
+    rate to the new schedule's value at the restored step, so a changed optim.lr, schedule or AdamW
+    setting applies from the next step as if configured so from the start. A run resumed with its own
+    config gets back exactly the values it saved (same expressions as LambdaLR's)."""
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for i, (group, base, factor) in enumerate(zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas)):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["eps"] = cfg.eps
+        if i == 0:
+            group["weight_decay"] = cfg.weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

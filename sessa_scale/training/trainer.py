@@ -3,30 +3,33 @@ periodic evaluation, metrics, and checkpoints that resume bit-exactly."""
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
-from pathlib import Path
 
 import torch
 
-from sessa_scale.checkpoint import CheckpointManager, read_meta
+from sessa_scale.checkpoint import CheckpointManager
 from sessa_scale.checkpoint.universal import ensure_universal, needs_universal, saved_layout
 from sessa_scale.config import Config, config_to_dict, save_config
-from sessa_scale.config.schema import RUNTIME_MODEL_KEYS
 from sessa_scale.data.setup import build_training_data
 from sessa_scale.distributed import all_reduce_mean, device_for_rank, init_distributed, is_rank0, world_size
 from sessa_scale.distributed.groups import MegatronMPU, init_model_parallel, tensor_parallel_group
 from sessa_scale.distributed.tp_plan import universal_checkpoint_info
-from sessa_scale.errors import UserError
 from sessa_scale.metrics import MetricsLogger, Progress, peak_bf16_flops, peak_memory_gib, throughput
 from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
 from sessa_scale.training.compile import compile_for_training, eager_forward
-from sessa_scale.training.optimizer import build_optimizer, build_scheduler, restore_implementation
+from sessa_scale.training.nonfinite import NonFiniteSteps, skip_update_if_nonfinite
+from sessa_scale.training.optimizer import (
+    apply_hyperparameters,
+    build_optimizer,
+    build_scheduler,
+    restore_implementation,
+)
 from sessa_scale.training.precision import deepspeed_precision_config
 from sessa_scale.training.profiling import phase, profile_step
 from sessa_scale.training.preemption import PreemptionHandler
+from sessa_scale.training.resume import plan_resume
 from sessa_scale.training.zero_communication import zero_communication_config
 
 
@@ -72,23 +75,6 @@ def set_deterministic(enabled: bool) -> None:
 def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; inputs, targets: (B, T) int64 (vocab-parallel under TP)."""
     return model(inputs, targets)
-
-
-def _check_resumable(checkpoint: Path, cfg: Config) -> int:
-    meta = read_meta(checkpoint)
-    saved = meta["config"]["model"]
-    current = config_to_dict(cfg)["model"]
-    diffs = [
-        f"model.{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}"
-        for k in current
-        if k not in RUNTIME_MODEL_KEYS and saved.get(k) != current[k]
-    ]
-    if diffs:
-        raise UserError(
-            f"cannot resume from {checkpoint}: the model differs from the one it was trained with ({'; '.join(diffs)}). "
-            "Restore those keys, or start a fresh run with train.resume=none and a new run.name."
-        )
-    return meta["step"]
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float, tp_group) -> torch.Tensor:
@@ -158,12 +144,10 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     tp_group = tensor_parallel_group() if layout.tp > 1 else None
     seed_everything(cfg.run.seed)
     checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep)
-    resume_from = checkpoints.resolve_resume(cfg.train.resume)
+    resume_from = plan_resume(cfg, dp_size)  # says which checkpoint, why, and every config change
     universal = None
-    if resume_from is not None:
-        _check_resumable(resume_from, cfg)
-        if needs_universal(resume_from, layout.tp, dp_size, cfg.zero.stage):
-            universal = ensure_universal(resume_from)
+    if resume_from is not None and needs_universal(resume_from, layout.tp, dp_size, cfg.zero.stage):
+        universal = ensure_universal(resume_from)
 
     t = cfg.train
     data = build_training_data(cfg, dp_rank, dp_size, pin_memory=device.type == "cuda")
@@ -193,6 +177,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     if resume_from is not None:
         client = checkpoints.load(engine, resume_from, universal)
         restore_implementation(optimizer)  # fused on CUDA whatever the checkpoint was saved with
+        apply_hyperparameters(optimizer, scheduler, cfg.optim)  # this config's lr schedule and AdamW settings
         step, tokens = client["step"], client["tokens"]
         stream.load_state_dict(client["data"])
     if is_rank0():
@@ -213,7 +198,9 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     flops_per_token, peak = count_training_flops(cfg.model, cfg.data.seq_len), peak_bf16_flops(device)
     universal_info = universal_checkpoint_info(cfg.model)  # lets a later run resume on other TP/DP sizes
     first_loss = last_loss = val_loss = None
+    start_step = step
     last_saved = step if resume_from is not None else -1
+    nonfinite = NonFiniteSteps(t.skip_nonfinite_steps)
     interval = cfg.checkpoint.interval
 
     def save() -> None:
@@ -221,14 +208,15 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
         if not cfg.checkpoint.save:
             return
         client = {"step": step, "tokens": tokens, "data": stream.state_dict(), "universal_checkpoint_info": universal_info}
-        checkpoints.save(engine, step, client, {"config": config_to_dict(cfg), "parallel": {"tensor": layout.tp, "data": dp_size}})
+        layout_meta = {"tensor": layout.tp, "data": dp_size}
+        checkpoints.save(engine, step, client, {"config": config_to_dict(cfg), "parallel": layout_meta, "tokenizer": data.tokenizer})
         last_saved = step
 
     while step < t.max_steps:
         t0 = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         with profile_step(step + 1, t.profile_step, cfg.run_dir, is_rank0(), device):
-            loss_sum, grad_norm = None, None
+            loss_sum, grad_norm, dropped = None, None, None
             for inputs, targets in stream.next_step():  # no host sync until the step's end
                 with phase("forward"):
                     loss = lm_loss(engine, inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
@@ -238,6 +226,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
                 if engine.is_gradient_accumulation_boundary() and cfg.zero.stage == 0:
                     with phase("clip_gradients"):
                         grad_norm = clip_gradients(engine.module, cfg.optim.grad_clip, tp_group)  # averaged over DP
+                    dropped = skip_update_if_nonfinite(engine, grad_norm)  # NaN/inf gradients change nothing
                 with phase("optimizer_step"):
                     engine.step()
             grad_norm = float(grad_norm if grad_norm is not None else engine.get_global_grad_norm() or 0.0)
@@ -248,8 +237,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
         step += 1
         tokens += tokens_per_step
         last_loss = all_reduce_mean(micro_loss_mean, device)
-        if not math.isfinite(last_loss):
-            raise RuntimeError(f"loss became {last_loss} at step {step}; lower optim.lr or check the data")
+        verdict = nonfinite.check(step, last_loss, grad_norm, dropped, engine, scheduler)  # {} for a finite step
         first_loss = last_loss if first_loss is None else first_loss
         record = {
             "step": step,
@@ -260,11 +248,13 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
             "grad_norm": grad_norm,
             "step_time_s": step_time,
             "peak_mem_gib": peak_memory_gib(device),  # rank 0's
+            **verdict,
         }
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
             val_loss = record["val_loss"] = evaluate(engine, val_set, cfg, device)
             progress.write(f"step {step}: loss {last_loss:.4f}, val_loss {val_loss:.4f}")
         logger.log(record)
+        nonfinite.stop_if_needed(checkpoints)  # after too many NaN/inf steps: stop, `latest` untouched
         progress.update(step, last_loss, record["tokens_per_s"])
         if (interval and step % interval == 0) or step == t.max_steps:
             save()
@@ -277,6 +267,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     progress.close()
     logger.close()
     return {
+        "start_step": start_step,
         "final_step": step,
         "first_loss": first_loss,
         "last_loss": last_loss,
