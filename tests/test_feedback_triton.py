@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_interpreter_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERP_T = (1, 15, 16, 17, 63, 65, 130)
@@ -116,12 +116,8 @@ def _interp_expected(dtype_name: str) -> int:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_interpreter_against_dense(dtype):
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interp-worker", dtype],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    assert proc.stdout.count("ok ") == _interp_expected(dtype), proc.stdout
+    out = run_interpreter_worker(__file__, dtype)
+    assert out.count("ok ") == _interp_expected(dtype), out
 
 
 def test_poisoned_buffers_fill_work_buffers_with_nan_only_inside_the_context():

@@ -173,7 +173,7 @@ def test_gpu_cli_train_resume_is_bitwise_under_deterministic(tmp_path):
     resumed = {a: _cli_train(tmp_path / f"{a}-split", a, n, 0) for a, n in steps.items()}
     for arch, proc in resumed.items():
         out = _finish(proc)
-        assert f"resumed from" in out, out[-2000:]
+        assert "resumed from" in out, out[-2000:]
         a, b = _metrics(tmp_path / f"{arch}-straight"), _metrics(tmp_path / f"{arch}-split")
         assert [r["step"] for r in b] == list(range(1, steps[arch] + 1))
         assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b], arch

@@ -17,12 +17,12 @@ fla-core's simple GLA where fla does not flag its backward as wrong (Triton >= 3
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_interpreter_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 # (T, batch, H, G, P, N, chunk, initial state, loss on): P = 20 and N = 24 span two 16-wide tiles.
@@ -125,12 +125,8 @@ def _interp_worker(dtype_name: str) -> None:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_interpreter_against_the_recurrence(dtype):
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interp-worker", dtype],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    assert proc.stdout.count("ok ") == len(INTERP_CASES), proc.stdout
+    out = run_interpreter_worker(__file__, dtype)
+    assert out.count("ok ") == len(INTERP_CASES), out
 
 
 def test_dispatch_picks_triton_on_cuda_and_refuses_cpu_tensors_outside_the_interpreter():
