@@ -152,7 +152,7 @@ def format_report(rows: list[dict], args, argv: list[str], peak: float | None) -
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="sessa-scale bench models", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sessa_scale.bench.models", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="350m", help="trio size: configs/<arch>/<size>.yaml")
     ap.add_argument("--archs", default="transformer,sessa,mamba2")
     ap.add_argument("--seq-lens", default="2048,8192")
