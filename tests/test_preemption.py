@@ -95,9 +95,9 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_matches_an_uninterrupted_run
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the trainer restores the handlers
 
     run = tmp_path / "stopped"
-    proc = _start([sys.executable, "-m", "sessa_scale"], run, *SHORT_RUN, "train.max_steps=30")
+    proc = _start([sys.executable, "-m", "sessa_scale"], run, *SHORT_RUN, "train.max_steps=30", own_session=True)
     _wait_until(proc, lambda: len(metrics(run)) >= 3)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM's time limit or `timeout`: the DataLoader workers get it too
     out = _finish(proc)
     assert proc.returncode == 75, out
     step = len(metrics(run))

@@ -111,9 +111,12 @@ class _RankMicroBatches(IterableDataset):
 
 
 def _ignore_interrupts(_worker_id: int) -> None:
-    """DataLoader workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and the
-    training process decides what it means (training/preemption.py); workers end with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader workers ignore the stop signals (SIGINT, SIGTERM, SIGUSR1): a terminal's Ctrl-C reaches
+    the whole process group, and SLURM's time limit, `scancel` and `timeout` send SIGTERM to every process
+    of the job; the training process decides what they mean (training/preemption.py: finish the step,
+    checkpoint), and its workers end with it."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardStream:
