@@ -32,7 +32,8 @@ import triton.language as tl
 from kernels import ssd as K
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Tests set this: buffers the kernels must fill start as NaN, so unwritten tiles show.
+# Tests set this: buffers the kernels must fill (here and in ops/mamba2_fused.py) start as NaN, so
+# unwritten tiles show.
 POISON = False
 
 
@@ -76,7 +77,8 @@ def config_from_env(base: SSDConfig) -> SSDConfig:
     return replace(base, **{k: v if types[k] == "str" else int(v) for k, v in items.items()})
 
 
-def _new(shape, dtype, device) -> torch.Tensor:
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    """An uninitialized tensor for a kernel to fill (NaN-filled when POISON is set)."""
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -162,8 +164,8 @@ def _plan(x, dt, B, C, chunk_size: int, cfg: SSDConfig) -> _Plan:
 
 def _chunk_states(pl: _Plan, x, dt, A, B, init):
     """states_fwd_kernel -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state (B, H, N, P) in ACC)."""
-    st = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
-    final = _new((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device)
+    st = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
+    final = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device)
     K.states_fwd_kernel[pl.state_grid()](
         x, dt, A, B, init if init is not None else final, st, final, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
         triton.cdiv(pl.P, pl.BP_S), *x.stride(), *dt.stride(), *B.stride(),
@@ -173,11 +175,11 @@ def _chunk_states(pl: _Plan, x, dt, A, B, init):
 
 def _forward(pl: _Plan, x, dt, A, B, C, init):
     """-> y (x's dtype, contiguous), final state (ACC), CB (B, G, NC, L, L) (ACC)."""
-    cb = _new((pl.batch, pl.G, pl.NC, pl.L, pl.L), pl.acc, x.device)
+    cb = new_buffer((pl.batch, pl.G, pl.NC, pl.L, pl.L), pl.acc, x.device)
     K.cb_kernel[(pl.NC, pl.batch * pl.G)](
         C, B, cb, pl.T, pl.G, pl.N, pl.NC, *C.stride(), *B.stride(), BN=pl.BN, **pl.consts(), **pl.kw())
     st, final = _chunk_states(pl, x, dt, A, B, init)
-    y = _new(x.shape, x.dtype, x.device)
+    y = new_buffer(x.shape, x.dtype, x.device)
     K.out_fwd_kernel[pl.chunk_grid()](
         x, dt, A, C, cb, st, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP),
         *x.stride(), *dt.stride(), *C.stride(), *y.stride(), BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
@@ -188,24 +190,24 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, cb):
     """-> dx, ddt, dA, dB, dC, dinit (ACC except dx; dinit None without an initial state)."""
     dev = x.device
     st, _ = _chunk_states(pl, x, dt, A, B, init)
-    dst = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
-    dinit = _new((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
+    dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
+    dinit = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
     K.states_bwd_kernel[pl.state_grid()](
         dy, dt, A, C, dfinal if dfinal is not None else dst, dst, dinit if dinit is not None else dst,
         pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP_S), *dy.stride(), *dt.stride(), *C.stride(),
         HAS_DFINAL=dfinal is not None, HAS_INIT=init is not None, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(),
         **pl.kw("state"))
     npb = triton.cdiv(pl.P, pl.BP)
-    dx = _new(x.shape, x.dtype, dev)
-    ddt_u = _new((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    dx = new_buffer(x.shape, x.dtype, dev)
+    ddt_u = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
     K.dx_kernel[pl.chunk_grid()](
         x, dt, A, B, cb, dst, dy, dx, ddt_u, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *dy.stride(), *dx.stride(),
         BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
     nnb = triton.cdiv(pl.N, pl.BN_D)
-    dB = _new((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
-    dC = _new((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
-    dg = _new((nnb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    dB = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
+    dC = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
+    dg = new_buffer((nnb, pl.batch, pl.T, pl.H), pl.acc, dev)
     K.dbc_kernel[(pl.NC * nnb, pl.batch * pl.G * pl.HS)](
         x, dt, A, B, C, st, dst, dy, dB, dC, dg, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, nnb, pl.HS, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
