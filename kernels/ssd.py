@@ -231,12 +231,10 @@ def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, dx_ptr, ddt_
     pm = p < P
     dtv, a, a_last = _chunk_decay(dt_ptr + b * sdt_b + h * sdt_h, A_ptr, h, t, tm, sdt_t, L, ACC)
     i = tl.arange(0, L)
-    # rows j, columns i: CB[i, j] exp(a_i - a_j) for i >= j
-    cbT = tl.load(CB_ptr + ((b * G + g) * NC + c) * L * L + i[None, :] * L + i[:, None])
-    causal = i[None, :] >= i[:, None]
-    scoresT = (cbT * tl.exp(tl.where(causal, a[None, :] - a[:, None], float("-inf")))).to(DOT)
+    cb = tl.load(CB_ptr + ((b * G + g) * NC + c) * L * L + i[:, None] * L + i[None, :])
+    scores = (cb * _causal_decay(a, L)).to(DOT)  # [i, j] = (C_i . B_j) exp(a_i - a_j), j <= i
     dY = _tile(dy_ptr + b * sdy_b + h * sdy_h, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
-    du = tl.dot(scoresT, dY, input_precision=PREC)
+    du = tl.dot(tl.trans(scores), dY, input_precision=PREC)
     Bp = B_ptr + b * sB_b + g * sB_g
     sp = dst_ptr + (bh.to(tl.int64) * NC + c) * N * P
     inter = tl.zeros((L, BP), dtype=ACC)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call (about 3-4 minutes on an H200): the GPU tests of the Triton SSD scan, `bench ssd`
-# (the scan alone vs SDPA flash at T = 2k/8k/16k), and `bench models` for the Transformer and Mamba-2
-# 350m. Logs and Markdown tables land under $OUT; the exit status is 1 if any step failed.
+# One device call (about 3-4 minutes on an H200): the GPU tests of the Triton SSD scan and of the fused
+# Mamba-2 conv/norm kernels, `bench ssd` (the scan alone vs SDPA flash at T = 2k/8k/16k, and one block
+# of each model), and `bench models` for the Transformer and Mamba-2 350m. Logs and Markdown tables
+# land under $OUT; the exit status is 1 if any step failed.
 #   usage: bash kernels/ssd_gpu_check.sh [tests|bench|models|all]   (default all)
 # Carried wheels in .whl/ (e.g. fla-core, einops) are installed first when present (WHL=dir overrides).
 set -o pipefail
@@ -21,7 +22,7 @@ rc=0
 if [[ $MODE == tests || $MODE == all ]]; then
   # -rsP: skip reasons, and the error figures each passing test prints
   timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -m gpu -p no:cacheprovider -rsP --durations=10 \
-    tests/test_ssd_triton.py tests/test_ssd.py ${GPU_TEST_K:+-k "$GPU_TEST_K"} 2>&1 | tee "$OUT/ssd_gpu_tests.log" || rc=1
+    tests/test_ssd_triton.py tests/test_mamba2_fused.py tests/test_ssd.py ${GPU_TEST_K:+-k "$GPU_TEST_K"} 2>&1 | tee "$OUT/ssd_gpu_tests.log" || rc=1
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
   timeout ${BENCH_TIMEOUT:-120} python3 -m sessa_scale bench ssd --out "$OUT/ssd.md" 2>&1 | tee "$OUT/bench_ssd.log" || rc=1

@@ -212,10 +212,15 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, cb):
         x, dt, A, B, C, st, dst, dy, dB, dC, dg, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, nnb, pl.HS, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
         BN=pl.BN_D, BP=pl.BP_D, **pl.consts(), **pl.kw("dbc"))
-    dg = dg.sum(0)  # the gradient of the log decay g = dt A, (B, T, H)
-    ddt = ddt_u.sum(0) + dg * A.to(pl.acc)
+    dg = _sum0(dg)  # the gradient of the log decay g = dt A, (B, T, H)
+    ddt = _sum0(ddt_u) + dg * A.to(pl.acc)
     dA = (dg * dt.to(pl.acc)).sum((0, 1))
-    return dx, ddt, dA, dB.sum(0), dC.sum(0), dinit
+    return dx, ddt, dA, _sum0(dB), _sum0(dC), dinit
+
+
+def _sum0(parts: torch.Tensor) -> torch.Tensor:
+    """The sum of the kernels' partial results over dim 0 (a view when there is one part)."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
 class _TritonSSD(torch.autograd.Function):
