@@ -22,11 +22,12 @@ inputs' half-precision dtype, else ACC):
                      traffic of ACC for bf16) and the final state in ACC; a chunk's contribution is
                      one tl.dot
   out_fwd_kernel     y per (chunk, P-tile, b, h): the masked quadratic form from CB, plus C S_c
+                     (and the skip D[h] x when given: one pass over x instead of three)
   states_bwd_kernel  the adjoint recursion backwards over chunks: dS_c = exp(a_L) dS_{c+1} +
                      sum_i exp(a_i) C_i dy_i^T; writes dS_{c+1} (the gradient of the state
                      leaving chunk c) per chunk and the initial state's gradient
   dx_kernel          du_j = sum_{i >= j} (C_i . B_j) exp(a_i - a_j) dy_i + exp(a_L - a_j) dS_{c+1}^T B_j;
-                     dx = dt du, and x . du (dt's gradient through u = dt x)
+                     dx = dt du (+ D[h] dy), x . du (dt's gradient through u = dt x), x . dy (D's)
   dbc_kernel         per (chunk, N-tile, b, g, head split), looping over the split's heads:
                      dC, dB summed over the heads in registers, and dg, the gradient of the
                      per-step log decay g_t = dt_t A_h (dt's and A's gradients through the decay)
@@ -134,13 +135,13 @@ def states_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, init_ptr, st_ptr, final_ptr, 
 
 
 @triton.jit(do_not_specialize=["T"])
-def out_fwd_kernel(x_ptr, dt_ptr, A_ptr, C_ptr, CB_ptr, st_ptr, y_ptr, T, H, G, N, P, NC, NPB,
+def out_fwd_kernel(x_ptr, dt_ptr, A_ptr, C_ptr, CB_ptr, st_ptr, D_ptr, y_ptr, T, H, G, N, P, NC, NPB,
                    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sC_b, sC_t, sC_g, sC_n,
                    sy_b, sy_t, sy_h, sy_p,
-                   L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                   HAS_D: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """y for one chunk and P-tile of (b, h): the masked quadratic form plus exp(a) C S_c.
-    Grid (NC * NPB, B * H)."""
+    """y for one chunk and P-tile of (b, h): the masked quadratic form plus exp(a) C S_c, plus
+    D[h] x with HAS_D. Grid (NC * NPB, B * H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     c = pid // NPB
@@ -167,6 +168,8 @@ def out_fwd_kernel(x_ptr, dt_ptr, A_ptr, C_ptr, CB_ptr, st_ptr, y_ptr, T, H, G, 
         S = _tile(sp, n, p, nm, pm, P, 1).to(DOT)
         inter += tl.dot(Cc, S, input_precision=PREC)
     y += tl.exp(a)[:, None] * inter
+    if HAS_D:
+        y += tl.load(D_ptr + h).to(ACC) * X.to(ACC)
     yp = y_ptr + b * sy_b + h * sy_h
     tl.store(yp + t[:, None] * sy_t + p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty), mask=tm[:, None] & pm[None, :])
 
@@ -211,13 +214,15 @@ def states_bwd_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, dfinal_ptr, dst_ptr, dinit_p
 
 
 @triton.jit(do_not_specialize=["T"])
-def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, dx_ptr, ddt_ptr, T, H, G, N, P, NC, NPB, BATCH,
+def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, D_ptr, dx_ptr, ddt_ptr, dD_ptr,
+              T, H, G, N, P, NC, NPB, BATCH,
               sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n,
               sdy_b, sdy_t, sdy_h, sdy_p, sdx_b, sdx_t, sdx_h, sdx_p,
-              L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+              HAS_D: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """du for one chunk and P-tile of (b, h); dx = dt du, and ddt[pb, b, t, h] = x . du over this
-    P-tile (ddt is (NPB, B, T, H) contiguous, ACC). Grid (NC * NPB, B * H)."""
+    """du for one chunk and P-tile of (b, h); dx = dt du (+ D[h] dy), ddt[pb, b, t, h] = x . du over
+    this P-tile ((NPB, B, T, H) contiguous, ACC) and with HAS_D dD[b, c, pb, h] = sum x . dy over the
+    tile ((B, NC, NPB, H) contiguous, ACC). Grid (NC * NPB, B * H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     c = pid // NPB
@@ -246,9 +251,13 @@ def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, dx_ptr, ddt_
         inter += tl.dot(Bc, dS, input_precision=PREC)
     du += tl.exp(a_last - a)[:, None] * inter
     X = _tile(x_ptr + b * sx_b + h * sx_h, t, p, tm, pm, sx_t, sx_p).to(ACC)
+    dx = du * dtv[:, None]
+    if HAS_D:
+        dYa = dY.to(ACC)
+        dx += tl.load(D_ptr + h).to(ACC) * dYa
+        tl.store(dD_ptr + ((b * NC + c) * NPB + pb) * H + h, tl.sum(tl.sum(X * dYa, axis=1), axis=0))
     dxp = dx_ptr + b * sdx_b + h * sdx_h
-    tl.store(dxp + t[:, None] * sdx_t + p[None, :] * sdx_p, (du * dtv[:, None]).to(dx_ptr.dtype.element_ty),
-             mask=tm[:, None] & pm[None, :])
+    tl.store(dxp + t[:, None] * sdx_t + p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty), mask=tm[:, None] & pm[None, :])
     tl.store(ddt_ptr + ((pb * BATCH + b) * T + t) * H + h, tl.sum(X * du, axis=1), mask=tm)
 
 

@@ -132,9 +132,8 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log)
         y, state = ssd_scan(
             x, dt, A, B, C, initial_state=initial_state, chunk_size=self.chunk_size,
-            impl="sequential" if T == 1 else self.scan,
+            impl="sequential" if T == 1 else self.scan, D=self.D,
         )
-        y = y + x * self.D[:, None].to(x.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z)), state
 
     def causal_convs(self, conv_in: dict) -> dict:

@@ -1,9 +1,9 @@
 """Triton SSD scan: autograd wrapper and launch schedule around the kernels in ``kernels/ssd.py``.
 
-``ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size)`` has the contract of
+``ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size, D=None)`` has the contract of
 ``ssd_reference.ssd_chunked``: x (B, T, H, P), dt (B, T, H), A (H,), B and C (B, T, G, N),
 initial_state (B, H, N, P) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P) in
-ACC). Any strides; any T (the last chunk is masked). Selected by ``ssd_scan(..., impl="triton")``
+ACC), plus y += D[h] x when D (H,) is given (fused into the output and dx kernels). Any strides; any T (the last chunk is masked). Selected by ``ssd_scan(..., impl="triton")``
 and by "auto" on CUDA.
 
 Schedule: forward = cb_kernel, states_fwd_kernel, out_fwd_kernel (3 launches); the backward
@@ -173,21 +173,22 @@ def _chunk_states(pl: _Plan, x, dt, A, B, init):
     return st, final
 
 
-def _forward(pl: _Plan, x, dt, A, B, C, init):
-    """-> y (x's dtype, contiguous), final state (ACC), CB (B, G, NC, L, L) (ACC)."""
+def _forward(pl: _Plan, x, dt, A, B, C, init, D):
+    """-> y (x's dtype, contiguous; with D's skip when D is given), final state (ACC), CB (B, G, NC, L, L) (ACC)."""
     cb = new_buffer((pl.batch, pl.G, pl.NC, pl.L, pl.L), pl.acc, x.device)
     K.cb_kernel[(pl.NC, pl.batch * pl.G)](
         C, B, cb, pl.T, pl.G, pl.N, pl.NC, *C.stride(), *B.stride(), BN=pl.BN, **pl.consts(), **pl.kw())
     st, final = _chunk_states(pl, x, dt, A, B, init)
     y = new_buffer(x.shape, x.dtype, x.device)
     K.out_fwd_kernel[pl.chunk_grid()](
-        x, dt, A, C, cb, st, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP),
-        *x.stride(), *dt.stride(), *C.stride(), *y.stride(), BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
+        x, dt, A, C, cb, st, D if D is not None else A, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
+        triton.cdiv(pl.P, pl.BP), *x.stride(), *dt.stride(), *C.stride(), *y.stride(),
+        HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
     return y, final, cb
 
 
-def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, cb):
-    """-> dx, ddt, dA, dB, dC, dinit (ACC except dx; dinit None without an initial state)."""
+def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb):
+    """-> dx, ddt, dA, dB, dC, dinit, dD (ACC except dx; dinit / dD None without an initial state / D)."""
     dev = x.device
     st, _ = _chunk_states(pl, x, dt, A, B, init)
     dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
@@ -200,10 +201,12 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, cb):
     npb = triton.cdiv(pl.P, pl.BP)
     dx = new_buffer(x.shape, x.dtype, dev)
     ddt_u = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    dD = new_buffer((pl.batch, pl.NC, npb, pl.H), pl.acc, dev) if D is not None else None
     K.dx_kernel[pl.chunk_grid()](
-        x, dt, A, B, cb, dst, dy, dx, ddt_u, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
+        x, dt, A, B, cb, dst, dy, D if D is not None else A, dx, ddt_u, dD if D is not None else ddt_u,
+        pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *dy.stride(), *dx.stride(),
-        BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
+        HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
     nnb = triton.cdiv(pl.N, pl.BN_D)
     dB = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
     dC = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
@@ -215,7 +218,7 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, cb):
     dg = _sum0(dg)  # the gradient of the log decay g = dt A, (B, T, H)
     ddt = _sum0(ddt_u) + dg * A.to(pl.acc)
     dA = (dg * dt.to(pl.acc)).sum((0, 1))
-    return dx, ddt, dA, _sum0(dB), _sum0(dC), dinit
+    return dx, ddt, dA, _sum0(dB), _sum0(dC), dinit, None if dD is None else dD.sum((0, 1, 2))
 
 
 def _sum0(parts: torch.Tensor) -> torch.Tensor:
@@ -225,34 +228,37 @@ def _sum0(parts: torch.Tensor) -> torch.Tensor:
 
 class _TritonSSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, init, chunk_size, cfg):
+    def forward(ctx, x, dt, A, B, C, init, D, chunk_size, cfg):
         pl = _plan(x, dt, B, C, chunk_size, cfg)
         A_c = A.contiguous()
         init_c = None if init is None else init.contiguous()
-        y, final, cb = _forward(pl, x, dt, A_c, B, C, init_c)
-        ctx.save_for_backward(x, dt, A_c, B, C, init_c, cb)
+        D_c = None if D is None else D.contiguous()
+        y, final, cb = _forward(pl, x, dt, A_c, B, C, init_c, D_c)
+        ctx.save_for_backward(x, dt, A_c, B, C, init_c, D_c, cb)
         ctx.plan = pl
         ctx.set_materialize_grads(False)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, init, cb = ctx.saved_tensors
+        x, dt, A, B, C, init, D, cb = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(x)
         if dfinal is not None:
             dfinal = dfinal.contiguous()
-        dx, ddt, dA, dB, dC, dinit = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, cb)
+        dx, ddt, dA, dB, dC, dinit, dD = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, D, cb)
         need = ctx.needs_input_grad
         grads = (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                 None if dinit is None else dinit.to(init.dtype))
+                 None if dinit is None else dinit.to(init.dtype), None if dD is None else dD.to(D.dtype))
         return (*(g if n else None for g, n in zip(grads, need)), None, None)
 
 
 @torch.compiler.disable  # torch.compile runs the model around it; the kernels launch as they are
-def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, config: SSDConfig | None = None):
-    """The SSD scan on the Triton kernels (module docstring). ``config`` overrides tiles and launch
-    options (default: SSDConfig with SESSA_SSD_CFG applied; INTERPRET_CONFIG in the interpreter)."""
+def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, config: SSDConfig | None = None,
+                    D=None):
+    """The SSD scan on the Triton kernels (module docstring), plus the skip D[h] x when D (H,) is
+    given. ``config`` overrides tiles and launch options (default: SSDConfig with SESSA_SSD_CFG
+    applied; INTERPRET_CONFIG in the interpreter)."""
     if not (x.is_cuda or INTERPRET):
         raise ValueError("the triton SSD scan runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
                          "use impl='chunked' or 'auto' here")
@@ -260,7 +266,7 @@ def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, co
         config = config_from_env(INTERPRET_CONFIG if INTERPRET else SSDConfig())
     if x.is_cuda and any(t.dtype == torch.float64 for t in (x, dt, A, B, C)):
         # float64 is for the CPU interpreter tests; on GPU the PyTorch chunked scan serves it.
-        from sessa_scale.ops.ssd_reference import ssd_chunked
+        from sessa_scale.ops.ssd import ssd_scan
 
-        return ssd_chunked(x, dt, A, B, C, initial_state, chunk_size)
-    return _TritonSSD.apply(x, dt, A, B, C, initial_state, int(chunk_size), config)
+        return ssd_scan(x, dt, A, B, C, initial_state=initial_state, chunk_size=chunk_size, impl="chunked", D=D)
+    return _TritonSSD.apply(x, dt, A, B, C, initial_state, D, int(chunk_size), config)
