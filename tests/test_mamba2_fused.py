@@ -12,12 +12,12 @@ GPU (``-m gpu``): the same comparisons in float32 and under bf16 autocast at the
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interpreter import run_interpreter_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERP_T = (1, 17, 63, 65, 130)
@@ -134,12 +134,8 @@ def _interp_worker() -> None:
 
 def test_interpreter_against_the_torch_paths():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interp-worker"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    assert proc.stdout.count("ok ") == len(INTERP_T) + 1, proc.stdout
+    out = run_interpreter_worker(__file__)
+    assert out.count("ok ") == len(INTERP_T) + 1, out
 
 
 def test_kernels_knob_is_validated_and_torch_off_cuda():

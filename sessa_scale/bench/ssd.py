@@ -7,7 +7,7 @@ configs/transformer/<size>.yaml (its heads and head width, causal). B = batch_to
 inputs in --dtype (x, B, C; dt and A in float32, as the model's softplus and A_log make them).
 Implementations (--impls):
 
-* triton: ours (kernels/ssd.py); "triton@128" runs it with chunk 128 instead of the config's.
+* triton: ours (kernels/ssd.py); "triton@32" runs it with chunk 32 instead of the config's.
 * chunked: the PyTorch chunked scan (recomputed in backward), what `auto` ran on Hopper before.
 * fla: fla-core's chunk_simple_gla, where installed and not flagged as wrong on this GPU.
 * sdpa_flash: causal SDPA, flash backend, the Transformer's heads.
@@ -163,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="350m", help="shapes from configs/{mamba2,transformer}/<size>.yaml")
     ap.add_argument("--seq-lens", default="2048,8192,16384")
     ap.add_argument("--batch-tokens", type=int, default=16384, help="B = max(1, this // T)")
-    ap.add_argument("--impls", default="sdpa_flash,triton,triton@128,chunked,fla,conv,mamba2_block,transformer_block",
+    ap.add_argument("--impls", default="sdpa_flash,triton,chunked,fla,conv,mamba2_block,transformer_block",
                     help="comma-separated: triton[@CHUNK], chunked, fla, sdpa_flash, conv, mamba2_block,"
                          " transformer_block (ratios are vs the first)")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    ap.add_argument("--rep", type=int, default=200, help="milliseconds of timed calls per point (do_bench)")
+    ap.add_argument("--rep", type=int, default=100, help="milliseconds of timed calls per point (do_bench)")
     ap.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

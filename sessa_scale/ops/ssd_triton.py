@@ -6,8 +6,8 @@ initial_state (B, H, N, P) or None -> (y (B, T, H, P) in x's dtype, final state 
 ACC), plus y += D[h] x when D (H,) is given (fused into the output and dx kernels). Any strides; any T (the last chunk is masked). Selected by ``ssd_scan(..., impl="triton")``
 and by "auto" on CUDA.
 
-Schedule: forward = cb_kernel, states_fwd_kernel, out_fwd_kernel (3 launches); the backward
-recomputes the chunk states (states_fwd_kernel), then states_bwd_kernel, dx_kernel, dbc_kernel,
+Schedule: forward = cb_kernel, state_scan_kernel, out_fwd_kernel (3 launches); the backward
+recomputes the chunk states (state_scan_kernel), then state_scan_kernel backwards, dx_kernel, dbc_kernel,
 and a few small torch reductions over the kernels' partial slices (deterministic, no atomics).
 Kept for the backward: the inputs and CB (B, G, T/L, L, L) in ACC (L floats per token and
 group); the chunk states (H N P / L floats per token) are recomputed, never kept.
@@ -15,7 +15,7 @@ group); the chunk states (H N P / L floats per token) are recomputed, never kept
 Numerics: decays, cumulative sums, states and accumulators in ACC (float32; float64 for float64
 inputs, the CPU interpreter tests); tl.dot operands in the inputs' half-precision dtype (bf16 or
 fp16: x's dtype) with fp32 accumulation, else in ACC ("tf32x3" for float32 on GPU, configurable;
-"ieee" in the interpreter). Chunk sizes above ``SSDConfig.max_chunk`` run as max_chunk (the
+"ieee" in the interpreter). Chunk sizes above ``SSDConfig.max_chunk`` (64) run as max_chunk (the
 result does not depend on the chunk size; the L x L tiles live in registers).
 """
 
@@ -50,7 +50,7 @@ class SSDConfig:
     head_split: int = 0  # dbc_kernel: programs per group of heads (a divisor of H / G); 0 = the
     # smallest giving programs_per_sm programs per SM
     programs_per_sm: int = 2
-    max_chunk: int = 128
+    max_chunk: int = 64  # longer chunks run as this (128: the dB/dC kernel's L x L tiles spill even at 16 warps)
     num_warps: int = 4  # cb, out_fwd, dx
     num_warps_state: int = 4  # the sequential state kernels
     num_warps_dbc: int = 8
@@ -163,13 +163,13 @@ def _plan(x, dt, B, C, chunk_size: int, cfg: SSDConfig) -> _Plan:
 
 
 def _chunk_states(pl: _Plan, x, dt, A, B, init):
-    """states_fwd_kernel -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state (B, H, N, P) in ACC)."""
+    """state_scan_kernel forwards -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state (B, H, N, P) in ACC)."""
     st = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
     final = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device)
-    K.states_fwd_kernel[pl.state_grid()](
+    K.state_scan_kernel[pl.state_grid()](
         x, dt, A, B, init if init is not None else final, st, final, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
-        triton.cdiv(pl.P, pl.BP_S), *x.stride(), *dt.stride(), *B.stride(),
-        HAS_INIT=init is not None, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
+        triton.cdiv(pl.P, pl.BP_S), *x.stride(), *dt.stride(), *B.stride(), REVERSE=False,
+        HAS_START=init is not None, WRITE_END=True, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
     return st, final
 
 
@@ -193,11 +193,11 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb):
     st, _ = _chunk_states(pl, x, dt, A, B, init)
     dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
     dinit = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
-    K.states_bwd_kernel[pl.state_grid()](
+    K.state_scan_kernel[pl.state_grid()](
         dy, dt, A, C, dfinal if dfinal is not None else dst, dst, dinit if dinit is not None else dst,
         pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP_S), *dy.stride(), *dt.stride(), *C.stride(),
-        HAS_DFINAL=dfinal is not None, HAS_INIT=init is not None, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(),
-        **pl.kw("state"))
+        REVERSE=True, HAS_START=dfinal is not None, WRITE_END=init is not None, BN=pl.BN_S, BP=pl.BP_S,
+        **pl.consts(), **pl.kw("state"))
     npb = triton.cdiv(pl.P, pl.BP)
     dx = new_buffer(x.shape, x.dtype, dev)
     ddt_u = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
