@@ -18,14 +18,13 @@ Kernels (ACC = float32, or float64 for float64 inputs; DOT = the operand dtype o
 inputs' half-precision dtype, else ACC):
   cb_kernel          CB[b, g, c] = C_c B_c^T (L x L, ACC), once per group, reused by every head
   state_scan_kernel  sequential over chunks per (b, h, N-tile, P-tile), the state in ACC in
-                     registers: forward, writes S_c in DOT for every chunk (what the products read;
-                     half the traffic of ACC for bf16) and the final state in ACC; a chunk's
-                     contribution is one tl.dot
+                     registers, a chunk's contribution one tl.dot. Forward: writes S_c in DOT for
+                     every chunk (what the products read; half the traffic of ACC for bf16) and the
+                     final state in ACC. Backward: the adjoint recursion over chunks last to first,
+                     dS_c = exp(a_L) dS_{c+1} + sum_i exp(a_i) C_i dy_i^T; writes dS_{c+1} (the
+                     gradient of the state leaving chunk c) per chunk and the initial state's gradient
   out_fwd_kernel     y per (chunk, P-tile, b, h): the masked quadratic form from CB, plus C S_c
                      (and the skip D[h] x when given: one pass over x instead of three)
-                     backward, the adjoint recursion over chunks last to first: dS_c = exp(a_L)
-                     dS_{c+1} + sum_i exp(a_i) C_i dy_i^T; writes dS_{c+1} (the gradient of the
-                     state leaving chunk c) per chunk and the initial state's gradient
   dx_kernel          du_j = sum_{i >= j} (C_i . B_j) exp(a_i - a_j) dy_i + exp(a_L - a_j) dS_{c+1}^T B_j;
                      dx = dt du (+ D[h] dy), x . du (dt's gradient through u = dt x), x . dy (D's)
   dbc_kernel         per (chunk, N-tile, b, g, head split), looping over the split's heads:
