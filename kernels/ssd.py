@@ -17,16 +17,16 @@ state entering the chunk:
 Kernels (ACC = float32, or float64 for float64 inputs; DOT = the operand dtype of tl.dot: the
 inputs' half-precision dtype, else ACC):
   cb_kernel          CB[b, g, c] = C_c B_c^T (L x L, ACC), once per group, reused by every head
-  states_fwd_kernel  sequential over chunks per (b, h, N-tile, P-tile), the state in ACC in
-                     registers: writes S_c in DOT for every chunk (what the products read; half the
-                     traffic of ACC for bf16) and the final state in ACC; a chunk's contribution is
-                     one tl.dot
+  state_scan_kernel  sequential over chunks per (b, h, N-tile, P-tile), the state in ACC in
+                     registers, a chunk's contribution one tl.dot. Forward: writes S_c in DOT for
+                     every chunk (what the products read; half the traffic of ACC for bf16) and the
+                     final state in ACC. Backward: the adjoint recursion over chunks last to first,
+                     dS_c = exp(a_L) dS_{c+1} + sum_i exp(a_i) C_i dy_i^T; writes dS_{c+1} (the
+                     gradient of the state leaving chunk c) per chunk and the initial state's gradient
   out_fwd_kernel     y per (chunk, P-tile, b, h): the masked quadratic form from CB, plus C S_c
-  states_bwd_kernel  the adjoint recursion backwards over chunks: dS_c = exp(a_L) dS_{c+1} +
-                     sum_i exp(a_i) C_i dy_i^T; writes dS_{c+1} (the gradient of the state
-                     leaving chunk c) per chunk and the initial state's gradient
+                     (and the skip D[h] x when given: one pass over x instead of three)
   dx_kernel          du_j = sum_{i >= j} (C_i . B_j) exp(a_i - a_j) dy_i + exp(a_L - a_j) dS_{c+1}^T B_j;
-                     dx = dt du, and x . du (dt's gradient through u = dt x)
+                     dx = dt du (+ D[h] dy), x . du (dt's gradient through u = dt x), x . dy (D's)
   dbc_kernel         per (chunk, N-tile, b, g, head split), looping over the split's heads:
                      dC, dB summed over the heads in registers, and dg, the gradient of the
                      per-step log decay g_t = dt_t A_h (dt's and A's gradients through the decay)
@@ -72,6 +72,27 @@ def _causal_decay(a, L: tl.constexpr):
     return tl.exp(tl.where(causal, a[:, None] - a[None, :], float("-inf")))
 
 
+@triton.jit
+def _load_cb(CB_ptr, bg, c, NC, L: tl.constexpr):
+    """CB[bg, c] (L x L) of the (B * G, NC, L, L) buffer."""
+    i = tl.arange(0, L)
+    return tl.load(CB_ptr + (bg * NC + c) * L * L + i[:, None] * L + i[None, :])
+
+
+@triton.jit
+def _read_state(k_ptr, st_ptr, t, tm, p, pm, N, P, sk_t, sk_n, L: tl.constexpr, BN: tl.constexpr,
+                BP: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """sum_n k[t, n] st[n, p] over the chunk's rows t (L x BP, ACC); st: one (N, P) state, contiguous."""
+    acc = tl.zeros((L, BP), dtype=ACC)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        nm = n < N
+        k = _tile(k_ptr, t, n, tm, nm, sk_t, sk_n).to(DOT)
+        S = _tile(st_ptr, n, p, nm, pm, P, 1).to(DOT)
+        acc += tl.dot(k, S, input_precision=PREC)
+    return acc
+
+
 @triton.jit(do_not_specialize=["T"])
 def cb_kernel(C_ptr, B_ptr, CB_ptr, T, G, N, NC,
               sC_b, sC_t, sC_g, sC_n, sB_b, sB_t, sB_g, sB_n,
@@ -93,16 +114,22 @@ def cb_kernel(C_ptr, B_ptr, CB_ptr, T, G, N, NC,
         Bt = _tile(Bp, n, t, nm, tm, sB_n, sB_t).to(DOT)  # (BN, L)
         acc += tl.dot(Cc, Bt, input_precision=PREC)
     i = tl.arange(0, L)
-    tl.store(CB_ptr + (bg.to(tl.int64) * NC + c) * L * L + i[:, None] * L + i[None, :], acc)
+    tl.store(CB_ptr + (bg.to(tl.int64) * NC + c) * L * L + i[:, None] * L + i[None, :], acc)  # as _load_cb reads
 
 
 @triton.jit(do_not_specialize=["T"])
-def states_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, init_ptr, st_ptr, final_ptr, T, H, G, N, P, NC, NPB,
-                      sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n,
-                      HAS_INIT: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-                      ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Sequential over chunks: st[b, h, c] = S_c (the state entering chunk c), final = S_NC.
-    st (B, H, NC, N, P; DOT) and init / final (B, H, N, P; ACC) are contiguous. Grid (N-tiles * NPB, B * H)."""
+def state_scan_kernel(v_ptr, dt_ptr, A_ptr, k_ptr, start_ptr, st_ptr, end_ptr, T, H, G, N, P, NC, NPB,
+                      sv_b, sv_t, sv_h, sv_p, sdt_b, sdt_t, sdt_h, sk_b, sk_t, sk_g, sk_n,
+                      REVERSE: tl.constexpr, HAS_START: tl.constexpr, WRITE_END: tl.constexpr, L: tl.constexpr,
+                      BN: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """The sequential pass over chunks for one (b, h, N-tile, P-tile), the state in ACC in registers:
+    store it for chunk c, then S = exp(a_L) S + sum_j w_j k_j v_j^T over the chunk. Forward
+    (REVERSE=0; k = B, v = x, w = exp(a_L - a) dt, start = the initial state): st[b, h, c] = S_c,
+    the state entering chunk c, and end = the final state. Backward (REVERSE=1, chunks last to
+    first; k = C, v = dy, w = exp(a), start = the final state's gradient): st[b, h, c] = dS_{c+1},
+    the gradient of the state leaving chunk c, and end = the initial state's gradient (WRITE_END).
+    st (B, H, NC, N, P; DOT), start / end (B, H, N, P; ACC) contiguous; k is per group (B, T, G, N),
+    v per head (B, T, H, P). Grid (N-tiles * NPB, B * H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -113,34 +140,36 @@ def states_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, init_ptr, st_ptr, final_ptr, 
     nm, pm = n < N, p < P
     tile = n[:, None] * P + p[None, :]
     smask = nm[:, None] & pm[None, :]
-    if HAS_INIT:
-        S = tl.load(init_ptr + bh.to(tl.int64) * N * P + tile, mask=smask, other=0.0).to(ACC)
+    if HAS_START:
+        S = tl.load(start_ptr + bh.to(tl.int64) * N * P + tile, mask=smask, other=0.0).to(ACC)
     else:
         S = tl.zeros((BN, BP), dtype=ACC)
-    xp = x_ptr + b * sx_b + h * sx_h
+    vp = v_ptr + b * sv_b + h * sv_h
     dtp = dt_ptr + b * sdt_b + h * sdt_h
-    Bp = B_ptr + b * sB_b + g * sB_g
+    kp = k_ptr + b * sk_b + g * sk_g
     sp = st_ptr + bh.to(tl.int64) * NC * N * P
-    for c in range(NC):
+    for i in range(NC):
+        c = NC - 1 - i if REVERSE else i
         tl.store(sp + c * N * P + tile, S.to(st_ptr.dtype.element_ty), mask=smask)
         t = c * L + tl.arange(0, L)
         tm = t < T
         dtv, a, a_last = _chunk_decay(dtp, A_ptr, h, t, tm, sdt_t, L, ACC)
-        Bt = _tile(Bp, n, t, nm, tm, sB_n, sB_t).to(ACC)  # (BN, L)
-        Bw = (Bt * (tl.exp(a_last - a) * dtv)[None, :]).to(DOT)
-        X = _tile(xp, t, p, tm, pm, sx_t, sx_p).to(DOT)  # (L, BP)
-        S = S * tl.exp(a_last) + tl.dot(Bw, X, input_precision=PREC)
-    tl.store(final_ptr + bh.to(tl.int64) * N * P + tile, S, mask=smask)
+        w = tl.exp(a) if REVERSE else tl.exp(a_last - a) * dtv
+        Kt = _tile(kp, n, t, nm, tm, sk_n, sk_t).to(ACC)  # (BN, L)
+        V = _tile(vp, t, p, tm, pm, sv_t, sv_p).to(DOT)  # (L, BP)
+        S = S * tl.exp(a_last) + tl.dot((Kt * w[None, :]).to(DOT), V, input_precision=PREC)
+    if WRITE_END:
+        tl.store(end_ptr + bh.to(tl.int64) * N * P + tile, S, mask=smask)
 
 
 @triton.jit(do_not_specialize=["T"])
-def out_fwd_kernel(x_ptr, dt_ptr, A_ptr, C_ptr, CB_ptr, st_ptr, y_ptr, T, H, G, N, P, NC, NPB,
+def out_fwd_kernel(x_ptr, dt_ptr, A_ptr, C_ptr, CB_ptr, st_ptr, D_ptr, y_ptr, T, H, G, N, P, NC, NPB,
                    sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sC_b, sC_t, sC_g, sC_n,
                    sy_b, sy_t, sy_h, sy_p,
-                   L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                   HAS_D: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """y for one chunk and P-tile of (b, h): the masked quadratic form plus exp(a) C S_c.
-    Grid (NC * NPB, B * H)."""
+    """y for one chunk and P-tile of (b, h): the masked quadratic form plus exp(a) C S_c, plus
+    D[h] x with HAS_D. Grid (NC * NPB, B * H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     c = pid // NPB
@@ -152,72 +181,29 @@ def out_fwd_kernel(x_ptr, dt_ptr, A_ptr, C_ptr, CB_ptr, st_ptr, y_ptr, T, H, G, 
     p = (pid % NPB) * BP + tl.arange(0, BP)
     pm = p < P
     dtv, a, a_last = _chunk_decay(dt_ptr + b * sdt_b + h * sdt_h, A_ptr, h, t, tm, sdt_t, L, ACC)
-    i = tl.arange(0, L)
-    cb = tl.load(CB_ptr + ((b * G + g) * NC + c) * L * L + i[:, None] * L + i[None, :])
+    cb = _load_cb(CB_ptr, b * G + g, c, NC, L)
     scores = (cb * _causal_decay(a, L) * dtv[None, :]).to(DOT)
     X = _tile(x_ptr + b * sx_b + h * sx_h, t, p, tm, pm, sx_t, sx_p).to(DOT)
     y = tl.dot(scores, X, input_precision=PREC)
-    Cp = C_ptr + b * sC_b + g * sC_g
-    sp = st_ptr + (bh.to(tl.int64) * NC + c) * N * P
-    inter = tl.zeros((L, BP), dtype=ACC)
-    for n0 in range(0, N, BN):
-        n = n0 + tl.arange(0, BN)
-        nm = n < N
-        Cc = _tile(Cp, t, n, tm, nm, sC_t, sC_n).to(DOT)
-        S = _tile(sp, n, p, nm, pm, P, 1).to(DOT)
-        inter += tl.dot(Cc, S, input_precision=PREC)
+    inter = _read_state(C_ptr + b * sC_b + g * sC_g, st_ptr + (bh.to(tl.int64) * NC + c) * N * P, t, tm, p, pm,
+                        N, P, sC_t, sC_n, L, BN, BP, ACC, DOT, PREC)
     y += tl.exp(a)[:, None] * inter
+    if HAS_D:
+        y += tl.load(D_ptr + h).to(ACC) * X.to(ACC)
     yp = y_ptr + b * sy_b + h * sy_h
     tl.store(yp + t[:, None] * sy_t + p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty), mask=tm[:, None] & pm[None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
-def states_bwd_kernel(dy_ptr, dt_ptr, A_ptr, C_ptr, dfinal_ptr, dst_ptr, dinit_ptr, T, H, G, N, P, NC, NPB,
-                      sdy_b, sdy_t, sdy_h, sdy_p, sdt_b, sdt_t, sdt_h, sC_b, sC_t, sC_g, sC_n,
-                      HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, L: tl.constexpr, BN: tl.constexpr,
-                      BP: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """Backwards over chunks: dst[b, h, c] = dS_{c+1}, the gradient of the state leaving chunk c
-    (dfinal for the last one), and dinit = dS_0. Layouts as states_fwd_kernel. Grid as there."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    g = h // (H // G)
-    n = (pid // NPB) * BN + tl.arange(0, BN)
-    p = (pid % NPB) * BP + tl.arange(0, BP)
-    nm, pm = n < N, p < P
-    tile = n[:, None] * P + p[None, :]
-    smask = nm[:, None] & pm[None, :]
-    if HAS_DFINAL:
-        dS = tl.load(dfinal_ptr + bh.to(tl.int64) * N * P + tile, mask=smask, other=0.0).to(ACC)
-    else:
-        dS = tl.zeros((BN, BP), dtype=ACC)
-    dyp = dy_ptr + b * sdy_b + h * sdy_h
-    dtp = dt_ptr + b * sdt_b + h * sdt_h
-    Cp = C_ptr + b * sC_b + g * sC_g
-    sp = dst_ptr + bh.to(tl.int64) * NC * N * P
-    for k in range(NC):
-        c = NC - 1 - k
-        tl.store(sp + c * N * P + tile, dS.to(dst_ptr.dtype.element_ty), mask=smask)
-        t = c * L + tl.arange(0, L)
-        tm = t < T
-        dtv, a, a_last = _chunk_decay(dtp, A_ptr, h, t, tm, sdt_t, L, ACC)
-        Ct = _tile(Cp, n, t, nm, tm, sC_n, sC_t).to(ACC)  # (BN, L)
-        Cw = (Ct * tl.exp(a)[None, :]).to(DOT)
-        dY = _tile(dyp, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
-        dS = dS * tl.exp(a_last) + tl.dot(Cw, dY, input_precision=PREC)
-    if HAS_INIT:
-        tl.store(dinit_ptr + bh.to(tl.int64) * N * P + tile, dS, mask=smask)
-
-
-@triton.jit(do_not_specialize=["T"])
-def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, dx_ptr, ddt_ptr, T, H, G, N, P, NC, NPB, BATCH,
+def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, D_ptr, dx_ptr, ddt_ptr, dD_ptr,
+              T, H, G, N, P, NC, NPB, BATCH,
               sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n,
               sdy_b, sdy_t, sdy_h, sdy_p, sdx_b, sdx_t, sdx_h, sdx_p,
-              L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+              HAS_D: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """du for one chunk and P-tile of (b, h); dx = dt du, and ddt[pb, b, t, h] = x . du over this
-    P-tile (ddt is (NPB, B, T, H) contiguous, ACC). Grid (NC * NPB, B * H)."""
+    """du for one chunk and P-tile of (b, h); dx = dt du (+ D[h] dy), ddt[pb, b, t, h] = x . du over
+    this P-tile ((NPB, B, T, H) contiguous, ACC) and with HAS_D dD[b, c, pb, h] = sum x . dy over the
+    tile ((B, NC, NPB, H) contiguous, ACC). Grid (NC * NPB, B * H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     c = pid // NPB
@@ -230,27 +216,21 @@ def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, dx_ptr, ddt_
     p = pb * BP + tl.arange(0, BP)
     pm = p < P
     dtv, a, a_last = _chunk_decay(dt_ptr + b * sdt_b + h * sdt_h, A_ptr, h, t, tm, sdt_t, L, ACC)
-    i = tl.arange(0, L)
-    # rows j, columns i: CB[i, j] exp(a_i - a_j) for i >= j
-    cbT = tl.load(CB_ptr + ((b * G + g) * NC + c) * L * L + i[None, :] * L + i[:, None])
-    causal = i[None, :] >= i[:, None]
-    scoresT = (cbT * tl.exp(tl.where(causal, a[None, :] - a[:, None], float("-inf")))).to(DOT)
+    cb = _load_cb(CB_ptr, b * G + g, c, NC, L)
+    scores = (cb * _causal_decay(a, L)).to(DOT)  # [i, j] = (C_i . B_j) exp(a_i - a_j), j <= i
     dY = _tile(dy_ptr + b * sdy_b + h * sdy_h, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
-    du = tl.dot(scoresT, dY, input_precision=PREC)
-    Bp = B_ptr + b * sB_b + g * sB_g
-    sp = dst_ptr + (bh.to(tl.int64) * NC + c) * N * P
-    inter = tl.zeros((L, BP), dtype=ACC)
-    for n0 in range(0, N, BN):
-        n = n0 + tl.arange(0, BN)
-        nm = n < N
-        Bc = _tile(Bp, t, n, tm, nm, sB_t, sB_n).to(DOT)
-        dS = _tile(sp, n, p, nm, pm, P, 1).to(DOT)
-        inter += tl.dot(Bc, dS, input_precision=PREC)
+    du = tl.dot(tl.trans(scores), dY, input_precision=PREC)
+    inter = _read_state(B_ptr + b * sB_b + g * sB_g, dst_ptr + (bh.to(tl.int64) * NC + c) * N * P, t, tm, p, pm,
+                        N, P, sB_t, sB_n, L, BN, BP, ACC, DOT, PREC)
     du += tl.exp(a_last - a)[:, None] * inter
     X = _tile(x_ptr + b * sx_b + h * sx_h, t, p, tm, pm, sx_t, sx_p).to(ACC)
+    dx = du * dtv[:, None]
+    if HAS_D:
+        dYa = dY.to(ACC)
+        dx += tl.load(D_ptr + h).to(ACC) * dYa
+        tl.store(dD_ptr + ((b * NC + c) * NPB + pb) * H + h, tl.sum(tl.sum(X * dYa, axis=1), axis=0))
     dxp = dx_ptr + b * sdx_b + h * sdx_h
-    tl.store(dxp + t[:, None] * sdx_t + p[None, :] * sdx_p, (du * dtv[:, None]).to(dx_ptr.dtype.element_ty),
-             mask=tm[:, None] & pm[None, :])
+    tl.store(dxp + t[:, None] * sdx_t + p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty), mask=tm[:, None] & pm[None, :])
     tl.store(ddt_ptr + ((pb * BATCH + b) * T + t) * H + h, tl.sum(X * du, axis=1), mask=tm)
 
 

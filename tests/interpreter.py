@@ -1,5 +1,8 @@
-"""Shared by the Triton kernels' CPU tests: run a test file's interpreter worker in a subprocess with
-TRITON_INTERPRET=1 (kernels run on the CPU, fp32/fp64) and this checkout first on PYTHONPATH."""
+"""Shared by the Triton kernel tests: run a test file's CPU-interpreter worker (the file itself with
+``--interp-worker ARGS``) in a fresh Python process with TRITON_INTERPRET=1, which must be set before
+any kernel is decorated, so that the checks do not depend on what this pytest session imported."""
+
+from __future__ import annotations
 
 import os
 import subprocess
@@ -9,11 +12,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_interpreter_worker(test_file: str, dtype: str) -> str:
-    """Run `python TEST_FILE --interp-worker DTYPE`; returns its stdout, asserting it exited 0."""
+def run_interpreter_worker(test_file: str, *args: str, timeout: int = 900) -> str:
+    """The worker's stdout; fails the calling test with the worker's output when it exits non-zero."""
     env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    proc = subprocess.run([sys.executable, str(Path(test_file).resolve()), "--interp-worker", dtype],
-                          capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(Path(test_file).resolve()), "--interp-worker", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout

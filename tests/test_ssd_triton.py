@@ -25,16 +25,16 @@ import torch
 from interpreter import run_interpreter_worker
 
 ROOT = Path(__file__).resolve().parents[1]
-# (T, batch, H, G, P, N, chunk, initial state, loss on): P = 20 and N = 24 span two 16-wide tiles.
+# (T, batch, H, G, P, N, chunk, initial state, skip D, loss on): P = 20 and N = 24 span two 16-wide tiles.
 INTERP_CASES = (
-    (1, 2, 4, 2, 20, 24, 16, True, "both"),
-    (17, 1, 4, 1, 16, 16, 16, False, "y"),
-    (63, 1, 2, 2, 20, 24, 32, True, "both"),
-    (65, 2, 2, 1, 16, 32, 16, True, "final"),
-    (130, 1, 2, 1, 20, 24, 32, True, "both"),
+    (1, 2, 4, 2, 20, 24, 16, True, True, "both"),
+    (17, 1, 4, 1, 16, 16, 16, False, False, "y"),
+    (63, 1, 2, 2, 20, 24, 32, True, True, "both"),
+    (65, 2, 2, 1, 16, 32, 16, True, False, "final"),
+    (130, 1, 2, 1, 20, 24, 32, True, True, "both"),
 )
 INTERP_TOL = {"float32": 2e-5, "float64": 1e-12}
-NAMES = ("y", "final", "dx", "ddt", "dA", "dB", "dC", "dh0")
+NAMES = ("y", "final", "dx", "ddt", "dA", "dB", "dC", "dh0", "dD")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,10 +45,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _inputs(batch, T, H, G, P, N, dtype, device, seed, state=True, strided=False):
-    """x, dt, A, B, C, h0 (leaves requiring grad; h0 None without a state) and upstream gradients
-    for y and the final state. strided: x, B and C are non-contiguous views (x with T innermost,
-    as the model's depthwise conv leaves it)."""
+def _inputs(batch, T, H, G, P, N, dtype, device, seed, state=True, strided=False, skip=True):
+    """x, dt, A, B, C, h0, D (leaves requiring grad; h0 / D None without a state / skip) and upstream
+    gradients for y and the final state. strided: x, B and C are non-contiguous views (x with T
+    innermost, as PyTorch's depthwise conv leaves it)."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -58,6 +58,7 @@ def _inputs(batch, T, H, G, P, N, dtype, device, seed, state=True, strided=False
     dt = torch.nn.functional.softplus(rand(batch, T, H) - 1.0)
     A = -torch.rand(H, generator=gen, dtype=torch.float64) * 2 - 0.1
     h0 = rand(batch, H, N, P) if state else None
+    D = rand(H) if skip else None
     gy, gh = rand(batch, T, H, P), rand(batch, H, N, P)
 
     def leaf(t, layout=None):
@@ -70,21 +71,27 @@ def _inputs(batch, T, H, G, P, N, dtype, device, seed, state=True, strided=False
             t = torch.cat([t, torch.zeros_like(t)], dim=-1)[..., : t.shape[-1]]
         return t.requires_grad_()
 
-    args = [leaf(x, "t_inner"), leaf(dt), leaf(A), leaf(B, "wide"), leaf(C, "wide"), leaf(h0)]
+    args = [leaf(x, "t_inner"), leaf(dt), leaf(A), leaf(B, "wide"), leaf(C, "wide"), leaf(h0), leaf(D)]
     return args, gy.to(device=device, dtype=dtype), gh.to(device=device, dtype=dtype)
 
 
-def _check(impl, batch, T, H, G, P, N, dtype, device, seed, tols, state=True, loss_on="both", strided=False):
-    """impl(x, dt, A, B, C, h0) -> (y, final) against the float64 sequential recurrence on the same
-    (rounded) inputs: forward and gradients. tols: {name: max relative L2 error} (default key "*")."""
+def _sequential(x, dt, A, B, C, h0, D):
     from sessa_scale.ops.ssd_reference import ssd_sequential
 
-    args, gy, gh = _inputs(batch, T, H, G, P, N, dtype, device, seed, state, strided)
+    y, h = ssd_sequential(x, dt, A, B, C, h0)
+    return (y if D is None else y + x * D[:, None]), h
+
+
+def _check(impl, batch, T, H, G, P, N, dtype, device, seed, tols, state=True, loss_on="both", strided=False,
+           skip=True):
+    """impl(x, dt, A, B, C, h0, D) -> (y, final) against the float64 sequential recurrence on the
+    same (rounded) inputs: forward and gradients. tols: {name: max relative L2 error} (default "*")."""
+    args, gy, gh = _inputs(batch, T, H, G, P, N, dtype, device, seed, state, strided, skip)
     leaves = [a for a in args if a is not None]
     ref_args = [None if a is None else a.detach().double().requires_grad_() for a in args]
     ref_leaves = [a for a in ref_args if a is not None]
     results = []
-    for fn, ins, lv in ((impl, args, leaves), (ssd_sequential, ref_args, ref_leaves)):
+    for fn, ins, lv in ((impl, args, leaves), (_sequential, ref_args, ref_leaves)):
         y, h = fn(*ins)
         loss = {"y": (y.double() * gy.double()).sum(), "final": (h.double() * gh.double()).sum()}
         total = loss["y"] + loss["final"] if loss_on == "both" else loss[loss_on]
@@ -92,9 +99,10 @@ def _check(impl, batch, T, H, G, P, N, dtype, device, seed, tols, state=True, lo
     (y, h, grads), (y_ref, h_ref, grads_ref) = results
     assert y.dtype == dtype and y.shape == (batch, T, H, P) and h.shape == (batch, H, N, P)
     errs = {"y": _rel(y, y_ref), "final": _rel(h, h_ref)}
-    errs.update({n: _rel(a, b) for n, a, b in zip(NAMES[2:], grads, grads_ref)})
+    names = [n for n, a in zip(NAMES[2:], args) if a is not None]
+    errs.update({n: _rel(a, b) for n, a, b in zip(names, grads, grads_ref)})
     bad = {n: e for n, e in errs.items() if not e <= tols.get(n, tols["*"])}
-    shape = f"B={batch} T={T} H={H} G={G} P={P} N={N} {dtype} state={state} loss={loss_on}"
+    shape = f"B={batch} T={T} H={H} G={G} P={P} N={N} {dtype} state={state} skip={skip} loss={loss_on}"
     assert not bad, f"{shape}: relative errors above tolerance {bad} (all: {errs})"
     return errs
 
@@ -112,13 +120,13 @@ def _interp_worker(dtype_name: str) -> None:
     st.POISON = True  # every buffer the kernels write starts as NaN
     dtype = getattr(torch, dtype_name)
     tols = {"*": INTERP_TOL[dtype_name]}
-    for i, (T, batch, H, G, P, N, chunk, state, loss_on) in enumerate(INTERP_CASES):
+    for i, (T, batch, H, G, P, N, chunk, state, skip, loss_on) in enumerate(INTERP_CASES):
 
-        def public(x, dt, A, B, C, h0, chunk=chunk):
-            return ssd_scan(x, dt, A, B, C, initial_state=h0, chunk_size=chunk, impl="triton")
+        def public(x, dt, A, B, C, h0, D, chunk=chunk):
+            return ssd_scan(x, dt, A, B, C, initial_state=h0, chunk_size=chunk, impl="triton", D=D)
 
         errs = _check(public, batch, T, H, G, P, N, dtype, "cpu", seed=100 + T, tols=tols, state=state,
-                      loss_on=loss_on, strided=i % 2 == 0)
+                      loss_on=loss_on, strided=i % 2 == 0, skip=skip)
         print(f"ok {dtype_name} T={T} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
 
 
@@ -137,7 +145,7 @@ def test_dispatch_picks_triton_on_cuda_and_refuses_cpu_tensors_outside_the_inter
     assert resolve_ssd_impl("auto", torch.device("cpu")) == "chunked"
     assert resolve_ssd_impl("triton", torch.device("cpu")) == "triton"
     if os.environ.get("TRITON_INTERPRET") != "1":
-        (x, dt, A, B, C, _), _, _ = _inputs(1, 5, 2, 1, 4, 4, torch.float32, "cpu", seed=0, state=False)
+        (x, dt, A, B, C, _, _), _, _ = _inputs(1, 5, 2, 1, 4, 4, torch.float32, "cpu", seed=0, state=False)
         with pytest.raises(ValueError, match="runs on CUDA tensors"):
             ssd_scan(x, dt, A, B, C, impl="triton")
 
@@ -198,7 +206,7 @@ BF16_TOL = {"*": 2e-2}
 def _triton(chunk=64):
     from sessa_scale.ops.ssd_triton import ssd_scan_triton
 
-    return lambda x, dt, A, B, C, h0: ssd_scan_triton(x, dt, A, B, C, h0, chunk_size=chunk)
+    return lambda x, dt, A, B, C, h0, D: ssd_scan_triton(x, dt, A, B, C, h0, chunk_size=chunk, D=D)
 
 
 def _report(errs, label):
@@ -221,7 +229,7 @@ def test_gpu_against_the_recurrence(T, dtype):
 @needs_cuda
 @pytest.mark.parametrize("chunk,P,N,G", [(128, 64, 128, 1), (256, 64, 128, 1), (64, 32, 64, 4), (32, 80, 48, 1)])
 def test_gpu_chunk_sizes_and_widths(chunk, P, N, G):
-    """Other chunk sizes (256 runs as 128), ragged P and N tiles, 4 groups of one head each (bf16)."""
+    """Other chunk sizes (128 and 256 run as 64), ragged P and N tiles, 4 groups of one head each (bf16)."""
     errs = _check(_triton(chunk), 1, 777, 4, G, P, N, torch.bfloat16, "cuda", seed=chunk, tols=BF16_TOL)
     _report(errs, f"chunk={chunk} P={P} N={N} G={G}")
 
@@ -244,7 +252,7 @@ def test_gpu_deterministic_and_auto():
     leaves = [a for a in args if a is not None]
     outs = []
     for _ in range(2):
-        y, h = ssd_scan(*args[:5], initial_state=args[5])
+        y, h = ssd_scan(*args[:5], initial_state=args[5], D=args[6])
         outs.append([y, h, *torch.autograd.grad((y * gy).sum() + (h * gh).sum(), leaves)])
     for name, a, b in zip(NAMES, *outs):
         assert torch.equal(a, b), f"{name} differs between two identical calls"
@@ -254,13 +262,13 @@ def test_gpu_deterministic_and_auto():
 @needs_cuda
 @pytest.mark.parametrize("T", [1, 17, 130, 1000])
 def test_gpu_mamba2_mixer_triton_matches_chunked_and_decodes(T):
-    """The model's call site (strided conv outputs, bf16 autocast): the mixer's output and parameter
-    gradients with scan="triton" vs the PyTorch chunked scan, then prefill + decode steps against
-    the full forward."""
+    """The model's call site (bf16 autocast): the mixer's output and parameter gradients with the
+    Triton scan and fused conv/norm ("auto" on CUDA) vs the PyTorch chunked scan and PyTorch conv/norm,
+    then prefill + decode steps against the full forward."""
     from sessa_scale.models.mamba2 import Mamba2Mixer
 
     torch.manual_seed(0)
-    ref = Mamba2Mixer(256, d_state=128, head_dim=64, scan="chunked").cuda()
+    ref = Mamba2Mixer(256, d_state=128, head_dim=64, scan="chunked", kernels="torch").cuda()
     tri = Mamba2Mixer(256, d_state=128, head_dim=64, scan="triton").cuda()
     tri.load_state_dict(ref.state_dict())
     u = torch.randn(2, T, 256, device="cuda")
@@ -293,7 +301,7 @@ def test_gpu_against_fla():
         pytest.skip("fla-core not installed")
     if simple_gla_backward_is_broken():
         pytest.skip("fla flags its simple-GLA backward as wrong here (Hopper + Triton < 3.7.1)")
-    args, gy, gh = _inputs(2, 1500, 8, 1, 64, 128, torch.bfloat16, "cuda", seed=9)
+    args, gy, gh = _inputs(2, 1500, 8, 1, 64, 128, torch.bfloat16, "cuda", seed=9, skip=False)
     leaves = [a for a in args if a is not None]
     outs = []
     for impl in ("triton", "fla"):

@@ -7,12 +7,14 @@ configs/transformer/<size>.yaml (its heads and head width, causal). B = batch_to
 inputs in --dtype (x, B, C; dt and A in float32, as the model's softplus and A_log make them).
 Implementations (--impls):
 
-* triton: ours (kernels/ssd.py); "triton@128" runs it with chunk 128 instead of the config's.
+* triton: ours (kernels/ssd.py); "triton@32" runs it with chunk 32 instead of the config's.
 * chunked: the PyTorch chunked scan (recomputed in backward), what `auto` ran on Hopper before.
 * fla: fla-core's chunk_simple_gla, where installed and not flagged as wrong on this GPU.
 * sdpa_flash: causal SDPA, flash backend, the Transformer's heads.
-* conv: the Mamba-2 mixer's three causal depthwise convs + SiLU as the model runs them (for
-  judging their share of a layer next to the scan).
+* conv: the Mamba-2 mixer's three causal depthwise convs + SiLU as the model runs them.
+* mamba2_block, transformer_block: one residual block of each model as built for training (float32
+  parameters, bf16 autocast, as `bench models`); the report adds n_layers x block time per model,
+  so the scan's and the convs' shares of a Mamba-2 layer show next to the Transformer's layer.
 
 Time: median of triton.testing.do_bench over --rep ms; memory: cuda_peak_bytes of a warm fwd+bwd
 beyond the inputs. "rel. err." compares the impl's y with the chunked scan's in float32 on the same
@@ -45,7 +47,23 @@ def _shapes(size: str) -> dict:
     t = load_config(CONFIGS / "transformer" / f"{size}.yaml").model
     return {"H": m.ssm_expand * m.d_model // m.ssm_head_dim, "P": m.ssm_head_dim, "N": m.ssm_state,
             "G": m.ssm_groups, "chunk": m.ssm_chunk, "conv": m.ssm_conv, "attn_heads": t.n_heads,
-            "attn_dim": t.d_model // t.n_heads}
+            "attn_dim": t.d_model // t.n_heads, "mamba2": m, "transformer": t}
+
+
+def _block_point(arch: str, B: int, T: int, s: dict, dtype: torch.dtype):
+    """One block of `arch` (float32 parameters) under autocast to dtype: (fwd, fwd+bwd)."""
+    from sessa_scale.models.registry import ARCHITECTURES
+
+    cfg = s[arch]
+    block = ARCHITECTURES[arch](cfg, 0).to(DEVICE)
+    gen = torch.Generator(DEVICE).manual_seed(0)
+    u = torch.randn(B, T, cfg.d_model, generator=gen, device=DEVICE).requires_grad_()
+
+    def fwd():
+        with torch.autocast(DEVICE, dtype=dtype):
+            return block(u)
+
+    return fwd, lambda: fwd().float().square().mean().backward()
 
 
 def _ssd_inputs(B, T, s, dtype):
@@ -77,18 +95,19 @@ def _point(impl: str, B: int, T: int, s: dict, dtype: torch.dtype):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
         return fwd, lambda: fwd().backward(do), None
+    if impl in ("mamba2_block", "transformer_block"):
+        return (*_block_point(impl.removesuffix("_block"), B, T, s, dtype), None)
     if impl == "conv":
-        from sessa_scale.models.mamba2 import Mamba2Mixer
+        from sessa_scale.models.registry import ARCHITECTURES
 
-        E = s["H"] * s["P"]
-        mixer = Mamba2Mixer(E // 2, d_state=s["N"], head_dim=s["P"], n_groups=s["G"], d_conv=s["conv"])
-        mixer = mixer.to(device=DEVICE, dtype=dtype)
+        mixer = ARCHITECTURES["mamba2"](s["mamba2"], 0).mixer.to(DEVICE)
         gen = torch.Generator(DEVICE).manual_seed(0)
         conv_in = {name: torch.randn(B, T, conv.weight.shape[0], generator=gen, device=DEVICE).to(dtype)
                    .requires_grad_() for name, conv in ((n, getattr(mixer, n)) for n in ("conv_x", "conv_B", "conv_C"))}
 
         def fwd():
-            return mixer.causal_convs(conv_in)
+            with torch.autocast(DEVICE, dtype=dtype):
+                return mixer.causal_convs(conv_in)
 
         def fwd_bwd():
             out = fwd()
@@ -135,7 +154,7 @@ def available_impls() -> dict[str, str]:
     fla = "" if fla_available() and not simple_gla_backward_is_broken() else (
         "fla-core not installed" if not fla_available() else "fla flags its backward as wrong on this GPU")
     return {"triton": "" if triton_available() else "triton not installed", "chunked": "", "fla": fla,
-            "sdpa_flash": "", "conv": ""}
+            "sdpa_flash": "", "conv": "", "mamba2_block": "", "transformer_block": ""}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="350m", help="shapes from configs/{mamba2,transformer}/<size>.yaml")
     ap.add_argument("--seq-lens", default="2048,8192,16384")
     ap.add_argument("--batch-tokens", type=int, default=16384, help="B = max(1, this // T)")
-    ap.add_argument("--impls", default="sdpa_flash,triton,triton@128,chunked,fla,conv",
-                    help="comma-separated: triton[@CHUNK], chunked, fla, sdpa_flash, conv (ratios are vs the first)")
+    ap.add_argument("--impls", default="sdpa_flash,triton,chunked,fla,conv,mamba2_block,transformer_block",
+                    help="comma-separated: triton[@CHUNK], chunked, fla, sdpa_flash, conv, mamba2_block,"
+                         " transformer_block (ratios are vs the first)")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    ap.add_argument("--rep", type=int, default=200, help="milliseconds of timed calls per point (do_bench)")
+    ap.add_argument("--rep", type=int, default=100, help="milliseconds of timed calls per point (do_bench)")
     ap.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -156,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     reasons = available_impls()
     unknown = [i for i in impls if i.partition("@")[0] not in reasons]
     if unknown:
-        ap.error(f"unknown impls {unknown}; choose from triton[@CHUNK], chunked, fla, sdpa_flash, conv")
+        ap.error(f"unknown impls {unknown}; choose from triton[@CHUNK], {', '.join(list(reasons)[1:])}")
     s, dtype = _shapes(args.size), DTYPES[args.dtype]
     rows, failed = [], False
     for T in (int(t) for t in args.seq_lens.split(",")):
@@ -204,6 +224,13 @@ def _report(rows, impls, s, args, argv) -> str:
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
         lines.append(f"| {T} | {B} | {impl} | {r['fwd_ms']:.3f} | {r['ms']:.3f} | {ratio} | "
                      f"{r['peak_bytes'] / 2**20:.0f} | {err} |")
+    blocks = [(T, i, r) for T, _, i, r in rows if i.endswith("_block") and isinstance(r, dict)]
+    if blocks:
+        lines += ["", "Blocks times layers (the models' layer stacks alone, fwd+bwd, no embedding/LM head/optimizer):", "",
+                  "| T | model | layers | block fwd+bwd ms | x layers ms |", "|---|---|---|---|---|"]
+        for T, impl, r in blocks:
+            n = s[impl.removesuffix("_block")].n_layers
+            lines.append(f"| {T} | {impl.removesuffix('_block')} | {n} | {r['ms']:.3f} | {n * r['ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,8 @@ conv is per channel), so that tensor parallelism splits each along its heads or 
 (sessa_scale/distributed/tp_plan.py). No biases on the projections, a bias on the convs, as there.
 Decoding keeps the last d_conv - 1 conv inputs and the SSM state (B, H, N, P): constant memory
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
+`kernels` picks how the convs + SiLU and the gated RMSNorm run: "torch" (the PyTorch code here, the
+reference), "triton" (fused kernels, sessa_scale/ops/mamba2_fused.py), "auto" (triton on CUDA).
 """
 
 from __future__ import annotations
@@ -29,10 +31,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sessa_scale.ops.ssd import ssd_scan
+from sessa_scale.ops.ssd import ssd_scan, triton_available
 
+MIXER_KERNELS = ("auto", "torch", "triton")
 Cache = dict  # {"t": int, "conv_x": (B, d_conv - 1, E), "conv_B", "conv_C": (B, d_conv - 1, G N), "ssm": (B, H, N, P)}
 CONVS = ("conv_x", "conv_B", "conv_C")
+
+
+def use_triton_kernels(kernels: str, t: torch.Tensor) -> bool:
+    """Whether the mixer's fused Triton kernels run for `kernels` ("auto": on CUDA with triton)."""
+    if kernels not in MIXER_KERNELS:
+        raise ValueError(f"unknown mixer kernels {kernels!r}; choose from {list(MIXER_KERNELS)}")
+    return kernels == "triton" or (kernels == "auto" and t.is_cuda and triton_available())
 
 
 class GatedRMSNorm(nn.Module):
@@ -41,13 +51,17 @@ class GatedRMSNorm(nn.Module):
     In training it is recomputed in the backward pass (only y and z are kept): its float32
     temporaries would otherwise hold ~8 bytes per inner channel and token for every layer."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None):
+    def __init__(self, dim: int, eps: float = 1e-5, group_size: int | None = None, kernels: str = "torch"):
         super().__init__()
-        self.eps, self.group_size = eps, dim if group_size is None else group_size
+        self.eps, self.group_size, self.kernels = eps, dim if group_size is None else group_size, kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z (..., dim) -> (..., dim) in y's dtype."""
+        if use_triton_kernels(self.kernels, y) and y.dim() == 3:
+            from sessa_scale.ops.mamba2_fused import gated_rmsnorm
+
+            return gated_rmsnorm(y, z, self.weight, self.group_size, self.eps)
         if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or self.weight.requires_grad):
             return checkpoint(self._norm, y, z, use_reentrant=False)
         return self._norm(y, z)
@@ -73,6 +87,7 @@ class Mamba2Mixer(nn.Module):
         n_groups: int = 1,
         chunk_size: int = 64,
         scan: str = "auto",
+        kernels: str = "auto",
         norm_eps: float = 1e-5,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
@@ -86,6 +101,7 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"the number of heads ({H}) must be divisible by n_groups ({n_groups})")
         self.d_inner, self.n_heads, self.head_dim, self.d_state = E, H, head_dim, d_state
         self.n_groups, self.d_conv, self.chunk_size, self.scan = n_groups, d_conv, chunk_size, scan
+        self.kernels = kernels
         GN = n_groups * d_state
 
         self.in_proj = nn.Linear(D, 2 * E, bias=False)  # [z | x]
@@ -98,7 +114,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(1.0, 16.0)))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(E, eps=norm_eps, group_size=E // n_groups)
+        self.norm = GatedRMSNorm(E, eps=norm_eps, group_size=E // n_groups, kernels=kernels)
         self.out_proj = nn.Linear(E, D, bias=False)
 
     def _project(self, u: torch.Tensor):
@@ -116,9 +132,8 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log)
         y, state = ssd_scan(
             x, dt, A, B, C, initial_state=initial_state, chunk_size=self.chunk_size,
-            impl="sequential" if T == 1 else self.scan,
+            impl="sequential" if T == 1 else self.scan, D=self.D,
         )
-        y = y + x * self.D[:, None].to(x.dtype)
         return self.out_proj(self.norm(y.flatten(-2), z)), state
 
     def causal_convs(self, conv_in: dict) -> dict:
@@ -126,6 +141,11 @@ class Mamba2Mixer(nn.Module):
         conv_out = {}
         for name, value in conv_in.items():
             conv = getattr(self, name)
+            if use_triton_kernels(self.kernels, value):
+                from sessa_scale.ops.mamba2_fused import causal_conv1d_silu
+
+                conv_out[name] = causal_conv1d_silu(value, conv.weight, conv.bias)
+                continue
             k, channels = conv.weight.shape[-1], conv.weight.shape[0]
             out = F.conv1d(value.transpose(1, 2), conv.weight, conv.bias, padding=k - 1, groups=channels)
             conv_out[name] = F.silu(out[..., : value.shape[1]].transpose(1, 2))

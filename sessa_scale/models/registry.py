@@ -13,7 +13,7 @@ from sessa_scale.errors import UserError
 from sessa_scale.models.attention import ATTENTION_BACKENDS
 from sessa_scale.models.flops import LAYER_FLOPS, training_flops_per_token
 from sessa_scale.models.lm import DecoderLM
-from sessa_scale.models.mamba2 import Mamba2Block
+from sessa_scale.models.mamba2 import MIXER_KERNELS, Mamba2Block
 from sessa_scale.models.sessa import SessaLayer
 from sessa_scale.models.transformer import MLP_KINDS, TransformerBlock
 from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS
@@ -64,6 +64,7 @@ def build_mamba2_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
         n_groups=cfg.ssm_groups,
         chunk_size=cfg.ssm_chunk,
         scan=cfg.ssm_scan,
+        kernels=cfg.ssm_kernels,
     )
 
 
@@ -149,6 +150,7 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
             bad("ssm_groups", f"{G} does not divide the {inner // P} SSD heads", "use a divisor of the head count, e.g. 1")
     choice("mlp", "Transformer MLP", list(MLP_KINDS))
     choice("ssm_scan", "SSD scan", ["auto", *SSD_IMPLS])
+    choice("ssm_kernels", "Mamba-2 conv/norm kernels", list(MIXER_KERNELS))
     if cfg.solver == "triton" and "triton" not in FEEDBACK_SOLVE_IMPLS:  # registered only where it can run
         bad("solver", "'triton' needs CUDA (a GPU, and the triton package that CUDA builds of torch bring)",
             "without CUDA use auto (= chunked there), chunked or dense")  # fmt: skip

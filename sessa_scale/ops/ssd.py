@@ -21,6 +21,8 @@ chunk) float32 intermediates would otherwise dominate a layer's activation memor
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -39,13 +41,12 @@ def fla_available() -> bool:
     return True
 
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # looked up once: the model asks per call
+
+
 def triton_available() -> bool:
-    """Whether triton imports (the "triton" scan needs it, and CUDA or TRITON_INTERPRET=1)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton is installed (the "triton" scan needs it, and CUDA or TRITON_INTERPRET=1)."""
+    return _TRITON_INSTALLED
 
 
 def resolve_ssd_impl(impl: str, device: torch.device) -> str:
@@ -82,25 +83,30 @@ def ssd_fla(x, dt, A, B, C, initial_state=None, chunk_size: int = 64):
     return y.to(x.dtype), final
 
 
-def ssd_scan(x, dt, A, B, C, *, initial_state=None, chunk_size: int = 64, impl: str = "auto"):
+def ssd_scan(x, dt, A, B, C, *, initial_state=None, chunk_size: int = 64, impl: str = "auto", D=None):
     """x (B, T, H, P), dt (B, T, H) > 0, A (H,) < 0, B and C (B, T, G, N), initial_state
-    (B, H, N, P) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P)).
+    (B, H, N, P) or None, D (H,) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P)).
+    D adds the skip D[h] x[t, h] to y (inside the kernels for "triton", else y + x * D in x's dtype).
     impl: "auto" (triton on CUDA, else chunked) or one of SSD_IMPLS."""
     batch, T, H, P = x.shape
-    if dt.shape != (batch, T, H) or A.shape != (H,):
-        raise ValueError(f"dt must be (B, T, H) = {(batch, T, H)} and A (H,); got {tuple(dt.shape)}, {tuple(A.shape)}")
+    if dt.shape != (batch, T, H) or A.shape != (H,) or (D is not None and D.shape != (H,)):
+        raise ValueError(f"dt must be (B, T, H) = {(batch, T, H)}, A and D (H,); got {tuple(dt.shape)}, "
+                         f"{tuple(A.shape)}, {None if D is None else tuple(D.shape)}")
     if B.shape != C.shape or B.shape[:2] != (batch, T) or H % B.shape[2] != 0:
         raise ValueError(f"B and C must be (B, T, G, N) with H % G == 0; got {tuple(B.shape)}, {tuple(C.shape)}")
     name = resolve_ssd_impl(impl, x.device)
-    if name == "sequential":
-        return ssd_sequential(x, dt, A, B, C, initial_state)
-    if name == "fla":
-        return ssd_fla(x, dt, A, B, C, initial_state, chunk_size)
     if name == "triton":
         from sessa_scale.ops.ssd_triton import ssd_scan_triton
 
-        return ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size)
-    inputs = (x, dt, A, B, C, initial_state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return checkpoint(ssd_chunked, *inputs, chunk_size, use_reentrant=False)
-    return ssd_chunked(*inputs, chunk_size)
+        return ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size, D=D)
+    if name == "sequential":
+        y, state = ssd_sequential(x, dt, A, B, C, initial_state)
+    elif name == "fla":
+        y, state = ssd_fla(x, dt, A, B, C, initial_state, chunk_size)
+    else:
+        inputs = (x, dt, A, B, C, initial_state)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            y, state = checkpoint(ssd_chunked, *inputs, chunk_size, use_reentrant=False)
+        else:
+            y, state = ssd_chunked(*inputs, chunk_size)
+    return (y if D is None else y + x * D[:, None].to(x.dtype)), state

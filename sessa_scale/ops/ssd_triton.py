@@ -1,13 +1,13 @@
 """Triton SSD scan: autograd wrapper and launch schedule around the kernels in ``kernels/ssd.py``.
 
-``ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size)`` has the contract of
+``ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size, D=None)`` has the contract of
 ``ssd_reference.ssd_chunked``: x (B, T, H, P), dt (B, T, H), A (H,), B and C (B, T, G, N),
 initial_state (B, H, N, P) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P) in
-ACC). Any strides; any T (the last chunk is masked). Selected by ``ssd_scan(..., impl="triton")``
+ACC), plus y += D[h] x when D (H,) is given (fused into the output and dx kernels). Any strides; any T (the last chunk is masked). Selected by ``ssd_scan(..., impl="triton")``
 and by "auto" on CUDA.
 
-Schedule: forward = cb_kernel, states_fwd_kernel, out_fwd_kernel (3 launches); the backward
-recomputes the chunk states (states_fwd_kernel), then states_bwd_kernel, dx_kernel, dbc_kernel,
+Schedule: forward = cb_kernel, state_scan_kernel, out_fwd_kernel (3 launches); the backward
+recomputes the chunk states (state_scan_kernel), then state_scan_kernel backwards, dx_kernel, dbc_kernel,
 and a few small torch reductions over the kernels' partial slices (deterministic, no atomics).
 Kept for the backward: the inputs and CB (B, G, T/L, L, L) in ACC (L floats per token and
 group); the chunk states (H N P / L floats per token) are recomputed, never kept.
@@ -15,7 +15,7 @@ group); the chunk states (H N P / L floats per token) are recomputed, never kept
 Numerics: decays, cumulative sums, states and accumulators in ACC (float32; float64 for float64
 inputs, the CPU interpreter tests); tl.dot operands in the inputs' half-precision dtype (bf16 or
 fp16: x's dtype) with fp32 accumulation, else in ACC ("tf32x3" for float32 on GPU, configurable;
-"ieee" in the interpreter). Chunk sizes above ``SSDConfig.max_chunk`` run as max_chunk (the
+"ieee" in the interpreter). Chunk sizes above ``SSDConfig.max_chunk`` (64) run as max_chunk (the
 result does not depend on the chunk size; the L x L tiles live in registers).
 """
 
@@ -32,7 +32,8 @@ import triton.language as tl
 from sessa_scale.kernels import ssd as K
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Tests set this: buffers the kernels must fill start as NaN, so unwritten tiles show.
+# Tests set this: buffers the kernels must fill (here and in ops/mamba2_fused.py) start as NaN, so
+# unwritten tiles show.
 POISON = False
 
 
@@ -49,7 +50,7 @@ class SSDConfig:
     head_split: int = 0  # dbc_kernel: programs per group of heads (a divisor of H / G); 0 = the
     # smallest giving programs_per_sm programs per SM
     programs_per_sm: int = 2
-    max_chunk: int = 128
+    max_chunk: int = 64  # longer chunks run as this (128: the dB/dC kernel's L x L tiles spill even at 16 warps)
     num_warps: int = 4  # cb, out_fwd, dx
     num_warps_state: int = 4  # the sequential state kernels
     num_warps_dbc: int = 8
@@ -76,7 +77,8 @@ def config_from_env(base: SSDConfig) -> SSDConfig:
     return replace(base, **{k: v if types[k] == "str" else int(v) for k, v in items.items()})
 
 
-def _new(shape, dtype, device) -> torch.Tensor:
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    """An uninitialized tensor for a kernel to fill (NaN-filled when POISON is set)."""
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -161,91 +163,102 @@ def _plan(x, dt, B, C, chunk_size: int, cfg: SSDConfig) -> _Plan:
 
 
 def _chunk_states(pl: _Plan, x, dt, A, B, init):
-    """states_fwd_kernel -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state (B, H, N, P) in ACC)."""
-    st = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
-    final = _new((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device)
-    K.states_fwd_kernel[pl.state_grid()](
+    """state_scan_kernel forwards -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state (B, H, N, P) in ACC)."""
+    st = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
+    final = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device)
+    K.state_scan_kernel[pl.state_grid()](
         x, dt, A, B, init if init is not None else final, st, final, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
-        triton.cdiv(pl.P, pl.BP_S), *x.stride(), *dt.stride(), *B.stride(),
-        HAS_INIT=init is not None, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
+        triton.cdiv(pl.P, pl.BP_S), *x.stride(), *dt.stride(), *B.stride(), REVERSE=False,
+        HAS_START=init is not None, WRITE_END=True, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
     return st, final
 
 
-def _forward(pl: _Plan, x, dt, A, B, C, init):
-    """-> y (x's dtype, contiguous), final state (ACC), CB (B, G, NC, L, L) (ACC)."""
-    cb = _new((pl.batch, pl.G, pl.NC, pl.L, pl.L), pl.acc, x.device)
+def _forward(pl: _Plan, x, dt, A, B, C, init, D):
+    """-> y (x's dtype, contiguous; with D's skip when D is given), final state (ACC), CB (B, G, NC, L, L) (ACC)."""
+    cb = new_buffer((pl.batch, pl.G, pl.NC, pl.L, pl.L), pl.acc, x.device)
     K.cb_kernel[(pl.NC, pl.batch * pl.G)](
         C, B, cb, pl.T, pl.G, pl.N, pl.NC, *C.stride(), *B.stride(), BN=pl.BN, **pl.consts(), **pl.kw())
     st, final = _chunk_states(pl, x, dt, A, B, init)
-    y = _new(x.shape, x.dtype, x.device)
+    y = new_buffer(x.shape, x.dtype, x.device)
     K.out_fwd_kernel[pl.chunk_grid()](
-        x, dt, A, C, cb, st, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP),
-        *x.stride(), *dt.stride(), *C.stride(), *y.stride(), BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
+        x, dt, A, C, cb, st, D if D is not None else A, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
+        triton.cdiv(pl.P, pl.BP), *x.stride(), *dt.stride(), *C.stride(), *y.stride(),
+        HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
     return y, final, cb
 
 
-def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, cb):
-    """-> dx, ddt, dA, dB, dC, dinit (ACC except dx; dinit None without an initial state)."""
+def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb):
+    """-> dx, ddt, dA, dB, dC, dinit, dD (ACC except dx; dinit / dD None without an initial state / D)."""
     dev = x.device
     st, _ = _chunk_states(pl, x, dt, A, B, init)
-    dst = _new((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
-    dinit = _new((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
-    K.states_bwd_kernel[pl.state_grid()](
+    dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
+    dinit = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
+    K.state_scan_kernel[pl.state_grid()](
         dy, dt, A, C, dfinal if dfinal is not None else dst, dst, dinit if dinit is not None else dst,
         pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP_S), *dy.stride(), *dt.stride(), *C.stride(),
-        HAS_DFINAL=dfinal is not None, HAS_INIT=init is not None, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(),
-        **pl.kw("state"))
+        REVERSE=True, HAS_START=dfinal is not None, WRITE_END=init is not None, BN=pl.BN_S, BP=pl.BP_S,
+        **pl.consts(), **pl.kw("state"))
     npb = triton.cdiv(pl.P, pl.BP)
-    dx = _new(x.shape, x.dtype, dev)
-    ddt_u = _new((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    dx = new_buffer(x.shape, x.dtype, dev)
+    ddt_u = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    dD = new_buffer((pl.batch, pl.NC, npb, pl.H), pl.acc, dev) if D is not None else None
     K.dx_kernel[pl.chunk_grid()](
-        x, dt, A, B, cb, dst, dy, dx, ddt_u, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
+        x, dt, A, B, cb, dst, dy, D if D is not None else A, dx, ddt_u, dD if D is not None else ddt_u,
+        pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *dy.stride(), *dx.stride(),
-        BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
+        HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
     nnb = triton.cdiv(pl.N, pl.BN_D)
-    dB = _new((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
-    dC = _new((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
-    dg = _new((nnb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    dB = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
+    dC = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
+    dg = new_buffer((nnb, pl.batch, pl.T, pl.H), pl.acc, dev)
     K.dbc_kernel[(pl.NC * nnb, pl.batch * pl.G * pl.HS)](
         x, dt, A, B, C, st, dst, dy, dB, dC, dg, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, nnb, pl.HS, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
         BN=pl.BN_D, BP=pl.BP_D, **pl.consts(), **pl.kw("dbc"))
-    dg = dg.sum(0)  # the gradient of the log decay g = dt A, (B, T, H)
-    ddt = ddt_u.sum(0) + dg * A.to(pl.acc)
+    dg = _sum0(dg)  # the gradient of the log decay g = dt A, (B, T, H)
+    ddt = _sum0(ddt_u) + dg * A.to(pl.acc)
     dA = (dg * dt.to(pl.acc)).sum((0, 1))
-    return dx, ddt, dA, dB.sum(0), dC.sum(0), dinit
+    return dx, ddt, dA, _sum0(dB), _sum0(dC), dinit, None if dD is None else dD.sum((0, 1, 2))
+
+
+def _sum0(parts: torch.Tensor) -> torch.Tensor:
+    """The sum of the kernels' partial results over dim 0 (a view when there is one part)."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
 class _TritonSSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, init, chunk_size, cfg):
+    def forward(ctx, x, dt, A, B, C, init, D, chunk_size, cfg):
         pl = _plan(x, dt, B, C, chunk_size, cfg)
         A_c = A.contiguous()
         init_c = None if init is None else init.contiguous()
-        y, final, cb = _forward(pl, x, dt, A_c, B, C, init_c)
-        ctx.save_for_backward(x, dt, A_c, B, C, init_c, cb)
+        D_c = None if D is None else D.contiguous()
+        y, final, cb = _forward(pl, x, dt, A_c, B, C, init_c, D_c)
+        ctx.save_for_backward(x, dt, A_c, B, C, init_c, D_c, cb)
         ctx.plan = pl
         ctx.set_materialize_grads(False)
         return y, final
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, init, cb = ctx.saved_tensors
+        x, dt, A, B, C, init, D, cb = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(x)
         if dfinal is not None:
             dfinal = dfinal.contiguous()
-        dx, ddt, dA, dB, dC, dinit = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, cb)
+        dx, ddt, dA, dB, dC, dinit, dD = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, D, cb)
         need = ctx.needs_input_grad
         grads = (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                 None if dinit is None else dinit.to(init.dtype))
+                 None if dinit is None else dinit.to(init.dtype), None if dD is None else dD.to(D.dtype))
         return (*(g if n else None for g, n in zip(grads, need)), None, None)
 
 
 @torch.compiler.disable  # torch.compile runs the model around it; the kernels launch as they are
-def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, config: SSDConfig | None = None):
-    """The SSD scan on the Triton kernels (module docstring). ``config`` overrides tiles and launch
-    options (default: SSDConfig with SESSA_SSD_CFG applied; INTERPRET_CONFIG in the interpreter)."""
+def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, config: SSDConfig | None = None,
+                    D=None):
+    """The SSD scan on the Triton kernels (module docstring), plus the skip D[h] x when D (H,) is
+    given. ``config`` overrides tiles and launch options (default: SSDConfig with SESSA_SSD_CFG
+    applied; INTERPRET_CONFIG in the interpreter)."""
     if not (x.is_cuda or INTERPRET):
         raise ValueError("the triton SSD scan runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
                          "use impl='chunked' or 'auto' here")
@@ -253,7 +266,7 @@ def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, co
         config = config_from_env(INTERPRET_CONFIG if INTERPRET else SSDConfig())
     if x.is_cuda and any(t.dtype == torch.float64 for t in (x, dt, A, B, C)):
         # float64 is for the CPU interpreter tests; on GPU the PyTorch chunked scan serves it.
-        from sessa_scale.ops.ssd_reference import ssd_chunked
+        from sessa_scale.ops.ssd import ssd_scan
 
-        return ssd_chunked(x, dt, A, B, C, initial_state, chunk_size)
-    return _TritonSSD.apply(x, dt, A, B, C, initial_state, int(chunk_size), config)
+        return ssd_scan(x, dt, A, B, C, initial_state=initial_state, chunk_size=chunk_size, impl="chunked", D=D)
+    return _TritonSSD.apply(x, dt, A, B, C, initial_state, D, int(chunk_size), config)

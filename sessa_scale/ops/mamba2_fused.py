@@ -1,0 +1,120 @@
+"""Fused Triton versions of the Mamba-2 mixer's causal depthwise conv + SiLU and gated RMSNorm
+(kernels in ``kernels/mamba2_fused.py``), as autograd functions. Their references are the PyTorch
+paths in ``sessa_scale/models/mamba2.py`` (``Mamba2Mixer.causal_convs``, ``GatedRMSNorm``), which
+``model.ssm_kernels`` selects instead ("torch"); "auto" uses these on CUDA.
+
+Both compute in float32 and return the input's dtype (under bf16 autocast: bf16, as the PyTorch
+path); parameter gradients come back in the parameters' dtype, summed over per-program partial
+sums (no atomics: deterministic). Inputs need unit stride along channels (else they are copied).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from sessa_scale.kernels import mamba2_fused as K
+from sessa_scale.ops.ssd_triton import new_buffer
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CONV_BT, CONV_BC = 32, 64  # conv tile: positions x channels
+NORM_ROWS = 16  # rows per gated-RMSNorm program (the weight gradient is summed over programs)
+
+
+def _kw(num_warps: int) -> dict:
+    return {} if INTERPRET else {"num_warps": num_warps}
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_device(t: torch.Tensor, what: str) -> None:
+    if not (t.is_cuda or INTERPRET):
+        raise ValueError(f"the Triton {what} runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+                         "set model.ssm_kernels=torch here")
+
+
+class _CausalConvSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x = _channels_last(x)
+        batch, T, C = x.shape
+        w = weight.reshape(C, -1).contiguous()
+        b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=weight.dtype)
+        out = new_buffer(x.shape, x.dtype, x.device)
+        grid = (triton.cdiv(T, CONV_BT), triton.cdiv(C, CONV_BC), batch)
+        K.conv_fwd_kernel[grid](x, w, b, out, T, C, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                                K=w.shape[1], BT=CONV_BT, BC=CONV_BC, **_kw(4))
+        ctx.save_for_backward(x, w, b)
+        ctx.shapes = (weight.shape, weight.dtype, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w, b = ctx.saved_tensors
+        wshape, wdtype, has_bias = ctx.shapes
+        dout = _channels_last(dout)
+        batch, T, C = x.shape
+        grid = (triton.cdiv(T, CONV_BT), triton.cdiv(C, CONV_BC), batch)
+        parts = grid[0] * batch
+        din = new_buffer(x.shape, x.dtype, x.device)
+        dw = new_buffer((parts, C, w.shape[1]), torch.float32, x.device)
+        db = new_buffer((parts, C), torch.float32, x.device)
+        K.conv_bwd_kernel[grid](x, w, b, dout, din, dw, db, T, C, x.stride(0), x.stride(1), dout.stride(0),
+                                dout.stride(1), din.stride(0), din.stride(1),
+                                K=w.shape[1], BT=CONV_BT, BC=CONV_BC, **_kw(4))
+        return din, dw.sum(0).reshape(wshape).to(wdtype), db.sum(0).to(b.dtype) if has_bias else None
+
+
+@torch.compiler.disable
+def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, C), weight (C, 1, K) (a depthwise nn.Conv1d's), bias (C,) or None -> silu(causal
+    depthwise conv of x) (B, T, C) in x's dtype."""
+    _check_device(x, "causal conv")
+    return _CausalConvSiLU.apply(x, weight, bias)
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, z, weight, group_size, eps):
+        y, z = _channels_last(y), _channels_last(z)
+        batch, T, E = y.shape
+        G = E // group_size
+        out = new_buffer(y.shape, y.dtype, y.device)
+        rstd = new_buffer((batch * T, G), torch.float32, y.device)
+        grid = (triton.cdiv(batch * T, NORM_ROWS), G)
+        block = triton.next_power_of_2(group_size)
+        K.norm_fwd_kernel[grid](y, z, weight, out, rstd, batch * T, T, group_size, G, eps, y.stride(0), y.stride(1),
+                                z.stride(0), z.stride(1), out.stride(0), out.stride(1), ROWS=NORM_ROWS,
+                                BLOCK=block, **_kw(8 if block >= 2048 else 4))
+        ctx.save_for_backward(y, z, weight, rstd)
+        ctx.group_size = group_size
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, weight, rstd = ctx.saved_tensors
+        dout = _channels_last(dout)
+        batch, T, E = y.shape
+        G = E // ctx.group_size
+        grid = (triton.cdiv(batch * T, NORM_ROWS), G)
+        dy = new_buffer(y.shape, y.dtype, y.device)
+        dz = new_buffer(z.shape, z.dtype, z.device)
+        dw = new_buffer((grid[0], E), torch.float32, y.device)
+        block = triton.next_power_of_2(ctx.group_size)
+        K.norm_bwd_kernel[grid](y, z, weight, rstd, dout, dy, dz, dw, batch * T, T, ctx.group_size, G, E,
+                                y.stride(0), y.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
+                                dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1), ROWS=NORM_ROWS,
+                                BLOCK=block, **_kw(8 if block >= 2048 else 4))
+        return dy, dz, dw.sum(0).to(weight.dtype), None, None
+
+
+@torch.compiler.disable
+def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+    """y, z (B, T, E), weight (E,) -> RMSNorm(y * silu(z)) * weight over groups of group_size channels,
+    computed in float32, returned in y's dtype."""
+    _check_device(y, "gated RMSNorm")
+    return _GatedRMSNorm.apply(y, z, weight, int(group_size), float(eps))
