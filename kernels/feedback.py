@@ -166,8 +166,8 @@ def leaf_kernel(w_ptr, x_ptr, o_ptr, o2_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_
         hi = pid_m * BML + BML
     for n0 in range(lo, hi, BNL):
         ln = n0 + tl.arange(0, BNL)
-        if REV:
-            w = tl.load(wp + (a0 + ln)[None, :] * L + li[:, None])  # N[n, i] as an (i, n) tile
+        if REV:  # N[n, i] as an (i, n) tile, loaded along W's rows
+            w = tl.trans(tl.load(wp + (a0 + ln)[:, None] * L + li[None, :]))
         else:
             w = tl.load(wp + rows[:, None] * L + ln[None, :])
         xs = tl.load(xp + (a0 + ln)[:, None] * sx_t + vv[None, :], mask=((a0 + ln) < T)[:, None] & vm[None, :],
@@ -311,7 +311,7 @@ def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, y_ptr, s_ptr, dl_ptr
 @triton.jit
 def _dq_step(q, kt, sv, lam, lse, g, dl, dq, dg, ok, qk_scale,
              MASK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """One key tile of dq_kernel: dq += dS kt, dg += sum_j P lam.s_j; MASK: P where ok, else 0."""
+    """One key tile of dq_kernel: dq += dS kt, dg += sum_j P lam.s_j; MASK: P where ok (else ok is unused)."""
     p = tl.exp2(_dot(q, tl.trans(kt), PREC) * qk_scale - lse[:, None])
     if MASK:
         p = tl.where(ok, p, 0.0)
@@ -352,7 +352,7 @@ def dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, dq_ptr, dg_p
         cols = n0 + tl.arange(0, BN)
         cmask = cols < T
         dq, dg = _dq_step(q, _tile(kp, cols, cmask, sk_t, 0, Dk, BK), _tile(sp, cols, cmask, sx_t, 0, Dv, BV),
-                          lam, lse, g, dl, dq, dg, None, qk_scale, False, DT, PREC)
+                          lam, lse, g, dl, dq, dg, rmask[:, None], qk_scale, False, DT, PREC)
     for n0 in range(row0, tl.minimum(row0 + BM, T), BN):  # the diagonal tiles
         cols = n0 + tl.arange(0, BN)
         cmask = cols < T
@@ -368,7 +368,7 @@ def dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, dq_ptr, dg_p
 @triton.jit
 def _dk_step(kj, sj, qt, lam, lse, g, dl, dk, ok, qk_scale, MASK: tl.constexpr, DT: tl.constexpr,
              PREC: tl.constexpr):
-    """One query tile of dk_kernel: dk += dS^T qt; MASK: P where ok, else 0."""
+    """One query tile of dk_kernel: dk += dS^T qt; MASK: P where ok (else ok is unused)."""
     pT = tl.exp2(_dot(kj, tl.trans(qt), PREC) * qk_scale - lse[None, :])
     if MASK:
         pT = tl.where(ok, pT, 0.0)
@@ -417,7 +417,7 @@ def dk_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, acc_ptr, dk_
         dk = _dk_step(kj, sj, _tile(qp, ts, tmask, sq_t, 0, Dk, BK), _tile(lp, ts, tmask, sx_t, 0, Dv, BV),
                       tl.load(lse_ptr + bh * T + ts, mask=tmask, other=0.0),
                       tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(ACC),
-                      tl.load(dl_ptr + bh * T + ts, mask=tmask, other=0.0), dk, None, qk_scale, False, DT, PREC)
+                      tl.load(dl_ptr + bh * T + ts, mask=tmask, other=0.0), dk, tmask[None, :], qk_scale, False, DT, PREC)
     kk = tl.arange(0, BK)
     mk = jmask[:, None] & (kk < Dk)[None, :]
     if ACC_IN:

@@ -59,11 +59,11 @@ class SolveConfig:
     BWD_BN: int = 64  # ... queries per step
     BWD_WARPS: int = 8  # two accumulators (Y and dk) of BWD_BM x 128 fp32
     DQ_BM: int = 128  # dq_kernel: rows per program
-    DQ_BN: int = 64  # ... keys per step
+    DQ_BN: int = 32  # ... keys per step
     DQ_WARPS: int = 8
     STAGES: int = 3  # software-pipelining stages of the fused kernels
     BML: int = 64  # leaf products (leaf_kernel): row tile
-    BNL: int = 32  # ... contraction tile
+    BNL: int = 64  # ... contraction tile (a leaf's last row tile takes L / BNL steps: the chain's latency)
     LEAF_WARPS: int = 4  # leaf_kernel and leaf_prep_kernel
     # GEMM path.
     EPI_BM: int = 32  # epilogues: rows per program
@@ -110,6 +110,7 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
     bwd_bm = max(16, min(cfg.BWD_BM // h, L))
     return replace(
         cfg, gemm=int(gemm), L=L, BK=BK, BV=BV, BK_PREP=min(BK, 128) if gemm else BK, BML=min(cfg.BML, L),
+        BNL=min(cfg.BNL, cfg.BML, L),  # a leaf's contraction tiles must stay inside the leaf
         FWD_BM=max(fwd_bn, cfg.FWD_BM // h), FWD_BN=fwd_bn, DQ_BM=max(dq_bn, cfg.DQ_BM // h), DQ_BN=dq_bn,
         BWD_BM=bwd_bm, BWD_BN=max(16, min(cfg.BWD_BN // h, bwd_bm)),
         STAGES=cfg.STAGES if h == 1 else min(cfg.STAGES, 2),
