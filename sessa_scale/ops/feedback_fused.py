@@ -25,6 +25,17 @@ def _rows(x: torch.Tensor) -> tuple[int, int]:
     return x.stride(0), x.stride(1)
 
 
+def _leaf(W, x, out, out2, a: int, cfg, rev: bool, S=None, f=None, delta=None) -> None:
+    """out (and out2, when not None, in its dtype) = N x over the leaf [a, a + L) with its inverse N
+    (rev: N^T x); with delta: also delta_t = out_t . (S_t - f_t) (the backward's lam)."""
+    B, T, H, Dv = x.shape
+    K.leaf_kernel[(cfg.L // cfg.BML, 1, B * H)](
+        W, x, out, out if out2 is None else out2, out if S is None else S, x if f is None else f,
+        W if delta is None else delta, T, H, Dv, *_rows(x), *_rows(x if f is None else f), W.shape[1], a, cfg.L,
+        BML=cfg.BML, BNL=cfg.BNL, BV=cfg.BV, REV=rev, COPY=out2 is not None, DELTA=delta is not None,
+        PREC=leaf_precision(out.dtype), **launch_options(cfg.LEAF_WARPS, 2))
+
+
 def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
     """The solution buffer as the op's (B, T, H, Dv) output (it already is)."""
     return S
@@ -48,19 +59,13 @@ def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
     S2 = None if s_dtype == pdt else new_buffer((B, T, H, Dv), s_dtype, q.device)
     sx, L = _rows(X), cfg.L
 
-    def leaf(a):
-        K.leaf_kernel[(L // cfg.BML, 1, BH)](
-            W, X, S, S if S2 is None else S2, S, f, lse, T, H, Dv, *sx, *_rows(f), W.shape[1], a, L,
-            BML=cfg.BML, BNL=cfg.BNL, BV=cfg.BV, REV=False, COPY=S2 is not None, DELTA=False,
-            PREC=leaf_precision(pdt), **launch_options(cfg.LEAF_WARPS, 2))
-
     def apply(l0, l1, e0, e1):
         K.fwd_apply_kernel[(triton.cdiv(l1 - l0, cfg.FWD_BM), BH)](
             q, k, gamma, lse, S, X, T, H, Dk, Dv, qk_scale, *_rows(q), *_rows(k), *_rows(gamma), *sx,
             l0, l1, e0, e1, BM=cfg.FWD_BM, BN=cfg.FWD_BN, BK=cfg.BK, BV=cfg.BV, PREC="ieee",
             **launch_options(cfg.FWD_WARPS, cfg.STAGES))
 
-    schedule(T, L, leaf, apply, False, 0, triton.cdiv(T, L))
+    schedule(T, L, lambda a: _leaf(W, X, S, S2, a, cfg, False), apply, False, 0, triton.cdiv(T, L))
     return (S, lse) if S2 is None else (S, lse, S2)
 
 
@@ -81,19 +86,13 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
     sx, L = _rows(Y), cfg.L
     bwd = dict(BK=cfg.BK, BV=cfg.BV, PREC="ieee", **launch_options(cfg.BWD_WARPS, cfg.STAGES))
 
-    def leaf(a):
-        K.leaf_kernel[(L // cfg.BML, 1, BH)](
-            W, Y, Lam, Lam if Lam2 is None else Lam2, S, f, delta, T, H, Dv, *sx, *_rows(f), W.shape[1], a, L,
-            BML=cfg.BML, BNL=cfg.BNL, BV=cfg.BV, REV=True, COPY=Lam2 is not None, DELTA=True,
-            PREC=leaf_precision(pdt), **launch_options(cfg.LEAF_WARPS, 2))
-
     def apply(l0, l1, e0, e1):
         dk = Y if dk_acc is None else dk_acc
         K.bwd_apply_kernel[(triton.cdiv(e1 - e0, cfg.BWD_BM), BH)](
             q, k, gamma, lse, Lam, Y, S, delta, dk, T, H, Dk, Dv, qk_scale, *_rows(q), *_rows(k), *_rows(gamma),
             *sx, *_rows(dk), e0, e1, l0, l1, BM=cfg.BWD_BM, BN=cfg.BWD_BN, DK=dk_acc is not None, **bwd)
 
-    schedule(T, L, leaf, apply, True, 0, triton.cdiv(T, L))
+    schedule(T, L, lambda a: _leaf(W, Y, Lam, Lam2, a, cfg, True, S, f, delta), apply, True, 0, triton.cdiv(T, L))
     del W, Y
     dq = new_buffer(q.shape, tq, q.device)
     dgamma = new_buffer(gamma.shape, tg, q.device)
