@@ -126,9 +126,9 @@ def _prep(q, k, gamma, f):
     if in_dt not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         in_dt = torch.float32
 
-    def rows_ok(x, dtype):
+    def rows_ok(x, dtype):  # the kernels address head h at h * D from a row's start
         x = x.to(dtype)
-        return x if x.stride(-1) == 1 and x.stride(2) == x.shape[-1] else x.contiguous()
+        return x if x.stride(-1) == 1 and (x.shape[2] == 1 or x.stride(2) == x.shape[-1]) else x.contiguous()
 
     return rows_ok(q, in_dt), rows_ok(k, in_dt), gamma.contiguous(), rows_ok(f, f.dtype)
 
