@@ -1,0 +1,35 @@
+"""`sessa-scale bench layer` compares the blocks the project trains (CPU checks of how it builds and runs
+them; the timing itself needs a GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from sessa_scale.bench.layer import build_block, training_autocast
+from sessa_scale.models.sessa import SessaLayer
+from sessa_scale.models.transformer import MLP, TransformerBlock
+
+
+def test_blocks_are_the_trained_models_blocks_with_the_requested_width():
+    """Both blocks come from the registry's builders on the 350m configs: the project's classes, the
+    config's MLP (GELU, 4 D), the requested width and heads, fp32 parameters."""
+    transformer = build_block("transformer", "350m", 64, 4, "auto")
+    sessa = build_block("sessa", "350m", 64, 4, "chunked")
+    assert type(transformer) is TransformerBlock and type(sessa) is SessaLayer
+    assert isinstance(transformer.mlp, MLP) and transformer.mlp.kind == "gelu"
+    assert transformer.mlp.fc1.out_features == 4 * 64 and transformer.attn.n_heads == 4
+    assert sessa.mixer.n_heads == 4 and sessa.mixer.n_fb_heads == 1 and sessa.mixer.solver == "chunked"
+    assert all(p.dtype == torch.float32 for m in (transformer, sessa) for p in m.parameters())
+
+
+def test_training_autocast_runs_the_blocks_in_bf16_over_fp32_parameters():
+    x = torch.randn(2, 17, 64, requires_grad=True)
+    block = build_block("transformer", "350m", 64, 4, "auto")
+    with training_autocast("bf16", x.device):
+        hidden = block.attn.q_proj(block.ln1(x))
+        y = block(x)
+    assert hidden.dtype == torch.bfloat16 and y.dtype == torch.float32  # residual stream stays fp32
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32 and block.attn.q_proj.weight.grad.dtype == torch.float32
+    with training_autocast("fp32", x.device):
+        assert block.attn.q_proj(x).dtype == torch.float32
