@@ -2,8 +2,8 @@
 architecture on a machine without a GPU, and print each launch's registers, spills (STACK) and
 shared memory: catches compile errors and register spills before device time is spent.
 
-    python -m kernels.compile_check [--arch 90] [--batch 8 --seq-len 2048 --dtype bfloat16 --chunk 64]
-    SESSA_SSD_CFG="BN_DBC=64" python -m kernels.compile_check   # a tile change, checked offline
+    python -m sessa_scale.kernels.compile_check [--arch 90] [--batch 8 --seq-len 2048 --dtype bfloat16 --chunk 64]
+    SESSA_SSD_CFG="BN_DBC=64" python -m sessa_scale.kernels.compile_check   # a tile change, checked offline
 
 One forward and backward of the SSD scan (the 350m shapes: 32 heads x 64, N = 128, one group) and of
 the fused conv + norm run with every kernel launch replaced by a compile of that launch as the JIT
@@ -89,7 +89,7 @@ def _resources(cubin: bytes) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m sessa_scale.kernels.compile_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)

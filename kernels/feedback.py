@@ -166,8 +166,8 @@ def leaf_kernel(w_ptr, x_ptr, o_ptr, o2_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_
         hi = pid_m * BML + BML
     for n0 in range(lo, hi, BNL):
         ln = n0 + tl.arange(0, BNL)
-        if REV:
-            w = tl.load(wp + (a0 + ln)[None, :] * L + li[:, None])  # N[n, i] as an (i, n) tile
+        if REV:  # N[n, i] as an (i, n) tile, loaded along W's rows
+            w = tl.trans(tl.load(wp + (a0 + ln)[:, None] * L + li[None, :]))
         else:
             w = tl.load(wp + rows[:, None] * L + ln[None, :])
         xs = tl.load(xp + (a0 + ln)[:, None] * sx_t + vv[None, :], mask=((a0 + ln) < T)[:, None] & vm[None, :],
@@ -309,13 +309,15 @@ def bwd_apply_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, y_ptr, s_ptr, dl_ptr
 
 
 @triton.jit
-def _dq_step(q, kt, sv, lam, lse, g, dl, dq, dg, ok, qk_scale,
-             MASK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """One key tile of dq_kernel: dq += dS kt, dg += sum_j P lam.s_j; MASK: P where ok, else 0."""
+def _dq_step(q, lam, lse, g, dl, dq, dg, kp, sp, cols, cmask, sk_t, sx_t, Dk, Dv, ok, qk_scale,
+             MASK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One key tile `cols` of dq_kernel: dq += dS k, dg += sum_j P lam.s_j; MASK: P where ok (else ok
+    is unused)."""
+    kt = _tile(kp, cols, cmask, sk_t, 0, Dk, BK)
     p = tl.exp2(_dot(q, tl.trans(kt), PREC) * qk_scale - lse[:, None])
     if MASK:
         p = tl.where(ok, p, 0.0)
-    D = _dot(lam, tl.trans(sv), PREC).to(dq.dtype)
+    D = _dot(lam, tl.trans(_tile(sp, cols, cmask, sx_t, 0, Dv, BV)), PREC).to(dq.dtype)
     dg += tl.sum(p * D, 1)
     dq += _dot((p * (g[:, None] * D - dl[:, None])).to(DT), kt, PREC).to(dq.dtype)
     return dq, dg
@@ -350,15 +352,13 @@ def dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, dq_ptr, dg_p
     dg = tl.zeros((BM,), dtype=ACC)
     for n0 in range(0, row0, BN):  # keys before the block's first row: no causal mask
         cols = n0 + tl.arange(0, BN)
-        cmask = cols < T
-        dq, dg = _dq_step(q, _tile(kp, cols, cmask, sk_t, 0, Dk, BK), _tile(sp, cols, cmask, sx_t, 0, Dv, BV),
-                          lam, lse, g, dl, dq, dg, None, qk_scale, False, DT, PREC)
+        dq, dg = _dq_step(q, lam, lse, g, dl, dq, dg, kp, sp, cols, cols < T, sk_t, sx_t, Dk, Dv, rmask[:, None],
+                          qk_scale, False, BK, BV, DT, PREC)
     for n0 in range(row0, tl.minimum(row0 + BM, T), BN):  # the diagonal tiles
         cols = n0 + tl.arange(0, BN)
-        cmask = cols < T
         ok = (cols[None, :] < rows[:, None]) & rmask[:, None]
-        dq, dg = _dq_step(q, _tile(kp, cols, cmask, sk_t, 0, Dk, BK), _tile(sp, cols, cmask, sx_t, 0, Dv, BV),
-                          lam, lse, g, dl, dq, dg, ok, qk_scale, True, DT, PREC)
+        dq, dg = _dq_step(q, lam, lse, g, dl, dq, dg, kp, sp, cols, cols < T, sk_t, sx_t, Dk, Dv, ok,
+                          qk_scale, True, BK, BV, DT, PREC)
     kk = tl.arange(0, BK)
     tl.store(dq_ptr + b * sdq_b + h * Dk + rows[:, None] * sdq_t + kk[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=rmask[:, None] & (kk < Dk)[None, :])
@@ -366,13 +366,17 @@ def dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, dq_ptr, dg_p
 
 
 @triton.jit
-def _dk_step(kj, sj, qt, lam, lse, g, dl, dk, ok, qk_scale, MASK: tl.constexpr, DT: tl.constexpr,
-             PREC: tl.constexpr):
-    """One query tile of dk_kernel: dk += dS^T qt; MASK: P where ok, else 0."""
-    pT = tl.exp2(_dot(kj, tl.trans(qt), PREC) * qk_scale - lse[None, :])
+def _dk_step(kj, sj, dk, qp, lp, lse_ptr, gp, dl_ptr, ts, tmask, sq_t, sx_t, sg_t, Dk, Dv, ok, qk_scale,
+             MASK: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One query tile `ts` of dk_kernel: dk += dS^T q (lse_ptr, gp, dl_ptr offset to the head's rows);
+    MASK: P where ok (else ok is unused).  Queries outside tmask load as zeros and add nothing."""
+    qt = _tile(qp, ts, tmask, sq_t, 0, Dk, BK)
+    pT = tl.exp2(_dot(kj, tl.trans(qt), PREC) * qk_scale - tl.load(lse_ptr + ts, mask=tmask, other=0.0)[None, :])
     if MASK:
         pT = tl.where(ok, pT, 0.0)
-    return _dk_acc(pT, sj, qt, lam, g, dl, dk, DT, PREC)
+    g = tl.load(gp + ts * sg_t, mask=tmask, other=0.0).to(dk.dtype)
+    return _dk_acc(pT, sj, qt, _tile(lp, ts, tmask, sx_t, 0, Dv, BV), g, tl.load(dl_ptr + ts, mask=tmask, other=0.0),
+                   dk, DT, PREC)
 
 
 @triton.jit(do_not_specialize=['T', 'sg_b', 'sg_t'])
@@ -402,22 +406,16 @@ def dk_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, acc_ptr, dk_
     if DIAG:
         hi = tl.minimum((j0 // L + 1) * L, T)
     dk = tl.zeros((BM, BK), dtype=ACC)
-    # queries t >= hi load as zeros: their lam, gamma and delta are 0, so they add nothing.
+    gp = g_ptr + b * sg_b + h
     for n0 in range(j0, tl.minimum(j0 + BM, hi), BN):  # the diagonal tiles: t > j only
         ts = n0 + tl.arange(0, BN)
-        tmask = ts < hi
-        ok = (js[:, None] < ts[None, :]) & tmask[None, :]
-        dk = _dk_step(kj, sj, _tile(qp, ts, tmask, sq_t, 0, Dk, BK), _tile(lp, ts, tmask, sx_t, 0, Dv, BV),
-                      tl.load(lse_ptr + bh * T + ts, mask=tmask, other=0.0),
-                      tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(ACC),
-                      tl.load(dl_ptr + bh * T + ts, mask=tmask, other=0.0), dk, ok, qk_scale, True, DT, PREC)
+        ok = (js[:, None] < ts[None, :]) & (ts < hi)[None, :]
+        dk = _dk_step(kj, sj, dk, qp, lp, lse_ptr + bh * T, gp, dl_ptr + bh * T, ts, ts < hi, sq_t, sx_t, sg_t,
+                      Dk, Dv, ok, qk_scale, True, BK, BV, DT, PREC)
     for n0 in range(j0 + BM, hi, BN):  # later queries: no causal mask
         ts = n0 + tl.arange(0, BN)
-        tmask = ts < hi
-        dk = _dk_step(kj, sj, _tile(qp, ts, tmask, sq_t, 0, Dk, BK), _tile(lp, ts, tmask, sx_t, 0, Dv, BV),
-                      tl.load(lse_ptr + bh * T + ts, mask=tmask, other=0.0),
-                      tl.load(g_ptr + b * sg_b + h + ts * sg_t, mask=tmask, other=0.0).to(ACC),
-                      tl.load(dl_ptr + bh * T + ts, mask=tmask, other=0.0), dk, None, qk_scale, False, DT, PREC)
+        dk = _dk_step(kj, sj, dk, qp, lp, lse_ptr + bh * T, gp, dl_ptr + bh * T, ts, ts < hi, sq_t, sx_t, sg_t,
+                      Dk, Dv, jmask[:, None], qk_scale, False, BK, BV, DT, PREC)
     kk = tl.arange(0, BK)
     mk = jmask[:, None] & (kk < Dk)[None, :]
     if ACC_IN:

@@ -13,7 +13,6 @@ pass), the scratch, and an ACC dk accumulator in the backward.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -41,11 +40,18 @@ def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
     return S.view(B, H, T, Dv).transpose(1, 2)
 
 
-@functools.cache
+_OUT_DTYPE_SUPPORT: dict = {}  # device -> (bmm into a buffer, baddbmm accumulating), see _out_dtype_support
+
+
 def _out_dtype_support(device: torch.device) -> tuple[bool, bool]:
     """Whether torch.bmm writes half x half -> fp32 into a given buffer, and whether torch.baddbmm
-    accumulates half x half into an fp32 strided view (torch >= 2.8 on CUDA), probed once per device;
-    where not, products go through temporaries."""
+    accumulates half x half into an fp32 strided view (torch >= 2.8 on CUDA), probed once per device
+    (not inside a CUDA-graph capture, which cannot synchronize: there temporaries are used); where
+    not, products go through temporaries."""
+    if device in _OUT_DTYPE_SUPPORT:
+        return _OUT_DTYPE_SUPPORT[device]
+    if torch.cuda.is_current_stream_capturing():
+        return False, False
     a = torch.ones((2, 16, 16), dtype=torch.bfloat16, device=device)
     full = torch.ones((2, 32, 16), device=device)
     try:
@@ -59,6 +65,7 @@ def _out_dtype_support(device: torch.device) -> tuple[bool, bool]:
         accumulates = bool((view == 17).all() and (full[:, :8] == 1).all() and (full[:, 24:] == 1).all())
     except (RuntimeError, TypeError, NotImplementedError):
         accumulates = False
+    _OUT_DTYPE_SUPPORT[device] = into, accumulates
     return into, accumulates
 
 

@@ -63,11 +63,11 @@ class SolveConfig:
     BWD_BN: int = 64  # ... queries per step
     BWD_WARPS: int = 8  # two accumulators (Y and dk) of BWD_BM x 128 fp32
     DQ_BM: int = 128  # dq_kernel: rows per program
-    DQ_BN: int = 64  # ... keys per step
+    DQ_BN: int = 32  # ... keys per step
     DQ_WARPS: int = 8
     STAGES: int = 3  # software-pipelining stages of the fused kernels
     BML: int = 64  # leaf products (leaf_kernel): row tile
-    BNL: int = 32  # ... contraction tile
+    BNL: int = 64  # ... contraction tile (a leaf's last row tile takes L / BNL steps: the chain's latency)
     LEAF_WARPS: int = 4  # leaf_kernel and leaf_prep_kernel
     # GEMM path.
     EPI_BM: int = 32  # epilogues: rows per program
@@ -127,6 +127,7 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
     bwd_bm = max(16, min(cfg.BWD_BM // h, L))
     return replace(
         cfg, gemm=int(gemm), L=L, BK=BK, BV=BV, BK_PREP=min(BK, 128) if gemm else BK, BML=min(cfg.BML, L),
+        BNL=min(cfg.BNL, cfg.BML, L),  # a leaf's contraction tiles must stay inside the leaf
         FWD_BM=max(fwd_bn, cfg.FWD_BM // h), FWD_BN=fwd_bn, DQ_BM=max(dq_bn, cfg.DQ_BM // h), DQ_BN=dq_bn,
         BWD_BM=bwd_bm, BWD_BN=max(16, min(cfg.BWD_BN // h, bwd_bm)),
         STAGES=cfg.STAGES if h == 1 else min(cfg.STAGES, 2),
@@ -142,9 +143,9 @@ def _prep(q, k, gamma, f):
     if in_dt not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         in_dt = torch.float32
 
-    def rows_ok(x, dtype):
+    def rows_ok(x, dtype):  # the kernels address head h at h * D from a row's start
         x = x.to(dtype)
-        return x if x.stride(-1) == 1 and x.stride(2) == x.shape[-1] else x.contiguous()
+        return x if x.stride(-1) == 1 and (x.shape[2] == 1 or x.stride(2) == x.shape[-1]) else x.contiguous()
 
     return rows_ok(q, in_dt), rows_ok(k, in_dt), gamma.contiguous(), rows_ok(f, f.dtype)
 
