@@ -17,13 +17,17 @@
 # Knobs: STEP_TIMEOUT (seconds per step, default 300), SMALL_REPEATS / WIDE_REPEATS (timed calls per
 # solve bench point). Wheels: $WHL (default .whl) holds the packages the GPU image lacks (deepspeed,
 # megatron-core, webdataset, pydantic, fla-core, ...); README "GPU machines" lists them.
+# Two GPUs (nvidia-h200-x2): run one copy per GPU with its own CUDA_VISIBLE_DEVICES and OUT, e.g.
+#   CUDA_VISIBLE_DEVICES=0 OUT=$OUT/gpu0 bash kernels/gpu_check.sh trainer & CUDA_VISIBLE_DEVICES=1 OUT=$OUT/gpu1 bash kernels/gpu_check.sh solve-tests & wait
 set -o pipefail
 STEPS=("$@"); [[ ${#STEPS[@]} -eq 0 ]] && STEPS=(trainer train-bench)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 WHL=${WHL:-.whl}
 if ls "$WHL"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
+  # once per machine, also when two copies of this script run side by side (one per GPU of nvidia-h200-x2)
+  ( flock 9; [[ -f /tmp/site/.installed ]] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site "$WHL"/*.whl && touch /tmp/site/.installed; } ) 9>/tmp/site.lock || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
