@@ -147,7 +147,7 @@ def test_every_problem_is_reported_at_once_naming_file_and_key(tmp_path):
         "checkpoint:\n  keep: 0\n"
         "logging:\n  wandb_mode: loud\n  progress: 1\n",
     )
-    err = config_error(path, ["zero.stage=4"])
+    err = config_error(path, ["zero.stage=4", "train.compile_mode=fast"])
     expected = {
         "bad.yaml: model.d_model: expected an integer, got 'big'",
         "bad.yaml: model.n_heads: 5 does not divide",  # from the model registry
@@ -164,6 +164,7 @@ def test_every_problem_is_reported_at_once_naming_file_and_key(tmp_path):
         "bad.yaml: logging.wandb_mode: must be one of online, offline, disabled, got 'loud'",
         "bad.yaml: logging.progress: expected true or false, got 1",
         "command line: zero.stage: must be 0, 1, 2 or 3, got 4",
+        "command line: train.compile_mode: must be one of default, max-autotune-no-cudagraphs, got 'fast'",
     }
     text = str(err)
     assert text.startswith(f"invalid configuration, {len(err.problems)} problems: (1) ")

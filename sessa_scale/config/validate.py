@@ -14,6 +14,7 @@ import typing
 from typing import Any
 
 from sessa_scale.config.schema import Config
+from sessa_scale.training.compile import COMPILE_MODES
 from sessa_scale.training.precision import PRECISIONS
 
 DEFAULT_SOURCE = "defaults"
@@ -169,6 +170,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
         ("train.micro_batch_size", t.micro_batch_size >= 1, "must be >= 1"),
         ("train.grad_accum_steps", t.grad_accum_steps >= 1, "must be >= 1"),
         ("train.precision", t.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+        ("train.compile_mode", t.compile_mode in COMPILE_MODES, f"must be one of {', '.join(COMPILE_MODES)}"),
         ("train.eval_interval", t.eval_interval >= 0, "must be >= 0 (0 disables evaluation)"),
         ("train.profile_step", t.profile_step >= 0, "must be >= 0 (0: no profile)"),
         ("train.eval_batches", t.eval_batches >= 1, "must be >= 1"),

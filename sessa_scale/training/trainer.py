@@ -172,7 +172,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
     )
 
     if t.compile:
-        compile_for_training(engine)  # in place: state-dict keys and checkpoints as eager
+        compile_for_training(engine, t.compile_mode)  # in place: state-dict keys and checkpoints as eager
     step, tokens = 0, 0
     if resume_from is not None:
         client = checkpoints.load(engine, resume_from, universal)
