@@ -11,7 +11,7 @@ import sys
 from sessa_scale.errors import UserError
 from sessa_scale.filesystem import cause_of, is_file_system_fault
 
-COMMANDS = ("train", "generate", "params", "config", "bench", "eval", "probe", "report", "prep", "export")
+COMMANDS = ("train", "generate", "params", "config", "bench", "eval", "probe", "report", "prep", "synth", "export")
 
 
 def main(argv: list[str] | None = None) -> int:

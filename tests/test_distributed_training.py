@@ -96,7 +96,7 @@ def test_world_size_not_divisible_by_tensor_is_a_user_error(tmp_path, capsys):
 def test_generate_loads_a_tensor_parallel_checkpoint_merged(tmp_path):
     import torch
 
-    from sessa_scale.generate import load_model
+    from sessa_scale.checkpoint.merge import load_model
 
     _train2(tmp_path / "tp2", "parallel.tensor=2", "train.max_steps=1")
     model, cfg, checkpoint = load_model(tmp_path / "tp2")

@@ -1,4 +1,4 @@
-"""`sessa-scale eval`, `probe` and `report` end to end on a tiny trained run: JSON output,
+"""`sessa-scale synth`, `eval`, `probe` and `report` end to end on a tiny trained run: JSON output,
 results saved into the run directory, plots written, and user errors."""
 
 import json
@@ -26,11 +26,11 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A tiny Sessa run trained on MQAR data written by `eval --write-data`."""
+    """A tiny Sessa run trained on MQAR data written by `synth`."""
     root = tmp_path_factory.mktemp("eval")
     data = root / "mqar-data"
-    argv = ["eval", "--task", "mqar", "--num-pairs", "4,8", "--num-examples", "300", "--seed", "0"]
-    assert main([*argv, "--write-data", str(data), "--seq-len", "64", "--val-fraction", "0.1"]) == 0
+    argv = ["synth", "mqar", "--num-pairs", "4,8", "--num-examples", "300", "--seed", "0"]
+    assert main([*argv, "--out", str(data), "--seq-len", "64", "--val-fraction", "0.1"]) == 0
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["seq_len"] == 64 and manifest["splits"]["val"]["samples"] > 0
     assert main(["train", f"run.dir={root / 'run'}", f"data.path={data}", *TINY]) == 0
@@ -70,6 +70,54 @@ def test_eval_synthetic_tasks_and_answers_file(run_dir, tmp_path, capsys):
     assert (run_dir / "eval" / "mq.json").is_file()
 
 
+@pytest.mark.parametrize(
+    "task, options",
+    [
+        ("mqar", ["--num-pairs", "2,5", "--num-queries", "3", "--num-examples", "17", "--seed", "3"]),
+        ("passkey", []),  # every task option at its default
+    ],
+)
+def test_synth_writes_the_task_and_eval_write_data_is_its_alias(task, options, tmp_path, capsys):
+    """`synth` writes exactly the dataset and records that write_dataset / write_records make of the
+    task set; the older `eval --write-data/--write-jsonl` spelling writes byte-identical files."""
+    from sessa_scale.data import ByteTokenizer, write_dataset
+    from sessa_scale.evaluation.tasks import mqar_set, passkey_set, write_records
+
+    dataset = ["--seq-len", "17", "--val-fraction", "0.2"]
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert main(["synth", task, *options, *dataset, "--out", str(new), "--jsonl", str(tmp_path / "new.jsonl")]) == 0
+    assert "sessa-scale synth: wrote" in capsys.readouterr().err
+    alias = ["eval", "--task", task, *options, *dataset, "--write-data", str(old), "--write-jsonl", str(tmp_path / "old.jsonl")]
+    assert main(alias) == 0
+    assert "`sessa-scale synth TASK --out DIR --jsonl FILE` is the new spelling" in capsys.readouterr().err
+
+    tasks = mqar_set(3, 17, [2, 5], 3) if task == "mqar" else passkey_set(1, 8, [256, 512, 1024], [0.0, 0.25, 0.5, 0.75, 1.0])
+    write_dataset(tasks.documents, tmp_path / "ref", ByteTokenizer(), 17, 0.2, seed=3 if task == "mqar" else 1)
+    write_records(tasks.records, tmp_path / "ref.jsonl")
+    files = sorted(f.name for f in (tmp_path / "ref").iterdir())
+    assert len(files) >= 3  # manifest, train and val shards
+    for out in (new, old):
+        assert sorted(f.name for f in out.iterdir()) == files
+        for name in files:
+            assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (out, name)
+        assert (tmp_path / f"{out.name}.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+def test_synth_overwrites_nothing_without_overwrite(tmp_path, capsys):
+    records, data = tmp_path / "mqar.jsonl", tmp_path / "data"
+    argv = ["synth", "mqar", "--num-pairs", "3", "--num-examples", "5", "--seq-len", "17"]
+    assert main([*argv, "--jsonl", str(records), "--out", str(data)]) == 0
+    saved = records.read_bytes(), (data / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--seed", "2", "--jsonl", str(records)]) == 2
+    assert main([*argv, "--seed", "2", "--out", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"--jsonl {records} already exists; pass --overwrite" in err and "Traceback" not in err
+    assert (records.read_bytes(), (data / "manifest.json").read_bytes()) == saved
+    assert main([*argv, "--seed", "2", "--jsonl", str(records), "--out", str(data), "--overwrite"]) == 0
+    assert records.read_bytes() != saved[0] and (data / "manifest.json").read_bytes() != saved[1]
+
+
 def test_probe_model_and_uniform(run_dir, tmp_path, capsys):
     r = _json(capsys, "probe", str(run_dir), "--sequences", "1", "--lags", "10", "--json")
     assert r["length"] == 64 and r["fit_range"] == [4, 60] and r["arch"] == "sessa"
@@ -104,6 +152,10 @@ def test_report_compares_runs(run_dir, tmp_path, capsys):
         (["eval", "nowhere", "--task", "ppl"], "does not exist"),
         (["eval", "--task", "passkey", "--depths", "2", "--write-jsonl", "x.jsonl"], "outside [0, 1]"),
         (["eval", "--task", "ppl", "--write-jsonl", "x.jsonl"], "synthetic tasks"),
+        (["synth", "mqar"], "needs somewhere to write: --out DIR"),
+        (["synth", "passkey", "--depths", "0,2", "--out", "ds"], "outside [0, 1]"),
+        (["synth", "mqar", "--num-examples", "0", "--jsonl", "x.jsonl"], "--num-examples must be >= 1"),
+        (["synth", "mqar", "--seq-len", "0", "--out", "ds"], "seq_len must be >= 1"),
         (["report", "nowhere", "--out", "rep"], "not a run directory"),
     ],
 )

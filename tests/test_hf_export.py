@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from sessa_scale.cli import main  # noqa: E402
 from sessa_scale.data import ByteTokenizer, HFTokenizer  # noqa: E402
-from sessa_scale.generate import load_model  # noqa: E402
+from sessa_scale.checkpoint.merge import load_model  # noqa: E402
 from tests.test_tensor_parallel import torchrun  # noqa: E402
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -17,7 +17,7 @@ pytest.importorskip("transformers", reason="needs the lm-eval extra: pip install
 
 from sessa_scale.cli import main  # noqa: E402
 from sessa_scale.data import ByteTokenizer  # noqa: E402
-from sessa_scale.generate import load_model  # noqa: E402
+from sessa_scale.checkpoint.merge import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

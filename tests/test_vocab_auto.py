@@ -82,7 +82,7 @@ def test_a_run_trains_with_the_resolved_size_and_records_it(datasets, tmp_path):
                  "train.eval_interval=0", "logging.progress=false"]  # fmt: skip
     assert main(["train", *overrides]) == 0
     recorded = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["model"]["vocab_size"]
-    from sessa_scale.generate import load_model
+    from sessa_scale.checkpoint.merge import load_model
 
     model, cfg, _ = load_model(tmp_path / "r")
     assert recorded == cfg.model.vocab_size == model.embed.weight.shape[0] == megatron_padded(vocab, 1) == 768

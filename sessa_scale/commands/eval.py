@@ -1,7 +1,7 @@
 """`sessa-scale eval CHECKPOINT --task ppl|answers|mqar|passkey|lm-eval [options] [--json]`: evaluate a
 trained model; results are printed and saved to RUN_DIR/eval/<name>.json for `sessa-scale report`.
-`--write-jsonl` / `--write-data` write a synthetic task out instead (records, or a training dataset;
-no checkpoint needed)."""
+`--write-jsonl` / `--write-data` write mqar / passkey out instead: the older spelling of `sessa-scale
+synth` (commands/synth.py, which owns it and the task options)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,17 @@ import argparse
 import json
 import sys
 
+from sessa_scale.commands.synth import (
+    SYNTHETIC_TASKS,
+    add_dataset_arguments,
+    add_task_arguments,
+    list_of,
+    task_set,
+    write_task,
+)
 from sessa_scale.errors import UserError
 
 TASKS = ("ppl", "answers", "mqar", "passkey", "lm-eval")
-
-
-def _list_of(kind):
-    def parse(text: str) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-
-    return parse
 
 
 def register(subparsers) -> None:
@@ -31,8 +29,9 @@ def register(subparsers) -> None:
         description="Evaluate a run directory (its latest checkpoint) or a checkpoint directory. Tasks: ppl "
         "(validation loss at several context lengths), answers (greedy exact match on a JSONL file of "
         '{"prompt", "answer"} records), mqar (multi-query associative recall) and passkey (retrieval at controlled '
-        "depths), lm-eval (lm-evaluation-harness tasks on the model exported to transformers, run by the harness's hf model). Results go to RUN_DIR/eval/NAME.json. With --write-jsonl (prompt/answer records) or "
-        "--write-data (a training dataset for data.path), mqar/passkey are written out instead; no checkpoint is needed.",
+        "depths), lm-eval (lm-evaluation-harness tasks on the model exported to transformers, run by the harness's hf model). Results go to RUN_DIR/eval/NAME.json. --write-jsonl (prompt/answer records) and "
+        "--write-data (a training dataset for data.path) write mqar/passkey out instead, with no checkpoint: the older "
+        "spelling of `sessa-scale synth TASK --jsonl FILE --out DIR`.",
     )
     p.add_argument("checkpoint", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--task", required=True, choices=TASKS)
@@ -42,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     g = p.add_argument_group("ppl")
-    g.add_argument("--context-lengths", type=_list_of(int), default=None, metavar="L,L,...",
+    g.add_argument("--context-lengths", type=list_of(int), default=None, metavar="L,L,...",
                    help="context lengths in tokens (default: half, one and two times the run's data.seq_len)")
     g.add_argument("--max-tokens", type=int, default=65536, help="predictions per context length (default 65536)")
     g.add_argument("--data", default=None, metavar="DIR_OR_URL",
@@ -50,43 +49,20 @@ def register(subparsers) -> None:
     g = p.add_argument_group("answers")
     g.add_argument("--file", default=None, help='JSONL of {"prompt": str, "answer": str} records (optional "length")')
     g = p.add_argument_group("lm-eval (needs the lm-eval extra)")
-    g.add_argument("--lm-eval-tasks", type=_list_of(str), default=[], metavar="NAME,NAME,...",
+    g.add_argument("--lm-eval-tasks", type=list_of(str), default=[], metavar="NAME,NAME,...",
                    help="lm-evaluation-harness task or group names, e.g. hellaswag,arc_easy")
     g.add_argument("--lm-eval-include", default=None, metavar="DIR",
                    help="a directory of extra task YAMLs (e.g. local tasks over your own JSONL files)")
     g.add_argument("--limit", type=float, default=None,
                    help="lm-eval: examples per task (a count, or a fraction of the task when < 1)")
     g.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: each task's own)")
-    g = p.add_argument_group("mqar and passkey")
-    g.add_argument("--num-examples", type=int, default=None,
-                   help="examples per setting (default: 64 for mqar, 8 for passkey; e.g. 20000 to write training data)")
-    g.add_argument("--seed", type=int, default=1, help="task seed (default 1; train on another seed than you evaluate)")
-    g.add_argument("--num-pairs", type=_list_of(int), default=[4, 8, 16], metavar="N,N,...",
-                   help="mqar: key-value pairs in the context, one setting each (default 4,8,16)")
-    g.add_argument("--num-queries", type=int, default=None, help="mqar: queried keys per context (default: all)")
-    g.add_argument("--key-len", type=int, default=1, help="mqar: letters per key (default 1)")
-    g.add_argument("--value-len", type=int, default=1, help="mqar: digits per value (default 1)")
-    g.add_argument("--lengths", type=_list_of(int), default=[256, 512, 1024], metavar="L,L,...",
-                   help="passkey: prompt lengths in characters = byte tokens (default 256,512,1024)")
-    g.add_argument("--depths", type=_list_of(float), default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D,D,...",
-                   help="passkey: needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
-    g.add_argument("--digits", type=int, default=5, help="passkey: digits of the key (default 5)")
-    g.add_argument("--write-jsonl", default=None, metavar="FILE", help="write the task's prompt/answer records to FILE")
+    add_task_arguments(p.add_argument_group("mqar and passkey"))
+    g = p.add_argument_group("writing mqar / passkey out (older spelling of `sessa-scale synth`)")
+    g.add_argument("--write-jsonl", default=None, metavar="FILE",
+                   help="write the task's prompt/answer records to FILE (= synth TASK --jsonl FILE)")
     g.add_argument("--write-data", default=None, metavar="DIR",
-                   help="write the task's examples as a byte-level training dataset (train with data.path=DIR)")
-    g.add_argument("--seq-len", type=int, default=256, help="--write-data: tokens per training sequence (default 256)")
-    g.add_argument("--val-fraction", type=float, default=0.02,
-                   help="--write-data: fraction of examples held out for validation (default 0.02)")
-
-
-def task_set(args: argparse.Namespace):
-    from sessa_scale.evaluation.tasks import mqar_set, passkey_set
-
-    if args.task == "mqar":
-        n = 64 if args.num_examples is None else args.num_examples
-        return mqar_set(args.seed, n, args.num_pairs, args.num_queries, args.key_len, args.value_len)
-    n = 8 if args.num_examples is None else args.num_examples
-    return passkey_set(args.seed, n, args.lengths, args.depths, args.digits)
+                   help="write the task's examples as a byte-level training dataset (= synth TASK --out DIR)")
+    add_dataset_arguments(g, "--write-data")
 
 
 def _summary(result: dict) -> str:
@@ -111,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
     if args.num_examples is not None and args.num_examples < 1:
         raise UserError(f"--num-examples must be >= 1, got {args.num_examples}")
     if args.write_jsonl or args.write_data:
-        if args.task not in ("mqar", "passkey"):
+        if args.task not in SYNTHETIC_TASKS:
             raise UserError(f"--write-jsonl / --write-data write the synthetic tasks mqar and passkey, not --task {args.task}")
-        return _write(args)
+        print("sessa-scale eval: note: `sessa-scale synth TASK --out DIR --jsonl FILE` is the new spelling of "
+              "--write-data / --write-jsonl", file=sys.stderr)
+        return write_task(args, args.write_data, args.write_jsonl, False, "eval")
     if args.checkpoint is None:
         raise UserError("eval needs a RUN_DIR_OR_CHECKPOINT to evaluate (or --write-jsonl / --write-data to write a task out)")
     if args.task == "lm-eval":
@@ -125,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sessa_scale.checkpoint import read_meta
     from sessa_scale.evaluation.results import run_dir_of, save_result
-    from sessa_scale.generate import load_model
+    from sessa_scale.checkpoint.merge import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, checkpoint = load_model(args.checkpoint, device)
@@ -198,26 +176,3 @@ def _evaluate(args: argparse.Namespace, model, cfg, device, model_tokenizer: dic
         return {"file": args.file, "chance": None, **exact_match(model, tokenizer, read_records(args.file), args.batch_size)}
     tasks = task_set(args)
     return {"params": tasks.params, "chance": tasks.chance, **exact_match(model, tokenizer, tasks.records, args.batch_size)}
-
-
-def _write(args: argparse.Namespace) -> int:
-    from sessa_scale.evaluation.tasks import write_records
-
-    tasks = task_set(args)
-    if args.write_jsonl:
-        write_records(tasks.records, args.write_jsonl)
-        print(f"sessa-scale eval: wrote {len(tasks.records)} {args.task} records to {args.write_jsonl}", file=sys.stderr)
-    if args.write_data:
-        from sessa_scale.data import ByteTokenizer, write_dataset
-
-        manifest = write_dataset(
-            tasks.documents, args.write_data, ByteTokenizer(), args.seq_len, args.val_fraction, seed=args.seed
-        )
-        counts = ", ".join(f"{split} {manifest['splits'][split]['samples']:,}" for split in ("train", "val"))
-        print(
-            f"sessa-scale eval: wrote {len(tasks.documents):,} {args.task} examples to {args.write_data} "
-            f"(samples of {args.seq_len} tokens: {counts}); train with data.path={args.write_data} "
-            f"data.seq_len={args.seq_len}",
-            file=sys.stderr,
-        )
-    return 0

@@ -22,8 +22,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sessa_scale.checkpoint.merge import load_model
     from sessa_scale.errors import UserError
-    from sessa_scale.generate import generate_text, load_model
+    from sessa_scale.generate import generate_text
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -98,7 +98,7 @@ def _probe_checkpoint(args: argparse.Namespace):
     from sessa_scale.checkpoint import read_meta
     from sessa_scale.evaluation.probe import probe_model
     from sessa_scale.evaluation.results import run_dir_of, save_result
-    from sessa_scale.generate import load_model
+    from sessa_scale.checkpoint.merge import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg, checkpoint = load_model(args.checkpoint, device)

@@ -203,7 +203,7 @@ class TensorParallelLM(DecoderLM):
         return tensor_parallel.vocab_parallel_cross_entropy(logits, targets.t().contiguous()).mean()
 
     def init_cache(self, *args, **kwargs):
-        raise NotImplementedError("decoding runs on one device: load the merged checkpoint (sessa_scale.generate.load_model)")
+        raise NotImplementedError("decoding runs on one device: load the merged checkpoint (sessa_scale.checkpoint.merge.load_model)")
 
 
 def parallelize(model: DecoderLM, tp_group, sequence_parallel: bool) -> TensorParallelLM:

@@ -2,7 +2,7 @@
 training from such a directory.
 
     DIR/model.safetensors           fp32 weights of the full model (TP shards merged, ZeRO partitions
-                                    gathered, through sessa_scale.generate.load_model), keys "model.<name>"
+                                    gathered, through sessa_scale.checkpoint.merge.load_model), keys "model.<name>"
                                     as in SessaScaleForCausalLM; a tied LM head is stored once (the embedding)
     DIR/config.json                 the architecture's SessaScaleConfig, auto_map -> the remote code below
     DIR/generation_config.json      EOS = pad token; no sampling settings
@@ -66,7 +66,7 @@ def export_model(path: str | Path, out: str | Path) -> dict:
     from sessa_scale.checkpoint import read_meta
     from sessa_scale.config import config_to_dict
     from sessa_scale.data.setup import tokenizer_for
-    from sessa_scale.generate import load_model
+    from sessa_scale.checkpoint.merge import load_model
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -30,7 +30,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sessa_scale.generate import load_model
+from sessa_scale.checkpoint.merge import load_model
 
 runs = sys.argv[1]
 hf = AutoModelForCausalLM.from_pretrained(f"{runs}/sessa-hf", trust_remote_code=True)

@@ -16,8 +16,8 @@ export OMP_NUM_THREADS=1
 
 # 1. Training data: 80,000 MQAR sequences for each of 2 and 4 key-value pairs (seed 0), byte-level,
 #    packed into 64-token samples; 2% of the sequences held out for validation.
-$S eval --task mqar --num-pairs 2,4 --num-examples 80000 --seed 0 \
-  --write-data "$RUNS/data" --seq-len 64 --val-fraction 0.02
+$S synth mqar --num-pairs 2,4 --num-examples 80000 --seed 0 \
+  --out "$RUNS/data" --seq-len 64 --val-fraction 0.02
 
 # 2. Three models with matched non-embedding parameters (Sessa 297,986 / Transformer 298,112 /
 #    Mamba-2 297,256), identical data, optimizer, schedule, batch and seed; only the block differs.
