@@ -278,10 +278,8 @@ def sessa_tp_problems(cfg: ModelConfig, tp: int) -> list[Problem]:
     """Attention heads split over tp; feedback heads replicated (one) or split."""
     problems = indivisible({"n_heads": cfg.n_heads, "n_kv_heads": kv_heads(cfg)}, tp)
     if cfg.n_fb_heads > 1 and cfg.n_fb_heads % tp:
-        problems.append((
-            "n_fb_heads",
-            f"{cfg.n_fb_heads} feedback heads cannot be split over parallel.tensor={tp}; use 1 (replicated) or a multiple of {tp}",
-        ))  # fmt: skip
+        problem = f"{cfg.n_fb_heads} feedback heads cannot be split over parallel.tensor={tp}; use 1 (replicated) or a multiple of {tp}"
+        problems.append(("n_fb_heads", problem))
     return problems
 
 

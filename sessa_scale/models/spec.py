@@ -35,7 +35,7 @@ def no_problems(cfg: ModelConfig, *args) -> list[Problem]:
 class ArchSpec:
     name: str  # the model.arch value that selects it
     build_block: Callable[[ModelConfig, int], nn.Module]  # (cfg, layer_idx) -> one residual block (lm.Block)
-    layer_flops: Callable[[ModelConfig, int], int]  # (cfg, T) -> forward FLOPs of one block on a sequence of T tokens, counted as sessa_scale.models.flops says
+    layer_flops: Callable[[ModelConfig, int], int]  # (cfg, T) -> forward FLOPs of one block on a sequence of T tokens (the mean over the model's blocks if they differ), counted as sessa_scale.models.flops says
     validate: Callable[[ModelConfig], list[Problem]] = no_problems  # the architecture's own cross-key rules; every key's type and range is checked for all architectures first (registry.model_config_problems), a rule skips keys that are mistyped
     tp_plan: Callable[[ModelConfig], dict[str, Style]] | None = None  # block path -> split style (sessa_scale.distributed.tp_styles); None: no tensor parallelism
     tp_problems: Callable[[ModelConfig, int], list[Problem]] = no_problems  # (cfg, tp) -> why cfg's blocks cannot be split over tp ranks (d_model and vocab_size are checked for all)
