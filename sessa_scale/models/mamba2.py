@@ -15,7 +15,7 @@ G groups of B/C (heads share B and C within a group):
 This is mamba_ssm's Mamba2 with its fused in_proj (D -> [z, x, B, C, dt]) and conv1d (over [x, B, C])
 kept as separate Linears and depthwise convs (the same function and parameter count: a depthwise
 conv is per channel), so that tensor parallelism splits each along its heads or groups
-(sessa_scale/distributed/tp_plan.py). No biases on the projections, a bias on the convs, as there.
+(mamba2_plan below). No biases on the projections, a bias on the convs, as there.
 Decoding keeps the last d_conv - 1 conv inputs and the SSM state (B, H, N, P): constant memory
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
 `kernels` picks how the convs + SiLU and the gated RMSNorm run: "torch" (the PyTorch code here, the

@@ -98,7 +98,7 @@ class SessaMixer(nn.Module):
         B, T, _ = a_bar.shape
         q, k, v, q_b, k_b, gamma = self._project(a_bar, torch.arange(T, device=a_bar.device))
         # Widths are inferred (-1): under tensor parallelism this rank holds a subset of the heads
-        # and of f's columns (sessa_scale.distributed.tp_plan).
+        # and of f's columns (sessa_plan below).
         f = self.out_proj(causal_attention(q, k, v, self.attention).reshape(B, T, -1))
         f = f.view(B, T, self.n_fb_heads, -1)
         s = feedback_solve(q_b, k_b, gamma, f, scale=self.fb_scale, impl=self.solver)

@@ -65,7 +65,7 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, D) -> (out (B, T, D), k, v (B, T, H_kv, d))."""
         B, T, _ = x.shape
         q, k, v = self._qkv(x, torch.arange(T, device=x.device))
-        # -1: under tensor parallelism this rank holds a subset of the heads (distributed/tp_plan.py)
+        # -1: under tensor parallelism this rank holds a subset of the heads (transformer_plan below)
         return self.out_proj(causal_attention(q, k, v, self.backend).reshape(B, T, -1)), k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
