@@ -73,7 +73,7 @@ def test_projection_terms_match_torch_flop_counter(arch):
         "mamba2": 0,
     }[arch]
     if arch == "mamba2":  # the SSD term is everything but the projections and the conv
-        from sessa_scale.models.flops import mamba2_layer_flops
+        from sessa_scale.models.mamba2 import mamba2_layer_flops
 
         E, N, P = cfg.ssm_expand * D, cfg.ssm_state, cfg.ssm_head_dim
         projections = T * (2 * D * (2 * E + 2 * N + E // P) + 2 * cfg.ssm_conv * (E + 2 * N) + 2 * E * D)

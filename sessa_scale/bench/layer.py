@@ -43,7 +43,7 @@ def build_block(arch: str, size: str, D: int, heads: int, solver: str) -> nn.Mod
     if arch == "sessa":
         overrides.append(f"model.solver={solver}")
     cfg = load_config(CONFIGS / arch / f"{size}.yaml", overrides)
-    return ARCHITECTURES[cfg.model.arch](cfg.model, 0)
+    return ARCHITECTURES[cfg.model.arch].build_block(cfg.model, 0)
 
 
 def measure(module: nn.Module, B: int, T: int, D: int, precision: str, device: str, repeats: int) -> dict:

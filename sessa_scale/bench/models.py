@@ -35,8 +35,8 @@ import torch
 from sessa_scale.bench import emit_report
 from sessa_scale.config import load_config
 from sessa_scale.metrics import peak_bf16_flops_of
-from sessa_scale.models.flops import full_square_attention_extra
 from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
+from sessa_scale.models.transformer import full_square_attention_extra
 from sessa_scale.training.compile import compile_for_training
 from sessa_scale.training.optimizer import build_optimizer
 from sessa_scale.training.precision import autocast

@@ -55,7 +55,7 @@ def _block_point(arch: str, B: int, T: int, s: dict, dtype: torch.dtype):
     from sessa_scale.models.registry import ARCHITECTURES
 
     cfg = s[arch]
-    block = ARCHITECTURES[arch](cfg, 0).to(DEVICE)
+    block = ARCHITECTURES[arch].build_block(cfg, 0).to(DEVICE)
     gen = torch.Generator(DEVICE).manual_seed(0)
     u = torch.randn(B, T, cfg.d_model, generator=gen, device=DEVICE).requires_grad_()
 
@@ -98,9 +98,9 @@ def _point(impl: str, B: int, T: int, s: dict, dtype: torch.dtype):
     if impl in ("mamba2_block", "transformer_block"):
         return (*_block_point(impl.removesuffix("_block"), B, T, s, dtype), None)
     if impl == "conv":
-        from sessa_scale.models.registry import ARCHITECTURES
+        from sessa_scale.models.mamba2 import build_mamba2_block
 
-        mixer = ARCHITECTURES["mamba2"](s["mamba2"], 0).mixer.to(DEVICE)
+        mixer = build_mamba2_block(s["mamba2"], 0).mixer.to(DEVICE)
         gen = torch.Generator(DEVICE).manual_seed(0)
         conv_in = {name: torch.randn(B, T, conv.weight.shape[0], generator=gen, device=DEVICE).to(dtype)
                    .requires_grad_() for name, conv in ((n, getattr(mixer, n)) for n in ("conv_x", "conv_B", "conv_C"))}

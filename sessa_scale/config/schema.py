@@ -20,7 +20,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "sessa"  # architecture, a key of sessa_scale.models.registry.ARCHITECTURES
+    arch: str = "sessa"  # architecture: sessa | transformer | mamba2, the registered ArchSpecs (sessa_scale/models/registry.py)
     vocab_size: int | str = 257  # embedding rows; the byte-level corpus uses 256 bytes + EOS (id 256). "auto": the dataset's tokenizer vocabulary (data.path / data.sources, else the byte-level corpus) padded up to a multiple of 128 x parallel.tensor (Megatron-LM's rule: TP-divisible, tensor-core friendly rows), resolved when the config is loaded (sessa_scale/config/vocab.py); RUN_DIR/config.yaml records the number
     d_model: int = 128  # model width D
     n_layers: int = 4  # number of decoder blocks

@@ -218,17 +218,17 @@ def check_values(cfg: Config, sources: dict[str, str], skip: set[str]) -> list[s
         for key, ok, allowed in _range_checks(cfg)
         if not ok and key not in skip
     ]
-    from sessa_scale.models.registry import validate_model_config  # lazy: models import torch
+    from sessa_scale.models.registry import model_config_problems  # lazy: models import torch
 
-    model_problems = validate_model_config(cfg.model)
-    for problem in model_problems:
-        key = problem.split(":", 1)[0].strip()
-        if key in skip:
-            continue
-        problems.append(f"{source_of(key if key.startswith('model.') else 'model')}: {problem.rstrip('.')}")
+    model_problems = model_config_problems(cfg.model)
+    for field, problem in model_problems:
+        key = f"model.{field}"
+        if key not in skip:
+            problems.append(f"{source_of(key)}: {key}: {problem.rstrip('.')}")
     if "parallel.tensor" not in skip and cfg.parallel.tensor > 1 and not model_problems:
-        from sessa_scale.distributed.tp_plan import tensor_parallel_problems
+        from sessa_scale.distributed.tp_plan import tensor_parallel_config_problems
 
-        for problem in tensor_parallel_problems(cfg.model, cfg.parallel.tensor):
-            problems.append(f"{source_of(problem.split(':', 1)[0])}: {problem} (needed by parallel.tensor)")
+        for field, problem in tensor_parallel_config_problems(cfg.model, cfg.parallel.tensor):
+            key = f"model.{field}"
+            problems.append(f"{source_of(key)}: {key}: {problem} (needed by parallel.tensor)")
     return problems

@@ -27,7 +27,8 @@ with warnings.catch_warnings():  # "Transformer Engine and Apex are not installe
     warnings.simplefilter("ignore")
     from megatron.core import ModelParallelConfig, tensor_parallel
 
-from sessa_scale.distributed.tp_plan import TP_PLANS, Column, Heads, Norm, Replicated, Row, RowToHidden, Shard, shard
+from sessa_scale.distributed.tp_plan import block_plan, shard
+from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Replicated, Row, RowToHidden, Shard
 from sessa_scale.models.lm import DecoderLM
 
 
@@ -222,7 +223,7 @@ def parallelize(model: DecoderLM, tp_group, sequence_parallel: bool) -> TensorPa
     # Column layers inside blocks see the full sequence (their Norm gathered it); Row layers,
     # the embedding and the LM head follow megatron's sequence-parallel layout.
     inner, entry = config(False), config(sp)
-    plan = TP_PLANS[cfg.arch](cfg)
+    plan = block_plan(cfg)
     partial = []
     for block in model.layers:
         partial += _parallelize_block(block, plan, inner, entry, tp_group, sp)

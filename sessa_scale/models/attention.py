@@ -11,9 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sessa_scale.config.schema import ModelConfig
 from sessa_scale.errors import UserError
 
 ATTENTION_BACKENDS = ("sdpa", "flash")
+
+
+def kv_heads(cfg: ModelConfig) -> int:
+    """The key/value head count H_kv of cfg (model.n_kv_heads, null meaning n_heads)."""
+    return cfg.n_heads if cfg.n_kv_heads is None else cfg.n_kv_heads
 
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ G groups of B/C (heads share B and C within a group):
 This is mamba_ssm's Mamba2 with its fused in_proj (D -> [z, x, B, C, dt]) and conv1d (over [x, B, C])
 kept as separate Linears and depthwise convs (the same function and parameter count: a depthwise
 conv is per channel), so that tensor parallelism splits each along its heads or groups
-(sessa_scale/distributed/tp_plan.py). No biases on the projections, a bias on the convs, as there.
+(mamba2_plan below). No biases on the projections, a bias on the convs, as there.
 Decoding keeps the last d_conv - 1 conv inputs and the SSM state (B, H, N, P): constant memory
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
 `kernels` picks how the convs + SiLU and the gated RMSNorm run: "torch" (the PyTorch code here, the
@@ -31,6 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sessa_scale.config.schema import ModelConfig
+from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Row, Shard, Style, indivisible
+from sessa_scale.models.spec import ArchSpec, Problem, is_int
 from sessa_scale.ops.ssd import ssd_scan, triton_available
 
 MIXER_KERNELS = ("auto", "torch", "triton")
@@ -234,3 +237,92 @@ class Mamba2Block(nn.Module):
         """Modules that keep their own init under the scaled init (none: dt_bias, A_log, D, the convs
         and the norm are not Linears and keep theirs anyway)."""
         return []
+
+
+# The architecture spec (sessa_scale/models/spec.py): model.arch = mamba2.
+
+SSM_INTS = ("ssm_state", "ssm_head_dim", "ssm_expand", "ssm_groups", "ssm_conv", "ssm_chunk")  # its integer keys
+
+
+def build_mamba2_block(cfg: ModelConfig, layer_idx: int) -> Mamba2Block:
+    """The layer_idx-th block of the Mamba-2 baseline described by cfg."""
+    return Mamba2Block(
+        cfg.d_model,
+        ln_eps=cfg.ln_eps,
+        d_state=cfg.ssm_state,
+        head_dim=cfg.ssm_head_dim,
+        expand=cfg.ssm_expand,
+        d_conv=cfg.ssm_conv,
+        n_groups=cfg.ssm_groups,
+        chunk_size=cfg.ssm_chunk,
+        scan=cfg.ssm_scan,
+        kernels=cfg.ssm_kernels,
+    )
+
+
+def validate_mamba2(cfg: ModelConfig) -> list[Problem]:
+    """The SSD heads: ssm_head_dim divides the inner width, ssm_groups the head count (once d_model
+    and the SSM integers are well-formed; their own problems are reported for every architecture)."""
+    if not (is_int(cfg.d_model) and all(is_int(getattr(cfg, key)) and getattr(cfg, key) >= 1 for key in SSM_INTS)):
+        return []
+    inner, P, G = cfg.ssm_expand * cfg.d_model, cfg.ssm_head_dim, cfg.ssm_groups
+    if inner % P != 0:
+        return [("ssm_head_dim", f"{P} does not divide ssm_expand * d_model = {inner}; use a divisor of it, e.g. 64")]
+    if (inner // P) % G != 0:
+        return [("ssm_groups", f"{G} does not divide the {inner // P} SSD heads; use a divisor of the head count, e.g. 1")]
+    return []
+
+
+def mamba2_layer_flops(cfg: ModelConfig, T: int) -> int:
+    """Forward FLOPs of one Mamba-2 block on one sequence of T tokens (chunked SSD). Per token:
+    in_proj 2 D (2E + 2GN + H), depthwise conv 2 K (E + 2GN), out_proj 2 E D; the chunked SSD
+    (chunks of Q): per chunk of q tokens, C B^T over the causal block 2 N G q(q+1)/2, its product
+    with x 2 P H q(q+1)/2, the chunk's state B^T x 2 q N P H, and for every chunk after the first,
+    the carried state's decay-and-add 2 N P H and its read-out C h 2 q N P H."""
+    D, N, P, G, K, Q = cfg.d_model, cfg.ssm_state, cfg.ssm_head_dim, cfg.ssm_groups, cfg.ssm_conv, cfg.ssm_chunk
+    E = cfg.ssm_expand * D
+    H = E // P
+    per_token = 2 * D * (2 * E + 2 * G * N + H) + 2 * K * (E + 2 * G * N) + 2 * E * D
+    ssd = 0
+    for i, start in enumerate(range(0, T, Q)):
+        q = min(Q, T - start)
+        ssd += (N * G + P * H) * q * (q + 1) + 2 * q * N * P * H
+        if i > 0:
+            ssd += 2 * N * P * H + 2 * q * N * P * H
+    return T * per_token + ssd
+
+
+def mamba2_plan(cfg: ModelConfig) -> dict[str, Style]:
+    """Mamba-2 under TP (as mamba_ssm/Megatron): heads and B/C groups local. z, x, B, C and dt
+    projections column-parallel, the depthwise convs and per-head parameters split with them, the
+    gated RMSNorm local (it normalizes each group on its own), out_proj row-parallel."""
+    convs = {f"mixer.{conv}.{p}": Shard(0) for conv in CONVS for p in ("weight", "bias")}
+    return {
+        "ln": Norm(),
+        "mixer": Heads(("d_inner", "n_heads", "n_groups"), gather_input=False),
+        "mixer.in_proj": Column(chunks=2),  # [z | x]
+        "mixer.B_proj": Column(),
+        "mixer.C_proj": Column(),
+        "mixer.dt_proj": Column(),
+        **convs,
+        "mixer.dt_bias": Shard(0),
+        "mixer.A_log": Shard(0),
+        "mixer.D": Shard(0),
+        "mixer.norm.weight": Shard(0),
+        "mixer.out_proj": Row(),
+    }
+
+
+def mamba2_tp_problems(cfg: ModelConfig, tp: int) -> list[Problem]:
+    """B/C groups (and with them the heads) split over tp."""
+    return indivisible({"ssm_groups": cfg.ssm_groups}, tp)
+
+
+MAMBA2 = ArchSpec(
+    name="mamba2",
+    build_block=build_mamba2_block,
+    layer_flops=mamba2_layer_flops,
+    validate=validate_mamba2,
+    tp_plan=mamba2_plan,
+    tp_problems=mamba2_tp_problems,
+)

@@ -1,96 +1,44 @@
-"""Architecture registry: name -> block builder, model construction, config validation and
-exact parameter counts."""
+"""The architecture registry: every architecture's ArchSpec registered once, and what the framework
+does with a model config through it: validate, build, count parameters and training FLOPs."""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 
 from sessa_scale.config.schema import ModelConfig
 from sessa_scale.errors import UserError
 from sessa_scale.models.attention import ATTENTION_BACKENDS
-from sessa_scale.models.flops import LAYER_FLOPS, training_flops_per_token
+from sessa_scale.models.flops import training_flops_per_token
 from sessa_scale.models.lm import DecoderLM
-from sessa_scale.models.mamba2 import MIXER_KERNELS, Mamba2Block
-from sessa_scale.models.sessa import SessaLayer
-from sessa_scale.models.transformer import MLP_KINDS, TransformerBlock
+from sessa_scale.models.mamba2 import MAMBA2, MIXER_KERNELS, SSM_INTS
+from sessa_scale.models.sessa import SESSA
+from sessa_scale.models.spec import ARCHITECTURES, Problem, is_int, problem_lines, register_architecture
+from sessa_scale.models.transformer import MLP_KINDS, TRANSFORMER
 from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS
 from sessa_scale.ops.ssd import SSD_IMPLS
 
+# Adding an architecture: its module's ArchSpec goes here (see sessa_scale/models/spec.py).
+BUILTIN_ARCHITECTURES = (SESSA, TRANSFORMER, MAMBA2)
+for _spec in BUILTIN_ARCHITECTURES:
+    register_architecture(_spec)
+
 INIT_MODES = ("pytorch", "scaled")
-SSM_INTS = ("ssm_state", "ssm_head_dim", "ssm_expand", "ssm_groups", "ssm_conv", "ssm_chunk")
-
-
-def build_sessa_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    """The layer_idx-th Sessa block of a model described by cfg."""
-    return SessaLayer(
-        cfg.d_model,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads,
-        ln_eps=cfg.ln_eps,
-        use_flash=cfg.attention == "flash",
-        use_forward_rope=cfg.rope,
-        gamma_max=cfg.gamma_max,
-        n_fb_heads=cfg.n_fb_heads,
-        solver=cfg.solver,
-    )
-
-
-def build_transformer_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    """The layer_idx-th block of the Transformer baseline described by cfg."""
-    return TransformerBlock(
-        cfg.d_model,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_kv_heads,
-        ln_eps=cfg.ln_eps,
-        rope=cfg.rope,
-        attention=cfg.attention,
-        mlp=cfg.mlp,
-        mlp_hidden=cfg.mlp_hidden,
-    )
-
-
-def build_mamba2_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    """The layer_idx-th block of the Mamba-2 baseline described by cfg."""
-    return Mamba2Block(
-        cfg.d_model,
-        ln_eps=cfg.ln_eps,
-        d_state=cfg.ssm_state,
-        head_dim=cfg.ssm_head_dim,
-        expand=cfg.ssm_expand,
-        d_conv=cfg.ssm_conv,
-        n_groups=cfg.ssm_groups,
-        chunk_size=cfg.ssm_chunk,
-        scan=cfg.ssm_scan,
-        kernels=cfg.ssm_kernels,
-    )
-
-
-# arch name -> builder(cfg, layer_idx) of one residual block following sessa_scale.models.lm.Block
-ARCHITECTURES: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    "sessa": build_sessa_block,
-    "transformer": build_transformer_block,
-    "mamba2": build_mamba2_block,
-}
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def validate_model_config(cfg: ModelConfig) -> list[str]:
-    """Every problem of cfg, each as "model.<key>: <what is wrong>; <what is allowed>" ([] if valid).
-    A mistyped value is reported once, and the checks that need it are skipped."""
+def model_config_problems(cfg: ModelConfig) -> list[Problem]:
+    """Every problem of cfg as (ModelConfig key, "<what is wrong>; <what is allowed>") ([] if valid):
+    every key's type and range (whatever the architecture: the schema is shared), then the rules of
+    cfg.arch's own spec. A mistyped value is reported once, and the checks that need it are skipped."""
     problems = []
 
     def bad(key: str, wrong: str, allowed: str) -> None:
-        problems.append(f"model.{key}: {wrong}; {allowed}")
+        problems.append((key, f"{wrong}; {allowed}"))
 
     def choice(key: str, what: str, allowed: list[str]) -> None:
         value = getattr(cfg, key)
@@ -103,7 +51,7 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         value = getattr(cfg, key)
         if key == "n_kv_heads" and value is None:
             value = cfg.n_heads
-        if _is_int(value):
+        if is_int(value):
             ints[key] = value
         elif key not in nullable or value is not None:
             bad(key, f"{value!r} is not an integer", "give an integer")
@@ -142,12 +90,6 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
     chunk = ints.get("ssm_chunk")
     if chunk is not None and (chunk < 16 or chunk & (chunk - 1)):
         bad("ssm_chunk", f"{chunk} is not a power of two >= 16", "use e.g. 64 (the GPU kernel needs a power of two)")
-    if cfg.arch == "mamba2" and D is not None and all(ints.get(k, 0) >= 1 for k in SSM_INTS):
-        inner, P, G = ints["ssm_expand"] * D, ints["ssm_head_dim"], ints["ssm_groups"]
-        if inner % P != 0:
-            bad("ssm_head_dim", f"{P} does not divide ssm_expand * d_model = {inner}", "use a divisor of it, e.g. 64")
-        elif (inner // P) % G != 0:
-            bad("ssm_groups", f"{G} does not divide the {inner // P} SSD heads", "use a divisor of the head count, e.g. 1")
     choice("mlp", "Transformer MLP", list(MLP_KINDS))
     choice("ssm_scan", "SSD scan", ["auto", *SSD_IMPLS])
     choice("ssm_kernels", "Mamba-2 conv/norm kernels", list(MIXER_KERNELS))
@@ -158,7 +100,13 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         choice("solver", "feedback solver", ["auto", *FEEDBACK_SOLVE_IMPLS])
     choice("attention", "attention backend", list(ATTENTION_BACKENDS))
     choice("init", "init mode", list(INIT_MODES))
-    return problems
+    spec = ARCHITECTURES.get(cfg.arch) if isinstance(cfg.arch, str) else None
+    return problems + (spec.validate(cfg) if spec is not None else [])
+
+
+def validate_model_config(cfg: ModelConfig) -> list[str]:
+    """Every problem of cfg, each as "model.<key>: <what is wrong>; <what is allowed>" ([] if valid)."""
+    return problem_lines(model_config_problems(cfg))
 
 
 def build_model(cfg: ModelConfig) -> DecoderLM:
@@ -166,8 +114,8 @@ def build_model(cfg: ModelConfig) -> DecoderLM:
     problems = validate_model_config(cfg)
     if problems:
         raise UserError("invalid model config:\n" + "\n".join(problems))
-    builder = ARCHITECTURES[cfg.arch]
-    return DecoderLM(cfg, lambda layer_idx: builder(cfg, layer_idx))
+    build_block = ARCHITECTURES[cfg.arch].build_block
+    return DecoderLM(cfg, lambda layer_idx: build_block(cfg, layer_idx))
 
 
 class ParamCount(NamedTuple):
@@ -186,7 +134,5 @@ def count_parameters(cfg: ModelConfig) -> ParamCount:
 
 def count_training_flops(cfg: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one training token at sequence length seq_len (forward + backward; see
-    sessa_scale.models.flops for what is counted). Every architecture registers a count there."""
-    if cfg.arch not in LAYER_FLOPS:
-        raise UserError(f"model.arch={cfg.arch!r} has no FLOP count; add one to sessa_scale/models/flops.py")
+    sessa_scale.models.flops for what is counted)."""
     return training_flops_per_token(cfg, seq_len)

@@ -15,7 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sessa_scale.models.attention import apply_rope, causal_attention, decode_attention, rope_inv_freq
+from sessa_scale.config.schema import ModelConfig
+from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Replicated, Row, RowToHidden, Shard, Style, indivisible
+from sessa_scale.models.attention import apply_rope, causal_attention, decode_attention, kv_heads, rope_inv_freq
+from sessa_scale.models.flops import attention_projection_flops, causal_attention_flops
+from sessa_scale.models.spec import ArchSpec, Problem
 from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS, feedback_solve
 
 # Derived constants the reference stores in its state dict when built with max_len; we drop them.
@@ -94,7 +98,7 @@ class SessaMixer(nn.Module):
         B, T, _ = a_bar.shape
         q, k, v, q_b, k_b, gamma = self._project(a_bar, torch.arange(T, device=a_bar.device))
         # Widths are inferred (-1): under tensor parallelism this rank holds a subset of the heads
-        # and of f's columns (sessa_scale.distributed.tp_plan).
+        # and of f's columns (sessa_plan below).
         f = self.out_proj(causal_attention(q, k, v, self.attention).reshape(B, T, -1))
         f = f.view(B, T, self.n_fb_heads, -1)
         s = feedback_solve(q_b, k_b, gamma, f, scale=self.fb_scale, impl=self.solver)
@@ -216,3 +220,73 @@ class SessaLayer(nn.Module):
     def default_init_modules(self) -> list[nn.Module]:
         """Modules that keep their PyTorch default init under the scaled init (the gamma gate)."""
         return [self.mixer.gamma_ctx]
+
+
+# The architecture spec (sessa_scale/models/spec.py): model.arch = sessa.
+
+
+def build_sessa_block(cfg: ModelConfig, layer_idx: int) -> SessaLayer:
+    """The layer_idx-th Sessa block of a model described by cfg."""
+    return SessaLayer(
+        cfg.d_model,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        ln_eps=cfg.ln_eps,
+        use_flash=cfg.attention == "flash",
+        use_forward_rope=cfg.rope,
+        gamma_max=cfg.gamma_max,
+        n_fb_heads=cfg.n_fb_heads,
+        solver=cfg.solver,
+    )
+
+
+def sessa_layer_flops(cfg: ModelConfig, T: int) -> int:
+    """Forward FLOPs of one Sessa layer on one sequence of T tokens. Per token: W_in 4D^2, q 2D^2,
+    k and v 2 * 2 D H_kv d, proj_fb 4D^2, gamma_ctx 2 D H_b, out_proj 2D^2 (H > 1), W_out 2D^2;
+    forward attention 4 D (T + 1) / 2 (scores and values over j <= t, averaged over t), feedback
+    4 D (T - 1) / 2 (q_b.k_b logits and the solve's alpha @ s over j < t)."""
+    D = cfg.d_model
+    per_token = 4 * D * D + attention_projection_flops(cfg) + 4 * D * D + 2 * D * cfg.n_fb_heads + 2 * D * D
+    if cfg.n_heads > 1:
+        per_token += 2 * D * D  # out_proj (the identity for one head)
+    feedback = 2 * 2 * D * T * (T - 1) // 2  # logits q_b.k_b and alpha @ s over j < t
+    return T * per_token + causal_attention_flops(D, T) + feedback
+
+
+def sessa_plan(cfg: ModelConfig) -> dict[str, Style]:
+    """The layout of docs/sessa_math.md: W_in column-parallel (a and g split alike), attention and
+    feedback heads local, out_proj reduce-scattered over the hidden dim so each rank holds f for its
+    own feedback columns, W_out row-parallel. One feedback head: q_b, k_b, gamma replicated."""
+    fb_sharded = cfg.n_fb_heads > 1
+    heads = ("n_heads", "n_kv_heads") + (("n_fb_heads",) if fb_sharded else ())
+    return {
+        "ln": Norm(),
+        "W_in": Column(chunks=2),
+        "mixer": Heads(heads, gather_input=True),
+        "mixer.q_proj": Column(),
+        "mixer.k_proj": Column(),
+        "mixer.v_proj": Column(),
+        "mixer.out_proj": RowToHidden(),
+        "mixer.proj_fb": Column(chunks=2) if fb_sharded else Replicated(),
+        "mixer.gamma_ctx": Column() if fb_sharded else Replicated(),
+        "mixer.gamma_bias": Shard(0) if fb_sharded else Replicated(),
+        "W_out": Row(),
+    }
+
+
+def sessa_tp_problems(cfg: ModelConfig, tp: int) -> list[Problem]:
+    """Attention heads split over tp; feedback heads replicated (one) or split."""
+    problems = indivisible({"n_heads": cfg.n_heads, "n_kv_heads": kv_heads(cfg)}, tp)
+    if cfg.n_fb_heads > 1 and cfg.n_fb_heads % tp:
+        problem = f"{cfg.n_fb_heads} feedback heads cannot be split over parallel.tensor={tp}; use 1 (replicated) or a multiple of {tp}"
+        problems.append(("n_fb_heads", problem))
+    return problems
+
+
+SESSA = ArchSpec(
+    name="sessa",
+    build_block=build_sessa_block,
+    layer_flops=sessa_layer_flops,
+    tp_plan=sessa_plan,
+    tp_problems=sessa_tp_problems,
+)

@@ -16,7 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sessa_scale.models.attention import apply_rope, causal_attention, decode_attention, rope_inv_freq
+from sessa_scale.config.schema import ModelConfig
+from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Row, Style, indivisible
+from sessa_scale.models.attention import apply_rope, causal_attention, decode_attention, kv_heads, rope_inv_freq
+from sessa_scale.models.flops import attention_projection_flops, causal_attention_flops
+from sessa_scale.models.spec import ArchSpec, Problem
 
 Cache = dict  # {"t": int, "k", "v": (B, L, H_kv, d)}
 
@@ -61,7 +65,7 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, D) -> (out (B, T, D), k, v (B, T, H_kv, d))."""
         B, T, _ = x.shape
         q, k, v = self._qkv(x, torch.arange(T, device=x.device))
-        # -1: under tensor parallelism this rank holds a subset of the heads (distributed/tp_plan.py)
+        # -1: under tensor parallelism this rank holds a subset of the heads (transformer_plan below)
         return self.out_proj(causal_attention(q, k, v, self.backend).reshape(B, T, -1)), k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,3 +178,73 @@ class TransformerBlock(nn.Module):
     def default_init_modules(self) -> list[nn.Module]:
         """Modules that keep PyTorch's default init under the scaled init (none)."""
         return []
+
+
+# The architecture spec (sessa_scale/models/spec.py): model.arch = transformer.
+
+
+def build_transformer_block(cfg: ModelConfig, layer_idx: int) -> TransformerBlock:
+    """The layer_idx-th block of the Transformer baseline described by cfg."""
+    return TransformerBlock(
+        cfg.d_model,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        ln_eps=cfg.ln_eps,
+        rope=cfg.rope,
+        attention=cfg.attention,
+        mlp=cfg.mlp,
+        mlp_hidden=cfg.mlp_hidden,
+    )
+
+
+def mlp_hidden_width(cfg: ModelConfig) -> int:
+    """The MLP hidden width F of cfg (model.mlp_hidden, null meaning the default for model.mlp)."""
+    return default_mlp_hidden(cfg.d_model, cfg.mlp) if cfg.mlp_hidden is None else cfg.mlp_hidden
+
+
+def transformer_layer_flops(cfg: ModelConfig, T: int) -> int:
+    """Forward FLOPs of one Transformer block on one sequence of T tokens. Per token: q and out
+    2 * 2D^2, k and v 2 * 2 D H_kv d, the MLP (gelu: 2 * 2 D F, swiglu: 3 * 2 D F); attention
+    4 D (T + 1) / 2 (scores and values over j <= t, averaged over t)."""
+    D = cfg.d_model
+    mlp = (2 if cfg.mlp == "gelu" else 3) * 2 * D * mlp_hidden_width(cfg)
+    per_token = attention_projection_flops(cfg) + 2 * D * D + mlp
+    return T * per_token + causal_attention_flops(D, T)
+
+
+def full_square_attention_extra(cfg: ModelConfig, T: int) -> float:
+    """Training FLOPs per token that the Megatron/PaLM convention adds for a Transformer by counting
+    the whole T x T attention square instead of its causal triangle: the upper triangle's scores and
+    value products, 2 D (T - 1) forward per layer, x 3 for training."""
+    return 6 * cfg.n_layers * cfg.d_model * (T - 1)
+
+
+def transformer_plan(cfg: ModelConfig) -> dict[str, Style]:
+    """Megatron's layout: attention heads local (q/k/v column-, out_proj row-parallel), the MLP's
+    hidden units split (fc1 or gate/up column-, fc2 or down row-parallel)."""
+    mlp = {"mlp.fc1": Column(), "mlp.fc2": Row()} if cfg.mlp == "gelu" else {
+        "mlp.w_gate": Column(), "mlp.w_up": Column(), "mlp.w_down": Row()}  # fmt: skip
+    return {
+        "ln1": Norm(),
+        "attn": Heads(("n_heads", "n_kv_heads"), gather_input=False),
+        "attn.q_proj": Column(),
+        "attn.k_proj": Column(),
+        "attn.v_proj": Column(),
+        "attn.out_proj": Row(),
+        "ln2": Norm(),
+        **mlp,
+    }
+
+
+def transformer_tp_problems(cfg: ModelConfig, tp: int) -> list[Problem]:
+    """Attention heads and MLP hidden units split over tp."""
+    return indivisible({"n_heads": cfg.n_heads, "n_kv_heads": kv_heads(cfg), "mlp_hidden": mlp_hidden_width(cfg)}, tp)
+
+
+TRANSFORMER = ArchSpec(
+    name="transformer",
+    build_block=build_transformer_block,
+    layer_flops=transformer_layer_flops,
+    tp_plan=transformer_plan,
+    tp_problems=transformer_tp_problems,
+)
