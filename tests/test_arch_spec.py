@@ -97,3 +97,8 @@ def test_the_trainer_trains_and_samples_it(hybrid, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", str(run), "--prompt", "def ", "--max-new-tokens", "4"]) == 0  # rebuilt from the checkpoint
     assert capsys.readouterr().out.startswith("def ")
+    pytest.importorskip("transformers")
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2  # no HF classes: a clear error, no traceback
+    err = capsys.readouterr().err
+    assert "'hybrid' model, which has no Hugging Face classes" in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists()

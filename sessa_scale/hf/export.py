@@ -72,6 +72,12 @@ def export_model(path: str | Path, out: str | Path) -> dict:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new directory (nothing is overwritten)")
     model, cfg, checkpoint = load_model(path)
+    if cfg.model.arch not in CONFIG_CLASSES:
+        raise UserError(
+            f"{checkpoint} holds a {cfg.model.arch!r} model, which has no Hugging Face classes; export covers "
+            f"{', '.join(sorted(CONFIG_CLASSES))} (add the architecture's config and model classes to "
+            "sessa_scale/hf/configuration.py and modeling.py to export it)"
+        )
     tokenizer = tokenizer_for(cfg.data)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # debris of an interrupted export
