@@ -48,7 +48,7 @@ fla_impls() {  # the DeltaFormer column only where fla-core imports
 for s in "${STEPS[@]}"; do
   case $s in
     trainer)
-      step trainer python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs tests/test_precision.py ;;
+      step trainer python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs tests/training/test_precision.py ;;
     train-bench)
       # shellcheck disable=SC2086
       step train_bench python3 -m sessa_scale bench train ${TRAIN_BENCH_ARGS:-} --runs-dir /tmp/bench_train --out "$OUT/train_bench.md"
@@ -61,7 +61,7 @@ for s in "${STEPS[@]}"; do
       STEP_TIMEOUT=${PARALLEL_TIMEOUT:-540} step parallel_T8192 python3 -m sessa_scale bench parallel --steps 10 --seq-len 8192 \
         --micro-batch-size 2 --layouts "1 GPU" "tp=2+SP" --out /tmp/bench_parallel_8k --report "$OUT/parallel_T8192.md" ;;
     solve-tests)
-      step solve_tests python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs -s tests/test_feedback_triton.py \
+      step solve_tests python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs -s tests/ops/test_feedback_triton.py \
         ${GPU_TEST_K:+-k "$GPU_TEST_K"} ;;
     solve-bench)
       step bench_layer python3 -m sessa_scale.bench.layer --seq-lens 2048,8192,16384 --out "$OUT/layer.md"
@@ -81,7 +81,7 @@ for s in "${STEPS[@]}"; do
         --configs "${SWEEP_CONFIGS:--;FWD_BM=64,FWD_WARPS=4,DQ_BM=64,DQ_WARPS=4;BWD_WARPS=4;STAGES=2;fuse_dk=0}" ;;
     ssd-tests)
       # -rsP: skip reasons, and the error figures each passing test prints
-      step ssd_tests python3 -m pytest -q -m gpu -p no:cacheprovider -rsP --durations=10 tests/test_ssd_triton.py tests/test_mamba2_fused.py tests/test_ssd.py ;;
+      step ssd_tests python3 -m pytest -q -m gpu -p no:cacheprovider -rsP --durations=10 tests/ops/test_ssd_triton.py tests/ops/test_mamba2_fused.py tests/ops/test_ssd.py ;;
     ssd-bench)
       step bench_ssd python3 -m sessa_scale bench ssd --out "$OUT/ssd.md" ;;
     *) echo "unknown step $s (trainer, train-bench, parallel-bench, parallel-bench-8k, solve-tests, solve-bench, solve-profile, solve-sweep, ssd-tests, ssd-bench)"; rc=2 ;;

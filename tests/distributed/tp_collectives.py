@@ -1,4 +1,4 @@
-"""Worker for tests/test_tensor_parallel.py, run under torchrun with 2 processes (gloo): counts the
+"""Worker for tests/distributed/test_tensor_parallel.py, run under torchrun with 2 processes (gloo): counts the
 collectives of one forward + backward of tp=2 models with 1 and 2 blocks (torch.profiler's c10d
 ops); rank 0 saves the difference, what one block communicates."""
 

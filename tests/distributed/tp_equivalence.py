@@ -1,4 +1,4 @@
-"""Worker for tests/test_tensor_parallel.py, run under torchrun with 2 processes (gloo):
+"""Worker for tests/distributed/test_tensor_parallel.py, run under torchrun with 2 processes (gloo):
 for each case, a tp=1 model and a tp=2 (optionally sequence-parallel) model from the same seed
 take the same batch; rank 0 saves both losses, logits and full gradients (TP shards gathered)."""
 

@@ -1,0 +1,1 @@
+"""Configs (sessa_scale/config, configs/): loading, validation, `sessa-scale config`, vocab_size auto."""

@@ -1,0 +1,1 @@
+"""The models (sessa_scale/models): the Sessa layer, the LM and registry, the baselines, FLOP counts."""

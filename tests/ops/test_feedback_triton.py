@@ -1,0 +1,373 @@
+"""Tests of the Triton feedback solve (kernels/feedback.py via sessa_scale/ops/feedback_triton.py).
+
+CPU (CI): every kernel of both paths runs under TRITON_INTERPRET=1 in float32 and float64 against
+the dense oracle, at T in {1, 15, 16, 17, 63, 65, 130}, forward and backward, with work buffers and
+gradient outputs poisoned with NaN so unwritten tiles fail.  TRITON_INTERPRET must be set
+before the kernels are decorated, so those checks run in a fresh subprocess (this file with
+``--interp-worker DTYPE``), robust to whatever else this pytest session imported.
+
+GPU (``-m gpu``): both paths (fused, GEMM) in fp32 vs dense to 1e-5 relative, bf16 within stated
+tolerances, gradients likewise, large head widths, determinism, CUDA-graph replays, memory
+bounds, and a cross-check against fla-core's DeltaFormer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.helpers.interpreter import run_interpreter_worker
+
+INTERP_T = (1, 15, 16, 17, 63, 65, 130)
+INTERP_TOL = {"float32": 2e-5, "float64": 1e-12}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if b.norm() > 0 else (a - b).abs().max().item()
+
+
+def _inputs(B, T, H, Dk, Dv, dtype, device, seed, gamma_max=0.999):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64)
+    g = gamma_max * torch.tanh(torch.randn(B, T, H, generator=gen, dtype=torch.float64) + 1.0)
+    f = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64)
+    ds = torch.randn(B, T, H, Dv, generator=gen, dtype=torch.float64)
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return [to(t).requires_grad_() for t in (q, k, g, f)], to(ds)
+
+
+def _check_against_dense(impl, B, T, H, Dk, Dv, dtype, device, seed, tol_s, tol_g, scale=None):
+    from sessa_scale.ops.feedback_reference import feedback_solve_dense
+
+    (q, k, g, f), ds = _inputs(B, T, H, Dk, Dv, dtype, device, seed)
+    scale = 1.0 / math.sqrt(Dk) if scale is None else scale
+    s = impl(q, k, g, f, scale)
+    grads = torch.autograd.grad(s, (q, k, g, f), ds)
+    # Oracle in float64 on the same (rounded) inputs.
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, g, f)]
+    s_ref = feedback_solve_dense(*ref_in, scale)
+    grads_ref = torch.autograd.grad(s_ref, ref_in, ds.double())
+    errs = {"s": _rel(s, s_ref)}
+    errs.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dgamma", "df"), grads, grads_ref)})
+    bad = {n: e for n, e in errs.items() if not e <= (tol_s if n == "s" else tol_g)}
+    assert not bad, f"B={B} T={T} H={H} Dk={Dk} Dv={Dv} {dtype}: errors {errs}"
+    return errs
+
+
+# ----------------------------------------------------------------------------- CPU interpreter
+
+# Work done per dtype in the interpreter: the fused path at every T, the GEMM path at some (its
+# epilogues and cuBLAS products do not depend on the leaf layout the odd lengths exercise).
+INTERP_GEMM_T = {"float64": INTERP_T, "float32": (17, 130)}
+INTERP_FUSED_T = {"float64": INTERP_T, "float32": (17, 130)}
+
+
+def _interp_worker(dtype_name: str) -> None:
+    """Runs in a subprocess with TRITON_INTERPRET=1 (set before any triton import)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import sessa_scale.ops.feedback_leaves as fl
+    import sessa_scale.ops.feedback_triton as ft
+    from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS, feedback_solve
+
+    assert "triton" in FEEDBACK_SOLVE_IMPLS, "triton impl not registered under TRITON_INTERPRET=1"
+    with fl.poisoned_buffers():  # work buffers and gradient outputs start as NaN
+        dtype = getattr(torch, dtype_name)
+        tol = INTERP_TOL[dtype_name]
+
+        def public(q, k, g, f, scale):
+            return feedback_solve(q, k, g, f, scale=scale, impl="triton")
+
+        def with_config(**fields):
+            cfg = replace(ft.INTERPRET_CONFIG, **fields)
+            return lambda *a: ft.feedback_solve_triton(*a, config=cfg)
+
+        for i, T in enumerate(INTERP_T):
+            B, H = (1, 2) if i % 2 == 0 else (2, 1)
+            # Dk = 24, Dv = 40 with 16-wide row tiles: ragged head rows, several leaves, ragged last leaf.
+            for path, impl, Ts in (("fused", public, INTERP_FUSED_T), ("gemm", with_config(gemm=1), INTERP_GEMM_T)):
+                if T in Ts[dtype_name]:
+                    errs = _check_against_dense(impl, B, T, H, 24, 40, dtype, "cpu", seed=100 + T, tol_s=tol, tol_g=tol)
+                    print(f"ok {dtype_name} {path} T={T} B={B} H={H} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
+                          flush=True)
+        # Small widths, a non-default scale, both paths; the fused backward with one dk pass over all pairs.
+        for path, fields in (("fused", {}), ("gemm", {"gemm": 1})):
+            _check_against_dense(with_config(**fields), 1, 33, 1, 16, 16, dtype, "cpu", seed=7, tol_s=tol, tol_g=tol,
+                                 scale=0.3)
+            print(f"ok {dtype_name} {path} Dk=Dv=16 scale=0.3", flush=True)
+        _check_against_dense(with_config(fuse_dk=0), 2, 70, 1, 24, 40, dtype, "cpu", seed=8, tol_s=tol, tol_g=tol)
+        print(f"ok {dtype_name} fused fuse_dk=0", flush=True)
+
+
+def _interp_expected(dtype_name: str) -> int:
+    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_interpreter_against_dense(dtype):
+    pytest.importorskip("triton")
+    out = run_interpreter_worker(__file__, dtype)
+    assert out.count("ok ") == _interp_expected(dtype), out
+
+
+def test_poisoned_buffers_fill_work_buffers_with_nan_only_inside_the_context():
+    """The interpreter checks rely on this hook: unwritten tiles must show as NaN."""
+    pytest.importorskip("triton")
+    from sessa_scale.ops import feedback_leaves as fl
+
+    with fl.poisoned_buffers():
+        assert fl.buffers_poisoned() and torch.isnan(fl.new_buffer((3, 5), torch.float32, "cpu")).all()
+    assert not fl.buffers_poisoned()
+
+
+def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():
+    """The recursive schedule solves leaves in time order (reverse: backwards), applies each solved
+    range to the next one, and keeps nothing alive after it returns (a self-referencing closure did:
+    the call's work buffers then lived until the cyclic garbage collector ran)."""
+    import gc
+    import weakref
+
+    pytest.importorskip("triton")
+    from sessa_scale.ops.feedback_leaves import schedule
+
+    class Buffer:  # stands in for the work buffers the leaf and apply callbacks hold
+        pass
+
+    for reverse in (False, True):
+        events, buf = [], Buffer()
+        alive = weakref.ref(buf)
+        gc.disable()
+        try:
+            schedule(5 * 8 - 3, 8, lambda a, b=buf: events.append(("leaf", a)),
+                     lambda *blk, b=buf: events.append(("apply", *blk)), reverse, 0, 5)
+            del buf
+            assert alive() is None, "the schedule kept its callbacks' buffers alive"
+        finally:
+            gc.enable()
+        leaves = [e[1] for e in events if e[0] == "leaf"]
+        assert leaves == sorted(leaves, reverse=reverse) == sorted({0, 8, 16, 24, 32}, reverse=reverse)
+        covered = set()
+        for i, event in enumerate(events):  # each apply reads solved rows only and feeds unsolved ones
+            if event[0] == "apply":
+                _, l0, l1, e0, e1 = event
+                solved = {e[1] for e in events[:i] if e[0] == "leaf"}
+                assert l1 <= 37 and e0 < e1 <= l0 < l1
+                src = range(l0, l1, 8) if reverse else range(e0, e1, 8)
+                dst = range(e0, e1, 8) if reverse else range(l0, l1, 8)
+                assert set(src) <= solved and not set(dst) & solved
+                pairs = {(t, j) for t in range(l0, l1) for j in range(e0, e1)}
+                assert not pairs & covered
+                covered |= pairs
+        # every pair of rows in different leaves is applied exactly once (what the fused dk relies on)
+        assert covered == {(t, j) for t in range(37) for j in range(t) if t // 8 != j // 8}
+
+
+# ----------------------------------------------------------------------------- GPU
+# Shapes are chosen to share compiled kernels (one Triton compilation per dtype, head widths and
+# H == 1 or not), which is most of this file's time on a fresh machine.
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _triton_impl(**fields):
+    from sessa_scale.ops.feedback_triton import SolveConfig, feedback_solve_triton
+
+    if not fields:
+        return feedback_solve_triton
+    cfg = SolveConfig(**fields)
+    return lambda *a: feedback_solve_triton(*a, config=cfg)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,shape", [(1, (2, 3, 64, 64)), (130, (2, 3, 64, 64)), (1000, (2, 3, 64, 64)),
+                                     (2049, (1, 2, 64, 64)), (17, (1, 1, 24, 40)), (577, (1, 1, 24, 40))])
+def test_gpu_fp32_against_dense(T, shape):
+    """The fused path (head widths <= 128) in fp32 against the float64 dense oracle."""
+    B, H, Dk, Dv = shape
+    _check_against_dense(_triton_impl(), B, T, H, Dk, Dv, torch.float32, "cuda", seed=T, tol_s=1e-5, tol_g=1e-5)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fields", [{"gemm": 1, "scratch_mib": 1}, {"gemm": 0, "fuse_dk": 0}])
+def test_gpu_paths_against_dense(fields):
+    """The GEMM path on narrow heads with a 1 MiB scratch (many row chunks), and the fused path
+    with one dk pass over all pairs, in fp32 against dense."""
+    _check_against_dense(_triton_impl(**fields), 2, 1500, 3, 64, 64, torch.float32, "cuda", seed=21, tol_s=1e-5,
+                         tol_g=1e-5)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("Dk,Dv,T", [(768, 768, 700), (4096, 256, 130)])
+def test_gpu_fp32_large_widths(Dk, Dv, T):
+    """The GEMM path (wide heads) in fp32 against dense."""
+    _check_against_dense(_triton_impl(), 1, T, 1, Dk, Dv, torch.float32, "cuda", seed=Dk + T, tol_s=1e-5, tol_g=1e-5)
+
+
+# bf16 inputs: off-diagonal P and s enter tensor-core products in bf16 (fp32 accumulation);
+# lse, accumulators and diagonal inverses stay fp32. Stated tolerances (relative, L2):
+BF16_TOL_S, BF16_TOL_G = 1e-2, 2e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,B,T,H,D", [(torch.bfloat16, 2, 1000, 3, 64), (torch.bfloat16, 1, 2048, 2, 128),
+                                           (torch.bfloat16, 1, 777, 1, 768), (torch.float16, 1, 1500, 2, 128)])
+def test_gpu_half_against_dense(dtype, B, T, H, D):
+    _check_against_dense(_triton_impl(), B, T, H, D, D, dtype, "cuda", seed=T + D, tol_s=BF16_TOL_S, tol_g=BF16_TOL_G)
+
+
+@gpu
+@needs_cuda
+def test_gpu_deterministic_and_auto():
+    from sessa_scale.ops.feedback_solve import feedback_solve, resolve_impl
+
+    assert resolve_impl("auto", torch.device("cuda")) == "triton"
+    (q, k, g, f), ds = _inputs(2, 1500, 3, 64, 64, torch.bfloat16, "cuda", seed=3)
+    outs = []
+    for _ in range(2):
+        s = feedback_solve(q, k, g, f)
+        outs.append([s, *torch.autograd.grad(s, (q, k, g, f), ds)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype,H,D", [(torch.bfloat16, 3, 64), (torch.float32, 2, 64), (torch.bfloat16, 1, 768)])
+def test_gpu_graph_replays_equal_eager_and_keep_each_calls_results(dtype, H, D):
+    """CUDA graphs: replayed calls give bitwise the eager (graphs=0) results, also when two calls of
+    one shape run their forwards before either backward (outputs and saved tensors are cloned) and
+    when graphs of two shapes, which share one memory pool and one input arena, alternate."""
+    import sessa_scale.ops.feedback_triton as ft
+    from sessa_scale.ops import graph_cache
+
+    graph_cache.clear_graphs()
+    eager, graphed = ft.SolveConfig(graphs=0), ft.SolveConfig()
+    lengths = (300, 200, 300, 300, 200, 200, 300)
+    inputs = [_inputs(2, T, H, D, D, dtype, "cuda", seed=seed) for seed, T in enumerate(lengths)]
+
+    def forward(cfg, i):
+        (q, k, g, f), ds = inputs[i]
+        return ft.feedback_solve_triton(q, k, g, f, D ** -0.5, config=cfg), (q, k, g, f), ds
+
+    def grads(s, leaves, ds):
+        return [s, *torch.autograd.grad(s, leaves, ds)]
+
+    want = [grads(*forward(eager, i)) for i in range(len(lengths))]
+    assert not len(graph_cache.GRAPHS)
+    got = {i: grads(*forward(graphed, i)) for i in (0, 1)}  # a shape's first call runs eagerly
+    assert not len(graph_cache.GRAPHS)
+    # Two forwards, then the backwards in reverse order (as in a model): call 2's forward and call 3's
+    # backward capture, call 3's forward and call 2's backward replay over the other call's statics.
+    call2, call3 = forward(graphed, 2), forward(graphed, 3)
+    got[3], got[2] = grads(*call3), grads(*call2)
+    assert len(graph_cache.GRAPHS) == 2
+    call4, call5 = forward(graphed, 4), forward(graphed, 5)  # the other shape: captured, sharing pool and arena
+    got[5], got[4] = grads(*call5), grads(*call4)
+    got[6] = grads(*forward(graphed, 6))  # the first shape again, after the second one's replays
+    assert len(graph_cache.GRAPHS) == 4
+    for i, g in got.items():
+        for name, a, b in zip(("s", "dq", "dk", "dgamma", "df"), g, want[i]):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"call {i}: {name} differs from eager"
+    graph_cache.clear_graphs()
+
+
+@gpu
+@needs_cuda
+def test_gpu_power_law_tail():
+    """Uniform routing (q = 0) and constant gamma: ds_t/df_0 has the closed form of docs/sessa_math.md."""
+    T, gam = 300, 0.9
+    q = torch.zeros(1, T, 1, 24, device="cuda")
+    k = torch.randn(1, T, 1, 24, device="cuda")
+    g = torch.full((1, T, 1), gam, device="cuda")
+    f = torch.zeros(1, T, 1, 40, device="cuda")
+    f[0, 0, 0, :] = 1.0
+    s = _triton_impl()(q, k, g, f, 1.0 / math.sqrt(24))[0, :, 0, 0].double().cpu()
+    expect = [1.0]
+    prod = 1.0
+    for t in range(1, T):
+        expect.append(gam / t * prod)
+        prod *= 1 + gam / t
+    assert _rel(s, torch.tensor(expect, dtype=torch.float64)) < 1e-5
+
+
+@gpu
+@needs_cuda
+def test_gpu_against_deltaformer():
+    """fla-core's DeltaFormer computes u = v - beta * softmax-strict(qk) u: beta = -gamma gives s."""
+    from sessa_scale.bench.baselines import fla_deltaformer_solve
+    from sessa_scale.ops.ssd import fla_available
+
+    if not fla_available():
+        pytest.skip("fla-core (fla.ops.deltaformer) not installed")
+    (q, k, g, f), ds = _inputs(2, 2048, 4, 64, 64, torch.bfloat16, "cuda", seed=11)
+    s = _triton_impl()(q, k, g, f, 1.0 / 8.0)
+    grads = torch.autograd.grad(s, (q, k, g, f), ds)
+    u = fla_deltaformer_solve(q, k, g, f, 1.0 / 8.0)
+    grads_fla = torch.autograd.grad(u, (q, k, g, f), ds)
+    assert _rel(s, u) < BF16_TOL_S
+    for name, a, b in zip(("dq", "dk", "dgamma", "df"), grads, grads_fla):
+        assert _rel(a, b) < 3 * BF16_TOL_G, name
+
+
+def _op_peak_bytes(impl, inputs, ds, scale) -> int:
+    """Peak CUDA memory of a warm fwd+bwd beyond its inputs (cached CUDA graphs count), as the benches
+    measure it (gradients of the previous call dropped first)."""
+    from sessa_scale.bench import cuda_peak_bytes
+
+    def fwd_bwd():
+        for t in inputs:
+            t.grad = None
+        impl(*inputs, scale).backward(ds)
+
+    return cuda_peak_bytes(fwd_bwd, warm=True)
+
+
+@gpu
+@needs_cuda
+def test_gpu_single_head_768_memory_linear_in_T():
+    """Single head D = 768: fwd+bwd at T = 32k, B = 1 in < 1 GiB for the op, and the op's memory
+    grows at most linearly with T (x4 from 8k to 32k)."""
+    peaks = {}
+    for T in (8192, 32768):
+        inputs, ds = _inputs(1, T, 1, 768, 768, torch.bfloat16, "cuda", seed=5)
+        peaks[T] = _op_peak_bytes(_triton_impl(), inputs, ds, 768 ** -0.5)
+        assert all(torch.isfinite(t.grad).all() for t in inputs)
+        del inputs, ds
+    print(f"peak op memory 1x768: T=8k {peaks[8192] / 2**20:.0f} MiB, T=32k {peaks[32768] / 2**20:.0f} MiB")
+    assert peaks[32768] < 2**30
+    assert peaks[32768] <= 4 * peaks[8192]
+
+
+@gpu
+@needs_cuda
+def test_gpu_memory_within_3x_sdpa():
+    """6 heads of 128 at T = 8192, B = 2 (graphs on, as in training): the op's fwd+bwd peak memory is
+    at most 3x that of causal SDPA flash attention of the same shape."""
+    from sessa_scale.bench.baselines import sdpa_flash_same_shape
+
+    inputs, ds = _inputs(2, 8192, 6, 128, 128, torch.bfloat16, "cuda", seed=9)
+    peaks = {name: _op_peak_bytes(impl, inputs, ds, 128 ** -0.5)
+             for name, impl in (("sdpa", sdpa_flash_same_shape), ("triton", _triton_impl()))}
+    print(f"peak op memory 6x128 T=8k B=2: triton {peaks['triton'] / 2**20:.0f} MiB, "
+          f"sdpa {peaks['sdpa'] / 2**20:.0f} MiB")
+    assert peaks["triton"] <= 3 * peaks["sdpa"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--interp-worker":
+        _interp_worker(sys.argv[2])
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} --interp-worker float32|float64")

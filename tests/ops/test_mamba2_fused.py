@@ -1,0 +1,184 @@
+"""Tests of the Mamba-2 mixer's fused Triton conv + SiLU and gated RMSNorm (kernels/mamba2_fused.py
+via sessa_scale/ops/mamba2_fused.py) against the PyTorch paths of sessa_scale/models/mamba2.py.
+
+CPU (CI): under TRITON_INTERPRET=1 in a fresh subprocess (this file with ``--interp-worker``), in
+float32 (and at two T float64) inputs (the kernels compute in float32), T in {1, 17, 63, 65, 130}
+(the norm, per row, at 1 and 17), outputs and every gradient (inputs, weights, biases), strided inputs, buffers
+poisoned with NaN; and the whole Mamba-2 mixer with ssm_kernels="triton" (and the Triton scan)
+against "torch" (and the chunked scan).
+GPU (``-m gpu``): the same comparisons in float32 and under bf16 autocast at the 350m widths.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from tests.helpers.interpreter import run_interpreter_worker
+
+INTERP_T = (1, 17, 63, 65, 130)
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _compare(fn_a, fn_b, inputs, params, upstream, tol, label):
+    """fn(*inputs) -> output, for two implementations sharing inputs and parameters: output and
+    gradients w.r.t. inputs and params within relative L2 tol."""
+    results = []
+    for fn in (fn_a, fn_b):
+        out = fn(*inputs)
+        grads = torch.autograd.grad((out.double() * upstream.double()).sum(), [*inputs, *params])
+        results.append((out, grads))
+    (out_a, g_a), (out_b, g_b) = results
+    errs = {"out": _rel(out_a, out_b), **{f"grad{i}": _rel(a, b) for i, (a, b) in enumerate(zip(g_a, g_b))}}
+    assert out_a.dtype == out_b.dtype and out_a.shape == out_b.shape
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"{label}: relative errors above {tol}: {bad} (all: {errs})"
+    return errs
+
+
+def _conv_case(batch, T, C, dtype, device, seed, strided):
+    from sessa_scale.models.mamba2 import Mamba2Mixer
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mixer = Mamba2Mixer(C // 2, d_state=8, head_dim=8).to(device=device, dtype=dtype)
+    x = torch.randn(batch, T, 2 * C if strided else C, generator=gen, dtype=torch.float64)
+    x = x[..., :C] if strided else x  # strided: a slice of a wider tensor, as z / x of in_proj
+    x = x.to(device=device, dtype=dtype).requires_grad_()
+    up = torch.randn(batch, T, C, generator=gen, dtype=torch.float64).to(device)
+    return mixer, x, up
+
+
+def check_conv(batch, T, C, dtype, device, seed, tol, strided=False):
+    from sessa_scale.ops.mamba2_fused import causal_conv1d_silu
+
+    mixer, x, up = _conv_case(batch, T, C, dtype, device, seed, strided)
+    conv = mixer.conv_x
+    mixer.kernels = "torch"
+    return _compare(lambda v: causal_conv1d_silu(v, conv.weight, conv.bias), lambda v: mixer.causal_convs({"conv_x": v})["conv_x"],
+                    [x], [conv.weight, conv.bias], up, tol, f"conv T={T} C={C} {dtype}")
+
+
+def check_norm(batch, T, E, groups, dtype, device, seed, tol, strided=False):
+    from sessa_scale.models.mamba2 import GatedRMSNorm
+
+    gen = torch.Generator().manual_seed(seed)
+    ref = GatedRMSNorm(E, group_size=E // groups, kernels="torch").to(device=device, dtype=dtype)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.1 * torch.randn(E, generator=gen, dtype=torch.float64))
+    fused = GatedRMSNorm(E, group_size=E // groups, kernels="triton").to(device=device, dtype=dtype)
+    fused.weight = ref.weight
+    y = torch.randn(batch, T, E, generator=gen, dtype=torch.float64)
+    z = torch.randn(batch, T, 2 * E if strided else E, generator=gen, dtype=torch.float64)
+    z = z[..., E:] if strided else z
+    y, z = (t.to(device=device, dtype=dtype).requires_grad_() for t in (y, z))
+    up = torch.randn(batch, T, E, generator=gen, dtype=torch.float64).to(device)
+    return _compare(fused, ref, [y, z], [ref.weight], up, tol, f"norm T={T} E={E} G={groups} {dtype}")
+
+
+def check_mixer(T, dtype, device, tol, seed=0):
+    """The whole mixer: fused kernels + Triton scan vs the PyTorch paths + chunked scan; output and
+    the gradients of the input and of every parameter."""
+    from sessa_scale.models.mamba2 import Mamba2Mixer
+
+    torch.manual_seed(seed)
+    ref = Mamba2Mixer(32, d_state=16, head_dim=16, n_groups=2, chunk_size=16, scan="chunked", kernels="torch")
+    fused = Mamba2Mixer(32, d_state=16, head_dim=16, n_groups=2, chunk_size=16, scan="triton", kernels="triton")
+    fused.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(2, T, 32, generator=gen, dtype=torch.float64)
+    up = torch.randn(2, T, 32, generator=gen, dtype=torch.float64).to(device)
+    results = []
+    for m in (fused, ref):
+        m = m.to(device=device, dtype=dtype)
+        x = u.to(device=device, dtype=dtype).requires_grad_()
+        out = m(x)
+        names, params = zip(*m.named_parameters())
+        grads = torch.autograd.grad((out.double() * up).sum(), [x, *params])
+        results.append({"out": out, "du": grads[0], **dict(zip(names, grads[1:]))})
+    errs = {k: _rel(results[0][k], results[1][k]) for k in results[1]}
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"mixer T={T} {dtype}: relative errors above {tol}: {bad} (all: {errs})"
+    return errs
+
+
+# ----------------------------------------------------------------------------- CPU interpreter
+
+
+def _interp_worker() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import sessa_scale.ops.ssd_triton as st
+
+    st.POISON = True
+    for i, T in enumerate(INTERP_T):  # float64 inputs and the norm (per row: T matters less) at some T only
+        for dtype in (torch.float32, torch.float64) if T in (17, 130) else (torch.float32,):
+            tol = 2e-6 if dtype == torch.float64 else 2e-5  # the kernels compute in float32
+            check_conv(2 - i % 2, T, 72, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 0)
+            if T <= 17:  # per row, so T matters only through rows per program (NORM_ROWS = 16): 17 x 2 rows
+                check_norm(2 - i % 2, T, 48, 1 + i % 2 * 2, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
+        print(f"ok T={T}", flush=True)
+    errs = check_mixer(37, torch.float64, "cpu", tol=2e-6)
+    print("ok mixer " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+
+
+def test_interpreter_against_the_torch_paths():
+    pytest.importorskip("triton")
+    out = run_interpreter_worker(__file__)
+    assert out.count("ok ") == len(INTERP_T) + 1, out
+
+
+def test_kernels_knob_is_validated_and_torch_off_cuda():
+    from sessa_scale.models.mamba2 import use_triton_kernels
+
+    cpu = torch.zeros(1)
+    assert not use_triton_kernels("auto", cpu) and not use_triton_kernels("torch", cpu)
+    assert use_triton_kernels("triton", cpu)
+    with pytest.raises(ValueError, match="unknown mixer kernels 'fast'"):
+        use_triton_kernels("fast", cpu)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [1, 17, 130, 2049])
+def test_gpu_fp32_against_the_torch_paths(T):
+    check_conv(2, T, 2304, torch.float32, "cuda", seed=T, tol=1e-5, strided=True)
+    check_norm(2, T, 2048, 1, torch.float32, "cuda", seed=T, tol=1e-5, strided=True)
+    check_norm(2, T, 2048, 4, torch.float32, "cuda", seed=T, tol=1e-5)
+
+
+@gpu
+@needs_cuda
+def test_gpu_bf16_against_the_torch_paths():
+    """bf16 inputs: ours computes in float32 from the bf16 values (the PyTorch conv in bf16 with a
+    bf16 copy of the weights), so both sides differ by bf16 rounding."""
+    check_conv(4, 2048, 2304, torch.bfloat16, "cuda", seed=1, tol=2e-2)
+    check_norm(4, 2048, 2048, 1, torch.bfloat16, "cuda", seed=1, tol=2e-2)
+
+
+@gpu
+@needs_cuda
+def test_gpu_mixer_fused_matches_torch():
+    errs = check_mixer(1000, torch.float32, "cuda", tol=1e-4)
+    print(errs)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 2 and sys.argv[1] == "--interp-worker":
+        _interp_worker()
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} --interp-worker")
