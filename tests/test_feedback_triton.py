@@ -172,6 +172,24 @@ def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():
         assert covered == {(t, j) for t in range(37) for j in range(t) if t // 8 != j // 8}
 
 
+def test_launch_counter_sees_one_epilogue_per_apply_of_the_schedule():
+    """bench/solve_launches counts the GEMM path's launches on the meta device: with a scratch that
+    holds every block whole, one probs epilogue per apply of the schedule in each direction and one
+    lse strip."""
+    pytest.importorskip("triton")
+    from sessa_scale.bench.solve_launches import count_launches
+    from sessa_scale.ops.feedback_leaves import schedule
+    from sessa_scale.ops.feedback_triton import SolveConfig
+
+    T, L = 8192, SolveConfig().L_gemm
+    applies = []
+    schedule(T, L, lambda a: None, lambda *blk: applies.append(blk), False, 0, T // L)
+    fwd, bwd = count_launches(1, T, 1, 768, 768, SolveConfig(scratch_mib=4096))
+    assert fwd["triton.probs_kernel"] == bwd["triton.probs_kernel"] == len(applies) == T // L - 1
+    assert fwd["triton.lse_partial_kernel"] == fwd["triton.lse_reduce_kernel"] == 1
+    assert fwd["torch.bmm"] >= T // L  # the leaf products
+
+
 # ----------------------------------------------------------------------------- GPU
 # Shapes are chosen to share compiled kernels (one Triton compilation per dtype, head widths and
 # H == 1 or not), which is most of this file's time on a fresh machine.
