@@ -172,10 +172,11 @@ def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():
         assert covered == {(t, j) for t in range(37) for j in range(t) if t // 8 != j // 8}
 
 
-def test_launch_counter_sees_one_epilogue_per_apply_of_the_schedule():
+def test_launch_counter_sees_one_epilogue_per_apply_and_one_dgamma_sum_per_strip():
     """bench/solve_launches counts the GEMM path's launches on the meta device: with a scratch that
     holds every block whole, one probs epilogue per apply of the schedule in each direction and one
-    lse strip."""
+    lse strip; at 1x768, T = 32k (128 MiB scratch) the backward's square dS blocks (n strips of rows,
+    n (n + 1) / 2 blocks) sum their dgamma partials once per strip, not once per block."""
     pytest.importorskip("triton")
     from sessa_scale.bench.solve_launches import count_launches
     from sessa_scale.ops.feedback_leaves import schedule
@@ -188,6 +189,10 @@ def test_launch_counter_sees_one_epilogue_per_apply_of_the_schedule():
     assert fwd["triton.probs_kernel"] == bwd["triton.probs_kernel"] == len(applies) == T // L - 1
     assert fwd["triton.lse_partial_kernel"] == fwd["triton.lse_reduce_kernel"] == 1
     assert fwd["torch.bmm"] >= T // L  # the leaf products
+
+    _, bwd = count_launches(1, 32768, 1, 768, 768, SolveConfig())
+    strips, blocks = bwd["triton.rowsum_kernel"], bwd["triton.ds_kernel"]
+    assert strips > 1 and blocks == strips * (strips + 1) // 2
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -13,6 +13,7 @@ pass), the scratch, and an ACC dk accumulator in the backward.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -227,26 +228,28 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
     G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
         Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
         BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
-    # dS over square causal blocks (rows r x keys c): dq, dk and dgamma accumulate in ACC across them
+    # dS over square causal blocks (rows r x keys c): dq and dk accumulate in ACC across them, dgamma
+    # is summed once per strip of rows
     dq, dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
-    dg = torch.zeros((B * H, T), dtype=acc, device=q.device)
+    dg = new_buffer((B * H, T), acc, q.device)
     side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)
     for r0 in range(0, T, side):
         r1 = min(r0 + side, T)
-        for c0 in range(0, r1, side):
-            c1 = min(c0 + side, r1)
-            R, NC = r1 - r0, c1 - c0
-            NCB = triton.cdiv(NC, cfg.EPI_BN)
+        R, col_blocks = r1 - r0, [(c0, min(c0 + side, r1)) for c0 in range(0, r1, side)]
+        # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
+        nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, cfg.EPI_BN) for c0, c1 in col_blocks)]
+        dgp = new_buffer((B * H, R, nb0[-1]), acc, q.device)
+        for (c0, c1), nb in zip(col_blocks, nb0):
+            NC = c1 - c0
             A, D, *dS = blocks.views(R, NC, acc, acc, *([] if pdt == acc else [pdt]))
             dS = dS[0] if dS else A
             _gemm(blocks.qh[:, r0:r1], blocks.kh[:, c0:c1].transpose(1, 2), A)
             _gemm(Lam[:, r0:r1], S[:, c0:c1].transpose(1, 2), D)
-            dgp = new_buffer((B * H, R, NCB), acc, q.device)
-            G.ds_kernel[blocks.grid(R, NC)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, NCB,
+            G.ds_kernel[blocks.grid(R, NC)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1], nb,
                                             gamma.stride(0), gamma.stride(1), blocks.qk_scale, scale, **blocks.epi)
-            G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, NCB, **blocks.epi)
             _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
             _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
+        G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, nb0[-1], **blocks.epi)
     shape = (B, T, H)
     return (solution_view(dq.to(tq), (*shape, Dk)), solution_view(dk.to(tk), (*shape, Dk)),
             dg.view(B, H, T).transpose(1, 2).to(tg), solution_view(outs[-1], (*shape, Dv)))
