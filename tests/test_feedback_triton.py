@@ -195,6 +195,21 @@ def test_launch_counter_sees_one_epilogue_per_apply_and_one_dgamma_sum_per_strip
     assert strips > 1 and blocks == strips * (strips + 1) // 2
 
 
+def test_graph_policy_captures_the_gemm_path_up_to_16k_tokens_of_one_768_head():
+    """CUDA graphs: the GEMM path (launch-bound leaf chain) up to T = 16k, the fused path up to 4k,
+    both within graph_max_elements (1x768 at T = 32k is not captured: its static buffers)."""
+    pytest.importorskip("triton")
+    from sessa_scale.ops.feedback_triton import SolveConfig, _fit, graph_eligible
+
+    def captured(B, T, H, D):
+        return graph_eligible(B, T, H, D, D, _fit(SolveConfig(), T, D, D, 2))
+
+    assert captured(8, 2048, 1, 768) and captured(2, 8192, 1, 768) and captured(1, 16384, 1, 768)
+    assert not captured(1, 32768, 1, 768)
+    assert captured(8, 2048, 6, 128) and not captured(2, 8192, 6, 128)
+    assert not graph_eligible(2, 8192, 1, 768, 768, _fit(SolveConfig(graphs=0), 8192, 768, 768, 2))
+
+
 # ----------------------------------------------------------------------------- GPU
 # Shapes are chosen to share compiled kernels (one Triton compilation per dtype, head widths and
 # H == 1 or not), which is most of this file's time on a fresh machine.
