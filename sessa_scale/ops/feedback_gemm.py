@@ -108,10 +108,15 @@ class _Blocks:
         self._scratch = None
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
 
-    def lines_per_chunk(self, length: int, bytes_per_entry: int) -> int:
-        """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch."""
+    def lines_per_chunk(self, length: int, bytes_per_entry: int, extra_bytes: int = 0) -> int:
+        """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch
+        (its budget plus extra_bytes)."""
         bm = self.cfg.EPI_BM
-        return max(bm, self.budget // (self.BH * length * bytes_per_entry) // bm * bm)
+        return max(bm, (self.budget + extra_bytes) // (self.BH * length * bytes_per_entry) // bm * bm)
+
+    def release_scratch(self) -> None:
+        """Frees the scratch (the next views() allocates it again)."""
+        self._scratch = None
 
     def block_side(self, bytes_per_entry: int) -> int:
         """Side of the square blocks whose buffers of bytes_per_entry fit the scratch."""
@@ -125,6 +130,7 @@ class _Blocks:
         sizes = [self.BH * R * NC * torch.finfo(dt).bits // 8 for dt in dtypes]
         need = sum(sizes) + 256 * len(sizes)
         if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = None  # freed first (callers hold no views of it), never two at once
             self._scratch = torch.empty(need, dtype=torch.uint8, device=self.qh.device)
         if feedback_leaves.buffers_poisoned():  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
             self._scratch[:need].fill_(255)
@@ -176,10 +182,12 @@ def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
         out[:, a:a + rows] = prod
 
 
-def _lse(blocks: _Blocks) -> None:
-    """The row statistics, strip by strip of rows against every earlier key."""
+def _lse(blocks: _Blocks, later_bytes: int) -> None:
+    """The row statistics, strip by strip of rows against every earlier key.  The strips' scratch
+    may also take later_bytes (the buffers the forward allocates only after it: fewer, taller strips
+    at the same peak memory); it is freed at the end."""
     T, BH, cfg = blocks.T, blocks.BH, blocks.cfg
-    step = blocks.lines_per_chunk(T, blocks.acc_bytes)
+    step = blocks.lines_per_chunk(T, blocks.acc_bytes, later_bytes)
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
         R, NCB = r1 - r0, triton.cdiv(r1, cfg.EPI_BN)
@@ -188,6 +196,8 @@ def _lse(blocks: _Blocks) -> None:
         m, l = (new_buffer((BH, R, NCB), blocks.acc, A.device) for _ in range(2))
         G.lse_partial_kernel[blocks.grid(R, r1)](A, m, l, r0, R, r1, NCB, blocks.qk_scale, **blocks.epi)
         G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
+        del A  # the next, taller strip's scratch replaces this one
+    blocks.release_scratch()
 
 
 def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
@@ -197,7 +207,8 @@ def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
     acc, pdt = acc_dtype(q, k, gamma, f), q.dtype
     lse = new_buffer((B * H, T), acc, q.device)
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
-    _lse(blocks)
+    NL = triton.cdiv(T, cfg.L)
+    _lse(blocks, B * H * (NL * cfg.L * cfg.L + T * Dv) * blocks.acc_bytes)  # the memory of W and X
     W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)
     X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
