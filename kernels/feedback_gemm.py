@@ -105,12 +105,13 @@ def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_
     tl.store(dl_ptr + bh * T + t, dl, mask=tmask)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'sg_b', 'sg_t'])
-def ds_kernel(a_ptr, d_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, sg_b, sg_t,
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'nb0', 'sg_b', 'sg_t'])
+def ds_kernel(a_ptr, d_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, nb0, sg_b, sg_t,
               qk_scale, scale, BM: tl.constexpr, BN: tl.constexpr):
     """Rows t = r0 + i, keys j = c0 + c of the softmax backward from the logits A and D = lam s^T (both
     (B*H, R, NC) in ACC): dS_scaled = scale P (gamma_t D - delta_t) into ds (zero for j >= t; its
-    dtype) and the tile's partial dgamma sum_j P D into dgp (B*H, R, NCB)."""
+    dtype) and the tile's partial dgamma sum_j P D into column nb0 + pid_n of dgp (B*H, R, NCB), the
+    partials of a whole strip of rows (its blocks at column offsets nb0, one rowsum per strip)."""
     bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
     ds = tl.zeros((BM, BN), dtype=ACC)
@@ -125,12 +126,12 @@ def ds_kernel(a_ptr, d_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R
         dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])
     tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
-    tl.store(dgp_ptr + bh * R * NCB + i * NCB + tl.program_id(1), dg, mask=imask)
+    tl.store(dgp_ptr + bh * R * NCB + i * NCB + nb0 + tl.program_id(1), dg, mask=imask)
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'NCB'])
 def rowsum_kernel(x_ptr, out_ptr, T, r0, R, NCB, BM: tl.constexpr, BN: tl.constexpr):
-    """out[bh, r0 + i] += sum_c x[bh, i, c]  (x: (B*H, R, NCB) partials, out (B*H, T), both in ACC)."""
+    """out[bh, r0 + i] = sum_c x[bh, i, c]  (x: (B*H, R, NCB) partials, out (B*H, T), both in ACC)."""
     bh = tl.program_id(1)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
     imask = i < R
@@ -139,5 +140,4 @@ def rowsum_kernel(x_ptr, out_ptr, T, r0, R, NCB, BM: tl.constexpr, BN: tl.conste
         c = n0 + tl.arange(0, BN)
         acc += tl.sum(tl.load(x_ptr + bh * R * NCB + i[:, None] * NCB + c[None, :],
                               mask=imask[:, None] & (c < NCB)[None, :], other=0.0), 1)
-    ptrs = out_ptr + bh * T + r0 + i
-    tl.store(ptrs, tl.load(ptrs, mask=imask, other=0.0) + acc, mask=imask)
+    tl.store(out_ptr + bh * T + r0 + i, acc, mask=imask)

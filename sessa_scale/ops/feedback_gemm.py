@@ -13,6 +13,7 @@ pass), the scratch, and an ACC dk accumulator in the backward.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -107,10 +108,15 @@ class _Blocks:
         self._scratch = None
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
 
-    def lines_per_chunk(self, length: int, bytes_per_entry: int) -> int:
-        """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch."""
+    def lines_per_chunk(self, length: int, bytes_per_entry: int, extra_bytes: int = 0) -> int:
+        """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch
+        (its budget plus extra_bytes)."""
         bm = self.cfg.EPI_BM
-        return max(bm, self.budget // (self.BH * length * bytes_per_entry) // bm * bm)
+        return max(bm, (self.budget + extra_bytes) // (self.BH * length * bytes_per_entry) // bm * bm)
+
+    def release_scratch(self) -> None:
+        """Frees the scratch (the next views() allocates it again)."""
+        self._scratch = None
 
     def block_side(self, bytes_per_entry: int) -> int:
         """Side of the square blocks whose buffers of bytes_per_entry fit the scratch."""
@@ -124,6 +130,7 @@ class _Blocks:
         sizes = [self.BH * R * NC * torch.finfo(dt).bits // 8 for dt in dtypes]
         need = sum(sizes) + 256 * len(sizes)
         if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = None  # freed first (callers hold no views of it), never two at once
             self._scratch = torch.empty(need, dtype=torch.uint8, device=self.qh.device)
         if feedback_leaves.buffers_poisoned():  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
             self._scratch[:need].fill_(255)
@@ -175,10 +182,12 @@ def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
         out[:, a:a + rows] = prod
 
 
-def _lse(blocks: _Blocks) -> None:
-    """The row statistics, strip by strip of rows against every earlier key."""
+def _lse(blocks: _Blocks, later_bytes: int) -> None:
+    """The row statistics, strip by strip of rows against every earlier key.  The strips' scratch
+    may also take later_bytes (the buffers the forward allocates only after it: fewer, taller strips
+    at the same peak memory); it is freed at the end."""
     T, BH, cfg = blocks.T, blocks.BH, blocks.cfg
-    step = blocks.lines_per_chunk(T, blocks.acc_bytes)
+    step = blocks.lines_per_chunk(T, blocks.acc_bytes, later_bytes)
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
         R, NCB = r1 - r0, triton.cdiv(r1, cfg.EPI_BN)
@@ -187,6 +196,8 @@ def _lse(blocks: _Blocks) -> None:
         m, l = (new_buffer((BH, R, NCB), blocks.acc, A.device) for _ in range(2))
         G.lse_partial_kernel[blocks.grid(R, r1)](A, m, l, r0, R, r1, NCB, blocks.qk_scale, **blocks.epi)
         G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
+        del A  # the next, taller strip's scratch replaces this one
+    blocks.release_scratch()
 
 
 def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
@@ -196,7 +207,8 @@ def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
     acc, pdt = acc_dtype(q, k, gamma, f), q.dtype
     lse = new_buffer((B * H, T), acc, q.device)
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
-    _lse(blocks)
+    NL = triton.cdiv(T, cfg.L)
+    _lse(blocks, B * H * (NL * cfg.L * cfg.L + T * Dv) * blocks.acc_bytes)  # the memory of W and X
     W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)
     X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
@@ -227,26 +239,28 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
     G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
         Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
         BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
-    # dS over square causal blocks (rows r x keys c): dq, dk and dgamma accumulate in ACC across them
+    # dS over square causal blocks (rows r x keys c): dq and dk accumulate in ACC across them, dgamma
+    # is summed once per strip of rows
     dq, dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
-    dg = torch.zeros((B * H, T), dtype=acc, device=q.device)
+    dg = new_buffer((B * H, T), acc, q.device)
     side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)
     for r0 in range(0, T, side):
         r1 = min(r0 + side, T)
-        for c0 in range(0, r1, side):
-            c1 = min(c0 + side, r1)
-            R, NC = r1 - r0, c1 - c0
-            NCB = triton.cdiv(NC, cfg.EPI_BN)
+        R, col_blocks = r1 - r0, [(c0, min(c0 + side, r1)) for c0 in range(0, r1, side)]
+        # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
+        nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, cfg.EPI_BN) for c0, c1 in col_blocks)]
+        dgp = new_buffer((B * H, R, nb0[-1]), acc, q.device)
+        for (c0, c1), nb in zip(col_blocks, nb0):
+            NC = c1 - c0
             A, D, *dS = blocks.views(R, NC, acc, acc, *([] if pdt == acc else [pdt]))
             dS = dS[0] if dS else A
             _gemm(blocks.qh[:, r0:r1], blocks.kh[:, c0:c1].transpose(1, 2), A)
             _gemm(Lam[:, r0:r1], S[:, c0:c1].transpose(1, 2), D)
-            dgp = new_buffer((B * H, R, NCB), acc, q.device)
-            G.ds_kernel[blocks.grid(R, NC)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, NCB,
+            G.ds_kernel[blocks.grid(R, NC)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1], nb,
                                             gamma.stride(0), gamma.stride(1), blocks.qk_scale, scale, **blocks.epi)
-            G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, NCB, **blocks.epi)
             _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
             _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
+        G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, nb0[-1], **blocks.epi)
     shape = (B, T, H)
     return (solution_view(dq.to(tq), (*shape, Dk)), solution_view(dk.to(tk), (*shape, Dk)),
             dg.view(B, H, T).transpose(1, 2).to(tg), solution_view(outs[-1], (*shape, Dv)))

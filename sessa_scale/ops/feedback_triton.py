@@ -22,9 +22,11 @@ Memory per call: O(B*H*T*(Dk + Dv)) work buffers plus the leaf inverses (B*H*T*L
 each pass); between forward and backward only the solution and the row statistics are kept.
 
 CUDA graphs: a call issues tens to hundreds of kernels, and at short sequences their CPU launch
-cost, not the GPU, sets the time.  On CUDA, calls with T <= ``graph_max_T`` (and at most
-``graph_max_elements`` = B*T*H*(Dk+Dv)) are captured on the second call of a shape (forward and
-backward separately) and replayed (``graph_cache.GRAPHS``: inputs copied in, outputs cloned, one
+cost, not the GPU, sets the time; on the GEMM path (a sequential chain of leaf products and small
+applies, ~5 launches per leaf, ~30 us of CPU each) also up to T = 16k.  On CUDA, calls with T <=
+``graph_max_T`` (fused path) or ``graph_max_T_gemm`` (GEMM path), and at most ``graph_max_elements``
+= B*T*H*(Dk+Dv), are captured on the second call of a shape (forward and backward separately) and
+replayed (``graph_cache.GRAPHS``: inputs copied in, outputs cloned, one
 memory pool and one input arena shared by all graphs).
 
 Configuration: ``SolveConfig``, passed as ``config``; calls without one use ``DEFAULT_CONFIG``
@@ -75,7 +77,8 @@ class SolveConfig:
     EPI_WARPS: int = 4
     scratch_mib: int = 128  # bound on the GEMM path's scratch (logits and epilogue outputs of row blocks)
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
-    graph_max_T: int = 4096  # ... only for sequences this short (launch-bound; longer ones hide their launches)
+    graph_max_T: int = 4096  # ... fused path: only for sequences this short (launch-bound; longer ones hide their launches)
+    graph_max_T_gemm: int = 16384  # ... GEMM path: up to this length (its leaf chain is launch-bound up to ~16k)
     graph_max_elements: int = 1 << 25  # ... and B*T*H*(Dk+Dv) at most this (a graph's buffers cost memory)
     # Resolved by _fit from the shapes (not settings): Dk, Dv and the leaf-prep Dk chunk as tile widths.
     BK: int = 0
@@ -150,10 +153,11 @@ def _prep(q, k, gamma, f):
     return rows_ok(q, in_dt), rows_ok(k, in_dt), gamma.contiguous(), rows_ok(f, f.dtype)
 
 
-def _graph_eligible(q: torch.Tensor, f: torch.Tensor, cfg: SolveConfig) -> bool:
-    B, T, H, Dk = q.shape
-    return (cfg.graphs == 1 and q.is_cuda and not INTERPRET and T <= cfg.graph_max_T
-            and B * T * H * (Dk + f.shape[-1]) <= cfg.graph_max_elements)
+def graph_eligible(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig) -> bool:
+    """Whether CUDA calls of shape (B, T, H, Dk|Dv) under cfg (resolved by _fit: cfg.gemm is the
+    path) are captured as CUDA graphs: T within the path's limit, B*T*H*(Dk+Dv) within graph_max_elements."""
+    max_T = cfg.graph_max_T_gemm if cfg.gemm else cfg.graph_max_T
+    return cfg.graphs == 1 and T <= max_T and B * T * H * (Dk + Dv) <= cfg.graph_max_elements
 
 
 def _backward_input_bytes(q, k, gamma, f) -> int:
@@ -172,7 +176,7 @@ class _TritonFeedbackSolve(torch.autograd.Function):
             qc, kc, gc, fc = _prep(q, k, gamma, f)
             cfg = _fit(cfg, T, Dk, f.shape[-1], qc.element_size())
             path = feedback_gemm if cfg.gemm else feedback_fused
-            ctx.graphed = _graph_eligible(q, f, cfg)
+            ctx.graphed = q.is_cuda and not INTERPRET and graph_eligible(*q.shape, f.shape[-1], cfg)
             inputs = (qc, kc, gc, fc)
             outs = GRAPHS(("fwd", scale, cfg, f.dtype), lambda *a: path.forward(*a, scale, cfg, f.dtype), inputs,
                           ctx.graphed, _backward_input_bytes(qc, kc, gc, fc))
@@ -196,7 +200,8 @@ class _TritonFeedbackSolve(torch.autograd.Function):
 @torch.compiler.disable  # torch.compile runs the model around it; the kernels launch (or replay) as they are
 def feedback_solve_triton(q, k, gamma, f, scale: float, config: SolveConfig | None = None):
     """Triton feedback solve (see module docstring). ``config`` (default DEFAULT_CONFIG) sets the
-    tile sizes, the path and the CUDA-graph policy (``graphs``, ``graph_max_T``, ``graph_max_elements``)."""
+    tile sizes, the path and the CUDA-graph policy (``graphs``, ``graph_max_T``, ``graph_max_T_gemm``,
+    ``graph_max_elements``)."""
     if config is None:
         config = DEFAULT_CONFIG
     if q.device.type == "cuda" and any(t.dtype == torch.float64 for t in (q, k, gamma, f)):

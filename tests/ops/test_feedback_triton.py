@@ -170,6 +170,44 @@ def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():
         assert covered == {(t, j) for t in range(37) for j in range(t) if t // 8 != j // 8}
 
 
+def test_launch_counter_sees_one_epilogue_per_apply_and_one_dgamma_sum_per_strip():
+    """bench/solve_launches counts the GEMM path's launches on the meta device: with a scratch that
+    holds every block whole, one probs epilogue per apply of the schedule in each direction and one
+    lse strip; at 1x768, T = 32k (128 MiB scratch) the backward's square dS blocks (n strips of rows,
+    n (n + 1) / 2 blocks) sum their dgamma partials once per strip, not once per block."""
+    pytest.importorskip("triton")
+    from sessa_scale.bench.solve_launches import count_launches
+    from sessa_scale.ops.feedback_leaves import schedule
+    from sessa_scale.ops.feedback_triton import SolveConfig
+
+    T, L = 8192, SolveConfig().L_gemm
+    applies = []
+    schedule(T, L, lambda a: None, lambda *blk: applies.append(blk), False, 0, T // L)
+    fwd, bwd = count_launches(1, T, 1, 768, 768, SolveConfig(scratch_mib=4096))
+    assert fwd["triton.probs_kernel"] == bwd["triton.probs_kernel"] == len(applies) == T // L - 1
+    assert fwd["triton.lse_partial_kernel"] == fwd["triton.lse_reduce_kernel"] == 1
+    assert fwd["torch.bmm"] >= T // L  # the leaf products
+
+    _, bwd = count_launches(1, 32768, 1, 768, 768, SolveConfig())
+    strips, blocks = bwd["triton.rowsum_kernel"], bwd["triton.ds_kernel"]
+    assert strips > 1 and blocks == strips * (strips + 1) // 2
+
+
+def test_graph_policy_captures_the_gemm_path_up_to_16k_tokens_of_one_768_head():
+    """CUDA graphs: the GEMM path (launch-bound leaf chain) up to T = 16k, the fused path up to 4k,
+    both within graph_max_elements (1x768 at T = 32k is not captured: its static buffers)."""
+    pytest.importorskip("triton")
+    from sessa_scale.ops.feedback_triton import SolveConfig, _fit, graph_eligible
+
+    def captured(B, T, H, D):
+        return graph_eligible(B, T, H, D, D, _fit(SolveConfig(), T, D, D, 2))
+
+    assert captured(8, 2048, 1, 768) and captured(2, 8192, 1, 768) and captured(1, 16384, 1, 768)
+    assert not captured(1, 32768, 1, 768)
+    assert captured(8, 2048, 6, 128) and not captured(2, 8192, 6, 128)
+    assert not graph_eligible(2, 8192, 1, 768, 768, _fit(SolveConfig(graphs=0), 8192, 768, 768, 2))
+
+
 # ----------------------------------------------------------------------------- GPU
 # Shapes are chosen to share compiled kernels (one Triton compilation per dtype, head widths and
 # H == 1 or not), which is most of this file's time on a fresh machine.
