@@ -282,7 +282,7 @@ def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_p
                L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """For one chunk, N-tile, (b, g) and head split: dB and dC over the split's heads, written to
-    dB / dC[hs, b, t, g, n] ((HS, B, T, G, N) contiguous, ACC). BP >= P: one tile per head, so the
+    dB / dC[hs, b, t, g, n] ((HS, B, T, G, N) contiguous; ACC, or any dtype with HS = 1). BP >= P: one tile per head, so the
     loop over heads is the only loop (its loads pipeline). The intra-chunk part goes through
     Gsum = sum_h d(loss)/d(C_i . B_j) (L x L), multiplied by B and C once after the loop; the
     state parts are exp(a_i) dy_i S_c^T and exp(a_L - a_j) dt_j x_j dS_{c+1}^T per head.
@@ -323,5 +323,5 @@ def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_p
     dB += tl.dot(tl.trans(Gsum).to(DOT), Cc, input_precision=PREC)
     out = ((hs * BATCH + b) * T + t[:, None]) * G * N + g * N + n[None, :]
     omask = tm[:, None] & nm[None, :]
-    tl.store(dB_ptr + out, dB, mask=omask)
-    tl.store(dC_ptr + out, dC, mask=omask)
+    tl.store(dB_ptr + out, dB.to(dB_ptr.dtype.element_ty), mask=omask)
+    tl.store(dC_ptr + out, dC.to(dC_ptr.dtype.element_ty), mask=omask)

@@ -187,7 +187,8 @@ def _forward(pl: _Plan, x, dt, A, B, C, init, D):
 
 
 def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb):
-    """-> dx, ddt, dA, dB, dC, dinit, dD (ACC except dx; dinit / dD None without an initial state / D)."""
+    """-> dx, ddt, dA, dB, dC, dinit, dD (ACC except dx, and dB / dC with one head split: in B's / C's
+    dtype; dinit / dD None without an initial state / D)."""
     dev = x.device
     st, _ = _chunk_states(pl, x, dt, A, B, init)
     dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
@@ -208,8 +209,9 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb):
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
         HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw("dx"))
     nnb = triton.cdiv(pl.N, pl.BN_D)
-    dB = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
-    dC = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
+    # one head split: the kernel's sums are final, written in B's / C's dtype (no cast launches)
+    dB = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc if pl.HS > 1 else B.dtype, dev)
+    dC = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc if pl.HS > 1 else C.dtype, dev)
     K.dbc_kernel[(pl.NC * nnb, pl.batch * pl.G * pl.HS)](
         x, dt, A, B, C, st, dst, dy, dB, dC, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, nnb, pl.HS, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
