@@ -26,10 +26,12 @@ inputs' half-precision dtype, else ACC):
   out_fwd_kernel     y per (chunk, P-tile, b, h): the masked quadratic form from CB, plus C S_c
                      (and the skip D[h] x when given: one pass over x instead of three)
   dx_kernel          du_j = sum_{i >= j} (C_i . B_j) exp(a_i - a_j) dy_i + exp(a_L - a_j) dS_{c+1}^T B_j;
-                     dx = dt du (+ D[h] dy), x . du (dt's gradient through u = dt x), x . dy (D's)
-  dbc_kernel         per (chunk, N-tile, b, g, head split), looping over the split's heads:
-                     dC, dB summed over the heads in registers, and dg, the gradient of the
-                     per-step log decay g_t = dt_t A_h (dt's and A's gradients through the decay)
+                     dx = dt du (+ D[h] dy), and per (chunk, head, P-tile) the P-tile's part of dg,
+                     the gradient of the per-step log decay g_t = dt_t A_h (dt's and A's gradients
+                     through the decay), with dt's gradient x . du + A dg and A's sum dg dt
+  dbc_kernel         per (chunk, N-tile, b, g, head split), looping over the split's heads: dC, dB
+                     summed over the heads in registers; the intra-chunk part as one L x L sum over
+                     the heads multiplied by B and C after the loop
 
 dg_t collects every (i, j) pair whose decay exp(sum_{j < k <= i} g_k) contains g_t (j < t <= i),
 split by where i and j lie relative to t's chunk: both inside (from the L x L products, by a
@@ -39,8 +41,8 @@ cumulative sum), both outside (exp(a_L) <S_c, dS_{c+1}>). Each part is a sum of 
 terms within one chunk: no cancellation across the sequence (the shortcut C.dC - B.dB followed
 by a global reverse cumulative sum would cancel large terms in low precision).
 
-No atomics: partial results over N-tiles (dg) and head splits (dB, dC) go to separate slices
-that the wrapper sums, so results are deterministic.
+No atomics: partial results over P-tiles (dg, ddt, dA, dD) and head splits (dB, dC) go to
+separate slices that the wrapper sums, so results are deterministic.
 """
 
 from __future__ import annotations
@@ -194,16 +196,37 @@ def out_fwd_kernel(x_ptr, dt_ptr, A_ptr, C_ptr, CB_ptr, st_ptr, D_ptr, y_ptr, T,
     tl.store(yp + t[:, None] * sy_t + p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty), mask=tm[:, None] & pm[None, :])
 
 
+@triton.jit
+def _read_states(B_ptr, C_ptr, st_ptr, dst_ptr, t, tm, p, pm, N, P, sB_t, sB_n, sC_t, sC_n, L: tl.constexpr,
+                 BN: tl.constexpr, BP: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """Over the chunk's rows t and P-tile p, with S = S_c and dS = dS_{c+1} (each one (N, P) state,
+    contiguous): B dS and C S (L x BP, ACC) and sum_{n, p} S * dS (scalar, ACC)."""
+    BdS = tl.zeros((L, BP), dtype=ACC)
+    CS = tl.zeros((L, BP), dtype=ACC)
+    SdS = tl.zeros((BP,), dtype=ACC)
+    for n0 in range(0, N, BN):
+        n = n0 + tl.arange(0, BN)
+        nm = n < N
+        S = _tile(st_ptr, n, p, nm, pm, P, 1)
+        dS = _tile(dst_ptr, n, p, nm, pm, P, 1)
+        BdS += tl.dot(_tile(B_ptr, t, n, tm, nm, sB_t, sB_n).to(DOT), dS.to(DOT), input_precision=PREC)
+        CS += tl.dot(_tile(C_ptr, t, n, tm, nm, sC_t, sC_n).to(DOT), S.to(DOT), input_precision=PREC)
+        SdS += tl.sum(S.to(ACC) * dS.to(ACC), axis=0)
+    return BdS, CS, tl.sum(SdS, axis=0)
+
+
 @triton.jit(do_not_specialize=["T"])
-def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, D_ptr, dx_ptr, ddt_ptr, dD_ptr,
-              T, H, G, N, P, NC, NPB, BATCH,
-              sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n,
+def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, CB_ptr, st_ptr, dst_ptr, dy_ptr, D_ptr, dx_ptr, ddt_ptr, dA_ptr,
+              dD_ptr, T, H, G, N, P, NC, NPB, BATCH,
+              sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n, sC_b, sC_t, sC_g, sC_n,
               sdy_b, sdy_t, sdy_h, sdy_p, sdx_b, sdx_t, sdx_h, sdx_p,
               HAS_D: tl.constexpr, L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
               ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    """du for one chunk and P-tile of (b, h); dx = dt du (+ D[h] dy), ddt[pb, b, t, h] = x . du over
-    this P-tile ((NPB, B, T, H) contiguous, ACC) and with HAS_D dD[b, c, pb, h] = sum x . dy over the
-    tile ((B, NC, NPB, H) contiguous, ACC). Grid (NC * NPB, B * H)."""
+    """For one chunk and P-tile of (b, h): du, dx = dt du (+ D[h] dy), and this P-tile's parts of
+    dg (the gradient of the log decay g_t = dt_t A_h, every part linear in the P-sums) and of
+    ddt = x . du + A[h] dg, written to ddt[pb, b, t, h] ((NPB, B, T, H) contiguous, ACC), with
+    dA[b, c, pb, h] = sum_t dg dt and with HAS_D dD[b, c, pb, h] = sum x . dy ((B, NC, NPB, H)
+    contiguous, ACC). Grid (NC * NPB, B * H)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     c = pid // NPB
@@ -217,33 +240,53 @@ def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, CB_ptr, dst_ptr, dy_ptr, D_ptr, dx_pt
     pm = p < P
     dtv, a, a_last = _chunk_decay(dt_ptr + b * sdt_b + h * sdt_h, A_ptr, h, t, tm, sdt_t, L, ACC)
     cb = _load_cb(CB_ptr, b * G + g, c, NC, L)
-    scores = (cb * _causal_decay(a, L)).to(DOT)  # [i, j] = (C_i . B_j) exp(a_i - a_j), j <= i
+    decay = _causal_decay(a, L)
+    scores = (cb * decay).to(DOT)  # [i, j] = (C_i . B_j) exp(a_i - a_j), j <= i
     dY = _tile(dy_ptr + b * sdy_b + h * sdy_h, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
+    Xd = _tile(x_ptr + b * sx_b + h * sx_h, t, p, tm, pm, sx_t, sx_p).to(DOT)
     du = tl.dot(tl.trans(scores), dY, input_precision=PREC)
-    inter = _read_state(B_ptr + b * sB_b + g * sB_g, dst_ptr + (bh.to(tl.int64) * NC + c) * N * P, t, tm, p, pm,
-                        N, P, sB_t, sB_n, L, BN, BP, ACC, DOT, PREC)
-    du += tl.exp(a_last - a)[:, None] * inter
-    X = _tile(x_ptr + b * sx_b + h * sx_h, t, p, tm, pm, sx_t, sx_p).to(ACC)
+    state = (bh.to(tl.int64) * NC + c) * N * P
+    BdS, CS, SdS = _read_states(B_ptr + b * sB_b + g * sB_g, C_ptr + b * sC_b + g * sC_g, st_ptr + state,
+                                dst_ptr + state, t, tm, p, pm, N, P, sB_t, sB_n, sC_t, sC_n, L, BN, BP, ACC, DOT, PREC)
+    ea = tl.exp(a)
+    w_end = tl.exp(a_last - a)
+    du += w_end[:, None] * BdS
+    X, dYa = Xd.to(ACC), dY.to(ACC)
     dx = du * dtv[:, None]
     if HAS_D:
-        dYa = dY.to(ACC)
         dx += tl.load(D_ptr + h).to(ACC) * dYa
         tl.store(dD_ptr + ((b * NC + c) * NPB + pb) * H + h, tl.sum(tl.sum(X * dYa, axis=1), axis=0))
     dxp = dx_ptr + b * sdx_b + h * sdx_h
     tl.store(dxp + t[:, None] * sdx_t + p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty), mask=tm[:, None] & pm[None, :])
-    tl.store(ddt_ptr + ((pb * BATCH + b) * T + t) * H + h, tl.sum(X * du, axis=1), mask=tm)
+    # dg_t: pairs j < t <= i inside the chunk (from dy_i . x_j); i >= t inside with j before (the
+    # C_i S_c read-out); j < t inside with i after (dS_{c+1} against B_j x_j^T); both outside.
+    f = tl.dot(dY, tl.trans(Xd), input_precision=PREC) * decay * dtv[None, :] * cb
+    before_t = tl.cumsum(f, axis=1) - f  # [i, t] = sum_{j < t} f[i, j]
+    i = tl.arange(0, L)
+    inside = tl.sum(tl.where(i[:, None] >= i[None, :], before_t, 0.0), axis=0)
+    readout = ea * tl.sum(dYa * CS, axis=1)
+    into = w_end * dtv * tl.sum(X * BdS, axis=1)
+    dg = inside + tl.cumsum(readout, axis=0, reverse=True) + (tl.cumsum(into, axis=0) - into)
+    dg += tl.exp(a_last) * SdS
+    dg = tl.where(tm, dg, 0.0)
+    tl.store(ddt_ptr + ((pb * BATCH + b) * T + t) * H + h, tl.sum(X * du, axis=1) + tl.load(A_ptr + h).to(ACC) * dg,
+             mask=tm)
+    tl.store(dA_ptr + ((b * NC + c) * NPB + pb) * H + h, tl.sum(dg * dtv, axis=0))
 
 
 @triton.jit(do_not_specialize=["T"])
-def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_ptr, dC_ptr, dg_ptr,
+def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_ptr, dC_ptr,
                T, H, G, N, P, NC, NNB, HS, BATCH,
                sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n, sC_b, sC_t, sC_g, sC_n,
                sdy_b, sdy_t, sdy_h, sdy_p,
                L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """For one chunk, N-tile, (b, g) and head split: dB and dC over the split's heads, written to
-    dB / dC[hs, b, t, g, n] ((HS, B, T, G, N) contiguous, ACC), and per head the N-tile's part of
-    dg, written to dg[nb, b, t, h] ((NNB, B, T, H) contiguous, ACC). Grid (NC * NNB, B * G * HS)."""
+    dB / dC[hs, b, t, g, n] ((HS, B, T, G, N) contiguous; ACC, or any dtype with HS = 1). BP >= P: one tile per head, so the
+    loop over heads is the only loop (its loads pipeline). The intra-chunk part goes through
+    Gsum = sum_h d(loss)/d(C_i . B_j) (L x L), multiplied by B and C once after the loop; the
+    state parts are exp(a_i) dy_i S_c^T and exp(a_L - a_j) dt_j x_j dS_{c+1}^T per head.
+    Grid (NC * NNB, B * G * HS)."""
     pid = tl.program_id(0)
     prog = tl.program_id(1)
     c = pid // NNB
@@ -257,52 +300,28 @@ def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_p
     tm = t < T
     n = nb * BN + tl.arange(0, BN)
     nm = n < N
-    Cc = _tile(C_ptr + b * sC_b + g * sC_g, t, n, tm, nm, sC_t, sC_n)
-    Bc = _tile(B_ptr + b * sB_b + g * sB_g, t, n, tm, nm, sB_t, sB_n)
-    Cd, Bd = Cc.to(DOT), Bc.to(DOT)
-    cb = tl.dot(Cd, tl.trans(Bd), input_precision=PREC)  # this N-tile's part of C_i . B_j
-    i = tl.arange(0, L)
-    rows_ge_cols = i[:, None] >= i[None, :]
+    p = tl.arange(0, BP)
+    pm = p < P
+    Gsum = tl.zeros((L, L), dtype=ACC)
     dC = tl.zeros((L, BN), dtype=ACC)
     dB = tl.zeros((L, BN), dtype=ACC)
     for k in range(HPS):
         h = g * (H // G) + hs * HPS + k
         dtv, a, a_last = _chunk_decay(dt_ptr + b * sdt_b + h * sdt_h, A_ptr, h, t, tm, sdt_t, L, ACC)
-        xp = x_ptr + b * sx_b + h * sx_h
-        dyp = dy_ptr + b * sdy_b + h * sdy_h
-        sp = st_ptr + ((b * H + h) * NC + c) * N * P
-        dsp = dst_ptr + ((b * H + h) * NC + c) * N * P
-        dyx = tl.zeros((L, L), dtype=ACC)  # dy_i . x_j
-        dyS = tl.zeros((L, BN), dtype=ACC)  # (S_c dy_i)_n
-        xdS = tl.zeros((L, BN), dtype=ACC)  # (dS_{c+1} x_j)_n
-        SdS = tl.zeros((BN,), dtype=ACC)  # sum_p S_c * dS_{c+1}
-        for p0 in range(0, P, BP):
-            p = p0 + tl.arange(0, BP)
-            pm = p < P
-            dY = _tile(dyp, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
-            X = _tile(xp, t, p, tm, pm, sx_t, sx_p).to(DOT)
-            S = _tile(sp, p, n, pm, nm, 1, P).to(ACC)  # (BP, BN): S_c^T
-            dS = _tile(dsp, p, n, pm, nm, 1, P).to(ACC)
-            dyx += tl.dot(dY, tl.trans(X), input_precision=PREC)
-            dyS += tl.dot(dY, S.to(DOT), input_precision=PREC)
-            xdS += tl.dot(X, dS.to(DOT), input_precision=PREC)
-            SdS += tl.sum(S * dS, axis=0)
-        Gm = dyx * _causal_decay(a, L) * dtv[None, :]  # d(loss)/d(C_i . B_j), j <= i
-        ea = tl.exp(a)
-        w_end = tl.exp(a_last - a) * dtv
-        dC += tl.dot(Gm.to(DOT), Bd, input_precision=PREC) + ea[:, None] * dyS
-        dB += tl.dot(tl.trans(Gm).to(DOT), Cd, input_precision=PREC) + w_end[:, None] * xdS
-        # dg_t: pairs j < t <= i inside the chunk; i >= t inside with j before; j < t inside with
-        # i after; both outside.
-        f = Gm * cb
-        before_t = tl.cumsum(f, axis=1) - f  # [i, t] = sum_{j < t} f[i, j]
-        inside = tl.sum(tl.where(rows_ge_cols, before_t, 0.0), axis=0)
-        readout = ea * tl.sum(Cd.to(ACC) * dyS, axis=1)
-        into = w_end * tl.sum(Bd.to(ACC) * xdS, axis=1)
-        dg = inside + tl.cumsum(readout, axis=0, reverse=True) + (tl.cumsum(into, axis=0) - into)
-        dg += tl.exp(a_last) * tl.sum(SdS, axis=0)
-        tl.store(dg_ptr + ((nb * BATCH + b) * T + t) * H + h, dg, mask=tm)
+        state = ((b * H + h) * NC + c) * N * P
+        dY = _tile(dy_ptr + b * sdy_b + h * sdy_h, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
+        X = _tile(x_ptr + b * sx_b + h * sx_h, t, p, tm, pm, sx_t, sx_p).to(DOT)
+        S = _tile(st_ptr + state, p, n, pm, nm, 1, P).to(DOT)  # (BP, BN): S_c^T
+        dS = _tile(dst_ptr + state, p, n, pm, nm, 1, P).to(DOT)
+        dyx = tl.dot(dY, tl.trans(X), input_precision=PREC)  # dy_i . x_j
+        Gsum += dyx * _causal_decay(a, L) * dtv[None, :]
+        dC += tl.exp(a)[:, None] * tl.dot(dY, S, input_precision=PREC)
+        dB += (tl.exp(a_last - a) * dtv)[:, None] * tl.dot(X, dS, input_precision=PREC)
+    Cc = _tile(C_ptr + b * sC_b + g * sC_g, t, n, tm, nm, sC_t, sC_n).to(DOT)
+    Bc = _tile(B_ptr + b * sB_b + g * sB_g, t, n, tm, nm, sB_t, sB_n).to(DOT)
+    dC += tl.dot(Gsum.to(DOT), Bc, input_precision=PREC)
+    dB += tl.dot(tl.trans(Gsum).to(DOT), Cc, input_precision=PREC)
     out = ((hs * BATCH + b) * T + t[:, None]) * G * N + g * N + n[None, :]
     omask = tm[:, None] & nm[None, :]
-    tl.store(dB_ptr + out, dB, mask=omask)
-    tl.store(dC_ptr + out, dC, mask=omask)
+    tl.store(dB_ptr + out, dB.to(dB_ptr.dtype.element_ty), mask=omask)
+    tl.store(dC_ptr + out, dC.to(dC_ptr.dtype.element_ty), mask=omask)

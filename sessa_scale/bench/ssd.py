@@ -11,7 +11,7 @@ Implementations (--impls):
 * chunked: the PyTorch chunked scan (recomputed in backward), what `auto` ran on Hopper before.
 * fla: fla-core's chunk_simple_gla, where installed and not flagged as wrong on this GPU.
 * sdpa_flash: causal SDPA, flash backend, the Transformer's heads.
-* conv: the Mamba-2 mixer's three causal depthwise convs + SiLU as the model runs them.
+* conv: the Mamba-2 mixer's three causal depthwise convs + SiLU as the model runs them (one conv over [x | B | C]).
 * mamba2_block, transformer_block: one residual block of each model as built for training (float32
   parameters, bf16 autocast, as `bench models`); the report adds n_layers x block time per model,
   so the scan's and the convs' shares of a Mamba-2 layer show next to the Transformer's layer.
@@ -102,16 +102,16 @@ def _point(impl: str, B: int, T: int, s: dict, dtype: torch.dtype):
 
         mixer = build_mamba2_block(s["mamba2"], 0).mixer.to(DEVICE)
         gen = torch.Generator(DEVICE).manual_seed(0)
-        conv_in = {name: torch.randn(B, T, conv.weight.shape[0], generator=gen, device=DEVICE).to(dtype)
-                   .requires_grad_() for name, conv in ((n, getattr(mixer, n)) for n in ("conv_x", "conv_B", "conv_C"))}
+        channels = mixer.conv_weights()[0].shape[0]
+        conv_in = torch.randn(B, T, channels, generator=gen, device=DEVICE).to(dtype).requires_grad_()
 
         def fwd():
             with torch.autocast(DEVICE, dtype=dtype):
-                return mixer.causal_convs(conv_in)
+                return mixer.causal_conv(conv_in)
 
         def fwd_bwd():
             out = fwd()
-            torch.autograd.backward(list(out.values()), list(out.values()))
+            out.backward(out)
 
         return fwd, fwd_bwd, None
     name, _, chunk = impl.partition("@")

@@ -15,8 +15,12 @@ G groups of B/C (heads share B and C within a group):
 This is mamba_ssm's Mamba2 with its fused in_proj (D -> [z, x, B, C, dt]) and conv1d (over [x, B, C])
 kept as separate Linears and depthwise convs (the same function and parameter count: a depthwise
 conv is per channel), so that tensor parallelism splits each along its heads or groups
-(mamba2_plan below). No biases on the projections, a bias on the convs, as there.
-Decoding keeps the last d_conv - 1 conv inputs and the SSM state (B, H, N, P): constant memory
+(mamba2_plan below). They run fused all the same: the forward concatenates the four
+projections' weights into one GEMM (u -> [z | x | B | C | dt]; when they are plain nn.Linears, i.e.
+not under tensor parallelism) and the three convs' weights into one conv over the contiguous
+[x | B | C] columns, and x, B, C reach the scan as views (one launch each instead of four and
+three, forward and backward). No biases on the projections, a bias on the convs, as there.
+Decoding keeps the last d_conv - 1 conv inputs [x | B | C] and the SSM state (B, H, N, P): constant memory
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
 `kernels` picks how the convs + SiLU and the gated RMSNorm run: "torch" (the PyTorch code here, the
 reference), "triton" (fused kernels, sessa_scale/ops/mamba2_fused.py), "auto" (triton on CUDA).
@@ -37,8 +41,8 @@ from sessa_scale.models.spec import ArchSpec, Problem, is_int
 from sessa_scale.ops.ssd import ssd_scan, triton_available
 
 MIXER_KERNELS = ("auto", "torch", "triton")
-Cache = dict  # {"t": int, "conv_x": (B, d_conv - 1, E), "conv_B", "conv_C": (B, d_conv - 1, G N), "ssm": (B, H, N, P)}
-CONVS = ("conv_x", "conv_B", "conv_C")
+Cache = dict  # {"t": int, "conv": (B, d_conv - 1, E + 2 G N) the last conv inputs [x | B | C], "ssm": (B, H, N, P)}
+CONVS = ("conv_x", "conv_B", "conv_C")  # in their channels' order in the joint conv [x | B | C]
 
 
 def use_triton_kernels(kernels: str, t: torch.Tensor) -> bool:
@@ -46,6 +50,14 @@ def use_triton_kernels(kernels: str, t: torch.Tensor) -> bool:
     if kernels not in MIXER_KERNELS:
         raise ValueError(f"unknown mixer kernels {kernels!r}; choose from {list(MIXER_KERNELS)}")
     return kernels == "triton" or (kernels == "auto" and t.is_cuda and triton_available())
+
+
+def causal_conv1d_silu_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C), weight (C, 1, K), bias (C,) -> silu(causal depthwise conv of x) (B, T, C): the
+    PyTorch reference of ops/mamba2_fused.causal_conv1d_silu."""
+    k, channels = weight.shape[-1], weight.shape[0]
+    out = F.conv1d(x.transpose(1, 2), weight, bias, padding=k - 1, groups=channels)
+    return F.silu(out[..., : x.shape[1]].transpose(1, 2))
 
 
 class GatedRMSNorm(nn.Module):
@@ -121,16 +133,29 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(E, D, bias=False)
 
     def _project(self, u: torch.Tensor):
-        """u (B, T, D) -> z (B, T, E), the conv inputs {conv name: (B, T, channels)}, raw dt (B, T, H)."""
-        z, x = self.in_proj(u).chunk(2, dim=-1)
-        return z, {"conv_x": x, "conv_B": self.B_proj(u), "conv_C": self.C_proj(u)}, self.dt_proj(u)
+        """u (B, T, D) -> z (B, T, E), the conv input [x | B | C] (B, T, E + 2 G N), raw dt (B, T, H)."""
+        projections = (self.in_proj, self.B_proj, self.C_proj, self.dt_proj)
+        if all(type(p) is nn.Linear and p.bias is None for p in projections):  # one GEMM
+            (zx, b, c, h) = (p.weight.shape[0] for p in projections)
+            weight = torch.cat([p.weight for p in projections])
+            return F.linear(u, weight).split([zx // 2, zx // 2 + b + c, h], dim=-1)
+        z, x = self.in_proj(u).chunk(2, dim=-1)  # tensor-parallel layers: each its own GEMM
+        return z, torch.cat([x, self.B_proj(u), self.C_proj(u)], dim=-1), self.dt_proj(u)
 
-    def _mix(self, z, conv_out: dict, dt_raw, initial_state):
-        """z (B, T, E), silu(conv outputs), raw dt -> (out (B, T, D), final SSM state (B, H, N, P))."""
-        batch, T, _ = z.shape
-        x = conv_out["conv_x"].unflatten(-1, (-1, self.head_dim))  # (B, T, H, P)
-        B = conv_out["conv_B"].unflatten(-1, (-1, self.d_state))  # (B, T, G, N)
-        C = conv_out["conv_C"].unflatten(-1, (-1, self.d_state))
+    def conv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The three depthwise convs as one over [x | B | C]: weight (E + 2 G N, 1, K), bias (E + 2 G N,)."""
+        convs = [getattr(self, name) for name in CONVS]
+        return torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs])
+
+    def _mix(self, z, xbc, dt_raw, initial_state):
+        """z (B, T, E), silu(conv output) [x | B | C] (B, T, E + 2 G N), raw dt (B, T, H) ->
+        (out (B, T, D), final SSM state (B, H, N, P)). x, B, C reach the scan as views."""
+        batch, T, E = z.shape
+        gn = (xbc.shape[-1] - E) // 2
+        x, B, C = xbc.split([E, gn, gn], dim=-1)
+        x = x.unflatten(-1, (-1, self.head_dim))  # (B, T, H, P)
+        B = B.unflatten(-1, (-1, self.d_state))  # (B, T, G, N)
+        C = C.unflatten(-1, (-1, self.d_state))
         dt = F.softplus(dt_raw + self.dt_bias)
         A = -torch.exp(self.A_log)
         y, state = ssd_scan(
@@ -139,26 +164,20 @@ class Mamba2Mixer(nn.Module):
         )
         return self.out_proj(self.norm(y.flatten(-2), z)), state
 
-    def causal_convs(self, conv_in: dict) -> dict:
-        """{conv name: (B, T, channels)} -> silu(causal depthwise conv) of each, (B, T, channels)."""
-        conv_out = {}
-        for name, value in conv_in.items():
-            conv = getattr(self, name)
-            if use_triton_kernels(self.kernels, value):
-                from sessa_scale.ops.mamba2_fused import causal_conv1d_silu
+    def causal_conv(self, xbc: torch.Tensor) -> torch.Tensor:
+        """[x | B | C] (B, T, E + 2 G N) -> silu(causal depthwise conv) of it, one launch for the three convs."""
+        weight, bias = self.conv_weights()
+        if use_triton_kernels(self.kernels, xbc):
+            from sessa_scale.ops.mamba2_fused import causal_conv1d_silu
 
-                conv_out[name] = causal_conv1d_silu(value, conv.weight, conv.bias)
-                continue
-            k, channels = conv.weight.shape[-1], conv.weight.shape[0]
-            out = F.conv1d(value.transpose(1, 2), conv.weight, conv.bias, padding=k - 1, groups=channels)
-            conv_out[name] = F.silu(out[..., : value.shape[1]].transpose(1, 2))
-        return conv_out
+            return causal_conv1d_silu(xbc, weight, bias)
+        return causal_conv1d_silu_torch(xbc, weight, bias)
 
     def _forward(self, u: torch.Tensor):
-        """u (B, T, D) -> out (B, T, D), the final SSM state, and the conv inputs."""
-        z, conv_in, dt_raw = self._project(u)
-        out, state = self._mix(z, self.causal_convs(conv_in), dt_raw, None)
-        return out, state, conv_in
+        """u (B, T, D) -> out (B, T, D), the final SSM state, and the conv input [x | B | C]."""
+        z, xbc, dt_raw = self._project(u)
+        out, state = self._mix(z, self.causal_conv(xbc), dt_raw, None)
+        return out, state, xbc
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """u (B, T, D) -> (B, T, D)."""
@@ -168,20 +187,18 @@ class Mamba2Mixer(nn.Module):
         """An empty recurrent state (max_len is accepted for the common API; the state has a fixed size)."""
         ref = self.in_proj.weight
         kw = dict(device=ref.device if device is None else device, dtype=ref.dtype if dtype is None else dtype)
-        cache = {"t": 0, "ssm": torch.zeros(batch_size, self.n_heads, self.d_state, self.head_dim, **kw)}
-        for name in CONVS:
-            cache[name] = torch.zeros(batch_size, self.d_conv - 1, getattr(self, name).weight.shape[0], **kw)
-        return cache
+        channels = sum(getattr(self, name).weight.shape[0] for name in CONVS)
+        return {"t": 0, "ssm": torch.zeros(batch_size, self.n_heads, self.d_state, self.head_dim, **kw),
+                "conv": torch.zeros(batch_size, self.d_conv - 1, channels, **kw)}
 
     def prefill(self, u: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
         """Parallel forward on a prompt u (B, T, D) from an empty cache -> (out, cache)."""
         if cache["t"] != 0:
             raise ValueError(f"prefill needs an empty cache, this one holds {cache['t']} positions")
-        out, state, conv_in = self._forward(u)
+        out, state, xbc = self._forward(u)
         keep = min(self.d_conv - 1, u.shape[1])
-        for name, value in conv_in.items():
-            if keep:
-                cache[name][:, -keep:] = value[:, -keep:]
+        if keep:
+            cache["conv"][:, -keep:] = xbc[:, -keep:]
         cache["ssm"] = state.to(cache["ssm"].dtype)
         cache["t"] = u.shape[1]
         return out, cache
@@ -189,13 +206,11 @@ class Mamba2Mixer(nn.Module):
     def decode_step(self, u_t: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
         """One token u_t (B, D) or (B, 1, D) -> (out in the same shape, cache)."""
         u = u_t.unsqueeze(1) if u_t.dim() == 2 else u_t
-        z, conv_in, dt_raw = self._project(u)
-        conv_out = {}
-        for name, value in conv_in.items():
-            conv = getattr(self, name)
-            window = torch.cat([cache[name], value], dim=1)  # (B, d_conv, channels): oldest first
-            conv_out[name] = F.silu(torch.einsum("bkc,ck->bc", window, conv.weight[:, 0, :]) + conv.bias)[:, None]
-            cache[name] = window[:, 1:]
+        z, xbc, dt_raw = self._project(u)
+        weight, bias = self.conv_weights()
+        window = torch.cat([cache["conv"], xbc], dim=1)  # (B, d_conv, E + 2 G N): oldest first
+        conv_out = F.silu(torch.einsum("bkc,ck->bc", window, weight[:, 0, :]) + bias)[:, None]
+        cache["conv"] = window[:, 1:]
         out, state = self._mix(z, conv_out, dt_raw, cache["ssm"])
         cache["ssm"] = state.to(cache["ssm"].dtype)
         cache["t"] += 1

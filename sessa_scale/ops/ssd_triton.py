@@ -45,13 +45,13 @@ class SSDConfig:
     BP: int = 64  # P-tile of out_fwd and dx (grid axis)
     BN_STATE: int = 64  # state tile (N x P) of the sequential state kernels, halved (N first, to 16)
     BP_STATE: int = 64  # ... while there are fewer than programs_per_sm programs per SM
-    BN_DBC: int = 32  # N-tile of dbc_kernel (grid axis; 64 spills registers at L = 64 on sm_90)
-    BP_DBC: int = 64  # P-tile looped over inside dbc_kernel
+    BN_DBC: int = 64  # N-tile of dbc_kernel (grid axis); its P-tile is all of P
     head_split: int = 0  # dbc_kernel: programs per group of heads (a divisor of H / G); 0 = the
     # smallest giving programs_per_sm programs per SM
     programs_per_sm: int = 2
     max_chunk: int = 64  # longer chunks run as this (128: the dB/dC kernel's L x L tiles spill even at 16 warps)
-    num_warps: int = 4  # cb, out_fwd, dx
+    num_warps: int = 4  # cb, out_fwd
+    num_warps_dx: int = 8  # dx_kernel (its L x L tiles spill registers at 4 warps, L = 64, on sm_90)
     num_warps_state: int = 4  # the sequential state kernels
     num_warps_dbc: int = 8
     num_stages: int = 2
@@ -59,7 +59,7 @@ class SSDConfig:
 
 
 # Small tiles for the CPU interpreter: tests cover several N-, P- and state tiles and head splits.
-INTERPRET_CONFIG = SSDConfig(BN=16, BP=16, BN_STATE=16, BP_STATE=16, BN_DBC=16, BP_DBC=16, head_split=2)
+INTERPRET_CONFIG = SSDConfig(BN=16, BP=16, BN_STATE=16, BP_STATE=16, BN_DBC=16, head_split=2)
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -110,7 +110,6 @@ class _Plan:
     BN_S: int
     BP_S: int
     BN_D: int
-    BP_D: int
     HS: int
     acc: torch.dtype
     dot: torch.dtype
@@ -120,7 +119,7 @@ class _Plan:
     def kw(self, kind: str = "") -> dict:
         if INTERPRET:
             return {}
-        warps = {"state": self.cfg.num_warps_state, "dbc": self.cfg.num_warps_dbc}.get(kind, self.cfg.num_warps)
+        warps = {"state": self.cfg.num_warps_state, "dx": self.cfg.num_warps_dx, "dbc": self.cfg.num_warps_dbc}.get(kind, self.cfg.num_warps)
         return {"num_warps": warps, "num_stages": self.cfg.num_stages}
 
     def consts(self) -> dict:
@@ -158,8 +157,8 @@ def _plan(x, dt, B, C, chunk_size: int, cfg: SSDConfig) -> _Plan:
     else:
         base = NC * triton.cdiv(N, bn_d) * batch * G
         hs = next((d for d in divisors if base * d >= target), per_group)
-    return _Plan(batch, T, H, G, N, P, L, NC, min(cfg.BN, _p2(N)), min(cfg.BP, _p2(P)), bn_s, bp_s, bn_d,
-                 min(cfg.BP_DBC, _p2(P)), hs, acc, dot, prec, cfg)
+    return _Plan(batch, T, H, G, N, P, L, NC, min(cfg.BN, _p2(N)), min(cfg.BP, _p2(P)), bn_s, bp_s, bn_d, hs, acc,
+                 dot, prec, cfg)
 
 
 def _chunk_states(pl: _Plan, x, dt, A, B, init):
@@ -188,7 +187,8 @@ def _forward(pl: _Plan, x, dt, A, B, C, init, D):
 
 
 def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb):
-    """-> dx, ddt, dA, dB, dC, dinit, dD (ACC except dx; dinit / dD None without an initial state / D)."""
+    """-> dx, ddt, dA, dB, dC, dinit, dD (ACC except dx, and dB / dC with one head split: in B's / C's
+    dtype; dinit / dD None without an initial state / D)."""
     dev = x.device
     st, _ = _chunk_states(pl, x, dt, A, B, init)
     dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
@@ -200,25 +200,24 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb):
         **pl.consts(), **pl.kw("state"))
     npb = triton.cdiv(pl.P, pl.BP)
     dx = new_buffer(x.shape, x.dtype, dev)
-    ddt_u = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    ddt = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    dA = new_buffer((pl.batch, pl.NC, npb, pl.H), pl.acc, dev)
     dD = new_buffer((pl.batch, pl.NC, npb, pl.H), pl.acc, dev) if D is not None else None
     K.dx_kernel[pl.chunk_grid()](
-        x, dt, A, B, cb, dst, dy, D if D is not None else A, dx, ddt_u, dD if D is not None else ddt_u,
+        x, dt, A, B, C, cb, st, dst, dy, D if D is not None else A, dx, ddt, dA, dD if D is not None else dA,
         pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
-        *x.stride(), *dt.stride(), *B.stride(), *dy.stride(), *dx.stride(),
-        HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
+        HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw("dx"))
     nnb = triton.cdiv(pl.N, pl.BN_D)
-    dB = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
-    dC = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc, dev)
-    dg = new_buffer((nnb, pl.batch, pl.T, pl.H), pl.acc, dev)
+    # one head split: the kernel's sums are final, written in B's / C's dtype (no cast launches)
+    dB = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc if pl.HS > 1 else B.dtype, dev)
+    dC = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc if pl.HS > 1 else C.dtype, dev)
     K.dbc_kernel[(pl.NC * nnb, pl.batch * pl.G * pl.HS)](
-        x, dt, A, B, C, st, dst, dy, dB, dC, dg, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, nnb, pl.HS, pl.batch,
+        x, dt, A, B, C, st, dst, dy, dB, dC, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, nnb, pl.HS, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
-        BN=pl.BN_D, BP=pl.BP_D, **pl.consts(), **pl.kw("dbc"))
-    dg = _sum0(dg)  # the gradient of the log decay g = dt A, (B, T, H)
-    ddt = _sum0(ddt_u) + dg * A.to(pl.acc)
-    dA = (dg * dt.to(pl.acc)).sum((0, 1))
-    return dx, ddt, dA, _sum0(dB), _sum0(dC), dinit, None if dD is None else dD.sum((0, 1, 2))
+        BN=pl.BN_D, BP=_p2(pl.P), **pl.consts(), **pl.kw("dbc"))
+    return (dx, _sum0(ddt), dA.sum((0, 1, 2)), _sum0(dB), _sum0(dC), dinit,
+            None if dD is None else dD.sum((0, 1, 2)))
 
 
 def _sum0(parts: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,13 @@ architectures, exact parameter counts by hand, the shipped matched trios, init a
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sessa_scale.config import load_config
 from sessa_scale.config.schema import ModelConfig
@@ -70,6 +72,42 @@ def test_mamba2_scan_implementations_agree_in_the_model():
         torch.manual_seed(3)
         outs.append(build_model(tiny(arch="mamba2", ssm_scan=scan)).double()(tokens))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-10)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_mamba2_mixer_runs_one_input_gemm_and_one_conv_with_the_separate_modules_results():
+    """in_proj, B_proj, C_proj, dt_proj run as one GEMM and conv_x, conv_B, conv_C as one conv,
+    forward and backward (before: 4 GEMMs and 3 convs), with what each module gives on its own."""
+    from sessa_scale.models.mamba2 import Mamba2Mixer, causal_conv1d_silu_torch
+
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(32, d_state=8, head_dim=16, n_groups=2, chunk_size=16, kernels="torch").double()
+    u = torch.randn(2, 19, 32, dtype=torch.float64, requires_grad=True)
+    with _OpCounter() as fwd:
+        z, xbc, dt_raw = mixer._project(u)
+        conv_out = mixer.causal_conv(xbc)
+    with _OpCounter() as bwd:
+        (z.sum() + conv_out.square().sum() + dt_raw.sum()).backward()
+    assert fwd.ops["mm"] + fwd.ops["addmm"] == 1 and fwd.ops["convolution"] == 1, fwd.ops
+    assert bwd.ops["mm"] == 2 and bwd.ops["convolution_backward"] == 1, bwd.ops
+    with torch.no_grad():
+        z_ref, x_ref = mixer.in_proj(u).chunk(2, dim=-1)
+        conv_in = {"conv_x": x_ref, "conv_B": mixer.B_proj(u), "conv_C": mixer.C_proj(u)}
+        ref = [causal_conv1d_silu_torch(v, getattr(mixer, n).weight, getattr(mixer, n).bias) for n, v in conv_in.items()]
+        torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(dt_raw, mixer.dt_proj(u), rtol=0, atol=1e-12)
+        torch.testing.assert_close(conv_out, torch.cat(ref, dim=-1), rtol=0, atol=1e-12)
 
 
 def test_baselines_train_a_step_with_finite_grads():
