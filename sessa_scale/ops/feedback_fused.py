@@ -16,9 +16,10 @@ import triton
 
 from sessa_scale.kernels import feedback as K
 from sessa_scale.ops.feedback_leaves import (
-    LOG2E, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
+    LOG2E, launch_options, leaf_inverses, leaf_precision, schedule,
 )
 from sessa_scale.ops.feedback_reference import acc_dtype
+from sessa_scale.ops.work_buffers import new_buffer
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int]:

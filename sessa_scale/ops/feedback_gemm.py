@@ -20,11 +20,11 @@ import torch
 import triton
 
 from sessa_scale.kernels import feedback_gemm as G
-from sessa_scale.ops import feedback_leaves
 from sessa_scale.ops.feedback_leaves import (
-    LOG2E, fp32_matmul, launch_options, leaf_inverses, leaf_precision, new_buffer, schedule,
+    LOG2E, fp32_matmul, launch_options, leaf_inverses, leaf_precision, schedule,
 )
 from sessa_scale.ops.feedback_reference import acc_dtype
+from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
 
 _MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
 
@@ -132,7 +132,7 @@ class _Blocks:
         if self._scratch is None or self._scratch.numel() < need:
             self._scratch = None  # freed first (callers hold no views of it), never two at once
             self._scratch = torch.empty(need, dtype=torch.uint8, device=self.qh.device)
-        if feedback_leaves.buffers_poisoned():  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
+        if buffers_poisoned():  # bytes 0xFF are NaN in every float dtype: entries no kernel wrote show
             self._scratch[:need].fill_(255)
         out, off = [], 0
         for dt, size in zip(dtypes, sizes):

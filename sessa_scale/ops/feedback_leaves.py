@@ -1,45 +1,19 @@
-"""What both paths of the Triton feedback solve share: work buffers, launch options, the leaf
+"""What both paths of the Triton feedback solve share: launch options, the leaf
 inverses and the recursive schedule over leaves (see ``kernels/feedback.py`` for the kernels and
 ``sessa_scale/ops/feedback_triton.py`` for the op)."""
 
 from __future__ import annotations
 
 import math
-import os
 from contextlib import contextmanager
 
 import torch
 import triton
 
 from sessa_scale.kernels import feedback as K
+from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634  # the kernels work in base 2: P = 2^(scale*log2(e)*q.k - lse)
-_poisoned = False  # True only inside poisoned_buffers()
-
-
-@contextmanager
-def poisoned_buffers():
-    """Test hook: inside it, every work buffer, gradient output and GEMM-path scratch of the Triton
-    solve starts as NaN, so tiles no kernel wrote show in the results."""
-    global _poisoned
-    previous, _poisoned = _poisoned, True
-    try:
-        yield
-    finally:
-        _poisoned = previous
-
-
-def buffers_poisoned() -> bool:
-    """Whether poisoned_buffers() is active."""
-    return _poisoned
-
-
-def new_buffer(shape, dtype, device) -> torch.Tensor:
-    """An uninitialized work buffer (NaN-filled inside poisoned_buffers())."""
-    if _poisoned:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def launch_options(num_warps: int, num_stages: int) -> dict:

@@ -42,7 +42,7 @@ import torch
 import triton
 
 from sessa_scale.ops import feedback_fused, feedback_gemm
-from sessa_scale.ops.feedback_leaves import INTERPRET
+from sessa_scale.ops.work_buffers import INTERPRET
 from sessa_scale.ops.feedback_reference import acc_dtype
 from sessa_scale.ops.graph_cache import GRAPHS
 

@@ -1,6 +1,6 @@
 """Fused Triton versions of the Mamba-2 mixer's causal depthwise conv + SiLU and gated RMSNorm
 (kernels in ``kernels/mamba2_fused.py``), as autograd functions. Their references are the PyTorch
-paths in ``sessa_scale/models/mamba2.py`` (``Mamba2Mixer.causal_convs``, ``GatedRMSNorm``), which
+paths in ``sessa_scale/models/mamba2.py`` (``causal_conv1d_silu_torch``, ``GatedRMSNorm``), which
 ``model.ssm_kernels`` selects instead ("torch"); "auto" uses these on CUDA.
 
 Both compute in float32 and return the input's dtype (under bf16 autocast: bf16, as the PyTorch
@@ -10,15 +10,12 @@ sums (no atomics: deterministic). Inputs need unit stride along channels (else t
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from sessa_scale.kernels import mamba2_fused as K
-from sessa_scale.ops.ssd_triton import new_buffer
+from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CONV_BT, CONV_BC = 32, 64  # conv tile: positions x channels
 NORM_ROWS = 16  # rows per gated-RMSNorm program (the weight gradient is summed over programs)
 

@@ -30,11 +30,8 @@ import triton
 import triton.language as tl
 
 from sessa_scale.kernels import ssd as K
+from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Tests set this: buffers the kernels must fill (here and in ops/mamba2_fused.py) start as NaN, so
-# unwritten tiles show.
-POISON = False
 
 
 @dataclass(frozen=True)
@@ -75,13 +72,6 @@ def config_from_env(base: SSDConfig) -> SSDConfig:
     if unknown:
         raise ValueError(f"SESSA_SSD_CFG: unknown fields {unknown}; choose from {sorted(types)}")
     return replace(base, **{k: v if types[k] == "str" else int(v) for k, v in items.items()})
-
-
-def new_buffer(shape, dtype, device) -> torch.Tensor:
-    """An uninitialized tensor for a kernel to fill (NaN-filled when POISON is set)."""
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _p2(n: int) -> int:

@@ -74,12 +74,13 @@ INTERP_FUSED_T = {"float64": INTERP_T, "float32": (17, 130)}
 def _interp_worker(dtype_name: str) -> None:
     """Runs in a subprocess with TRITON_INTERPRET=1 (set before any triton import)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    import sessa_scale.ops.feedback_leaves as fl
     import sessa_scale.ops.feedback_triton as ft
     from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS, feedback_solve
 
     assert "triton" in FEEDBACK_SOLVE_IMPLS, "triton impl not registered under TRITON_INTERPRET=1"
-    with fl.poisoned_buffers():  # work buffers and gradient outputs start as NaN
+    from sessa_scale.ops.work_buffers import poisoned_buffers
+
+    with poisoned_buffers():  # work buffers and gradient outputs start as NaN
         dtype = getattr(torch, dtype_name)
         tol = INTERP_TOL[dtype_name]
 
@@ -120,12 +121,11 @@ def test_interpreter_against_dense(dtype):
 
 def test_poisoned_buffers_fill_work_buffers_with_nan_only_inside_the_context():
     """The interpreter checks rely on this hook: unwritten tiles must show as NaN."""
-    pytest.importorskip("triton")
-    from sessa_scale.ops import feedback_leaves as fl
+    from sessa_scale.ops import work_buffers as wb
 
-    with fl.poisoned_buffers():
-        assert fl.buffers_poisoned() and torch.isnan(fl.new_buffer((3, 5), torch.float32, "cpu")).all()
-    assert not fl.buffers_poisoned()
+    with wb.poisoned_buffers():
+        assert wb.buffers_poisoned() and torch.isnan(wb.new_buffer((3, 5), torch.float32, "cpu")).all()
+    assert not wb.buffers_poisoned()
 
 
 def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():

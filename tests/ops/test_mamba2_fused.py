@@ -117,18 +117,18 @@ def check_mixer(T, dtype, device, tol, seed=0):
 
 def _interp_worker() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    import sessa_scale.ops.ssd_triton as st
+    from sessa_scale.ops.work_buffers import poisoned_buffers
 
-    st.POISON = True
-    for i, T in enumerate(INTERP_T):  # float64 inputs and the norm (per row: T matters less) at some T only
-        for dtype in (torch.float32, torch.float64) if T in (17, 130) else (torch.float32,):
-            tol = 2e-6 if dtype == torch.float64 else 2e-5  # the kernels compute in float32
-            check_conv(2 - i % 2, T, 72, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 0)
-            if T <= 17:  # per row, so T matters only through rows per program (NORM_ROWS = 16): 17 x 2 rows
-                check_norm(2 - i % 2, T, 48, 1 + i % 2 * 2, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
-        print(f"ok T={T}", flush=True)
-    errs = check_mixer(37, torch.float64, "cpu", tol=2e-6)
-    print("ok mixer " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+    with poisoned_buffers():  # every buffer the kernels write starts as NaN
+        for i, T in enumerate(INTERP_T):  # float64 inputs and the norm (per row: T matters less) at some T only
+            for dtype in (torch.float32, torch.float64) if T in (17, 130) else (torch.float32,):
+                tol = 2e-6 if dtype == torch.float64 else 2e-5  # the kernels compute in float32
+                check_conv(2 - i % 2, T, 72, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 0)
+                if T <= 17:  # per row, so T matters only through rows per program (NORM_ROWS = 16): 17 x 2 rows
+                    check_norm(2 - i % 2, T, 48, 1 + i % 2 * 2, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
+            print(f"ok T={T}", flush=True)
+        errs = check_mixer(37, torch.float64, "cpu", tol=2e-6)
+        print("ok mixer " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
 
 
 def test_interpreter_against_the_torch_paths():

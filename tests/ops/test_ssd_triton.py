@@ -112,20 +112,20 @@ def _check(impl, batch, T, H, G, P, N, dtype, device, seed, tols, state=True, lo
 def _interp_worker(dtype_name: str) -> None:
     """Runs in a subprocess with TRITON_INTERPRET=1 (set before any triton import)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    import sessa_scale.ops.ssd_triton as st
     from sessa_scale.ops.ssd import ssd_scan
+    from sessa_scale.ops.work_buffers import poisoned_buffers
 
-    st.POISON = True  # every buffer the kernels write starts as NaN
-    dtype = getattr(torch, dtype_name)
-    tols = {"*": INTERP_TOL[dtype_name]}
-    for i, (T, batch, H, G, P, N, chunk, state, skip, loss_on) in enumerate(INTERP_CASES):
+    with poisoned_buffers():  # every buffer the kernels write starts as NaN
+        dtype = getattr(torch, dtype_name)
+        tols = {"*": INTERP_TOL[dtype_name]}
+        for i, (T, batch, H, G, P, N, chunk, state, skip, loss_on) in enumerate(INTERP_CASES):
 
-        def public(x, dt, A, B, C, h0, D, chunk=chunk):
-            return ssd_scan(x, dt, A, B, C, initial_state=h0, chunk_size=chunk, impl="triton", D=D)
+            def public(x, dt, A, B, C, h0, D, chunk=chunk):
+                return ssd_scan(x, dt, A, B, C, initial_state=h0, chunk_size=chunk, impl="triton", D=D)
 
-        errs = _check(public, batch, T, H, G, P, N, dtype, "cpu", seed=100 + T, tols=tols, state=state,
-                      loss_on=loss_on, strided=i % 2 == 0, skip=skip)
-        print(f"ok {dtype_name} T={T} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+            errs = _check(public, batch, T, H, G, P, N, dtype, "cpu", seed=100 + T, tols=tols, state=state,
+                          loss_on=loss_on, strided=i % 2 == 0, skip=skip)
+            print(f"ok {dtype_name} T={T} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
