@@ -7,8 +7,9 @@ of ``sessa_scale/models/mamba2.py``).
   PyTorch runs it as transposes, a cuDNN conv over (B, C, T), a slice and a SiLU; its backward
   adds cuDNN's depthwise weight gradient. The backward here recomputes the pre-activations of the
   K output positions that read each input (K x K shifted loads, cache-resident) instead of storing
-  them; the weight and bias gradients are per-program partial sums over T-tiles that the wrapper
-  adds up (deterministic).
+  them. Each backward program walks a run of T-tiles and keeps the weight and bias gradients in
+  registers, so its partial sums are few ((B x a few runs, C, K) floats), added up in a fixed
+  order by a second small kernel that writes them in the parameters' dtype (deterministic).
 * Gated RMSNorm: out = h * rsqrt(mean_group(h^2) + eps) * weight with h = y * silu(z), per group
   of channels; one program per (block of rows, group), float32 inside, the inverse RMS kept for
   the backward (PyTorch: about ten float32 passes, recomputed in the backward under checkpointing).
@@ -48,40 +49,89 @@ def conv_fwd_kernel(in_ptr, w_ptr, b_ptr, out_ptr, T, C, s_ib, s_it, s_ob, s_ot,
              mask=(t < T)[:, None] & cmask[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
-def conv_bwd_kernel(in_ptr, w_ptr, b_ptr, dout_ptr, din_ptr, dw_ptr, db_ptr, T, C,
+@triton.jit
+def _conv_dpre(ip, gp, w_ptr, bias, pos, c, cmask, T, s_it, s_gt, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """dpre = dout * silu'(pre) at positions pos (zero at pos >= T), float32 (BT, BC)."""
+    pre = _conv_pre(ip, w_ptr, bias, pos, c, cmask, T, s_it, K, BT, BC)
+    g = tl.load(gp + pos[:, None] * s_gt + c[None, :], mask=(pos < T)[:, None] & cmask[None, :], other=0.0)
+    s = tl.sigmoid(pre)
+    return g.to(tl.float32) * s * (1.0 + pre * (1.0 - s))
+
+
+@triton.jit(do_not_specialize=["T", "NT"])
+def conv_bwd_kernel(in_ptr, w_ptr, b_ptr, dout_ptr, din_ptr, dw_ptr, db_ptr, ring_ptr, T, C, NT,
                     s_ib, s_it, s_gb, s_gt, s_db, s_dt,
-                    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """din[t] = sum_j w[K-1-j] dpre[t + j] with dpre = dout * silu'(pre) recomputed; this program's
-    partial sums dw[pid, c, k] = sum_t dpre[t] in[t - (K-1) + k] and db[pid, c] = sum_t dpre[t]
-    (dw (P, C, K), db (P, C) float32, P = programs along B and T). Grid as conv_fwd_kernel."""
+                    K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Backward of conv_fwd_kernel over a run of NT (BT, BC) tiles, positions [R0, R0 + NT BT) with
+    R0 = pid_t NT BT, walked from the last tile to the first. Per tile: dpre = dout * silu'(pre)
+    (pre recomputed once per position), then din[t] = sum_j w[K-1-j] dpre[t + j], reading the
+    shifted dpre rows back from this program's ring of two tiles (ring (programs, 2 BT, BC) float32:
+    a tile's rows and the first rows of the tile after it, written one iteration earlier; before the
+    walk, the K-1 positions after the run). The weight and bias gradients are summed over the run in
+    registers and stored once as this program's partials dw[p, c, k] = sum_t dpre[t] in[t - (K-1) + k],
+    db[p, c] = sum_t dpre[t] (dw (P, C, K), db (P, C) float32, p = b num_programs(0) + pid_t).
+    KP = next_power_of_2(K) <= BT. Grid (cdiv(T, NT BT), cdiv(C, BC), B)."""
     pid_t = tl.program_id(0)
-    t = pid_t * BT + tl.arange(0, BT)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
     cmask = c < C
+    kk = tl.arange(0, KP)
+    rows = tl.arange(0, BT)
     bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     ip = in_ptr + b64 * s_ib
-    din = tl.zeros((BT, BC), dtype=tl.float32)
+    gp = dout_ptr + b64 * s_gb
+    prog = (b * tl.num_programs(0) + pid_t) * tl.num_programs(1) + tl.program_id(1)
+    ring = ring_ptr + prog.to(tl.int64) * (2 * BT * BC) + tl.arange(0, BC)[None, :]
+    r0 = pid_t * NT * BT
+    # the K-1 positions after the run (another program's), into the ring half that tile NT-1 does not use
+    halo = _conv_dpre(ip, gp, w_ptr, bias, r0 + NT * BT + kk, c, cmask, T, s_it, s_gt, K, KP, BC)
+    tl.store(ring + ((NT % 2) * BT + kk)[:, None] * BC, halo)
+    dw = tl.zeros((KP, BC), dtype=tl.float32)  # k along rows: the sums over positions broadcast in place
+    db = tl.zeros((BC,), dtype=tl.float32)
+    for n in range(NT):
+        i = NT - 1 - n
+        t = r0 + i * BT + rows
+        dpre = _conv_dpre(ip, gp, w_ptr, bias, t, c, cmask, T, s_it, s_gt, K, BT, BC)
+        db += tl.sum(dpre, axis=0)
+        for k in tl.static_range(K):
+            src = t - (K - 1) + k
+            v = tl.load(ip + src[:, None] * s_it + c[None, :], mask=((src >= 0) & (src < T))[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            dw += tl.where(kk[:, None] == k, tl.sum(dpre * v, axis=0)[None, :], 0.0)
+        half = (i % 2) * BT
+        tl.debug_barrier()  # the previous iteration's reads of this half are done
+        tl.store(ring + (half + rows)[:, None] * BC, dpre)
+        tl.debug_barrier()  # ... and this tile's rows visible to all threads
+        din = dpre * tl.load(w_ptr + c * K + (K - 1), mask=cmask, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(1, K):
+            later = tl.load(ring + ((half + rows + j) % (2 * BT))[:, None] * BC)
+            din += later * tl.load(w_ptr + c * K + (K - 1 - j), mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(din_ptr + b64 * s_db + t[:, None] * s_dt + c[None, :], din.to(din_ptr.dtype.element_ty),
+                 mask=(t < T)[:, None] & cmask[None, :])
     part = (b * tl.num_programs(0) + pid_t).to(tl.int64) * C
-    for j in tl.static_range(K):
-        pos = t + j
-        pre = _conv_pre(ip, w_ptr, bias, pos, c, cmask, T, s_it, K, BT, BC)
-        m = (pos < T)[:, None] & cmask[None, :]
-        g = tl.load(dout_ptr + b64 * s_gb + pos[:, None] * s_gt + c[None, :], mask=m, other=0.0).to(tl.float32)
-        s = tl.sigmoid(pre)
-        dpre = g * s * (1.0 + pre * (1.0 - s))
-        din += dpre * tl.load(w_ptr + c * K + (K - 1 - j), mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if j == 0:  # this tile's own positions: the weight and bias gradients
-            tl.store(db_ptr + part + c, tl.sum(dpre, axis=0), mask=cmask)
-            for k in tl.static_range(K):
-                src = t - (K - 1) + k
-                v = tl.load(ip + src[:, None] * s_it + c[None, :], mask=((src >= 0) & (src < T))[:, None] & cmask[None, :],
-                            other=0.0).to(tl.float32)
-                tl.store(dw_ptr + (part + c) * K + k, tl.sum(dpre * v, axis=0), mask=cmask)
-    tl.store(din_ptr + b64 * s_db + t[:, None] * s_dt + c[None, :], din.to(din_ptr.dtype.element_ty),
-             mask=(t < T)[:, None] & cmask[None, :])
+    tl.store(db_ptr + part + c, db, mask=cmask)
+    tl.store(dw_ptr + (part + c)[None, :] * K + kk[:, None], dw, mask=(kk < K)[:, None] & cmask[None, :])
+
+
+@triton.jit(do_not_specialize=["P"])
+def conv_wgrad_sum_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P, C,
+                          K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
+    """dw[c, k] = sum_p dw_part[p, c, k], db[c] = sum_p db_part[p, c] in a fixed order
+    (deterministic), written in dw's / db's dtype; the partials of conv_bwd_kernel. Grid (cdiv(C, BC),)."""
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    cmask = c < C
+    kk = tl.arange(0, KP)
+    m2 = cmask[:, None] & (kk < K)[None, :]
+    dw = tl.zeros((BC, KP), dtype=tl.float32)
+    db = tl.zeros((BC,), dtype=tl.float32)
+    c64 = c.to(tl.int64)
+    for p in range(P):
+        row = p * C + c64
+        dw += tl.load(dw_part_ptr + row[:, None] * K + kk[None, :], mask=m2, other=0.0)
+        db += tl.load(db_part_ptr + row, mask=cmask, other=0.0)
+    tl.store(dw_ptr + c[:, None] * K + kk[None, :], dw.to(dw_ptr.dtype.element_ty), mask=m2)
+    tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit

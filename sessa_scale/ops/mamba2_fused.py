@@ -16,15 +16,18 @@ import torch
 import triton
 
 from sessa_scale.kernels import mamba2_fused as K
-from sessa_scale.ops.ssd_triton import new_buffer
+from sessa_scale.ops.ssd_triton import new_buffer, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CONV_BT, CONV_BC = 32, 64  # conv tile: positions x channels
+CONV_PROGRAMS_PER_SM = 8  # the conv backward walks runs of T-tiles: as long as this many programs per SM remain
+INTERPRET_CONV_TILES = 3  # T-tiles per backward program in the interpreter (tests cover runs and partials)
+CONV_SUM_BC = 128  # channels per program of the weight-gradient sum
 NORM_ROWS = 16  # rows per gated-RMSNorm program (the weight gradient is summed over programs)
 
 
-def _kw(num_warps: int) -> dict:
-    return {} if INTERPRET else {"num_warps": num_warps}
+def _kw(num_warps: int, **options) -> dict:
+    return {} if INTERPRET else {"num_warps": num_warps, **options}
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -43,6 +46,8 @@ class _CausalConvSiLU(torch.autograd.Function):
         x = _channels_last(x)
         batch, T, C = x.shape
         w = weight.reshape(C, -1).contiguous()
+        if triton.next_power_of_2(w.shape[1]) > CONV_BT:
+            raise ValueError(f"the Triton causal conv takes widths up to {CONV_BT}; got {w.shape[1]}")
         b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=weight.dtype)
         out = new_buffer(x.shape, x.dtype, x.device)
         grid = (triton.cdiv(T, CONV_BT), triton.cdiv(C, CONV_BC), batch)
@@ -58,15 +63,34 @@ class _CausalConvSiLU(torch.autograd.Function):
         wshape, wdtype, has_bias = ctx.shapes
         dout = _channels_last(dout)
         batch, T, C = x.shape
-        grid = (triton.cdiv(T, CONV_BT), triton.cdiv(C, CONV_BC), batch)
+        width = w.shape[1]
+        run = _conv_tiles_per_program(batch, T, C, x.device)
+        grid = (triton.cdiv(T, run * CONV_BT), triton.cdiv(C, CONV_BC), batch)
         parts = grid[0] * batch
         din = new_buffer(x.shape, x.dtype, x.device)
-        dw = new_buffer((parts, C, w.shape[1]), torch.float32, x.device)
-        db = new_buffer((parts, C), torch.float32, x.device)
-        K.conv_bwd_kernel[grid](x, w, b, dout, din, dw, db, T, C, x.stride(0), x.stride(1), dout.stride(0),
-                                dout.stride(1), din.stride(0), din.stride(1),
-                                K=w.shape[1], BT=CONV_BT, BC=CONV_BC, **_kw(4))
-        return din, dw.sum(0).reshape(wshape).to(wdtype), db.sum(0).to(b.dtype) if has_bias else None
+        ring = new_buffer((parts * grid[1], 2 * CONV_BT, CONV_BC), torch.float32, x.device)
+        dw_parts = new_buffer((parts, C, width), torch.float32, x.device)
+        db_parts = new_buffer((parts, C), torch.float32, x.device)
+        consts = {"K": width, "KP": triton.next_power_of_2(width)}
+        K.conv_bwd_kernel[grid](x, w, b, dout, din, dw_parts, db_parts, ring, T, C, run, x.stride(0), x.stride(1),
+                                dout.stride(0), dout.stride(1), din.stride(0), din.stride(1),
+                                BT=CONV_BT, BC=CONV_BC, **consts, **_kw(4, num_stages=1))
+        dw = new_buffer(wshape, wdtype, x.device)
+        db = new_buffer((C,), b.dtype, x.device)
+        K.conv_wgrad_sum_kernel[(triton.cdiv(C, CONV_SUM_BC),)](dw_parts, db_parts, dw, db, parts, C,
+                                                                BC=CONV_SUM_BC, **consts, **_kw(4))
+        return din, dw, db if has_bias else None
+
+
+def _conv_tiles_per_program(batch: int, T: int, C: int, device: torch.device) -> int:
+    """T-tiles per conv-backward program: the longest runs that leave CONV_PROGRAMS_PER_SM programs
+    per SM (fewer runs, fewer weight-gradient partials to add up)."""
+    tiles = triton.cdiv(T, CONV_BT)
+    if INTERPRET or device.type != "cuda":
+        return min(INTERPRET_CONV_TILES, tiles)
+    target = sm_count(device.index or 0) * CONV_PROGRAMS_PER_SM
+    runs = triton.cdiv(target, batch * triton.cdiv(C, CONV_BC))
+    return max(1, tiles // runs)
 
 
 @torch.compiler.disable

@@ -4,7 +4,8 @@ via sessa_scale/ops/mamba2_fused.py) against the PyTorch paths of sessa_scale/mo
 CPU (CI): under TRITON_INTERPRET=1 in a fresh subprocess (this file with ``--interp-worker``), in
 float32 (and at two T float64) inputs (the kernels compute in float32), T in {1, 17, 63, 65, 130}
 (the norm, per row, at 1 and 17), outputs and every gradient (inputs, weights, biases), strided inputs, buffers
-poisoned with NaN; and the whole Mamba-2 mixer with ssm_kernels="triton" (and the Triton scan)
+poisoned with NaN (the conv backward's ring of dpre rows included; its programs walk runs of
+INTERPRET_CONV_TILES = 3 T-tiles there, so T = 63 / 65 / 130 give even, odd and cut-off runs); and the whole Mamba-2 mixer with ssm_kernels="triton" (and the Triton scan)
 against "torch" (and the chunked scan).
 GPU (``-m gpu``): the same comparisons in float32 and under bf16 autocast at the 350m widths.
 """
