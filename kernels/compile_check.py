@@ -6,7 +6,7 @@ shared memory: catches compile errors and register spills before device time is 
     SESSA_SSD_CFG="BN_DBC=64" python -m sessa_scale.kernels.compile_check   # a tile change, checked offline
 
 One forward and backward of the SSD scan (the 350m shapes: 32 heads x 64, N = 128, one group) and of
-the fused conv + norm run with every kernel launch replaced by a compile of that launch as the JIT
+the fused conv, norm and dt softplus run with every kernel launch replaced by a compile of that launch as the JIT
 would specialize it (integers equal to 1 constant, multiples of 16 and aligned pointers marked),
 for ``triton.backends.compiler.GPUTarget("cuda", arch, 32)``; nothing executes. Uses Triton's
 compiler entry points (ASTSource, triton.compile) and the cuobjdump shipped in its wheel: a
@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     y = torch.zeros(batch, T, H * P, dtype=dtype, requires_grad=True)
     z = torch.zeros(batch, T, 2 * H * P, dtype=dtype)[..., H * P:].requires_grad_()
     mf._GatedRMSNorm.apply(y, z, torch.ones(H * P), H * P // G, 1e-5).sum().backward()
+    width = H * P * 2 + 2 * G * N + H  # dt_raw: the last H columns of the joint projection
+    dt_raw = torch.zeros(batch, T, width, dtype=dtype)[..., -H:].requires_grad_()
+    dt_out, A_out = mf._DtAndDecay.apply(dt_raw, torch.zeros(H, requires_grad=True), torch.zeros(H, requires_grad=True))
+    (dt_out.sum() + A_out.sum()).backward()
     return 0
 
 

@@ -190,3 +190,65 @@ def norm_bwd_kernel(y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw_
             tl.store(dy_ptr + b * s_dyb + t * s_dyt + c, dy.to(dy_ptr.dtype.element_ty), mask=cmask)
             tl.store(dz_ptr + b * s_dzb + t * s_dzt + c, dz.to(dz_ptr.dtype.element_ty), mask=cmask)
     tl.store(dw_ptr + pid.to(tl.int64) * E + c, dw, mask=cmask)
+
+
+@triton.jit
+def _softplus_arg(raw_ptr, bias_ptr, rows, h, R, T, H, s_b, s_t, ACC: tl.constexpr):
+    """raw[b, t, h] + bias[h] for rows r = b T + t (ACC, zero outside), and the in-range mask."""
+    m = (rows < R)[:, None] & (h < H)[None, :]
+    b, t = (rows // T).to(tl.int64), rows % T
+    raw = tl.load(raw_ptr + (b * s_b + t * s_t)[:, None] + h[None, :], mask=m, other=0.0).to(ACC)
+    return raw + tl.load(bias_ptr + h, mask=h < H, other=0.0).to(ACC)[None, :], m
+
+
+@triton.jit
+def dt_fwd_kernel(raw_ptr, bias_ptr, alog_ptr, dt_ptr, a_ptr, R, T, H, s_b, s_t,
+                  ROWS: tl.constexpr, BH: tl.constexpr):
+    """dt = softplus(raw + bias) (torch's: x above 20 passes through), raw (B, T, H) with unit stride
+    along H, dt (R = B T, H) contiguous, computed in dt's dtype; program 0 also writes
+    A = -exp(A_log) (H,). Grid (cdiv(R, ROWS),)."""
+    ACC = dt_ptr.dtype.element_ty
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    h = tl.arange(0, BH)
+    x, m = _softplus_arg(raw_ptr, bias_ptr, rows, h, R, T, H, s_b, s_t, ACC)
+    u = tl.exp(-tl.abs(x))  # softplus = max(x, 0) + log1p(u), log1p exact also for tiny u (Goldberg)
+    w = 1.0 + u
+    dt = tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.where(w == 1.0, u, tl.log(w) * u / (w - 1.0)))
+    tl.store(dt_ptr + rows.to(tl.int64)[:, None] * H + h[None, :], dt, mask=m)
+    if tl.program_id(0) == 0:
+        alog = tl.load(alog_ptr + h, mask=h < H, other=0.0)
+        tl.store(a_ptr + h, -tl.exp(alog.to(a_ptr.dtype.element_ty)), mask=h < H)
+
+
+@triton.jit
+def dt_bwd_kernel(raw_ptr, bias_ptr, ddt_ptr, draw_ptr, dbias_ptr, R, T, H, s_b, s_t, s_db, s_dt,
+                  ROWS: tl.constexpr, BH: tl.constexpr):
+    """Through dt_fwd_kernel's softplus: draw = ddt * sigmoid(raw + bias) (ddt where that is above
+    20), in draw's dtype and layout (B, T, H), ddt (R, H) contiguous; this program's partial
+    dbias[pid, h] = sum over its rows of draw (dbias (P, H) float32). Grid as there."""
+    ACC = ddt_ptr.dtype.element_ty
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    h = tl.arange(0, BH)
+    x, m = _softplus_arg(raw_ptr, bias_ptr, rows, h, R, T, H, s_b, s_t, ACC)
+    g = tl.load(ddt_ptr + rows.to(tl.int64)[:, None] * H + h[None, :], mask=m, other=0.0)
+    draw = tl.where(x > 20.0, g, g * tl.sigmoid(x))
+    b, t = (rows // T).to(tl.int64), rows % T
+    tl.store(draw_ptr + (b * s_db + t * s_dt)[:, None] + h[None, :], draw.to(draw_ptr.dtype.element_ty), mask=m)
+    tl.store(dbias_ptr + tl.program_id(0).to(tl.int64) * H + h, tl.sum(draw.to(tl.float32), axis=0), mask=h < H)
+
+
+@triton.jit(do_not_specialize=["P"])
+def dt_param_grad_kernel(dbias_part_ptr, alog_ptr, da_ptr, dbias_ptr, dalog_ptr, P, H, HAS_DA: tl.constexpr,
+                         BH: tl.constexpr):
+    """dbias[h] = sum_p dbias_part[p, h] in a fixed order (deterministic) and, with HAS_DA,
+    dA_log = dA * A = -dA exp(A_log), each in its parameter's dtype. One program."""
+    h = tl.arange(0, BH)
+    hm = h < H
+    acc = tl.zeros((BH,), dtype=tl.float32)
+    for p in range(P):
+        acc += tl.load(dbias_part_ptr + p * H + h, mask=hm, other=0.0)
+    tl.store(dbias_ptr + h, acc.to(dbias_ptr.dtype.element_ty), mask=hm)
+    if HAS_DA:
+        alog = tl.load(alog_ptr + h, mask=hm, other=0.0)
+        da = tl.load(da_ptr + h, mask=hm, other=0.0).to(alog.dtype)
+        tl.store(dalog_ptr + h, (-da * tl.exp(alog)).to(dalog_ptr.dtype.element_ty), mask=hm)

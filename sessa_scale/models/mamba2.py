@@ -22,7 +22,7 @@ not under tensor parallelism) and the three convs' weights into one conv over th
 three, forward and backward). No biases on the projections, a bias on the convs, as there.
 Decoding keeps the last d_conv - 1 conv inputs [x | B | C] and the SSM state (B, H, N, P): constant memory
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
-`kernels` picks how the convs + SiLU and the gated RMSNorm run: "torch" (the PyTorch code here, the
+`kernels` picks how the convs + SiLU, the gated RMSNorm and dt / A (softplus, -exp) run: "torch" (the PyTorch code here, the
 reference), "triton" (fused kernels, sessa_scale/ops/mamba2_fused.py), "auto" (triton on CUDA).
 """
 
@@ -156,13 +156,21 @@ class Mamba2Mixer(nn.Module):
         x = x.unflatten(-1, (-1, self.head_dim))  # (B, T, H, P)
         B = B.unflatten(-1, (-1, self.d_state))  # (B, T, G, N)
         C = C.unflatten(-1, (-1, self.d_state))
-        dt = F.softplus(dt_raw + self.dt_bias)
-        A = -torch.exp(self.A_log)
+        dt, A = self.dt_and_decay(dt_raw)
         y, state = ssd_scan(
             x, dt, A, B, C, initial_state=initial_state, chunk_size=self.chunk_size,
             impl="sequential" if T == 1 else self.scan, D=self.D,
         )
         return self.out_proj(self.norm(y.flatten(-2), z)), state
+
+    def dt_and_decay(self, dt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw dt (B, T, H) -> (dt = softplus(dt_raw + dt_bias) (B, T, H), A = -exp(A_log) (H,)),
+        in at least float32; one fused launch (forward) with the Triton kernels."""
+        if use_triton_kernels(self.kernels, dt_raw):
+            from sessa_scale.ops.mamba2_fused import dt_softplus_and_decay
+
+            return dt_softplus_and_decay(dt_raw, self.dt_bias, self.A_log)
+        return F.softplus(dt_raw + self.dt_bias), -torch.exp(self.A_log)
 
     def causal_conv(self, xbc: torch.Tensor) -> torch.Tensor:
         """[x | B | C] (B, T, E + 2 G N) -> silu(causal depthwise conv) of it, one launch for the three convs."""

@@ -1,6 +1,8 @@
-"""Fused Triton versions of the Mamba-2 mixer's causal depthwise conv + SiLU and gated RMSNorm
-(kernels in ``kernels/mamba2_fused.py``), as autograd functions. Their references are the PyTorch
-paths in ``sessa_scale/models/mamba2.py`` (``Mamba2Mixer.causal_convs``, ``GatedRMSNorm``), which
+"""Fused Triton versions of the Mamba-2 mixer's causal depthwise conv + SiLU, gated RMSNorm and
+dt = softplus(dt_raw + dt_bias) with A = -exp(A_log) (kernels in ``kernels/mamba2_fused.py``), as
+autograd functions. Their references are the PyTorch
+paths in ``sessa_scale/models/mamba2.py`` (``Mamba2Mixer.causal_conv``, ``GatedRMSNorm``,
+``Mamba2Mixer.dt_and_decay``), which
 ``model.ssm_kernels`` selects instead ("torch"); "auto" uses these on CUDA.
 
 Both compute in float32 and return the input's dtype (under bf16 autocast: bf16, as the PyTorch
@@ -24,6 +26,7 @@ CONV_PROGRAMS_PER_SM = 8  # the conv backward walks runs of T-tiles: as long as 
 INTERPRET_CONV_TILES = 3  # T-tiles per backward program in the interpreter (tests cover runs and partials)
 CONV_SUM_BC = 128  # channels per program of the weight-gradient sum
 NORM_ROWS = 16  # rows per gated-RMSNorm program (the weight gradient is summed over programs)
+DT_ROWS = 128  # (B, T) rows per program of the dt softplus (its bias gradient is summed over programs)
 
 
 def _kw(num_warps: int, **options) -> dict:
@@ -142,3 +145,47 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_
     computed in float32, returned in y's dtype."""
     _check_device(y, "gated RMSNorm")
     return _GatedRMSNorm.apply(y, z, weight, int(group_size), float(eps))
+
+
+class _DtAndDecay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dt_raw, dt_bias, A_log):
+        batch, T, H = dt_raw.shape
+        raw = _channels_last(dt_raw)
+        dt = new_buffer((batch, T, H), torch.promote_types(torch.promote_types(raw.dtype, dt_bias.dtype), torch.float32),
+                        raw.device)
+        A = new_buffer((H,), torch.promote_types(A_log.dtype, torch.float32), raw.device)
+        K.dt_fwd_kernel[(triton.cdiv(batch * T, DT_ROWS),)](raw, dt_bias, A_log, dt, A, batch * T, T, H, raw.stride(0),
+                                                            raw.stride(1), ROWS=DT_ROWS, BH=triton.next_power_of_2(H),
+                                                            **_kw(4))
+        ctx.save_for_backward(raw, dt_bias, A_log)
+        ctx.set_materialize_grads(False)
+        return dt, A
+
+    @staticmethod
+    def backward(ctx, ddt, dA):
+        raw, dt_bias, A_log = ctx.saved_tensors
+        batch, T, H = raw.shape
+        if ddt is None:
+            ddt = torch.zeros((batch, T, H), dtype=torch.float32, device=raw.device)
+        ddt = ddt.contiguous()
+        grid = (triton.cdiv(batch * T, DT_ROWS),)
+        draw = new_buffer(raw.shape, raw.dtype, raw.device)
+        dbias_parts = new_buffer((grid[0], H), torch.float32, raw.device)
+        K.dt_bwd_kernel[grid](raw, dt_bias, ddt, draw, dbias_parts, batch * T, T, H, raw.stride(0), raw.stride(1),
+                              draw.stride(0), draw.stride(1), ROWS=DT_ROWS, BH=triton.next_power_of_2(H), **_kw(4))
+        dbias = new_buffer((H,), dt_bias.dtype, raw.device)
+        dA_log = new_buffer((H,), A_log.dtype, raw.device) if dA is not None else None
+        K.dt_param_grad_kernel[(1,)](dbias_parts, A_log, dA if dA is not None else A_log, dbias,
+                                     dA_log if dA is not None else dbias, grid[0], H, HAS_DA=dA is not None,
+                                     BH=triton.next_power_of_2(H), **_kw(1))
+        return draw, dbias, dA_log
+
+
+@torch.compiler.disable
+def dt_softplus_and_decay(dt_raw: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor):
+    """dt_raw (B, T, H), dt_bias (H,), A_log (H,) -> (dt = softplus(dt_raw + dt_bias) (B, T, H),
+    A = -exp(A_log) (H,)), each in at least float32 (as the PyTorch expressions under autocast):
+    one launch forward, two backward (instead of about ten elementwise ops and casts)."""
+    _check_device(dt_raw, "dt softplus")
+    return _DtAndDecay.apply(dt_raw, dt_bias, A_log)
