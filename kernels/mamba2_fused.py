@@ -3,7 +3,8 @@ memory (autograd wrappers: ``sessa_scale/ops/mamba2_fused.py``; plain references
 of ``sessa_scale/models/mamba2.py``).
 
 * Causal depthwise conv + SiLU over (B, T, C) with channels innermost (as the projections leave
-  them): out[t, c] = silu(bias[c] + sum_k w[c, k] in[t - (K-1) + k, c]), zero inputs before t = 0.
+  them): out[t, c] = silu(bias[c] + sum_k w[k, c] in[t - (K-1) + k, c]), zero inputs before t = 0,
+  with the taps w (K, C) channels-contiguous (each tap one vector load).
   PyTorch runs it as transposes, a cuDNN conv over (B, C, T), a slice and a SiLU; its backward
   adds cuDNN's depthwise weight gradient. The backward here recomputes the pre-activations of the
   K output positions that read each input (K x K shifted loads, cache-resident) instead of storing
@@ -22,37 +23,39 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_pre(in_ptr, w_ptr, bias, t, c, cmask, T, s_t, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """bias + sum_k w[c, k] in[t - (K-1) + k, c] for a (BT, BC) tile, float32 (zero past the ends)."""
+def _conv_pre(in_ptr, w_ptr, bias, t, c, cmask, T, C, s_t, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """bias + sum_k w[k, c] in[t - (K-1) + k, c] for a (BT, BC) tile, float32 (zero past the ends);
+    w (K, C) contiguous, so each tap loads as a vector."""
     acc = tl.zeros((BT, BC), dtype=tl.float32) + bias[None, :]
     for k in tl.static_range(K):
         src = t - (K - 1) + k
         m = ((src >= 0) & (src < T))[:, None] & cmask[None, :]
         v = tl.load(in_ptr + src[:, None] * s_t + c[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += v * tl.load(w_ptr + c * K + k, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc += v * tl.load(w_ptr + k * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit(do_not_specialize=["T"])
 def conv_fwd_kernel(in_ptr, w_ptr, b_ptr, out_ptr, T, C, s_ib, s_it, s_ob, s_ot,
                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """out = silu(causal depthwise conv(in)); in / out (B, T, C) with channel stride 1, w (C, K)
+    """out = silu(causal depthwise conv(in)); in / out (B, T, C) with channel stride 1, taps w (K, C)
     contiguous, bias (C,). Grid (cdiv(T, BT), cdiv(C, BC), B)."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     b = tl.program_id(2).to(tl.int64)
     cmask = c < C
     bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    pre = _conv_pre(in_ptr + b * s_ib, w_ptr, bias, t, c, cmask, T, s_it, K, BT, BC)
+    pre = _conv_pre(in_ptr + b * s_ib, w_ptr, bias, t, c, cmask, T, C, s_it, K, BT, BC)
     out = pre * tl.sigmoid(pre)
     tl.store(out_ptr + b * s_ob + t[:, None] * s_ot + c[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(t < T)[:, None] & cmask[None, :])
 
 
 @triton.jit
-def _conv_dpre(ip, gp, w_ptr, bias, pos, c, cmask, T, s_it, s_gt, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _conv_dpre(ip, gp, w_ptr, bias, pos, c, cmask, T, C, s_it, s_gt, K: tl.constexpr, BT: tl.constexpr,
+               BC: tl.constexpr):
     """dpre = dout * silu'(pre) at positions pos (zero at pos >= T), float32 (BT, BC)."""
-    pre = _conv_pre(ip, w_ptr, bias, pos, c, cmask, T, s_it, K, BT, BC)
+    pre = _conv_pre(ip, w_ptr, bias, pos, c, cmask, T, C, s_it, K, BT, BC)
     g = tl.load(gp + pos[:, None] * s_gt + c[None, :], mask=(pos < T)[:, None] & cmask[None, :], other=0.0)
     s = tl.sigmoid(pre)
     return g.to(tl.float32) * s * (1.0 + pre * (1.0 - s))
@@ -68,8 +71,8 @@ def conv_bwd_kernel(in_ptr, w_ptr, b_ptr, dout_ptr, din_ptr, dw_ptr, db_ptr, rin
     shifted dpre rows back from this program's ring of two tiles (ring (programs, 2 BT, BC) float32:
     a tile's rows and the first rows of the tile after it, written one iteration earlier; before the
     walk, the K-1 positions after the run). The weight and bias gradients are summed over the run in
-    registers and stored once as this program's partials dw[p, c, k] = sum_t dpre[t] in[t - (K-1) + k],
-    db[p, c] = sum_t dpre[t] (dw (P, C, K), db (P, C) float32, p = b num_programs(0) + pid_t).
+    registers and stored once as this program's partials dw[p, k, c] = sum_t dpre[t] in[t - (K-1) + k],
+    db[p, c] = sum_t dpre[t] (dw (P, K, C), db (P, C) float32, p = b num_programs(0) + pid_t).
     KP = next_power_of_2(K) <= BT. Grid (cdiv(T, NT BT), cdiv(C, BC), B)."""
     pid_t = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -85,14 +88,14 @@ def conv_bwd_kernel(in_ptr, w_ptr, b_ptr, dout_ptr, din_ptr, dw_ptr, db_ptr, rin
     ring = ring_ptr + prog.to(tl.int64) * (2 * BT * BC) + tl.arange(0, BC)[None, :]
     r0 = pid_t * NT * BT
     # the K-1 positions after the run (another program's), into the ring half that tile NT-1 does not use
-    halo = _conv_dpre(ip, gp, w_ptr, bias, r0 + NT * BT + kk, c, cmask, T, s_it, s_gt, K, KP, BC)
+    halo = _conv_dpre(ip, gp, w_ptr, bias, r0 + NT * BT + kk, c, cmask, T, C, s_it, s_gt, K, KP, BC)
     tl.store(ring + ((NT % 2) * BT + kk)[:, None] * BC, halo)
     dw = tl.zeros((KP, BC), dtype=tl.float32)  # k along rows: the sums over positions broadcast in place
     db = tl.zeros((BC,), dtype=tl.float32)
     for n in range(NT):
         i = NT - 1 - n
         t = r0 + i * BT + rows
-        dpre = _conv_dpre(ip, gp, w_ptr, bias, t, c, cmask, T, s_it, s_gt, K, BT, BC)
+        dpre = _conv_dpre(ip, gp, w_ptr, bias, t, c, cmask, T, C, s_it, s_gt, K, BT, BC)
         db += tl.sum(dpre, axis=0)
         for k in tl.static_range(K):
             src = t - (K - 1) + k
@@ -103,34 +106,34 @@ def conv_bwd_kernel(in_ptr, w_ptr, b_ptr, dout_ptr, din_ptr, dw_ptr, db_ptr, rin
         tl.debug_barrier()  # the previous iteration's reads of this half are done
         tl.store(ring + (half + rows)[:, None] * BC, dpre)
         tl.debug_barrier()  # ... and this tile's rows visible to all threads
-        din = dpre * tl.load(w_ptr + c * K + (K - 1), mask=cmask, other=0.0).to(tl.float32)[None, :]
+        din = dpre * tl.load(w_ptr + (K - 1) * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         for j in tl.static_range(1, K):
             later = tl.load(ring + ((half + rows + j) % (2 * BT))[:, None] * BC)
-            din += later * tl.load(w_ptr + c * K + (K - 1 - j), mask=cmask, other=0.0).to(tl.float32)[None, :]
+            din += later * tl.load(w_ptr + (K - 1 - j) * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         tl.store(din_ptr + b64 * s_db + t[:, None] * s_dt + c[None, :], din.to(din_ptr.dtype.element_ty),
                  mask=(t < T)[:, None] & cmask[None, :])
     part = (b * tl.num_programs(0) + pid_t).to(tl.int64) * C
     tl.store(db_ptr + part + c, db, mask=cmask)
-    tl.store(dw_ptr + (part + c)[None, :] * K + kk[:, None], dw, mask=(kk < K)[:, None] & cmask[None, :])
+    tl.store(dw_ptr + part * K + kk[:, None] * C + c[None, :], dw, mask=(kk < K)[:, None] & cmask[None, :])
 
 
 @triton.jit(do_not_specialize=["P"])
 def conv_wgrad_sum_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P, C,
                           K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
-    """dw[c, k] = sum_p dw_part[p, c, k], db[c] = sum_p db_part[p, c] in a fixed order
-    (deterministic), written in dw's / db's dtype; the partials of conv_bwd_kernel. Grid (cdiv(C, BC),)."""
+    """dw[c, k] = sum_p dw_part[p, k, c], db[c] = sum_p db_part[p, c] in a fixed order
+    (deterministic), written in dw's / db's dtype; the partials of conv_bwd_kernel, dw (C, K)
+    contiguous. Grid (cdiv(C, BC),)."""
     c = tl.program_id(0) * BC + tl.arange(0, BC)
     cmask = c < C
     kk = tl.arange(0, KP)
-    m2 = cmask[:, None] & (kk < K)[None, :]
-    dw = tl.zeros((BC, KP), dtype=tl.float32)
+    m2 = (kk < K)[:, None] & cmask[None, :]
+    tap = kk[:, None] * C + c[None, :]
+    dw = tl.zeros((KP, BC), dtype=tl.float32)
     db = tl.zeros((BC,), dtype=tl.float32)
-    c64 = c.to(tl.int64)
     for p in range(P):
-        row = p * C + c64
-        dw += tl.load(dw_part_ptr + row[:, None] * K + kk[None, :], mask=m2, other=0.0)
-        db += tl.load(db_part_ptr + row, mask=cmask, other=0.0)
-    tl.store(dw_ptr + c[:, None] * K + kk[None, :], dw.to(dw_ptr.dtype.element_ty), mask=m2)
+        dw += tl.load(dw_part_ptr + p * (K * C) + tap, mask=m2, other=0.0)
+        db += tl.load(db_part_ptr + p * C + c, mask=cmask, other=0.0)
+    tl.store(dw_ptr + c[None, :] * K + kk[:, None], dw.to(dw_ptr.dtype.element_ty), mask=m2)
     tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=cmask)
 
 

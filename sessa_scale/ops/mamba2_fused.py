@@ -45,44 +45,46 @@ def _check_device(t: torch.Tensor, what: str) -> None:
 
 class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, taps, bias):
         x = _channels_last(x)
         batch, T, C = x.shape
-        w = weight.reshape(C, -1).contiguous()
-        if triton.next_power_of_2(w.shape[1]) > CONV_BT:
-            raise ValueError(f"the Triton causal conv takes widths up to {CONV_BT}; got {w.shape[1]}")
-        b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=weight.dtype)
+        w = taps.contiguous()
+        width = w.shape[0]
+        if triton.next_power_of_2(width) > CONV_BT:
+            raise ValueError(f"the Triton causal conv takes widths up to {CONV_BT}; got {width}")
+        b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=taps.dtype)
         out = new_buffer(x.shape, x.dtype, x.device)
         grid = (triton.cdiv(T, CONV_BT), triton.cdiv(C, CONV_BC), batch)
         K.conv_fwd_kernel[grid](x, w, b, out, T, C, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                                K=w.shape[1], BT=CONV_BT, BC=CONV_BC, **_kw(4))
+                                K=width, BT=CONV_BT, BC=CONV_BC, **_kw(4))
         ctx.save_for_backward(x, w, b)
-        ctx.shapes = (weight.shape, weight.dtype, bias is not None)
+        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, w, b = ctx.saved_tensors
-        wshape, wdtype, has_bias = ctx.shapes
         dout = _channels_last(dout)
         batch, T, C = x.shape
-        width = w.shape[1]
+        width = w.shape[0]
         run = _conv_tiles_per_program(batch, T, C, x.device)
         grid = (triton.cdiv(T, run * CONV_BT), triton.cdiv(C, CONV_BC), batch)
         parts = grid[0] * batch
         din = new_buffer(x.shape, x.dtype, x.device)
         ring = new_buffer((parts * grid[1], 2 * CONV_BT, CONV_BC), torch.float32, x.device)
-        dw_parts = new_buffer((parts, C, width), torch.float32, x.device)
+        dw_parts = new_buffer((parts, width, C), torch.float32, x.device)
         db_parts = new_buffer((parts, C), torch.float32, x.device)
         consts = {"K": width, "KP": triton.next_power_of_2(width)}
         K.conv_bwd_kernel[grid](x, w, b, dout, din, dw_parts, db_parts, ring, T, C, run, x.stride(0), x.stride(1),
                                 dout.stride(0), dout.stride(1), din.stride(0), din.stride(1),
                                 BT=CONV_BT, BC=CONV_BC, **consts, **_kw(4, num_stages=1))
-        dw = new_buffer(wshape, wdtype, x.device)
+        # written (C, K), returned as the (K, C) view: the slices the model's cat of per-conv taps
+        # hands back are then its convs' (C, 1, K) weights' own layout (no copy when .grad is set)
+        dw = new_buffer((C, width), w.dtype, x.device)
         db = new_buffer((C,), b.dtype, x.device)
         K.conv_wgrad_sum_kernel[(triton.cdiv(C, CONV_SUM_BC),)](dw_parts, db_parts, dw, db, parts, C,
                                                                 BC=CONV_SUM_BC, **consts, **_kw(4))
-        return din, dw, db if has_bias else None
+        return din, dw.t(), db if ctx.has_bias else None
 
 
 def _conv_tiles_per_program(batch: int, T: int, C: int, device: torch.device) -> int:
@@ -97,11 +99,11 @@ def _conv_tiles_per_program(batch: int, T: int, C: int, device: torch.device) ->
 
 
 @torch.compiler.disable
-def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (B, T, C), weight (C, 1, K) (a depthwise nn.Conv1d's), bias (C,) or None -> silu(causal
-    depthwise conv of x) (B, T, C) in x's dtype."""
+def causal_conv1d_silu(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, C), taps (K, C) (tap k of channel c at [k, c]: a depthwise nn.Conv1d's weight.flatten(1).t()),
+    bias (C,) or None -> silu(causal depthwise conv of x) (B, T, C) in x's dtype."""
     _check_device(x, "causal conv")
-    return _CausalConvSiLU.apply(x, weight, bias)
+    return _CausalConvSiLU.apply(x, taps, bias)
 
 
 class _GatedRMSNorm(torch.autograd.Function):
@@ -152,8 +154,8 @@ class _DtAndDecay(torch.autograd.Function):
     def forward(ctx, dt_raw, dt_bias, A_log):
         batch, T, H = dt_raw.shape
         raw = _channels_last(dt_raw)
-        dt = new_buffer((batch, T, H), torch.promote_types(torch.promote_types(raw.dtype, dt_bias.dtype), torch.float32),
-                        raw.device)
+        dt_dtype = torch.promote_types(torch.promote_types(raw.dtype, dt_bias.dtype), torch.float32)
+        dt = new_buffer((batch, T, H), dt_dtype, raw.device)
         A = new_buffer((H,), torch.promote_types(A_log.dtype, torch.float32), raw.device)
         K.dt_fwd_kernel[(triton.cdiv(batch * T, DT_ROWS),)](raw, dt_bias, A_log, dt, A, batch * T, T, H, raw.stride(0),
                                                             raw.stride(1), ROWS=DT_ROWS, BH=triton.next_power_of_2(H),

@@ -67,8 +67,8 @@ def check_conv(batch, T, C, dtype, device, seed, tol, strided=False):
 
     mixer, x, up = _conv_case(batch, T, C, dtype, device, seed, strided)
     conv = mixer.conv_x
-    return _compare(lambda v: causal_conv1d_silu(v, conv.weight, conv.bias),
-                    lambda v: causal_conv1d_silu_torch(v, conv.weight, conv.bias),
+    return _compare(lambda v: causal_conv1d_silu(v, conv.weight.flatten(1).t(), conv.bias),
+                    lambda v: causal_conv1d_silu_torch(v, conv.weight.flatten(1).t(), conv.bias),
                     [x], [conv.weight, conv.bias], up, tol, f"conv T={T} C={C} {dtype}")
 
 
