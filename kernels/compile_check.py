@@ -6,7 +6,7 @@ shared memory: catches compile errors and register spills before device time is 
     SESSA_SSD_CFG="BN_DBC=64" python -m sessa_scale.kernels.compile_check   # a tile change, checked offline
 
 One forward and backward of the SSD scan (the 350m shapes: 32 heads x 64, N = 128, one group) and of
-the fused conv + norm run with every kernel launch replaced by a compile of that launch as the JIT
+the fused conv, norm and dt softplus run with every kernel launch replaced by a compile of that launch as the JIT
 would specialize it (integers equal to 1 constant, multiples of 16 and aligned pointers marked),
 for ``triton.backends.compiler.GPUTarget("cuda", arch, 32)``; nothing executes. Uses Triton's
 compiler entry points (ASTSource, triton.compile) and the cuobjdump shipped in its wheel: a
@@ -113,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     _, _, cb = st._forward(plan, x, dt, A, B, C, None, D)
     st._backward(plan, dy, None, x, dt, A, B, C, None, D, cb)
     conv_in = torch.zeros(batch, T, 2 * (H * P + 2 * G * N), dtype=dtype)[..., : H * P + 2 * G * N].requires_grad_()
-    mf._CausalConvSiLU.apply(conv_in, torch.zeros(conv_in.shape[-1], 1, 4), torch.zeros(conv_in.shape[-1])).sum().backward()
+    taps, bias = torch.zeros(4, conv_in.shape[-1]), torch.zeros(conv_in.shape[-1])
+    mf._CausalConvSiLU.apply(conv_in, taps, bias).sum().backward()
     y = torch.zeros(batch, T, H * P, dtype=dtype, requires_grad=True)
     z = torch.zeros(batch, T, 2 * H * P, dtype=dtype)[..., H * P:].requires_grad_()
     mf._GatedRMSNorm.apply(y, z, torch.ones(H * P), H * P // G, 1e-5).sum().backward()
+    width = H * P * 2 + 2 * G * N + H  # dt_raw: the last H columns of the joint projection
+    dt_raw = torch.zeros(batch, T, width, dtype=dtype)[..., -H:].requires_grad_()
+    dt_out, A_out = mf._DtAndDecay.apply(dt_raw, torch.zeros(H, requires_grad=True), torch.zeros(H, requires_grad=True))
+    (dt_out.sum() + A_out.sum()).backward()
     return 0
 
 

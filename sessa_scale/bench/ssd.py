@@ -102,7 +102,7 @@ def _point(impl: str, B: int, T: int, s: dict, dtype: torch.dtype):
 
         mixer = build_mamba2_block(s["mamba2"], 0).mixer.to(DEVICE)
         gen = torch.Generator(DEVICE).manual_seed(0)
-        channels = mixer.conv_weights()[0].shape[0]
+        channels = mixer.conv_weights()[0].shape[1]
         conv_in = torch.randn(B, T, channels, generator=gen, device=DEVICE).to(dtype).requires_grad_()
 
         def fwd():

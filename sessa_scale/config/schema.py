@@ -47,7 +47,7 @@ class ModelConfig:
     ssm_groups: int = 1  # groups of heads sharing B and C (must divide the head count)
     ssm_conv: int = 4  # causal depthwise conv kernel width
     ssm_chunk: int = 64  # SSD chunk length in tokens (a power of two >= 16; the triton scan runs chunks above 64 as 64)
-    ssm_kernels: str = "auto"  # Mamba-2 causal conv + SiLU and gated RMSNorm: auto (fused Triton kernels on CUDA, else torch) | triton | torch (the PyTorch reference)
+    ssm_kernels: str = "auto"  # Mamba-2 causal conv + SiLU, gated RMSNorm, dt softplus and A = -exp(A_log): auto (fused Triton kernels on CUDA, else torch) | triton | torch (the PyTorch reference)
     ssm_scan: str = "auto"  # SSD scan: auto (triton on CUDA, else chunked) | triton (our kernels, kernels/ssd.py) | chunked (PyTorch) | sequential | fla (fla-core; wrong backward on Hopper with Triton < 3.7.1)
 
 

@@ -22,8 +22,9 @@ not under tensor parallelism) and the three convs' weights into one conv over th
 three, forward and backward). No biases on the projections, a bias on the convs, as there.
 Decoding keeps the last d_conv - 1 conv inputs [x | B | C] and the SSM state (B, H, N, P): constant memory
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
-`kernels` picks how the convs + SiLU and the gated RMSNorm run: "torch" (the PyTorch code here, the
-reference), "triton" (fused kernels, sessa_scale/ops/mamba2_fused.py), "auto" (triton on CUDA).
+`kernels` picks how the convs + SiLU, the gated RMSNorm and dt / A (softplus, -exp) run: "torch"
+(the PyTorch code here, the reference), "triton" (fused kernels, sessa_scale/ops/mamba2_fused.py),
+"auto" (triton on CUDA).
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ def use_triton_kernels(kernels: str, t: torch.Tensor) -> bool:
     return kernels == "triton" or (kernels == "auto" and t.is_cuda and triton_available())
 
 
-def causal_conv1d_silu_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x (B, T, C), weight (C, 1, K), bias (C,) -> silu(causal depthwise conv of x) (B, T, C): the
-    PyTorch reference of ops/mamba2_fused.causal_conv1d_silu."""
-    k, channels = weight.shape[-1], weight.shape[0]
-    out = F.conv1d(x.transpose(1, 2), weight, bias, padding=k - 1, groups=channels)
+def causal_conv1d_silu_torch(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (B, T, C), taps (K, C) (a depthwise nn.Conv1d's weight.flatten(1).t()), bias (C,) -> silu(causal
+    depthwise conv of x) (B, T, C): the PyTorch reference of ops/mamba2_fused.causal_conv1d_silu."""
+    k, channels = taps.shape
+    out = F.conv1d(x.transpose(1, 2), taps.t().unsqueeze(1), bias, padding=k - 1, groups=channels)
     return F.silu(out[..., : x.shape[1]].transpose(1, 2))
 
 
@@ -143,9 +144,10 @@ class Mamba2Mixer(nn.Module):
         return z, torch.cat([x, self.B_proj(u), self.C_proj(u)], dim=-1), self.dt_proj(u)
 
     def conv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The three depthwise convs as one over [x | B | C]: weight (E + 2 G N, 1, K), bias (E + 2 G N,)."""
+        """The three depthwise convs as one over [x | B | C]: taps (K, E + 2 G N) (tap k of channel c
+        at [k, c], channels contiguous, as the Triton kernels load them; one cat), bias (E + 2 G N,)."""
         convs = [getattr(self, name) for name in CONVS]
-        return torch.cat([c.weight for c in convs]), torch.cat([c.bias for c in convs])
+        return torch.cat([c.weight.flatten(1).t() for c in convs], dim=1), torch.cat([c.bias for c in convs])
 
     def _mix(self, z, xbc, dt_raw, initial_state):
         """z (B, T, E), silu(conv output) [x | B | C] (B, T, E + 2 G N), raw dt (B, T, H) ->
@@ -156,22 +158,30 @@ class Mamba2Mixer(nn.Module):
         x = x.unflatten(-1, (-1, self.head_dim))  # (B, T, H, P)
         B = B.unflatten(-1, (-1, self.d_state))  # (B, T, G, N)
         C = C.unflatten(-1, (-1, self.d_state))
-        dt = F.softplus(dt_raw + self.dt_bias)
-        A = -torch.exp(self.A_log)
+        dt, A = self.dt_and_decay(dt_raw)
         y, state = ssd_scan(
             x, dt, A, B, C, initial_state=initial_state, chunk_size=self.chunk_size,
             impl="sequential" if T == 1 else self.scan, D=self.D,
         )
         return self.out_proj(self.norm(y.flatten(-2), z)), state
 
+    def dt_and_decay(self, dt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw dt (B, T, H) -> (dt = softplus(dt_raw + dt_bias) (B, T, H), A = -exp(A_log) (H,)),
+        in at least float32; one fused launch (forward) with the Triton kernels."""
+        if use_triton_kernels(self.kernels, dt_raw):
+            from sessa_scale.ops.mamba2_fused import dt_softplus_and_decay
+
+            return dt_softplus_and_decay(dt_raw, self.dt_bias, self.A_log)
+        return F.softplus(dt_raw + self.dt_bias), -torch.exp(self.A_log)
+
     def causal_conv(self, xbc: torch.Tensor) -> torch.Tensor:
         """[x | B | C] (B, T, E + 2 G N) -> silu(causal depthwise conv) of it, one launch for the three convs."""
-        weight, bias = self.conv_weights()
+        taps, bias = self.conv_weights()
         if use_triton_kernels(self.kernels, xbc):
             from sessa_scale.ops.mamba2_fused import causal_conv1d_silu
 
-            return causal_conv1d_silu(xbc, weight, bias)
-        return causal_conv1d_silu_torch(xbc, weight, bias)
+            return causal_conv1d_silu(xbc, taps, bias)
+        return causal_conv1d_silu_torch(xbc, taps, bias)
 
     def _forward(self, u: torch.Tensor):
         """u (B, T, D) -> out (B, T, D), the final SSM state, and the conv input [x | B | C]."""
@@ -207,9 +217,9 @@ class Mamba2Mixer(nn.Module):
         """One token u_t (B, D) or (B, 1, D) -> (out in the same shape, cache)."""
         u = u_t.unsqueeze(1) if u_t.dim() == 2 else u_t
         z, xbc, dt_raw = self._project(u)
-        weight, bias = self.conv_weights()
+        taps, bias = self.conv_weights()
         window = torch.cat([cache["conv"], xbc], dim=1)  # (B, d_conv, E + 2 G N): oldest first
-        conv_out = F.silu(torch.einsum("bkc,ck->bc", window, weight[:, 0, :]) + bias)[:, None]
+        conv_out = F.silu(torch.einsum("bkc,kc->bc", window, taps) + bias)[:, None]
         cache["conv"] = window[:, 1:]
         out, state = self._mix(z, conv_out, dt_raw, cache["ssm"])
         cache["ssm"] = state.to(cache["ssm"].dtype)

@@ -1,6 +1,8 @@
-"""Fused Triton versions of the Mamba-2 mixer's causal depthwise conv + SiLU and gated RMSNorm
-(kernels in ``kernels/mamba2_fused.py``), as autograd functions. Their references are the PyTorch
-paths in ``sessa_scale/models/mamba2.py`` (``causal_conv1d_silu_torch``, ``GatedRMSNorm``), which
+"""Fused Triton versions of the Mamba-2 mixer's causal depthwise conv + SiLU, gated RMSNorm and
+dt = softplus(dt_raw + dt_bias) with A = -exp(A_log) (kernels in ``kernels/mamba2_fused.py``), as
+autograd functions. Their references are the PyTorch
+paths in ``sessa_scale/models/mamba2.py`` (``Mamba2Mixer.causal_conv``, ``GatedRMSNorm``,
+``Mamba2Mixer.dt_and_decay``), which
 ``model.ssm_kernels`` selects instead ("torch"); "auto" uses these on CUDA.
 
 Both compute in float32 and return the input's dtype (under bf16 autocast: bf16, as the PyTorch
@@ -14,14 +16,19 @@ import torch
 import triton
 
 from sessa_scale.kernels import mamba2_fused as K
+from sessa_scale.ops.ssd_triton import sm_count
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
 CONV_BT, CONV_BC = 32, 64  # conv tile: positions x channels
+CONV_PROGRAMS_PER_SM = 8  # the conv backward walks runs of T-tiles: as long as this many programs per SM remain
+INTERPRET_CONV_TILES = 3  # T-tiles per backward program in the interpreter (tests cover runs and partials)
+CONV_SUM_BC = 128  # channels per program of the weight-gradient sum
 NORM_ROWS = 16  # rows per gated-RMSNorm program (the weight gradient is summed over programs)
+DT_ROWS = 128  # (B, T) rows per program of the dt softplus (its bias gradient is summed over programs)
 
 
-def _kw(num_warps: int) -> dict:
-    return {} if INTERPRET else {"num_warps": num_warps}
+def _kw(num_warps: int, **options) -> dict:
+    return {} if INTERPRET else {"num_warps": num_warps, **options}
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -36,42 +43,65 @@ def _check_device(t: torch.Tensor, what: str) -> None:
 
 class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, taps, bias):
         x = _channels_last(x)
         batch, T, C = x.shape
-        w = weight.reshape(C, -1).contiguous()
-        b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=weight.dtype)
+        w = taps.contiguous()
+        width = w.shape[0]
+        if triton.next_power_of_2(width) > CONV_BT:
+            raise ValueError(f"the Triton causal conv takes widths up to {CONV_BT}; got {width}")
+        b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=taps.dtype)
         out = new_buffer(x.shape, x.dtype, x.device)
         grid = (triton.cdiv(T, CONV_BT), triton.cdiv(C, CONV_BC), batch)
         K.conv_fwd_kernel[grid](x, w, b, out, T, C, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                                K=w.shape[1], BT=CONV_BT, BC=CONV_BC, **_kw(4))
+                                K=width, BT=CONV_BT, BC=CONV_BC, **_kw(4))
         ctx.save_for_backward(x, w, b)
-        ctx.shapes = (weight.shape, weight.dtype, bias is not None)
+        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, w, b = ctx.saved_tensors
-        wshape, wdtype, has_bias = ctx.shapes
         dout = _channels_last(dout)
         batch, T, C = x.shape
-        grid = (triton.cdiv(T, CONV_BT), triton.cdiv(C, CONV_BC), batch)
+        width = w.shape[0]
+        run = _conv_tiles_per_program(batch, T, C, x.device)
+        grid = (triton.cdiv(T, run * CONV_BT), triton.cdiv(C, CONV_BC), batch)
         parts = grid[0] * batch
         din = new_buffer(x.shape, x.dtype, x.device)
-        dw = new_buffer((parts, C, w.shape[1]), torch.float32, x.device)
-        db = new_buffer((parts, C), torch.float32, x.device)
-        K.conv_bwd_kernel[grid](x, w, b, dout, din, dw, db, T, C, x.stride(0), x.stride(1), dout.stride(0),
-                                dout.stride(1), din.stride(0), din.stride(1),
-                                K=w.shape[1], BT=CONV_BT, BC=CONV_BC, **_kw(4))
-        return din, dw.sum(0).reshape(wshape).to(wdtype), db.sum(0).to(b.dtype) if has_bias else None
+        ring = new_buffer((parts * grid[1], 2 * CONV_BT, CONV_BC), torch.float32, x.device)
+        dw_parts = new_buffer((parts, width, C), torch.float32, x.device)
+        db_parts = new_buffer((parts, C), torch.float32, x.device)
+        consts = {"K": width, "KP": triton.next_power_of_2(width)}
+        K.conv_bwd_kernel[grid](x, w, b, dout, din, dw_parts, db_parts, ring, T, C, run, x.stride(0), x.stride(1),
+                                dout.stride(0), dout.stride(1), din.stride(0), din.stride(1),
+                                BT=CONV_BT, BC=CONV_BC, **consts, **_kw(4, num_stages=1))
+        # written (C, K), returned as the (K, C) view: the slices the model's cat of per-conv taps
+        # hands back are then its convs' (C, 1, K) weights' own layout (no copy when .grad is set)
+        dw = new_buffer((C, width), w.dtype, x.device)
+        db = new_buffer((C,), b.dtype, x.device)
+        K.conv_wgrad_sum_kernel[(triton.cdiv(C, CONV_SUM_BC),)](dw_parts, db_parts, dw, db, parts, C,
+                                                                BC=CONV_SUM_BC, **consts, **_kw(4))
+        return din, dw.t(), db if ctx.has_bias else None
+
+
+def _conv_tiles_per_program(batch: int, T: int, C: int, device: torch.device) -> int:
+    """T-tiles per conv-backward program: the longest runs that leave CONV_PROGRAMS_PER_SM programs
+    per SM (fewer runs, fewer weight-gradient partials to add up)."""
+    tiles = triton.cdiv(T, CONV_BT)
+    if INTERPRET or device.type != "cuda":
+        return min(INTERPRET_CONV_TILES, tiles)
+    target = sm_count(device.index or 0) * CONV_PROGRAMS_PER_SM
+    runs = triton.cdiv(target, batch * triton.cdiv(C, CONV_BC))
+    return max(1, tiles // runs)
 
 
 @torch.compiler.disable
-def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (B, T, C), weight (C, 1, K) (a depthwise nn.Conv1d's), bias (C,) or None -> silu(causal
-    depthwise conv of x) (B, T, C) in x's dtype."""
+def causal_conv1d_silu(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, C), taps (K, C) (tap k of channel c at [k, c]: a depthwise nn.Conv1d's weight.flatten(1).t()),
+    bias (C,) or None -> silu(causal depthwise conv of x) (B, T, C) in x's dtype."""
     _check_device(x, "causal conv")
-    return _CausalConvSiLU.apply(x, weight, bias)
+    return _CausalConvSiLU.apply(x, taps, bias)
 
 
 class _GatedRMSNorm(torch.autograd.Function):
@@ -115,3 +145,47 @@ def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_
     computed in float32, returned in y's dtype."""
     _check_device(y, "gated RMSNorm")
     return _GatedRMSNorm.apply(y, z, weight, int(group_size), float(eps))
+
+
+class _DtAndDecay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dt_raw, dt_bias, A_log):
+        batch, T, H = dt_raw.shape
+        raw = _channels_last(dt_raw)
+        dt_dtype = torch.promote_types(torch.promote_types(raw.dtype, dt_bias.dtype), torch.float32)
+        dt = new_buffer((batch, T, H), dt_dtype, raw.device)
+        A = new_buffer((H,), torch.promote_types(A_log.dtype, torch.float32), raw.device)
+        K.dt_fwd_kernel[(triton.cdiv(batch * T, DT_ROWS),)](raw, dt_bias, A_log, dt, A, batch * T, T, H, raw.stride(0),
+                                                            raw.stride(1), ROWS=DT_ROWS, BH=triton.next_power_of_2(H),
+                                                            **_kw(4))
+        ctx.save_for_backward(raw, dt_bias, A_log)
+        ctx.set_materialize_grads(False)
+        return dt, A
+
+    @staticmethod
+    def backward(ctx, ddt, dA):
+        raw, dt_bias, A_log = ctx.saved_tensors
+        batch, T, H = raw.shape
+        if ddt is None:
+            ddt = torch.zeros((batch, T, H), dtype=torch.float32, device=raw.device)
+        ddt = ddt.contiguous()
+        grid = (triton.cdiv(batch * T, DT_ROWS),)
+        draw = new_buffer(raw.shape, raw.dtype, raw.device)
+        dbias_parts = new_buffer((grid[0], H), torch.float32, raw.device)
+        K.dt_bwd_kernel[grid](raw, dt_bias, ddt, draw, dbias_parts, batch * T, T, H, raw.stride(0), raw.stride(1),
+                              draw.stride(0), draw.stride(1), ROWS=DT_ROWS, BH=triton.next_power_of_2(H), **_kw(4))
+        dbias = new_buffer((H,), dt_bias.dtype, raw.device)
+        dA_log = new_buffer((H,), A_log.dtype, raw.device) if dA is not None else None
+        K.dt_param_grad_kernel[(1,)](dbias_parts, A_log, dA if dA is not None else A_log, dbias,
+                                     dA_log if dA is not None else dbias, grid[0], H, HAS_DA=dA is not None,
+                                     BH=triton.next_power_of_2(H), **_kw(1))
+        return draw, dbias, dA_log
+
+
+@torch.compiler.disable
+def dt_softplus_and_decay(dt_raw: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor):
+    """dt_raw (B, T, H), dt_bias (H,), A_log (H,) -> (dt = softplus(dt_raw + dt_bias) (B, T, H),
+    A = -exp(A_log) (H,)), each in at least float32 (as the PyTorch expressions under autocast):
+    one launch forward, two backward (instead of about ten elementwise ops and casts)."""
+    _check_device(dt_raw, "dt softplus")
+    return _DtAndDecay.apply(dt_raw, dt_bias, A_log)

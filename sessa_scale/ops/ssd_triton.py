@@ -79,7 +79,8 @@ def _p2(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device device_index (cached)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -131,7 +132,7 @@ def _plan(x, dt, B, C, chunk_size: int, cfg: SSDConfig) -> _Plan:
     acc = torch.float64 if any(t.dtype == torch.float64 for t in (x, dt, B, C)) else torch.float32
     dot = x.dtype if acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) else acc
     prec = "ieee" if INTERPRET or acc == torch.float64 else cfg.prec_fp32 if dot == torch.float32 else "tf32"
-    target = 0 if INTERPRET or not x.is_cuda else _sm_count(x.device.index or 0) * cfg.programs_per_sm
+    target = 0 if INTERPRET or not x.is_cuda else sm_count(x.device.index or 0) * cfg.programs_per_sm
     bn_s, bp_s = min(cfg.BN_STATE, _p2(N)), min(cfg.BP_STATE, _p2(P))
     while batch * H * triton.cdiv(N, bn_s) * triton.cdiv(P, bp_s) < target and max(bn_s, bp_s) > 16:
         if bn_s >= bp_s:

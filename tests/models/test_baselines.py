@@ -104,7 +104,7 @@ def test_mamba2_mixer_runs_one_input_gemm_and_one_conv_with_the_separate_modules
     with torch.no_grad():
         z_ref, x_ref = mixer.in_proj(u).chunk(2, dim=-1)
         conv_in = {"conv_x": x_ref, "conv_B": mixer.B_proj(u), "conv_C": mixer.C_proj(u)}
-        ref = [causal_conv1d_silu_torch(v, getattr(mixer, n).weight, getattr(mixer, n).bias) for n, v in conv_in.items()]
+        ref = [causal_conv1d_silu_torch(v, getattr(mixer, n).weight.flatten(1).t(), getattr(mixer, n).bias) for n, v in conv_in.items()]
         torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-12)
         torch.testing.assert_close(dt_raw, mixer.dt_proj(u), rtol=0, atol=1e-12)
         torch.testing.assert_close(conv_out, torch.cat(ref, dim=-1), rtol=0, atol=1e-12)

@@ -1,11 +1,14 @@
-"""Tests of the Mamba-2 mixer's fused Triton conv + SiLU and gated RMSNorm (kernels/mamba2_fused.py
-via sessa_scale/ops/mamba2_fused.py) against the PyTorch paths of sessa_scale/models/mamba2.py.
+"""Tests of the Mamba-2 mixer's fused Triton conv + SiLU, gated RMSNorm and dt softplus with
+A = -exp(A_log) (kernels/mamba2_fused.py via sessa_scale/ops/mamba2_fused.py) against the PyTorch
+paths of sessa_scale/models/mamba2.py.
 
 CPU (CI): under TRITON_INTERPRET=1 in a fresh subprocess (this file with ``--interp-worker``), in
 float32 (and at two T float64) inputs (the kernels compute in float32), T in {1, 17, 63, 65, 130}
 (the norm, per row, at 1 and 17), outputs and every gradient (inputs, weights, biases), strided inputs, buffers
-poisoned with NaN; and the whole Mamba-2 mixer with ssm_kernels="triton" (and the Triton scan)
-against "torch" (and the chunked scan).
+poisoned with NaN (the conv backward's ring of dpre rows included; its programs walk runs of
+INTERPRET_CONV_TILES = 3 T-tiles there, so T = 63 / 65 / 130 give even, odd and cut-off runs; the
+dt op's 128-row programs: one to three); and the whole Mamba-2 mixer with ssm_kernels="triton"
+(and the Triton scan) against "torch" (and the chunked scan).
 GPU (``-m gpu``): the same comparisons in float32 and under bf16 autocast at the 350m widths.
 """
 
@@ -64,8 +67,8 @@ def check_conv(batch, T, C, dtype, device, seed, tol, strided=False):
 
     mixer, x, up = _conv_case(batch, T, C, dtype, device, seed, strided)
     conv = mixer.conv_x
-    return _compare(lambda v: causal_conv1d_silu(v, conv.weight, conv.bias),
-                    lambda v: causal_conv1d_silu_torch(v, conv.weight, conv.bias),
+    return _compare(lambda v: causal_conv1d_silu(v, conv.weight.flatten(1).t(), conv.bias),
+                    lambda v: causal_conv1d_silu_torch(v, conv.weight.flatten(1).t(), conv.bias),
                     [x], [conv.weight, conv.bias], up, tol, f"conv T={T} C={C} {dtype}")
 
 
@@ -84,6 +87,34 @@ def check_norm(batch, T, E, groups, dtype, device, seed, tol, strided=False):
     y, z = (t.to(device=device, dtype=dtype).requires_grad_() for t in (y, z))
     up = torch.randn(batch, T, E, generator=gen, dtype=torch.float64).to(device)
     return _compare(fused, ref, [y, z], [ref.weight], up, tol, f"norm T={T} E={E} G={groups} {dtype}")
+
+
+def check_dt(batch, T, H, dtype, device, seed, tol, strided=False):
+    """dt = softplus(dt_raw + dt_bias), A = -exp(A_log): the fused op vs the PyTorch expressions,
+    both outputs and the gradients of dt_raw, dt_bias and A_log; dt_raw spans both softplus
+    branches (above 20 it passes through) and tiny softplus values (log1p)."""
+    from sessa_scale.ops.mamba2_fused import dt_softplus_and_decay
+
+    gen = torch.Generator().manual_seed(seed)
+    raw = 12 * torch.randn(batch, T, 3 * H if strided else H, generator=gen, dtype=torch.float64)
+    raw = raw[..., H : 2 * H] if strided else raw  # strided: a slice of the projection output, as in the mixer
+    bias, A_log = torch.randn(H, generator=gen, dtype=torch.float64), torch.randn(H, generator=gen, dtype=torch.float64)
+    raw, bias, A_log = (t.to(device=device, dtype=dtype).requires_grad_() for t in (raw, bias, A_log))
+    up_dt = torch.randn(batch, T, H, generator=gen, dtype=torch.float64).to(device)
+    up_A = torch.randn(H, generator=gen, dtype=torch.float64).to(device)
+    results = []
+    for fn in (dt_softplus_and_decay, lambda r, b, a: (torch.nn.functional.softplus(r + b), -torch.exp(a))):
+        dt, A = fn(raw, bias, A_log)
+        loss = (dt.double() * up_dt).sum() + (A.double() * up_A).sum()
+        results.append((dt, A, *torch.autograd.grad(loss, [raw, bias, A_log])))
+    names = ("dt", "A", "d_dt_raw", "d_dt_bias", "d_A_log")
+    errs = {n: _rel(a, b) for n, a, b in zip(names, *results)}
+    dt, ref = results[0][0].double(), results[1][0].double()
+    errs["dt elementwise"] = ((dt - ref).abs() / ref)[ref > 1e-30].max().item()  # the tiny dt count too
+    assert all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(*results))
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"dt T={T} H={H} {dtype}: relative errors above {tol}: {bad} (all: {errs})"
+    return errs
 
 
 def check_mixer(T, dtype, device, tol, seed=0):
@@ -124,6 +155,7 @@ def _interp_worker() -> None:
             for dtype in (torch.float32, torch.float64) if T in (17, 130) else (torch.float32,):
                 tol = 2e-6 if dtype == torch.float64 else 2e-5  # the kernels compute in float32
                 check_conv(2 - i % 2, T, 72, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 0)
+                check_dt(2 - i % 2, T, 6, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
                 if T <= 17:  # per row, so T matters only through rows per program (NORM_ROWS = 16): 17 x 2 rows
                     check_norm(2 - i % 2, T, 48, 1 + i % 2 * 2, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
             print(f"ok T={T}", flush=True)
@@ -158,6 +190,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("T", [1, 17, 130, 2049])
 def test_gpu_fp32_against_the_torch_paths(T):
     check_conv(2, T, 2304, torch.float32, "cuda", seed=T, tol=1e-5, strided=True)
+    check_dt(2, T, 32, torch.float32, "cuda", seed=T, tol=1e-5, strided=True)
     check_norm(2, T, 2048, 1, torch.float32, "cuda", seed=T, tol=1e-5, strided=True)
     check_norm(2, T, 2048, 4, torch.float32, "cuda", seed=T, tol=1e-5)
 
