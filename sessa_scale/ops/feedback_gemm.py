@@ -328,6 +328,18 @@ def _run_chain(ws: Workspace | None, reverse: bool, device, chain) -> None:
         ws.chain[reverse](chain, device)
 
 
+def ds_blocks(T: int, side: int, min_rows: int, aspect: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """The backward's dS blocks for a scratch of side^2 entries: strips [r0, r1) of R = side / aspect
+    rows (at least min_rows), each against keys [0, r1) in blocks [c0, c1) of side^2 / R keys.
+    cuBLAS forms whole blocks, so the strips' diagonal R x R squares are half waste: T * R / 2 entries
+    per pass (R / T of the T^2 / 2 useful ones), 1 / aspect of what square blocks waste; thinner
+    strips give dq's product (R x Dk per strip) fewer output tiles."""
+    R = max(min_rows, side // aspect)
+    NC = max(1, side * side // R)
+    return [(r0, min(r0 + R, T), [(c0, min(c0 + NC, r0 + R, T)) for c0 in range(0, min(r0 + R, T), NC)])
+            for r0 in range(0, T, R)]
+
+
 def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes, ws: Workspace | None = None):
     """-> dq, dk, dgamma, df in `dtypes`, (B, T, H, .) views of head-major buffers; ws as in forward."""
     B, T, H, Dk = q.shape
@@ -355,17 +367,16 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes, ws: Workspac
     G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
         Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
         BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
-    # dS over square causal blocks (rows r x keys c): dq and dk accumulate in ACC across them, dgamma
-    # is summed once per strip of rows
+    # dS over causal blocks (rows r x keys c, ds_blocks): dq and dk accumulate in ACC across them,
+    # dgamma is summed once per strip of rows
     if ws is None:
         dq, dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
     else:
         dq, dk = ws.dq_dk()
     dg = new_buffer((B * H, T), acc, q.device)
     side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)
-    for r0 in range(0, T, side):
-        r1 = min(r0 + side, T)
-        R, col_blocks = r1 - r0, [(c0, min(c0 + side, r1)) for c0 in range(0, r1, side)]
+    for r0, r1, col_blocks in ds_blocks(T, side, cfg.EPI_BM, cfg.ds_aspect):
+        R = r1 - r0
         # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
         nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, cfg.EPI_BN) for c0, c1 in col_blocks)]
         dgp = new_buffer((B * H, R, nb0[-1]), acc, q.device)

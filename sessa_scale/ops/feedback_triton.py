@@ -80,11 +80,16 @@ class SolveConfig:
     EPI_BN: int = 128  # ... columns per step
     EPI_WARPS: int = 4
     scratch_mib: int = 128  # bound on the GEMM path's scratch (logits and epilogue outputs of row blocks)
+    # GEMM backward: dS blocks of side / ds_aspect rows x side * ds_aspect keys (side^2 fills the scratch;
+    # 1: square; larger: less of the diagonal squares formed in vain, thinner dq products)
+    ds_aspect: int = 2
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
     graph_max_T: int = 4096  # ... fused path: only for sequences this short (launch-bound; longer ones hide their launches)
     graph_max_T_gemm: int = 16384  # ... GEMM path: up to this length (its leaf chain is launch-bound up to ~16k)
     graph_max_elements: int = 1 << 25  # ... and B*T*H*(Dk+Dv) at most this (a graph's buffers cost memory)
-    graph_chain: int = 1  # with graphs=1, GEMM-path calls not captured whole: persistent buffers, leaf chain replayed as a graph (0: eager)
+    # ... GEMM-path calls not captured whole (longer, larger): persistent buffers, each direction's leaf
+    # chain replayed as a graph (0: eager)
+    graph_chain: int = 1
     # Resolved by _fit from the shapes (not settings): Dk, Dv and the leaf-prep Dk chunk as tile widths.
     BK: int = 0
     BV: int = 0
@@ -197,7 +202,8 @@ class _TritonFeedbackSolve(torch.autograd.Function):
             inputs = (qc, kc, gc, fc)
             ws = _chain_workspace(inputs, scale, cfg, f.dtype) if not ctx.graphed else None
             ctx.path_kwargs = {} if ws is None else {"ws": ws}  # the backward uses the forward's
-            outs = GRAPHS(("fwd", scale, cfg, f.dtype), lambda *a: path.forward(*a, scale, cfg, f.dtype, **ctx.path_kwargs),
+            outs = GRAPHS(("fwd", scale, cfg, f.dtype),
+                          lambda *a: path.forward(*a, scale, cfg, f.dtype, **ctx.path_kwargs),
                           inputs, ctx.graphed, _backward_input_bytes(qc, kc, gc, fc))
         S, lse = outs[0], outs[1]
         ctx.save_for_backward(qc, kc, gc, fc, S, lse)
