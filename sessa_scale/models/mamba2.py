@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sessa_scale.config.schema import ModelConfig
 from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Row, Shard, Style, indivisible
+from sessa_scale.models.attention import project
 from sessa_scale.models.spec import ArchSpec, Problem, is_int
 from sessa_scale.ops.ssd import ssd_scan, triton_available
 
@@ -136,12 +137,9 @@ class Mamba2Mixer(nn.Module):
     def _project(self, u: torch.Tensor):
         """u (B, T, D) -> z (B, T, E), the conv input [x | B | C] (B, T, E + 2 G N), raw dt (B, T, H)."""
         projections = (self.in_proj, self.B_proj, self.C_proj, self.dt_proj)
-        if all(type(p) is nn.Linear and p.bias is None for p in projections):  # one GEMM
-            (zx, b, c, h) = (p.weight.shape[0] for p in projections)
-            weight = torch.cat([p.weight for p in projections])
-            return F.linear(u, weight).split([zx // 2, zx // 2 + b + c, h], dim=-1)
-        z, x = self.in_proj(u).chunk(2, dim=-1)  # tensor-parallel layers: each its own GEMM
-        return z, torch.cat([x, self.B_proj(u), self.C_proj(u)], dim=-1), self.dt_proj(u)
+        zx, b, c, h = (p.weight.shape[0] for p in projections)  # this rank's widths under TP
+        z, xbc, dt_raw = project(u, projections, sizes=(zx // 2, zx // 2 + b + c, h))  # in_proj is [z | x]
+        return z, xbc, dt_raw
 
     def conv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The three depthwise convs as one over [x | B | C]: taps (K, E + 2 G N) (tap k of channel c

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from sessa_scale.config.schema import ModelConfig
 from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Replicated, Row, RowToHidden, Shard, Style, indivisible
-from sessa_scale.models.attention import apply_rope, causal_attention, decode_attention, kv_heads, rope_inv_freq
+from sessa_scale.models.attention import (
+    apply_rope, causal_attention, decode_attention, kv_heads, project, rope_inv_freq,
+)
 from sessa_scale.models.flops import attention_projection_flops, causal_attention_flops
 from sessa_scale.models.spec import ArchSpec, Problem
 from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS, feedback_solve
@@ -82,15 +84,15 @@ class SessaMixer(nn.Module):
         """a_bar (B, T, D), positions (T,) -> q (B, T, H, d) and k, v (B, T, H_kv, d) (RoPE applied),
         q_b, k_b (B, T, H_b, D/H_b), gamma (B, T, H_b)."""
         B, T, _ = a_bar.shape
-        q = self.q_proj(a_bar).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(a_bar).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(a_bar).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v, qk_b, gamma_logit = project(a_bar, (self.q_proj, self.k_proj, self.v_proj, self.proj_fb, self.gamma_ctx))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_forward_rope:
             q = apply_rope(q, positions, self.rope_inv_freq)
             k = apply_rope(k, positions, self.rope_inv_freq)
         # q_b is the FIRST half of proj_fb; feedback head h owns columns [h*D/H_b, (h+1)*D/H_b).
-        q_b, k_b = self.proj_fb(a_bar).view(B, T, 2, self.n_fb_heads, self.fb_head_dim).unbind(2)
-        gamma = self.gamma_max * torch.tanh(self.gamma_bias + self.gamma_ctx(a_bar))
+        q_b, k_b = qk_b.reshape(B, T, 2, self.n_fb_heads, self.fb_head_dim).unbind(2)
+        gamma = self.gamma_max * torch.tanh(self.gamma_bias + gamma_logit)
         return q, k, v, q_b, k_b, gamma
 
     def _forward(self, a_bar: torch.Tensor):

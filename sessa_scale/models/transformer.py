@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from sessa_scale.config.schema import ModelConfig
 from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Row, Style, indivisible
-from sessa_scale.models.attention import apply_rope, causal_attention, decode_attention, kv_heads, rope_inv_freq
+from sessa_scale.models.attention import (
+    apply_rope, causal_attention, decode_attention, kv_heads, project, rope_inv_freq,
+)
 from sessa_scale.models.flops import attention_projection_flops, causal_attention_flops
 from sessa_scale.models.spec import ArchSpec, Problem
 
@@ -53,9 +55,9 @@ class CausalSelfAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         """x (B, T, D), positions (T,) -> q (B, T, H, d), k and v (B, T, H_kv, d), RoPE applied."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.rope:
             q = apply_rope(q, positions, self.rope_inv_freq)
             k = apply_rope(k, positions, self.rope_inv_freq)

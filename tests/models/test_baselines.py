@@ -283,3 +283,32 @@ def test_gated_rmsnorm_gradients_through_its_recomputation():
     for g in (slice(0, 3), slice(3, 6)):  # each group of 3 channels normalized on its own
         expected = h[..., g] / torch.sqrt(h[..., g].pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight[g]
         torch.testing.assert_close(norm(y, z)[..., g], expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ("transformer", "sessa"))
+def test_attention_input_projections_run_as_one_gemm_with_the_separate_modules_results(arch):
+    """q, k, v (and Sessa's proj_fb and gamma_ctx) read the same input: one GEMM forward and two
+    backward (before: one per module), equal to each module's own output. A ZeRO-3 partitioned
+    weight (attribute ds_id) falls back to one call per module."""
+    from sessa_scale.models.attention import project
+
+    torch.manual_seed(0)
+    block = build_model(tiny(arch=arch)).double().layers[0]
+    mixer = block.attn if arch == "transformer" else block.mixer
+    linears = [mixer.q_proj, mixer.k_proj, mixer.v_proj] + ([mixer.proj_fb, mixer.gamma_ctx] if arch == "sessa" else [])
+    x = torch.randn(2, 17, 32, dtype=torch.float64, requires_grad=True)
+    with _OpCounter() as fwd:
+        outputs = project(x, linears)
+    with _OpCounter() as bwd:
+        sum(o.square().sum() for o in outputs).backward()
+    assert fwd.ops["mm"] + fwd.ops["addmm"] == 1 and bwd.ops["mm"] == 2, (fwd.ops, bwd.ops)
+    with torch.no_grad():
+        for out, linear in zip(outputs, linears):
+            torch.testing.assert_close(out, linear(x), rtol=0, atol=1e-12)
+    with _OpCounter() as layer_fwd:
+        mixer(torch.randn(2, 17, 32, dtype=torch.float64))
+    assert layer_fwd.ops["mm"] + layer_fwd.ops["addmm"] == 2, layer_fwd.ops  # and out_proj
+    mixer.k_proj.weight.ds_id = 0
+    with _OpCounter() as fallback:
+        project(x, linears)
+    assert fallback.ops["mm"] + fallback.ops["addmm"] == len(linears), fallback.ops
