@@ -84,7 +84,9 @@ class SessaMixer(nn.Module):
         """a_bar (B, T, D), positions (T,) -> q (B, T, H, d) and k, v (B, T, H_kv, d) (RoPE applied),
         q_b, k_b (B, T, H_b, D/H_b), gamma (B, T, H_b)."""
         B, T, _ = a_bar.shape
-        q, k, v, qk_b, gamma_logit = project(a_bar, (self.q_proj, self.k_proj, self.v_proj, self.proj_fb, self.gamma_ctx))
+        # gamma_ctx stays its own product: its H_b columns would make the fused width (5 D + H_b) a
+        # shape cuBLAS runs on a slow pre-Hopper kernel (H200: 4.6x slower layer at D = 1024).
+        q, k, v, qk_b = project(a_bar, (self.q_proj, self.k_proj, self.v_proj, self.proj_fb))
         q = q.view(B, T, self.n_heads, self.head_dim)
         k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_forward_rope:
@@ -92,7 +94,7 @@ class SessaMixer(nn.Module):
             k = apply_rope(k, positions, self.rope_inv_freq)
         # q_b is the FIRST half of proj_fb; feedback head h owns columns [h*D/H_b, (h+1)*D/H_b).
         q_b, k_b = qk_b.reshape(B, T, 2, self.n_fb_heads, self.fb_head_dim).unbind(2)
-        gamma = self.gamma_max * torch.tanh(self.gamma_bias + gamma_logit)
+        gamma = self.gamma_max * torch.tanh(self.gamma_bias + self.gamma_ctx(a_bar))
         return q, k, v, q_b, k_b, gamma
 
     def _forward(self, a_bar: torch.Tensor):
