@@ -33,10 +33,13 @@ def project(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequence[int] 
     One wide product (e.g. q, k, v: N = 3 D instead of three of N = D) runs faster in both directions,
     and the parameters stay separate (checkpoints, tensor-parallel plans and init see no change).
     Falls back to one call per module when any is not a plain nn.Linear (a tensor-parallel layer,
-    whose forward communicates) or holds a ZeRO-3 partitioned weight (gathered only by its own forward).
+    whose forward communicates) or holds a ZeRO-3 partitioned weight (gathered only by its own forward),
+    and under torch.compile: there inductor fuses the RoPE backward into the gradient's concatenation
+    as one slow kernel (H200, Transformer 350M, T = 2048: 0.78 ms instead of 0.10 ms per layer; the
+    step 5% slower than with separate products), while eager steps are 5% faster fused.
     """
     widths = [m.weight.shape[0] for m in linears] if sizes is None else list(sizes)
-    if any(type(m) is not nn.Linear or hasattr(m.weight, "ds_id") for m in linears):
+    if torch.compiler.is_compiling() or any(type(m) is not nn.Linear or hasattr(m.weight, "ds_id") for m in linears):
         outputs = [m(x) for m in linears]
         return outputs if sizes is None else list(torch.cat(outputs, dim=-1).split(widths, dim=-1))
     weight = torch.cat([m.weight for m in linears])

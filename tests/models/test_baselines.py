@@ -312,3 +312,19 @@ def test_attention_input_projections_run_as_one_gemm_with_the_separate_modules_r
     with _OpCounter() as fallback:
         project(x, linears)
     assert fallback.ops["mm"] + fallback.ops["addmm"] == len(linears), fallback.ops
+
+
+def test_attention_input_projections_stay_separate_under_torch_compile():
+    """Inductor turns the fused projection's gradient into a slow kernel: compiled graphs keep one
+    product per module (eager fuses them, the test above)."""
+    from sessa_scale.models.attention import project
+
+    linears = [torch.nn.Linear(8, 8) for _ in range(3)]
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(sum(n.op == "call_function" and n.target is torch._C._nn.linear for n in gm.graph.nodes))
+        return gm
+
+    outputs = torch.compile(lambda x: project(x, linears), backend=backend)(torch.randn(2, 3, 8))
+    assert traced == [3] and [o.shape[-1] for o in outputs] == [8, 8, 8]
