@@ -36,6 +36,7 @@ class ModelConfig:
     solver: str = "auto"  # feedback_solve implementation: auto | dense | chunked | triton
     attention: str = "sdpa"  # forward attention backend: sdpa | flash (flash-attn, CUDA only)
     activation_checkpointing: bool = False  # recompute each block in the backward pass to save memory
+    residual_dtype: str = "float32"  # the residual stream between blocks under bf16 autocast: float32 (the embedding's dtype; every block adds into float32) | compute (cast to the autocast dtype after the embedding, so the stream, its LayerNorms' inputs and its gradient are bf16: Megatron-LM's default, fp32_residual_connection off; less memory traffic, more rounding). Without autocast both are the parameters' dtype
     init_from: str | None = None  # a directory written by `sessa-scale export`: a fresh run starts from its weights instead of the random init (the export must match every weight-shaping model key and the data's tokenizer); a resumed run loads its checkpoint instead
     # Transformer baseline (arch: transformer)
     mlp: str = "gelu"  # MLP of the Transformer block: gelu (Linear-GELU-Linear) | swiglu
@@ -53,7 +54,9 @@ class ModelConfig:
 
 # ModelConfig keys that do not shape the weights: they may differ between a checkpoint (or an exported
 # model) and the run that loads it.
-RUNTIME_MODEL_KEYS = frozenset({"solver", "attention", "activation_checkpointing", "init", "init_std", "init_from", "ssm_scan"})
+RUNTIME_MODEL_KEYS = frozenset(
+    {"solver", "attention", "activation_checkpointing", "residual_dtype", "init", "init_std", "init_from", "ssm_scan"}
+)
 
 
 @dataclass

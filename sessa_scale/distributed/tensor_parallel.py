@@ -195,7 +195,7 @@ class TensorParallelLM(DecoderLM):
     TP rank; forward(tokens) -> full logits (B, T, V) gathered over the vocabulary."""
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(tokens)  # (T/tp, B, D) under SP (megatron reduce-scatters), else (B, T, D)
+        x = self.embed_tokens(tokens)  # (T/tp, B, D) under SP (megatron reduce-scatters), else (B, T, D)
         if not self.sequence_parallel:
             x = x.transpose(0, 1)
         logits = self._logits(self.run_blocks(x))  # (T, B, V/tp)

@@ -75,6 +75,15 @@ class DecoderLM(nn.Module):
         logits = self.lm_head(self.norm(x))
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> the residual stream's start (B, T, D): the embedding, cast to the
+        autocast dtype under model.residual_dtype = compute while autocast is on."""
+        x = self.embed(tokens)
+        device = x.device.type
+        if self.cfg.residual_dtype == "compute" and torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        return x
+
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream through every block (recomputed in backward under activation_checkpointing)."""
         for block in self.layers:
@@ -87,7 +96,7 @@ class DecoderLM(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, V) (float32, or float64 for a float64 model); with
         targets (B, T) int64: the mean next-token cross-entropy instead (a scalar)."""
-        logits = self._logits(self.run_blocks(self.embed(tokens)))
+        logits = self._logits(self.run_blocks(self.embed_tokens(tokens)))
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -101,14 +110,14 @@ class DecoderLM(nn.Module):
 
     def prefill(self, tokens: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
         """Prompt tokens (B, T) on an empty cache -> (logits (B, T, V), cache)."""
-        x = self.embed(tokens)
+        x = self.embed_tokens(tokens)
         for i, block in enumerate(self.layers):
             x, cache[i] = block.prefill(x, cache[i])
         return self._logits(x), cache
 
     def decode_step(self, token: torch.Tensor, cache: list) -> tuple[torch.Tensor, list]:
         """Next token (B,) int64 -> (logits (B, V), cache)."""
-        x = self.embed(token)
+        x = self.embed_tokens(token)
         for i, block in enumerate(self.layers):
             x, cache[i] = block.decode_step(x, cache[i])
         return self._logits(x), cache

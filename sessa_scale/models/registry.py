@@ -25,6 +25,7 @@ for _spec in BUILTIN_ARCHITECTURES:
     register_architecture(_spec)
 
 INIT_MODES = ("pytorch", "scaled")
+RESIDUAL_DTYPES = ("float32", "compute")  # model.residual_dtype
 
 
 def _is_number(value) -> bool:
@@ -100,6 +101,7 @@ def model_config_problems(cfg: ModelConfig) -> list[Problem]:
         choice("solver", "feedback solver", ["auto", *FEEDBACK_SOLVE_IMPLS])
     choice("attention", "attention backend", list(ATTENTION_BACKENDS))
     choice("init", "init mode", list(INIT_MODES))
+    choice("residual_dtype", "residual stream dtype", list(RESIDUAL_DTYPES))
     spec = ARCHITECTURES.get(cfg.arch) if isinstance(cfg.arch, str) else None
     return problems + (spec.validate(cfg) if spec is not None else [])
 

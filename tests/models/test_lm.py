@@ -194,3 +194,34 @@ def test_generate_sampling_is_reproducible_with_a_generator():
     again = model.generate(prompt, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(7))
     assert torch.equal(first, again) and first.shape == (3, 10)
     assert torch.equal(model.generate(prompt, 0), prompt)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "sessa", "mamba2"])
+def test_residual_dtype_compute_runs_the_stream_in_the_autocast_dtype(arch):
+    """model.residual_dtype = compute: under bf16 autocast every block reads and writes a bf16
+    residual stream (float32 by default); the loss stays within bf16 rounding of the float32 stream's,
+    and without autocast the knob changes nothing."""
+    torch.manual_seed(0)
+    stream = {}
+    losses = {}
+    tokens = torch.randint(0, 37, (2, 17))
+    for residual in ("float32", "compute"):
+        cfg = ModelConfig(arch=arch, vocab_size=37, d_model=32, n_layers=2, n_heads=4, ssm_state=8, ssm_head_dim=16,
+                          ssm_chunk=16, residual_dtype=residual)  # fmt: skip
+        torch.manual_seed(1)
+        model = build_model(cfg)
+        hooks = [b.register_forward_hook(lambda m, a, out, r=residual: stream.setdefault(r, set()).update({a[0].dtype, out.dtype}))
+                 for b in model.layers]  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[residual] = model(tokens[:, :-1], tokens[:, 1:]).float()
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            assert model(tokens).dtype == torch.float32  # no autocast: the parameters' dtype throughout
+    assert stream == {"float32": {torch.float32}, "compute": {torch.bfloat16}}
+    torch.testing.assert_close(losses["compute"], losses["float32"], rtol=0.02, atol=0.02)
+
+
+def test_residual_dtype_is_validated():
+    problems = validate_model_config(ModelConfig(residual_dtype="bf16"))
+    assert any(p.startswith("model.residual_dtype: unknown residual stream dtype 'bf16'") for p in problems), problems
