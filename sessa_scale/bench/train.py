@@ -2,7 +2,8 @@
 
 Each row is a real `sessa-scale train` run (a subprocess: DeepSpeed engine, the data loader on the
 prepared embedded corpus, train.precision=bf16, fused AdamW, gradient clipping and norm, metrics)
-of configs/<arch>/<size>.yaml at data.seq_len = T with micro-batch B = batch_tokens // T, --steps
+of configs/<arch>/<size>.yaml at data.seq_len = T with micro-batch B = batch_tokens // (T * grad_accum)
+accumulated --grad-accum times per optimizer step, --steps
 optimizer steps, evaluation and checkpoints off (checkpoint.save=false). The figures are read from
 the run's metrics.jsonl: medians over the steps after --warmup of tokens/s/GPU, step time and MFU
 (the trainer's FLOP count, sessa_scale.models.flops, correct for each architecture), and the peak
@@ -31,12 +32,14 @@ from sessa_scale.bench import emit_report
 REPO = Path(__file__).resolve().parents[2]
 
 
-def trainer_command(arch: str, size: str, T: int, B: int, steps: int, compiled: bool, run_dir: Path, extra: list[str]) -> list[str]:
-    """The `sessa-scale train` command line of one row."""
+def trainer_command(
+    arch: str, size: str, T: int, B: int, steps: int, compiled: bool, run_dir: Path, extra: list[str], grad_accum: int = 1
+) -> list[str]:
+    """The `sessa-scale train` command line of one row: micro-batch B, grad_accum micro-batches per step."""
     return [
         sys.executable, "-m", "sessa_scale", "train", str(REPO / "configs" / arch / f"{size}.yaml"),
         f"run.dir={run_dir}", "train.resume=none", f"data.seq_len={T}", f"train.micro_batch_size={B}",
-        "train.grad_accum_steps=1", f"train.max_steps={steps}", "train.precision=bf16",
+        f"train.grad_accum_steps={grad_accum}", f"train.max_steps={steps}", "train.precision=bf16",
         f"train.compile={str(compiled).lower()}", "train.eval_interval=0", "checkpoint.save=false",
         "logging.progress=false", *extra,
     ]  # fmt: skip
@@ -58,7 +61,7 @@ def summarize_metrics(records: list[dict], warmup: int) -> dict:
 
 def run_trainer(arch: str, T: int, B: int, compiled: bool, args) -> dict:
     run_dir = args.runs_dir / f"{arch}-T{T}-B{B}{'-compiled' if compiled else ''}-{datetime.datetime.now():%H%M%S}"
-    cmd = trainer_command(arch, args.size, T, B, args.steps, compiled, run_dir, args.train_overrides)
+    cmd = trainer_command(arch, args.size, T, B, args.steps, compiled, run_dir, args.train_overrides, args.grad_accum)
     print(f"# {shlex.join(cmd)}", file=sys.stderr, flush=True)
     result = subprocess.run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True)
     if result.returncode != 0:
@@ -103,14 +106,15 @@ def format_report(rows: list[dict], args, argv: list[str], device: str) -> str:
         " loader (sessa_scale.bench.models, random tokens); 'trainer / bare' is the fraction of its speed the"
         " trainer keeps.",
         "",
-        "| arch | T | B | compile | tokens/s/GPU | step ms | TFLOP/s | MFU | MFU, full square | vs Transformer"
+        f"| arch | T | {'B x accumulation' if args.grad_accum > 1 else 'B'} | compile | tokens/s/GPU | step ms | TFLOP/s | MFU | MFU, full square | vs Transformer"
         " | peak GiB | diagnostic: bare step tokens/s | trainer / bare |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["T"], r["compile"]): r for r in rows if r["arch"] == "transformer" and "error" not in r["trainer"]}
     for r in rows:
         tr, bare = r["trainer"], r.get("bare", {})
-        head = f"| {r['arch']} | {r['T']} | {r['B']} | {'yes' if r['compile'] else 'no'} |"
+        micro = f"{r['B']} x {args.grad_accum}" if args.grad_accum > 1 else r["B"]
+        head = f"| {r['arch']} | {r['T']} | {micro} | {'yes' if r['compile'] else 'no'} |"
         if "error" in tr:
             lines.append(f"{head} {tr['error']} |" + " |" * 8)
             continue
@@ -135,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="350m", help="trio size: configs/<arch>/<size>.yaml")
     ap.add_argument("--archs", default="transformer,sessa,mamba2")
     ap.add_argument("--seq-lens", default="2048,8192")
-    ap.add_argument("--batch-tokens", type=int, default=16384, help="tokens per optimizer step (B = this // T)")
+    ap.add_argument("--batch-tokens", type=int, default=16384, help="tokens per optimizer step (B = this // (T * grad accumulation))")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step (train.grad_accum_steps)")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=4, help="first steps left out of the medians (compilation, allocator warm-up)")
     ap.add_argument("--compile", choices=("no", "yes", "both"), default="both", help="train.compile rows")
@@ -143,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench_train"), help="parent of the runs' directories")
     ap.add_argument("--out", type=Path, help="also write the Markdown table here")
     ap.add_argument("train_overrides", nargs="*", help="extra key=value overrides for every run (e.g. model.solver=chunked)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options may follow the overrides
+    if args.grad_accum < 1:
+        ap.error(f"--grad-accum must be >= 1, got {args.grad_accum}")
     if args.steps <= args.warmup:
         ap.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     import torch
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     bare_archs = set((args.archs if args.bare_archs is None else args.bare_archs).split(","))
     rows = []
     for T in (int(t) for t in args.seq_lens.split(",")):
-        B = max(1, args.batch_tokens // T)
+        B = max(1, args.batch_tokens // (T * args.grad_accum))
         for compiled in modes:
             for arch in args.archs.split(","):
                 model_cfg = load_config(REPO / "configs" / arch / f"{args.size}.yaml", [f"data.seq_len={T}"]).model
