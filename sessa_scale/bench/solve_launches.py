@@ -6,14 +6,9 @@ The call runs on the ``meta`` device (no data, no GPU): torch ops go through a d
 counts every op that launches a kernel on CUDA (not views, not allocations; ``torch.zeros`` counts as
 its one fill), and the Triton kernels are replaced by counters of their launches.  B = batch_tokens
 // T and bf16 inputs, as ``solve_quick``; the configuration is ``SolveConfig()`` resolved for the
-shape as the op does (``_fit``), so the count is the eager path's (a CUDA-graph replay issues the same
+shape as the op does on CUDA (``_fit``, ``resolve_ds_in_applies``), so the count is the eager path's (a CUDA-graph replay issues the same
 kernels from one launch).  cuBLAS may split one product into two kernels (split-K), which this count
 does not see: it counts the calls that reach the GPU's queue from Python.
-
-The last column counts what the host launches on CUDA with the default graph policy
-(``feedback_triton``): for shapes captured whole, the input copies, one replay and the output clones
-per direction; for GEMM-path shapes too large for that, the call over its persistent workspace, each
-leaf chain counted as one replay.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sessa_scale.kernels import feedback as K
 from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops import feedback_fused, feedback_gemm
-from sessa_scale.ops.feedback_triton import SolveConfig, _fit, graph_eligible
+from sessa_scale.ops.feedback_triton import SolveConfig, _fit, graph_eligible, resolve_ds_in_applies
 
 _DEVICE = torch.device("meta")
 _NO_KERNEL_OPS = ("_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh")
@@ -79,25 +74,11 @@ def _counted_kernels(counts: Counter):
             setattr(module, name, kernel)
 
 
-class _ChainReplay:
-    """Stands in for a leaf chain's CUDA graph (``feedback_gemm.Workspace.chain``): the chain's
-    launches, counted while it runs, become one ``graph.replay``."""
-
-    def __init__(self, counts: Counter):
-        self.counts = counts
-
-    def __call__(self, fn, device) -> None:
-        before = Counter(self.counts)
-        fn()
-        self.counts -= self.counts - before  # the chain's own launches
-        self.counts["graph.replay"] += 1
-
-
 def count_launches(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig | None = None,
-                   dtype: torch.dtype = torch.bfloat16, chain_graphs: bool = False) -> tuple[Counter, Counter]:
-    """(forward, backward) launch counts by kernel / torch op of one call of shape (B, T, H, Dk|Dv);
-    chain_graphs (GEMM path): the call over a persistent workspace, each leaf chain one replay."""
+                   dtype: torch.dtype = torch.bfloat16) -> tuple[Counter, Counter]:
+    """(forward, backward) launch counts by kernel / torch op of one call of shape (B, T, H, Dk|Dv)."""
     cfg = _fit(cfg or SolveConfig(), T, Dk, Dv, torch.finfo(dtype).bits // 8)
+    cfg = resolve_ds_in_applies(cfg, graph_eligible(B, T, H, Dk, Dv, cfg))  # as on CUDA
     path = feedback_gemm if cfg.gemm else feedback_fused
     q, k = (torch.empty((B, T, H, Dk), dtype=dtype, device=_DEVICE) for _ in range(2))
     f, ds = (torch.empty((B, T, H, Dv), dtype=dtype, device=_DEVICE) for _ in range(2))
@@ -105,24 +86,11 @@ def count_launches(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig | 
     scale = 1.0 / math.sqrt(Dk)
     feedback_gemm._OUT_DTYPE_SUPPORT[_DEVICE] = (True, True)  # as CUDA with torch >= 2.8
     fwd, bwd = Counter(), Counter()
-    kwargs = {}
-    if chain_graphs and cfg.gemm:
-        kwargs["ws"] = ws = feedback_gemm.Workspace(q, gamma, f, cfg, dtype)
-        ws.chain = {False: _ChainReplay(fwd), True: _ChainReplay(bwd)}
     with _counted_kernels(fwd), _CountLaunches(fwd):
-        S, lse = path.forward(q, k, gamma, f, scale, cfg, dtype, **kwargs)[:2]
+        S, lse = path.forward(q, k, gamma, f, scale, cfg, dtype)[:2]
     with _counted_kernels(bwd), _CountLaunches(bwd):
-        path.backward(ds, q, k, gamma, f, S, lse, scale, cfg, (dtype,) * 4, **kwargs)
+        path.backward(ds, q, k, gamma, f, S, lse, scale, cfg, (dtype,) * 4)
     return fwd, bwd
-
-
-def host_launches(B: int, T: int, H: int, Dk: int, Dv: int) -> int:
-    """Launches the host issues per fwd+bwd call on CUDA under the default graph policy, warm."""
-    cfg = _fit(SolveConfig(), T, Dk, Dv, 2)
-    if graph_eligible(B, T, H, Dk, Dv, cfg):  # copies of 4 / 7 inputs, one replay, clones of 2 / 4 outputs
-        return (4 + 1 + 2) + (7 + 1 + 4)
-    fwd, bwd = count_launches(B, T, H, Dk, Dv, chain_graphs=bool(cfg.graph_chain and cfg.gemm))
-    return sum(fwd.values()) + sum(bwd.values())
 
 
 def main(argv=None) -> None:
@@ -132,14 +100,14 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-tokens", type=int, default=16384)
     parser.add_argument("--detail", action="store_true", help="launches per kernel / op as well")
     args = parser.parse_args(argv)
-    print("| layout | T | B | forward | backward | per call | host launches (graphs) |\n|---|---|---|---|---|---|---|")
+    print("| layout | T | B | forward | backward | per call |\n|---|---|---|---|---|---|")
     for layout in args.layouts.split(","):
         H, D = (int(x) for x in layout.split("x"))
         for T in (int(t) for t in args.seq_lens.split(",")):
             B = max(1, args.batch_tokens // T)
             fwd, bwd = count_launches(B, T, H, D, D)
             nf, nb = sum(fwd.values()), sum(bwd.values())
-            print(f"| {layout} | {T} | {B} | {nf} | {nb} | {nf + nb} | {host_launches(B, T, H, D, D)} |")
+            print(f"| {layout} | {T} | {B} | {nf} | {nb} | {nf + nb} |")
             if args.detail:
                 for name, n in (fwd + bwd).most_common():
                     print(f"|  | | | | {name} | {n} |")

@@ -8,10 +8,8 @@ product with S / Lam / k / q (cuBLAS).  Rows go in chunks that keep the scratch 
 ``scratch_mib``.  Value-width buffers are head-major (B*H, T, Dv) so that every product is one
 batched GEMM; the op's (B, T, H, .) results are views of them (copies of q, k are made only for
 H > 1).  Memory per call: X or Y (ACC), S, Lam (product dtype), W (B*H*T*L ACC, freed after each
-pass), the scratch, and an ACC dk accumulator in the backward.
-
-With a ``Workspace`` (calls too large for whole-call CUDA graphs) the same buffers are views of
-persistent ones, so that the sequential leaf chain of each direction replays as one CUDA graph.
+pass), the scratch, and ACC dq, dk accumulators in the backward (after the leaf chain, or during it
+with ``ds_in_applies``: the backward applies then also form dS of their pairs).
 """
 
 from __future__ import annotations
@@ -27,15 +25,9 @@ from sessa_scale.ops.feedback_leaves import (
     LOG2E, fp32_matmul, launch_options, leaf_inverses, leaf_precision, schedule,
 )
 from sessa_scale.ops.feedback_reference import acc_dtype
-from sessa_scale.ops.graph_cache import ReplayedWork
 from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
 
 _MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
-
-
-def _scratch_budget(cfg) -> int:
-    """Bytes of the scratch (logits and epilogue outputs of row blocks) a call may use."""
-    return max(_MIN_SCRATCH_BYTES, cfg.scratch_mib << 20)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -105,16 +97,15 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 class _Blocks:
     """The pieces one call's blocks share: head-major q, k, the scratch, the epilogue launches."""
 
-    def __init__(self, q, k, gamma, lse, scale: float, cfg, heads=None):
-        """heads: q, k head-major (B*H, T, Dk) if the caller has them (else made here)."""
+    def __init__(self, q, k, gamma, lse, scale: float, cfg):
         self.B, self.T, self.H, self.Dk = q.shape
         self.BH, self.gamma, self.lse, self.cfg = self.B * self.H, gamma, lse, cfg
-        self.qh, self.kh = heads if heads is not None else (_heads_first(q), _heads_first(k))
+        self.qh, self.kh = _heads_first(q), _heads_first(k)
         self.acc, self.pdt, self.scale, self.qk_scale = lse.dtype, q.dtype, scale, scale * LOG2E
         # bytes per scratch entry of an ACC buffer, and of a product-dtype one (0: it reuses the ACC one)
         self.acc_bytes = torch.finfo(self.acc).bits // 8
         self.extra_pdt_bytes = 0 if self.pdt == self.acc else torch.finfo(self.pdt).bits // 8
-        self.budget = _scratch_budget(cfg)
+        self.budget = max(_MIN_SCRATCH_BYTES, cfg.scratch_mib << 20)
         self._scratch = None
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
 
@@ -127,10 +118,6 @@ class _Blocks:
     def release_scratch(self) -> None:
         """Frees the scratch (the next views() allocates it again)."""
         self._scratch = None
-
-    def use_scratch(self, buffer: torch.Tensor) -> None:
-        """views() carves from buffer (uint8), as long as a request fits it."""
-        self._scratch = buffer
 
     def block_side(self, bytes_per_entry: int) -> int:
         """Side of the square blocks whose buffers of bytes_per_entry fit the scratch."""
@@ -214,185 +201,142 @@ def _lse(blocks: _Blocks, later_bytes: int) -> None:
     blocks.release_scratch()
 
 
-def _aligned(nbytes: int) -> int:
-    return (nbytes + 255) // 256 * 256
-
-
-class Workspace:
-    """Persistent buffers of the GEMM path's calls of one shape, forward and backward alike, so that
-    each direction's leaf chain (``schedule``: leaf products and applies, ~150 launches per direction
-    at T = 32k) replays as one CUDA graph (``chain[reverse]``) while the calls' other passes (lse strips,
-    leaf inverses, dS blocks: large kernels) launch eagerly around it.
-
-    Buffers: static copies of q, k (B, T, H, Dk) (and head-major ones for H > 1), gamma, lse; the
-    solution slots S (and S2 in s_dtype), which the backward reuses for lambda; and one region that
-    holds W and X (Y) with the scratch after them in the chain, the lse strips' taller scratch before
-    it, and dq, dk and the dS scratch after it.  Memory: the region (max(W + X, dq + dk) + the scratch
-    budget, what an eager call has at its peak) and B*H*T*(2*Dk + Dv) product-dtype entries (the
-    static q, k and S) plus 2*B*H*T ACC.  Results are copied out of it (a call's S and lse, the
-    backward's dq, dk, df), so nothing a caller holds aliases it."""
-
-    def __init__(self, q, gamma, f, cfg, s_dtype: torch.dtype):
-        B, T, H, Dk = q.shape
-        Dv, BH, dev, pdt = f.shape[-1], B * H, q.device, q.dtype
-        self.acc = acc_dtype(q, gamma, f)
-        ab = torch.finfo(self.acc).bits // 8
-        self.q, self.k = (torch.empty((B, T, H, Dk), dtype=pdt, device=dev) for _ in range(2))
-        self.heads = tuple(_heads_first(x) if H == 1 else torch.empty((BH, T, Dk), dtype=pdt, device=dev)
-                           for x in (self.q, self.k))
-        self.gamma = torch.empty(gamma.shape, dtype=gamma.dtype, device=dev)
-        self.lse = torch.empty((BH, T), dtype=self.acc, device=dev)
-        self.S = torch.empty((BH, T, Dv), dtype=pdt, device=dev)
-        self.S2 = None if s_dtype == pdt else torch.empty((BH, T, Dv), dtype=s_dtype, device=dev)
-        NL = triton.cdiv(T, cfg.L)
-        self._w_shape, self._x_shape, self._dqk_shape = (BH, NL * cfg.L, cfg.L), (BH, T, Dv), (BH, T, Dk)
-        self._x_at = _aligned(BH * NL * cfg.L * cfg.L * ab)
-        self._dk_at = _aligned(BH * T * Dk * ab)
-        self.scratch_at = max(self._x_at + _aligned(BH * T * Dv * ab), 2 * self._dk_at)
-        self.region = torch.empty(self.scratch_at + _scratch_budget(cfg) + 4096, dtype=torch.uint8, device=dev)
-        self.chain = {False: ReplayedWork(), True: ReplayedWork()}  # forward, backward (reverse)
-
-    def _view(self, at: int, shape) -> torch.Tensor:
-        return self.region[at:at + torch.Size(shape).numel() * (torch.finfo(self.acc).bits // 8)].view(
-            self.acc).view(shape)
-
-    def w(self) -> torch.Tensor:
-        return self._view(0, self._w_shape)
-
-    def x(self) -> torch.Tensor:
-        return self._view(self._x_at, self._x_shape)
-
-    def dq_dk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed dq, dk accumulators (B*H, T, Dk) in ACC (where W and Y were)."""
-        return tuple(self._view(at, self._dqk_shape).zero_() for at in (0, self._dk_at))
-
-    def scratch(self) -> torch.Tensor:
-        return self.region[self.scratch_at:]
-
-    def load(self, q, k, gamma, lse=None):
-        """Copies a call's inputs into the static buffers -> their (q, k, gamma, lse); inside
-        poisoned_buffers() everything else starts as NaN again (stale values of the last call show)."""
-        if buffers_poisoned():
-            self.region.fill_(255)
-            for t in (self.lse, self.S, self.S2):
-                if t is not None:
-                    t.fill_(float("nan"))
-        B, T, H, Dk = q.shape
-        for static, x, head_major in zip((self.q, self.k), (q, k), self.heads):
-            static.copy_(x)
-            if H > 1:
-                head_major.view(B, H, T, Dk).copy_(x.transpose(1, 2))
-        self.gamma.copy_(gamma)
-        if lse is not None:
-            self.lse.copy_(lse)
-        return self.q, self.k, self.gamma, self.lse
-
-
-def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype, ws: Workspace | None = None):
-    """-> (S, lse) or (S, lse, S2) as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv).
-    ws: this shape's Workspace (its leaf chain replayed as a CUDA graph), or None (fresh buffers)."""
+def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
+    """-> (S, lse) or (S, lse, S2) as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv)."""
     B, T, H, Dk = q.shape
     Dv = f.shape[-1]
     acc, pdt = acc_dtype(q, k, gamma, f), q.dtype
-    if ws is None:
-        lse = new_buffer((B * H, T), acc, q.device)
-        blocks = _Blocks(q, k, gamma, lse, scale, cfg)
-        NL = triton.cdiv(T, cfg.L)
-        _lse(blocks, B * H * (NL * cfg.L * cfg.L + T * Dv) * blocks.acc_bytes)  # the memory of W and X
-        W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)
-        X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
-        S = new_buffer((B * H, T, Dv), pdt, q.device)
-        S2 = None if s_dtype == pdt else new_buffer((B * H, T, Dv), s_dtype, q.device)
-    else:
-        q, k, gamma, lse = ws.load(q, k, gamma)
-        blocks = _Blocks(q, k, gamma, lse, scale, cfg, ws.heads)
-        blocks.use_scratch(ws.region)  # the lse strips: the whole region (W and X come after them)
-        _lse(blocks, ws.scratch_at)
-        W, X, S, S2 = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, out=ws.w()), ws.x(), ws.S, ws.S2
-        blocks.use_scratch(ws.scratch())
+    lse = new_buffer((B * H, T), acc, q.device)
+    blocks = _Blocks(q, k, gamma, lse, scale, cfg)
+    NL = triton.cdiv(T, cfg.L)
+    _lse(blocks, B * H * (NL * cfg.L * cfg.L + T * Dv) * blocks.acc_bytes)  # the memory of W and X
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)
+    X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
+    S = new_buffer((B * H, T, Dv), pdt, q.device)
+    S2 = None if s_dtype == pdt else new_buffer((B * H, T, Dv), s_dtype, q.device)
     outs = [S] if S2 is None else [S, S2]
-    _run_chain(ws, False, q.device, lambda: schedule(
-        T, cfg.L, lambda a: _leaf(W, X, outs, a, cfg.L, False), lambda *blk: blocks.apply(*blk, S, X, False),
-        False, 0, triton.cdiv(T, cfg.L)))
-    if ws is not None:  # the call's own results
-        S, lse, S2 = S.clone(), lse.clone(), None if S2 is None else S2.clone()
+    schedule(T, cfg.L, lambda a: _leaf(W, X, outs, a, cfg.L, False),
+             lambda *blk: blocks.apply(*blk, S, X, False), False, 0, triton.cdiv(T, cfg.L))
     return (S, lse) if S2 is None else (S, lse, S2)
 
 
-def _run_chain(ws: Workspace | None, reverse: bool, device, chain) -> None:
-    """The leaf chain of one direction: launched (ws None), or its CUDA graph (captured on first use)."""
-    if ws is None:
-        chain()
-    else:
-        ws.chain[reverse](chain, device)
-
-
-def ds_blocks(T: int, side: int, min_rows: int, aspect: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+def ds_blocks(T: int, side: int, min_rows: int, aspect: int,
+              leaf: int = 0) -> list[tuple[int, int, list[tuple[int, int]]]]:
     """The backward's dS blocks for a scratch of side^2 entries: strips [r0, r1) of R = side / aspect
-    rows (at least min_rows), each against keys [0, r1) in blocks [c0, c1) of side^2 / R keys.
+    rows (at least min_rows), each against keys [0, r1) in blocks [c0, c1) of side^2 / R keys; with
+    leaf > 0 only the pairs inside leaves of that many rows (strips end at leaf boundaries, keys start
+    at the strip's leaf: what the backward applies leave when they form dS themselves).
     cuBLAS forms whole blocks, so the strips' diagonal R x R squares are half waste: T * R / 2 entries
     per pass (R / T of the T^2 / 2 useful ones), 1 / aspect of what square blocks waste; thinner
     strips give dq's product (R x Dk per strip) fewer output tiles."""
     R = max(min_rows, side // aspect)
     NC = max(1, side * side // R)
-    return [(r0, min(r0 + R, T), [(c0, min(c0 + NC, r0 + R, T)) for c0 in range(0, min(r0 + R, T), NC)])
-            for r0 in range(0, T, R)]
+    spans = [(0, T)] if leaf == 0 else [(a, min(a + leaf, T)) for a in range(0, T, leaf)]
+    return [(r0, min(r0 + R, hi), [(c0, min(c0 + NC, r0 + R, hi)) for c0 in range(lo, min(r0 + R, hi), NC)])
+            for lo, hi in spans for r0 in range(lo, hi, R)]
 
 
-def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes, ws: Workspace | None = None):
-    """-> dq, dk, dgamma, df in `dtypes`, (B, T, H, .) views of head-major buffers; ws as in forward."""
+class _Adjoint:
+    """What the backward's dS blocks read and accumulate: lambda and the forward solution S (head-major,
+    product dtype), delta (B*H, T), and the ACC accumulators dq, dk (B*H, T, Dk) and dgamma (B*H, T)."""
+
+    def __init__(self, Lam, S, delta, dq, dk, dg):
+        self.Lam, self.S, self.delta, self.dq, self.dk, self.dg = Lam, S, delta, dq, dk, dg
+
+
+def _ds_strip(blocks: _Blocks, adj: _Adjoint, r0: int, r1: int, col_blocks, apply_dst=None) -> None:
+    """dS of rows [r0, r1) against the key blocks col_blocks [(c0, c1)]: per block the logits and
+    D = lam s^T (cuBLAS), ds_kernel, dq[r] += dS k[c], dk[c] += dS^T q[r]; dgamma[r] += its partials,
+    summed once for the strip.  apply_dst (rows [r0, r1) later than every key): also the backward
+    apply of the block, apply_dst[c] += (gamma*P)^T lam[r], with gamma*P from the same epilogue."""
+    acc, pdt, BH = blocks.acc, blocks.pdt, blocks.BH
+    R, fused = r1 - r0, apply_dst is not None
+    nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, blocks.cfg.EPI_BN) for c0, c1 in col_blocks)]
+    dgp = new_buffer((BH, R, nb0[-1]), acc, blocks.qh.device)  # the dgamma partials of every block, side by side
+    for (c0, c1), nb in zip(col_blocks, nb0):
+        NC = c1 - c0
+        A, D, *half = blocks.views(R, NC, acc, acc, *([] if pdt == acc else [pdt] * (1 + fused)))
+        dS, P = (half[0], half[-1]) if half else (D if fused else A, A)  # ACC: written over D and A
+        _gemm(blocks.qh[:, r0:r1], blocks.kh[:, c0:c1].transpose(1, 2), A)
+        _gemm(adj.Lam[:, r0:r1], adj.S[:, c0:c1].transpose(1, 2), D)
+        G.ds_kernel[blocks.grid(R, NC)](
+            A, D, dS, P, dgp, blocks.gamma, blocks.lse, adj.delta, blocks.T, blocks.H, r0, R, c0, NC, nb0[-1], nb,
+            blocks.gamma.stride(0), blocks.gamma.stride(1), blocks.qk_scale, blocks.scale, WRITE_P=fused,
+            **blocks.epi)
+        if fused:
+            _accumulate(apply_dst[:, c0:c1], P.transpose(1, 2), adj.Lam[:, r0:r1])
+        _accumulate(adj.dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
+        _accumulate(adj.dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
+    G.rowsum_kernel[(triton.cdiv(R, blocks.cfg.EPI_BM), BH)](dgp, adj.dg, blocks.T, r0, R, nb0[-1], **blocks.epi)
+
+
+def _delta(adj: _Adjoint, f, t0: int, t1: int, cfg) -> None:
+    """adj.delta[:, t] = lam_t . (s_t - f_t) for rows t0 <= t < t1 (f: (B, T, H, Dv))."""
+    Lam, BH, T, Dv = adj.Lam, *adj.Lam.shape
+    G.delta_kernel[(triton.cdiv(t1 - t0, cfg.EPI_BM), BH)](
+        Lam, adj.S, f, adj.delta, T, t0, t1, f.shape[2], Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
+        BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
+
+
+def _adjoint_chain(blocks: _Blocks, adj: _Adjoint, q, k, ds, f, outs, in_applies: bool) -> None:
+    """The transposed system, backwards in time (``schedule``), into adj.Lam and the other outs; with
+    in_applies each apply also forms dS of its pairs (``_ds_strip``) and delta is formed per leaf right
+    after its product.  The leaf inverses W and the accumulator Y live only here."""
+    B, T, H, Dv, cfg = blocks.B, blocks.T, blocks.H, adj.Lam.shape[-1], blocks.cfg
+    W = leaf_inverses(q, k, blocks.gamma, blocks.lse, cfg, blocks.qk_scale)  # recomputed: cheaper than keeping it
+    Y = torch.empty((B * H, T, Dv), dtype=blocks.acc, device=q.device)
+    Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
+    # scratch bytes per entry of a dS-forming apply: logits, D (and gamma*P, dS in the product dtype)
+    per_entry = 2 * blocks.acc_bytes + 2 * blocks.extra_pdt_bytes
+
+    def leaf(a):
+        _leaf(W, Y, outs, a, cfg.L, True)
+        if in_applies:
+            _delta(adj, f, a, min(a + cfg.L, T), cfg)
+
+    def apply(l0, l1, e0, e1):
+        if in_applies:
+            step = blocks.lines_per_chunk(l1 - l0, per_entry)
+            _ds_strip(blocks, adj, l0, l1, [(c0, min(c0 + step, e1)) for c0 in range(e0, e1, step)], apply_dst=Y)
+        else:
+            blocks.apply(l0, l1, e0, e1, adj.Lam, Y, True)
+
+    schedule(T, cfg.L, leaf, apply, True, 0, triton.cdiv(T, cfg.L))
+
+
+def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
+    """-> dq, dk, dgamma, df in `dtypes`, (B, T, H, .) views of head-major buffers.
+
+    cfg.ds_in_applies = 1: each backward apply of the schedule (later rows l, lambda_l final, x earlier
+    rows e) also forms dS of its pairs (one q k^T for both), and the pass after the chain covers only
+    the pairs inside leaves; dq, dk are live during the chain.  0: the applies form gamma*P only and
+    one pass after the chain forms dS of every pair."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
     acc, pdt = lse.dtype, S.dtype
     tq, tk, tg, tf = dtypes
-    if ws is None:
-        blocks = _Blocks(q, k, gamma, lse, scale, cfg)
-        W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)  # recomputed: cheaper than keeping it
-        Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
-        Lam = new_buffer((B * H, T, Dv), pdt, q.device)
-        outs = [Lam] if tf == pdt else [Lam, new_buffer((B * H, T, Dv), tf, q.device)]
-    else:
-        q, k, gamma, lse = ws.load(q, k, gamma, lse)
-        blocks = _Blocks(q, k, gamma, lse, scale, cfg, ws.heads)
-        W, Y, Lam = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, out=ws.w()), ws.x(), ws.S
-        outs = [Lam] if ws.S2 is None else [Lam, ws.S2]
-        blocks.use_scratch(ws.scratch())
-    Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
-    _run_chain(ws, True, q.device, lambda: schedule(
-        T, cfg.L, lambda a: _leaf(W, Y, outs, a, cfg.L, True), lambda *blk: blocks.apply(*blk, Lam, Y, True),
-        True, 0, triton.cdiv(T, cfg.L)))
-    del W, Y
+    in_applies = cfg.ds_in_applies == 1
+    blocks = _Blocks(q, k, gamma, lse, scale, cfg)
+    Lam = new_buffer((B * H, T, Dv), pdt, q.device)
+    outs = [Lam] if tf == pdt else [Lam, new_buffer((B * H, T, Dv), tf, q.device)]
     delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t)
-    G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
-        Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
-        BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
-    # dS over causal blocks (rows r x keys c, ds_blocks): dq and dk accumulate in ACC across them,
-    # dgamma is summed once per strip of rows
-    if ws is None:
-        dq, dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
-    else:
-        dq, dk = ws.dq_dk()
-    dg = new_buffer((B * H, T), acc, q.device)
-    side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)
-    for r0, r1, col_blocks in ds_blocks(T, side, cfg.EPI_BM, cfg.ds_aspect):
-        R = r1 - r0
-        # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
-        nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, cfg.EPI_BN) for c0, c1 in col_blocks)]
-        dgp = new_buffer((B * H, R, nb0[-1]), acc, q.device)
-        for (c0, c1), nb in zip(col_blocks, nb0):
-            NC = c1 - c0
-            A, D, *dS = blocks.views(R, NC, acc, acc, *([] if pdt == acc else [pdt]))
-            dS = dS[0] if dS else A
-            _gemm(blocks.qh[:, r0:r1], blocks.kh[:, c0:c1].transpose(1, 2), A)
-            _gemm(Lam[:, r0:r1], S[:, c0:c1].transpose(1, 2), D)
-            G.ds_kernel[blocks.grid(R, NC)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1], nb,
-                                            gamma.stride(0), gamma.stride(1), blocks.qk_scale, scale, **blocks.epi)
-            _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
-            _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
-        G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, nb0[-1], **blocks.epi)
-    shape, own = (B, T, H), ws is not None  # results in the workspace are copied out
-    df = outs[-1].clone() if own else outs[-1]
-    return (solution_view(dq.to(tq, copy=own), (*shape, Dk)), solution_view(dk.to(tk, copy=own), (*shape, Dk)),
-            dg.view(B, H, T).transpose(1, 2).to(tg), solution_view(df, (*shape, Dv)))
+    adj = _Adjoint(Lam, S, delta, None, None, torch.zeros((B * H, T), dtype=acc, device=q.device))
 
+    def accumulators():
+        adj.dq, adj.dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
+
+    if in_applies:
+        accumulators()
+    _adjoint_chain(blocks, adj, q, k, ds, f, outs, in_applies)
+    if not in_applies:  # dq, dk where W and Y were
+        _delta(adj, f, 0, T, cfg)
+        accumulators()
+    # dS over the causal blocks the applies left (rows r x keys c, ds_blocks): dq and dk accumulate in
+    # ACC across them, dgamma is summed once per strip of rows
+    side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)
+    for r0, r1, col_blocks in ds_blocks(T, side, cfg.EPI_BM, cfg.ds_aspect, cfg.L if in_applies else 0):
+        _ds_strip(blocks, adj, r0, r1, col_blocks)
+    shape = (B, T, H)
+    return (solution_view(adj.dq.to(tq), (*shape, Dk)), solution_view(adj.dk.to(tk), (*shape, Dk)),
+            adj.dg.view(B, H, T).transpose(1, 2).to(tg), solution_view(outs[-1], (*shape, Dv)))

@@ -37,15 +37,14 @@ def fp32_matmul(prec: str = "ieee"):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float) -> torch.Tensor:
     """W (B*H, NL*L, L) in lse's dtype: per leaf of cfg.L rows the inverse N of (I - gamma*P_leaf),
     lower triangular (rows past T padded with identity).  q, k (B, T, H, Dk) (head stride Dk,
-    unit last stride), gamma (B, T, H) contiguous, lse (B*H, T) in base 2.  out: a contiguous
-    buffer of W's shape and dtype to write it into (else a new one)."""
+    unit last stride), gamma (B, T, H) contiguous, lse (B*H, T) in base 2."""
     B, T, H, Dk = q.shape
     C, L = cfg.C, cfg.L
     NL = triton.cdiv(T, L)
-    W = new_buffer((B * H, NL * L, L), lse.dtype, q.device) if out is None else out
+    W = new_buffer((B * H, NL * L, L), lse.dtype, q.device)
     K.leaf_prep_kernel[(NL * L // C, B * H)](
         q, k, gamma, lse, W, T, H, Dk, qk_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         gamma.stride(0), gamma.stride(1), NL * L, L, C=C, BK=cfg.BK_PREP, NK=triton.cdiv(Dk, cfg.BK_PREP),

@@ -27,11 +27,7 @@ applies, ~5 launches per leaf, ~30 us of CPU each) also up to T = 16k.  On CUDA,
 ``graph_max_T`` (fused path) or ``graph_max_T_gemm`` (GEMM path), and at most ``graph_max_elements``
 = B*T*H*(Dk+Dv), are captured on the second call of a shape (forward and backward separately) and
 replayed (``graph_cache.GRAPHS``: inputs copied in, outputs cloned, one
-memory pool and one input arena shared by all graphs).  Longer GEMM-path calls (1x768 at T = 32k),
-whose whole-call graphs would keep a full extra set of inputs and outputs, replay only each
-direction's leaf chain as a graph (``graph_chain``), over a persistent ``feedback_gemm.Workspace``
-per shape that holds what an eager call allocates at its peak plus static copies of q, k and the
-solution (``graph_cache.GraphCache.workspace``, from a shape's second call on).
+memory pool and one input arena shared by all graphs).
 
 Configuration: ``SolveConfig``, passed as ``config``; calls without one use ``DEFAULT_CONFIG``
 (which the SESSA_TRITON_CFG debug hook can change at import).
@@ -83,13 +79,15 @@ class SolveConfig:
     # GEMM backward: dS blocks of side / ds_aspect rows x side * ds_aspect keys (side^2 fills the scratch;
     # 1: square; larger: less of the diagonal squares formed in vain, thinner dq products)
     ds_aspect: int = 2
+    # GEMM backward: the applies of the schedule also form dS of their pairs (one q k^T for both; the dS
+    # pass keeps the pairs inside leaves; dq and dk accumulators live during the chain: +2 ACC slabs of
+    # B*H*T*Dk) (1), or one dS pass over every pair (0); -1: 1 for calls replayed as CUDA graphs, 0 for
+    # eager ones (it adds launches: 817 -> 1056 per call at 1x768, T = 32k; long eager calls track them)
+    ds_in_applies: int = -1
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
     graph_max_T: int = 4096  # ... fused path: only for sequences this short (launch-bound; longer ones hide their launches)
     graph_max_T_gemm: int = 16384  # ... GEMM path: up to this length (its leaf chain is launch-bound up to ~16k)
     graph_max_elements: int = 1 << 25  # ... and B*T*H*(Dk+Dv) at most this (a graph's buffers cost memory)
-    # ... GEMM-path calls not captured whole (longer, larger): persistent buffers, each direction's leaf
-    # chain replayed as a graph (0: eager)
-    graph_chain: int = 1
     # Resolved by _fit from the shapes (not settings): Dk, Dv and the leaf-prep Dk chunk as tile widths.
     BK: int = 0
     BV: int = 0
@@ -170,24 +168,17 @@ def graph_eligible(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig) -
     return cfg.graphs == 1 and T <= max_T and B * T * H * (Dk + Dv) <= cfg.graph_max_elements
 
 
+def resolve_ds_in_applies(cfg: SolveConfig, graphed: bool) -> SolveConfig:
+    """cfg with ds_in_applies = -1 resolved: 1 for calls replayed as CUDA graphs, else 0."""
+    return replace(cfg, ds_in_applies=int(graphed)) if cfg.ds_in_applies == -1 else cfg
+
+
 def _backward_input_bytes(q, k, gamma, f) -> int:
     """An upper bound of the backward's input bytes (ds, q, k, gamma, f, the solution, lse), which
     the forward's graph reserves in the shared input arena."""
     B, T, H, _ = q.shape
     ds_and_solution = f.numel() * (f.element_size() + max(f.element_size(), q.element_size()))
     return sum(t.nbytes for t in (q, k, gamma, f)) + ds_and_solution + B * H * T * 8 + 8 * 256
-
-
-def _chain_workspace(inputs, scale: float, cfg: SolveConfig, s_dtype: torch.dtype):
-    """The persistent feedback_gemm.Workspace of a GEMM-path call not captured whole (graphs=1,
-    graph_chain=1; from its shape's second call on), or None: other paths, first calls, and calls
-    inside a caller's own CUDA-graph capture (whose graph would outlive the workspace)."""
-    qc, _, gc, fc = inputs
-    if not (cfg.gemm and cfg.graphs == 1 and cfg.graph_chain == 1) or (
-            qc.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return None
-    key = ("gemm-chain", scale, cfg, s_dtype, tuple((t.shape, t.dtype) for t in inputs), qc.device)
-    return GRAPHS.workspace(key, lambda: feedback_gemm.Workspace(qc, gc, fc, cfg, s_dtype))
 
 
 class _TritonFeedbackSolve(torch.autograd.Function):
@@ -199,12 +190,10 @@ class _TritonFeedbackSolve(torch.autograd.Function):
             cfg = _fit(cfg, T, Dk, f.shape[-1], qc.element_size())
             path = feedback_gemm if cfg.gemm else feedback_fused
             ctx.graphed = q.is_cuda and not INTERPRET and graph_eligible(*q.shape, f.shape[-1], cfg)
+            cfg = resolve_ds_in_applies(cfg, ctx.graphed)
             inputs = (qc, kc, gc, fc)
-            ws = _chain_workspace(inputs, scale, cfg, f.dtype) if not ctx.graphed else None
-            ctx.path_kwargs = {} if ws is None else {"ws": ws}  # the backward uses the forward's
-            outs = GRAPHS(("fwd", scale, cfg, f.dtype),
-                          lambda *a: path.forward(*a, scale, cfg, f.dtype, **ctx.path_kwargs),
-                          inputs, ctx.graphed, _backward_input_bytes(qc, kc, gc, fc))
+            outs = GRAPHS(("fwd", scale, cfg, f.dtype), lambda *a: path.forward(*a, scale, cfg, f.dtype), inputs,
+                          ctx.graphed, _backward_input_bytes(qc, kc, gc, fc))
         S, lse = outs[0], outs[1]
         ctx.save_for_backward(qc, kc, gc, fc, S, lse)
         ctx.scale, ctx.cfg, ctx.path = scale, cfg, path
@@ -217,7 +206,7 @@ class _TritonFeedbackSolve(torch.autograd.Function):
         qc, kc, gc, fc, S, lse = ctx.saved_tensors
         with torch.autocast(qc.device.type, enabled=False):
             grads = GRAPHS(("bwd", ctx.scale, ctx.cfg, ctx.dtypes),
-                           lambda *a: ctx.path.backward(*a, ctx.scale, ctx.cfg, ctx.dtypes, **ctx.path_kwargs),
+                           lambda *a: ctx.path.backward(*a, ctx.scale, ctx.cfg, ctx.dtypes),
                            (ds, qc, kc, gc, fc, S, lse), ctx.graphed)
         return (*grads, None, None)
 

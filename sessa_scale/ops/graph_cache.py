@@ -12,12 +12,6 @@ the caller's stream and a replay's outputs are cloned before anything else runs:
 memory another graph wrote except its own inputs, which are copied in right before it replays.
 What stays allocated per cached graph is its static outputs.
 
-Calls too large for whole-call graphs (their static copies would cost a full extra set of inputs and
-outputs) can still graph a launch-bound piece: ``GraphCache.workspace(key, factory)`` keeps one
-persistent object per key (from a key's second call; LRU, at most ``max_workspaces``) whose buffers the
-call uses in place of fresh allocations, and ``ReplayedWork`` captures a piece of work that only reads
-and writes such buffers (no inputs, no outputs) on its first run and replays it afterwards.
-
 ``GRAPHS`` is the process's cache, used by the Triton feedback solve; ``clear_graphs()`` frees it
 (benchmarks measure an op's memory from a cold cache).
 """
@@ -58,33 +52,11 @@ class _Graph:
         return tuple(o.clone() for o in self.outputs)  # later replays overwrite the static outputs
 
 
-class ReplayedWork:
-    """Work on persistent buffers (fn() -> None, allocating at most temporaries): run eagerly
-    where CUDA graphs cannot be used (CPU, inside a caller's capture), else captured as a CUDA graph
-    on the first run (into its own memory pool) and replayed on every run.  Whoever holds this must
-    keep the buffers fn touches alive and at fixed addresses for as long as it holds this."""
-
-    def __init__(self):
-        self.graph = None
-
-    def __call__(self, fn, device: torch.device) -> None:
-        if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-            fn()
-            return
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.device(device), torch.cuda.graph(self.graph):  # on a side stream
-                fn()
-        self.graph.replay()
-
-
 class GraphCache:
-    """Captured calls by key, least recently used evicted past ``max_graphs``; persistent
-    workspaces by key, past ``max_workspaces``."""
+    """Captured calls by key, least recently used evicted past ``max_graphs``."""
 
-    def __init__(self, max_graphs: int = 8, max_workspaces: int = 2):
-        self.max_graphs, self.max_workspaces = max_graphs, max_workspaces
-        self._workspaces: OrderedDict = OrderedDict()
+    def __init__(self, max_graphs: int = 8):
+        self.max_graphs = max_graphs
         self._graphs: OrderedDict = OrderedDict()
         self._seen: OrderedDict = OrderedDict()  # keys called once so far
         self._pools: dict = {}  # device -> graph pool handle
@@ -92,9 +64,6 @@ class GraphCache:
 
     def __len__(self) -> int:
         return len(self._graphs)
-
-    def workspace_count(self) -> int:
-        return len(self._workspaces)
 
     def __call__(self, key, fn, inputs, graphed: bool = True, arena_bytes: int = 0):
         """fn(*inputs), or the replay of its graph (graphed=False: always fn(*inputs)).  The key
@@ -107,7 +76,10 @@ class GraphCache:
         key = (key, tuple((t.shape, t.dtype) for t in inputs), device)
         entry = self._graphs.get(key)
         if entry is None:
-            if self._first_sight(key):
+            if key not in self._seen:
+                self._seen[key] = None
+                while len(self._seen) > 8 * self.max_graphs:
+                    self._seen.popitem(last=False)
                 return fn(*inputs)
             entry = self._graphs[key] = _Graph(fn, inputs, self._arena(device, inputs, arena_bytes),
                                                self._pool(device))
@@ -115,28 +87,6 @@ class GraphCache:
                 self._graphs.popitem(last=False)
         self._graphs.move_to_end(key)
         return entry(inputs)
-
-    def workspace(self, key, factory):
-        """The persistent object of key (factory() on the key's second call), or None on its first
-        call (one-off shapes keep nothing)."""
-        ws = self._workspaces.get(key)
-        if ws is None:
-            if self._first_sight(key):
-                return None
-            while len(self._workspaces) >= self.max_workspaces:  # the evicted one's memory first
-                self._workspaces.popitem(last=False)
-            ws = self._workspaces[key] = factory()
-        self._workspaces.move_to_end(key)
-        return ws
-
-    def _first_sight(self, key) -> bool:
-        """Whether key is new (then remembered: the most recent 8 * max_graphs keys)."""
-        if key in self._seen:
-            return False
-        self._seen[key] = None
-        while len(self._seen) > 8 * self.max_graphs:
-            self._seen.popitem(last=False)
-        return True
 
     def _pool(self, device):
         if device not in self._pools:
@@ -156,9 +106,8 @@ class GraphCache:
         return arena
 
     def clear(self) -> None:
-        """Drop every graph, workspace, pool and arena (their memory returns to the allocator)."""
+        """Drop every graph, the pools and the arenas (their memory returns to the allocator)."""
         self._graphs.clear()
-        self._workspaces.clear()
         self._seen.clear()
         self._pools.clear()
         self._arenas.clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -46,40 +47,21 @@ def _inputs(B, T, H, Dk, Dv, dtype, device, seed, gamma_max=0.999):
 
 
 def _check_against_dense(impl, B, T, H, Dk, Dv, dtype, device, seed, tol_s, tol_g, scale=None):
+    from sessa_scale.ops.feedback_reference import feedback_solve_dense
+
     (q, k, g, f), ds = _inputs(B, T, H, Dk, Dv, dtype, device, seed)
     scale = 1.0 / math.sqrt(Dk) if scale is None else scale
     s = impl(q, k, g, f, scale)
     grads = torch.autograd.grad(s, (q, k, g, f), ds)
-    return _assert_against_dense((q, k, g, f), ds, s, grads, scale, tol_s, tol_g)
-
-
-def _assert_against_dense(inputs, ds, s, grads, scale, tol_s, tol_g):
-    """Relative errors of a call's solution s and gradients against the float64 dense oracle on the
-    same (rounded) inputs; asserts them within tol_s / tol_g."""
-    from sessa_scale.ops.feedback_reference import feedback_solve_dense
-
-    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    # Oracle in float64 on the same (rounded) inputs.
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, g, f)]
     s_ref = feedback_solve_dense(*ref_in, scale)
     grads_ref = torch.autograd.grad(s_ref, ref_in, ds.double())
     errs = {"s": _rel(s, s_ref)}
     errs.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dgamma", "df"), grads, grads_ref)})
     bad = {n: e for n, e in errs.items() if not e <= (tol_s if n == "s" else tol_g)}
-    assert not bad, f"q {tuple(inputs[0].shape)} f {tuple(inputs[3].shape)} {inputs[0].dtype}: errors {errs}"
+    assert not bad, f"B={B} T={T} H={H} Dk={Dk} Dv={Dv} {dtype}: errors {errs}"
     return errs
-
-
-def _check_calls_of_one_shape(impl, B, T, H, Dk, Dv, dtype, seeds, tol_s, tol_g, device="cpu"):
-    """Several calls of one shape on different inputs, all forwards first and the backwards in reverse
-    (as a model's layers): each call's solution and gradients against the dense oracle, checked only
-    after every call ran (results that alias buffers a later call reuses show)."""
-    scale = 1.0 / math.sqrt(Dk)
-    calls = []
-    for seed in seeds:
-        inputs, ds = _inputs(B, T, H, Dk, Dv, dtype, device, seed)
-        calls.append((inputs, ds, impl(*inputs, scale)))
-    grads = [torch.autograd.grad(s, inputs, ds) for inputs, ds, s in reversed(calls)][::-1]
-    for (inputs, ds, s), g in zip(calls, grads):
-        _assert_against_dense(inputs, ds, s, g, scale, tol_s, tol_g)
 
 
 # ----------------------------------------------------------------------------- CPU interpreter
@@ -113,32 +95,25 @@ def _interp_worker(dtype_name: str) -> None:
         for i, T in enumerate(INTERP_T):
             B, H = (1, 2) if i % 2 == 0 else (2, 1)
             # Dk = 24, Dv = 40 with 16-wide row tiles: ragged head rows, several leaves, ragged last leaf.
-            for path, impl, Ts in (("fused", public, INTERP_FUSED_T), ("gemm", with_config(gemm=1), INTERP_GEMM_T)):
+            gemm_ds = with_config(gemm=1, ds_in_applies=1)  # dS inside the backward applies
+            for path, impl, Ts in (("fused", public, INTERP_FUSED_T), ("gemm", with_config(gemm=1), INTERP_GEMM_T),
+                                   ("gemm ds_in_applies", gemm_ds, INTERP_GEMM_T)):
                 if T in Ts[dtype_name]:
                     errs = _check_against_dense(impl, B, T, H, 24, 40, dtype, "cpu", seed=100 + T, tol_s=tol, tol_g=tol)
                     print(f"ok {dtype_name} {path} T={T} B={B} H={H} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
                           flush=True)
         # Small widths, a non-default scale, both paths; the fused backward with one dk pass over all pairs.
-        for path, fields in (("fused", {}), ("gemm", {"gemm": 1})):
+        for path, fields in (("fused", {}), ("gemm", {"gemm": 1}),
+                             ("gemm ds_in_applies", {"gemm": 1, "ds_in_applies": 1})):
             _check_against_dense(with_config(**fields), 1, 33, 1, 16, 16, dtype, "cpu", seed=7, tol_s=tol, tol_g=tol,
                                  scale=0.3)
             print(f"ok {dtype_name} {path} Dk=Dv=16 scale=0.3", flush=True)
         _check_against_dense(with_config(fuse_dk=0), 2, 70, 1, 24, 40, dtype, "cpu", seed=8, tol_s=tol, tol_g=tol)
         print(f"ok {dtype_name} fused fuse_dk=0", flush=True)
-        # GEMM path over a persistent workspace (graphs=1: on CPU its leaf chain runs eagerly over the
-        # same buffers a CUDA graph would replay): per shape the first call uses fresh buffers, the
-        # second creates the workspace, the third reuses it; one head (q, k used in place) and two.
-        from sessa_scale.ops.graph_cache import GRAPHS, clear_graphs
-
-        for n, (B, T, H) in enumerate(((2, 65, 1), (1, 63, 2)), 1):
-            _check_calls_of_one_shape(with_config(gemm=1, graphs=1), B, T, H, 24, 40, dtype, (21, 22, 23), tol, tol)
-            assert GRAPHS.workspace_count() == n
-            print(f"ok {dtype_name} gemm workspace B={B} T={T} H={H}", flush=True)
-        clear_graphs()
 
 
 def _interp_expected(dtype_name: str) -> int:
-    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 5
+    return len(INTERP_FUSED_T[dtype_name]) + 2 * len(INTERP_GEMM_T[dtype_name]) + 4
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -203,8 +178,7 @@ def test_launch_counter_sees_one_epilogue_per_apply_and_one_dgamma_sum_per_strip
     """bench/solve_launches counts the GEMM path's launches on the meta device: with a scratch that
     holds every block whole, one probs epilogue per apply of the schedule in each direction and one
     lse strip; at 1x768, T = 32k (128 MiB scratch) the backward's dS blocks sum their dgamma partials
-    once per strip of rows, not once per block; over a
-    workspace (chain graphs) the leaf products and applies are inside one replay per direction."""
+    once per strip of rows, not once per block."""
     pytest.importorskip("triton")
     from sessa_scale.bench.solve_launches import count_launches
     from sessa_scale.ops.feedback_leaves import schedule
@@ -213,27 +187,29 @@ def test_launch_counter_sees_one_epilogue_per_apply_and_one_dgamma_sum_per_strip
     T, L = 8192, SolveConfig().L_gemm
     applies = []
     schedule(T, L, lambda a: None, lambda *blk: applies.append(blk), False, 0, T // L)
-    fwd, bwd = count_launches(1, T, 1, 768, 768, SolveConfig(scratch_mib=4096))
+    fwd, bwd = count_launches(1, T, 1, 768, 768, SolveConfig(scratch_mib=4096, ds_in_applies=0))
     assert fwd["triton.probs_kernel"] == bwd["triton.probs_kernel"] == len(applies) == T // L - 1
     assert fwd["triton.lse_partial_kernel"] == fwd["triton.lse_reduce_kernel"] == 1
     assert fwd["torch.bmm"] >= T // L  # the leaf products
+    assert bwd["triton.ds_kernel"] == bwd["triton.rowsum_kernel"] == 1  # one dS block over all pairs
+
+    # dS inside the backward applies (the default for this graphed shape): one dS epilogue per apply
+    # (which also writes its gamma*P: no probs epilogue) and one per leaf for the pairs inside it
+    _, bwd_in = count_launches(1, T, 1, 768, 768, SolveConfig(scratch_mib=4096))
+    assert not bwd_in["triton.probs_kernel"] and bwd_in["triton.delta_kernel"] == T // L
+    assert bwd_in["triton.ds_kernel"] == bwd_in["triton.rowsum_kernel"] == len(applies) + T // L
 
     _, bwd32 = count_launches(1, 32768, 1, 768, 768, SolveConfig())
     strips, blocks = bwd32["triton.rowsum_kernel"], bwd32["triton.ds_kernel"]
     assert 1 < strips < blocks
-
-    # over a persistent workspace each direction's leaf chain (every leaf product and apply) is one replay
-    fwd_g, bwd_g = count_launches(1, T, 1, 768, 768, SolveConfig(scratch_mib=4096), chain_graphs=True)
-    for eager, graphed in ((fwd, fwd_g), (bwd, bwd_g)):
-        assert graphed["graph.replay"] == 1 and not graphed["triton.probs_kernel"]
-        assert eager["torch.bmm"] - graphed["torch.bmm"] >= T // L + len(applies)
 
 
 def test_ds_blocks_cover_each_causal_pair_once_within_the_scratch_and_cut_the_diagonal_waste():
     """The GEMM backward's dS blocks: every pair (t, j < t) in exactly one block (keys [0, r1) of its
     strip tiled without gaps), each block within the scratch's side^2 entries, and what cuBLAS forms
     beyond the T^2 / 2 causal pairs at most T * side / (2 * aspect) (+ rounding): square blocks
-    (aspect 1) waste T * side / 2."""
+    (aspect 1) waste T * side / 2.  With leaves (the pairs the applies leave), every pair inside a
+    leaf exactly once and no pair across leaves."""
     pytest.importorskip("triton")
     from sessa_scale.ops.feedback_gemm import ds_blocks
 
@@ -250,11 +226,23 @@ def test_ds_blocks_cover_each_causal_pair_once_within_the_scratch_and_cut_the_di
         assert rows == T and pairs == T * (T - 1) // 2
         assert formed - pairs <= T * side // (2 * aspect) + side * side, (T, side, formed - pairs)
 
+    for T, side, min_rows, aspect, leaf in ((130, 32, 16, 2, 32), (131, 48, 16, 2, 64), (1, 32, 16, 2, 32),
+                                            (32768, 3584, 32, 2, 1024), (100, 16, 16, 1, 32)):
+        covered = Counter()
+        for r0, r1, cols in ds_blocks(T, side, min_rows, aspect, leaf):
+            lo = r0 // leaf * leaf
+            assert r1 <= lo + leaf and cols[0][0] == lo and cols[-1][1] == r1
+            assert all(a[1] == b[0] for a, b in zip(cols, cols[1:]))
+            assert all((r1 - r0) * (c1 - c0) <= side * side for c0, c1 in cols)
+            if T <= 200:
+                covered.update((t, j) for t in range(r0, r1) for c0, c1 in cols for j in range(c0, min(c1, t)))
+        if T <= 200:
+            assert covered == Counter((t, j) for t in range(T) for j in range(t // leaf * leaf, t)), (T, leaf)
+
 
 def test_graph_policy_captures_the_gemm_path_up_to_16k_tokens_of_one_768_head():
     """CUDA graphs: the GEMM path (launch-bound leaf chain) up to T = 16k, the fused path up to 4k,
-    both within graph_max_elements (1x768 at T = 32k is not captured whole: its static buffers; its
-    leaf chains are, over a workspace, see test_gpu_gemm_chain_graphs_against_dense)."""
+    both within graph_max_elements (1x768 at T = 32k is not captured: its static buffers)."""
     pytest.importorskip("triton")
     from sessa_scale.ops.feedback_triton import SolveConfig, _fit, graph_eligible
 
@@ -296,10 +284,11 @@ def test_gpu_fp32_against_dense(T, shape):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("fields", [{"gemm": 1, "scratch_mib": 1}, {"gemm": 0, "fuse_dk": 0}])
+@pytest.mark.parametrize("fields", [{"gemm": 1, "scratch_mib": 1, "ds_in_applies": 1},
+                                    {"gemm": 1, "scratch_mib": 1, "ds_in_applies": 0}, {"gemm": 0, "fuse_dk": 0}])
 def test_gpu_paths_against_dense(fields):
-    """The GEMM path on narrow heads with a 1 MiB scratch (many row chunks), and the fused path
-    with one dk pass over all pairs, in fp32 against dense."""
+    """The GEMM path on narrow heads with a 1 MiB scratch (many row chunks), dS inside the backward
+    applies and in one pass, and the fused path with one dk pass over all pairs, in fp32 against dense."""
     _check_against_dense(_triton_impl(**fields), 2, 1500, 3, 64, 64, torch.float32, "cuda", seed=21, tol_s=1e-5,
                          tol_g=1e-5)
 
@@ -310,23 +299,6 @@ def test_gpu_paths_against_dense(fields):
 def test_gpu_fp32_large_widths(Dk, Dv, T):
     """The GEMM path (wide heads) in fp32 against dense."""
     _check_against_dense(_triton_impl(), 1, T, 1, Dk, Dv, torch.float32, "cuda", seed=Dk + T, tol_s=1e-5, tol_g=1e-5)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("dtype,B,T,H,D", [(torch.float32, 1, 700, 1, 768), (torch.bfloat16, 2, 1000, 3, 64)])
-def test_gpu_gemm_chain_graphs_against_dense(dtype, B, T, H, D):
-    """The GEMM path with its leaf chains replayed as CUDA graphs over a persistent workspace (as at
-    1x768, T = 32k; here forced by graph_max_T_gemm = 0): three calls of one shape (fresh buffers,
-    capture, replay), forwards first and backwards in reverse, each against dense after all ran."""
-    from sessa_scale.ops import graph_cache
-
-    graph_cache.clear_graphs()
-    tol_s, tol_g = (1e-5, 1e-5) if dtype == torch.float32 else (BF16_TOL_S, BF16_TOL_G)
-    _check_calls_of_one_shape(_triton_impl(gemm=1, graph_max_T_gemm=0), B, T, H, D, D, dtype, (31, 32, 33),
-                              tol_s, tol_g, device="cuda")
-    assert graph_cache.GRAPHS.workspace_count() == 1 and not len(graph_cache.GRAPHS)  # chains, no whole-call graphs
-    graph_cache.clear_graphs()
 
 
 # bf16 inputs: off-diagonal P and s enter tensor-core products in bf16 (fp32 accumulation);
