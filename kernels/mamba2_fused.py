@@ -70,11 +70,12 @@ def _conv_dpre_row(ip, gp, w_ptr, bias, q, tq, c, cmask, N, T, C, s_x, s_g, K: t
 
 
 @triton.jit
-def _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w, bias, xw, dpw, dw, db, hi, t, c, cmask, N, T, s_x, s_g, s_d,
+def _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w_ptr, b_ptr, xw, dpw, dw, db, hi, t, c, cmask, N, T, C, s_x, s_g, s_d,
                    K: tl.constexpr, BT: tl.constexpr, MASKED: tl.constexpr):
     """conv_bwd_kernel's tokens q = hi, hi-1, ..., hi-BT+1 (t: hi's sequence position), one at a time;
     returns the carried (xw, dpw, dw, db). Without MASKED the caller has checked that every read
-    token lies in q's sequence and below N (no boundary masks)."""
+    token lies in q's sequence and below N (no boundary masks). The taps and bias are read per tile
+    (L1 hits): kept in registers across tiles they made ptxas defer row loads (128 registers)."""
     xp = in_ptr + (hi - (K - 1)).to(tl.int64) * s_x + c
     gp = dout_ptr + hi.to(tl.int64) * s_g + c
     dp = din_ptr + hi.to(tl.int64) * s_d + c
@@ -88,6 +89,10 @@ def _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w, bias, xw, dpw, dw, db, hi, t, c
         else:
             xs = xs + (tl.load(xp - i * s_x, mask=cmask, other=0.0),)
             gs = gs + (tl.load(gp - i * s_g, mask=cmask, other=0.0),)
+    w = ()
+    for k in tl.static_range(K):
+        w = w + (tl.load(w_ptr + k * C + c, mask=cmask, other=0.0).to(tl.float32),)
+    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     for i in tl.static_range(BT):
         full = (xs[i].to(tl.float32),) + xw  # x[q-K+1+k], k = 0..K-1
         xm = ()  # ... zero before q's sequence
@@ -157,21 +162,19 @@ def conv_bwd_kernel(in_ptr, w_ptr, b_ptr, dout_ptr, din_ptr, part_ptr, N, T, C, 
         src = top - (K - 1) + k
         xw = xw + (tl.load(in_ptr + src.to(tl.int64) * s_x + c, mask=tl.where((src >= 0) & (src < N), cmask, False),
                            other=0.0).to(tl.float32),)
-    w = ()
     dw = ()
     for k in tl.static_range(K):
-        w = w + (tl.load(w_ptr + k * C + c, mask=cmask, other=0.0).to(tl.float32),)
         dw = dw + (tl.zeros((BC,), dtype=tl.float32),)
     db = tl.zeros((BC,), dtype=tl.float32)
     t = (t_top + T - 1) % T  # sequence position of the tile's last token
     for n in range(tiles):
         hi = top - 1 - n * BT
         if (t >= BT + K - 2) & (t + K - 1 < T):  # the tile and its reads inside one sequence (and < N)
-            xw, dpw, dw, db = _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w, bias, xw, dpw, dw, db, hi, t, c, cmask,
-                                             N, T, s_x, s_g, s_d, K, BT, False)
+            xw, dpw, dw, db = _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w_ptr, b_ptr, xw, dpw, dw, db, hi, t, c,
+                                             cmask, N, T, C, s_x, s_g, s_d, K, BT, False)
         else:
-            xw, dpw, dw, db = _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w, bias, xw, dpw, dw, db, hi, t, c, cmask,
-                                             N, T, s_x, s_g, s_d, K, BT, True)
+            xw, dpw, dw, db = _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w_ptr, b_ptr, xw, dpw, dw, db, hi, t, c,
+                                             cmask, N, T, C, s_x, s_g, s_d, K, BT, True)
         t = (t + T - BT % T) % T
     part = part_ptr + pid_r.to(tl.int64) * ((K + 1) * C) + c
     for k in tl.static_range(K):
