@@ -6,14 +6,14 @@ of ``sessa_scale/models/mamba2.py``).
   them): out[t, c] = silu(bias[c] + sum_k w[k, c] in[t - (K-1) + k, c]), zero inputs before t = 0,
   with the taps w (K, C) channels-contiguous (each tap one vector load).
   PyTorch runs it as transposes, a cuDNN conv over (B, C, T), a slice and a SiLU; its backward
-  adds cuDNN's depthwise weight gradient. The backward here is one streaming pass (read x and
-  dout once, write din once): each program owns a block of channels and a run of the flattened
+  adds cuDNN's depthwise weight gradient. Both passes here stream (each input row read once, each
+  output row written once): each program owns a block of channels and a run of the flattened
   B x T tokens (crossing sequence boundaries, so short sequences cost the same), walks it one
   token at a time and keeps everything else in registers, elementwise per channel (the last K-1
-  inputs, the K-1 later dpre and the weight and bias gradients; pre recomputed, no shared memory,
-  no barriers). Its weight and bias gradient partials ((runs, K+1, C) floats, about one wave of
-  programs) are added up in a fixed order by a second small kernel that writes them in the
-  parameters' dtype (deterministic).
+  inputs; backward also the K-1 later dpre and the weight and bias gradients, pre recomputed; no
+  shared memory, no barriers). The backward's weight and bias gradient partials ((runs, K+1, C)
+  floats, runs sized for about one wave of programs) are added up in a fixed order by a second
+  small kernel that writes them in the parameters' dtype (deterministic).
 * Gated RMSNorm: out = h * rsqrt(mean_group(h^2) + eps) * weight with h = y * silu(z), per group
   of channels; one program per (block of rows, group), float32 inside, the inverse RMS kept for
   the backward (PyTorch: about ten float32 passes, recomputed in the backward under checkpointing).
@@ -26,32 +26,66 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_pre(in_ptr, w_ptr, bias, t, c, cmask, T, C, s_t, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """bias + sum_k w[k, c] in[t - (K-1) + k, c] for a (BT, BC) tile, float32 (zero past the ends);
-    w (K, C) contiguous, so each tap loads as a vector."""
-    acc = tl.zeros((BT, BC), dtype=tl.float32) + bias[None, :]
-    for k in tl.static_range(K):
-        src = t - (K - 1) + k
-        m = ((src >= 0) & (src < T))[:, None] & cmask[None, :]
-        v = tl.load(in_ptr + src[:, None] * s_t + c[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += v * tl.load(w_ptr + k * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    return acc
+def _conv_fwd_tile(in_ptr, out_ptr, w, bias, xw, lo, t, c, cmask, N, T, s_x, s_o,
+                   K: tl.constexpr, BT: tl.constexpr, MASKED: tl.constexpr):
+    """conv_fwd_kernel's tokens q = lo, lo+1, ..., lo+BT-1 (t: lo's sequence position), one at a
+    time; returns the carried xw. Without MASKED the caller has checked that every read token
+    lies in q's sequence and below N (no boundary masks)."""
+    xs = ()  # x[q] of each token q of the tile, all loads issued first
+    for i in tl.static_range(BT):
+        if MASKED:
+            xs = xs + (tl.load(in_ptr + (lo + i).to(tl.int64) * s_x + c, mask=tl.where(lo + i < N, cmask, False),
+                               other=0.0),)
+        else:
+            xs = xs + (tl.load(in_ptr + (lo + i).to(tl.int64) * s_x + c, mask=cmask, other=0.0),)
+    for i in tl.static_range(BT):
+        full = xw + (xs[i].to(tl.float32),)  # x[q-K+1+k], k = 0..K-1
+        pre = bias + w[K - 1] * full[K - 1]
+        for k in tl.static_range(K - 1):  # zero before q's sequence
+            pre += w[k] * (tl.where(t >= K - 1 - k, full[k], 0.0) if MASKED else full[k])
+        out = (pre * tl.sigmoid(pre)).to(out_ptr.dtype.element_ty)
+        if MASKED:
+            tl.store(out_ptr + (lo + i).to(tl.int64) * s_o + c, out, mask=tl.where(lo + i < N, cmask, False))
+        else:
+            tl.store(out_ptr + (lo + i).to(tl.int64) * s_o + c, out, mask=cmask)
+        new_xw = ()
+        for k in tl.static_range(1, K):
+            new_xw = new_xw + (full[k],)
+        xw = new_xw
+        t = tl.where(t == T - 1, 0, t + 1)
+    return xw
 
 
-@triton.jit(do_not_specialize=["T"])
-def conv_fwd_kernel(in_ptr, w_ptr, b_ptr, out_ptr, T, C, s_ib, s_it, s_ob, s_ot,
+@triton.jit(do_not_specialize=["N", "T", "L"])
+def conv_fwd_kernel(in_ptr, w_ptr, b_ptr, out_ptr, N, T, C, L, s_x, s_o,
                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """out = silu(causal depthwise conv(in)); in / out (B, T, C) with channel stride 1, taps w (K, C)
-    contiguous, bias (C,). Grid (cdiv(T, BT), cdiv(C, BC), B)."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    """out = silu(causal depthwise conv(in)) for the channels [pid_c BC, (pid_c+1) BC) over the run
+    [R0, R0 + L), R0 = pid_r L (L a multiple of BT), of the flattened tokens q = b T + t (in / out
+    (N = B T, C) with token strides s_x / s_o, channel stride 1; taps w (K, C) contiguous, bias
+    (C,)): walked one token at a time in tiles of BT tokens whose row loads are issued first, the
+    last K-1 inputs carried in registers (each input read once), masked at sequence boundaries by
+    t = q mod T; tiles away from them skip the masks. Grid (cdiv(N, L), cdiv(C, BC))."""
+    pid_r = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
-    b = tl.program_id(2).to(tl.int64)
     cmask = c < C
     bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    pre = _conv_pre(in_ptr + b * s_ib, w_ptr, bias, t, c, cmask, T, C, s_it, K, BT, BC)
-    out = pre * tl.sigmoid(pre)
-    tl.store(out_ptr + b * s_ob + t[:, None] * s_ot + c[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(t < T)[:, None] & cmask[None, :])
+    w = ()
+    for k in tl.static_range(K):
+        w = w + (tl.load(w_ptr + k * C + c, mask=cmask, other=0.0).to(tl.float32),)
+    r0 = pid_r * L
+    xw = ()  # xw[k] = x[q-K+1+k] for the current token q, first q = r0
+    for k in tl.static_range(K - 1):
+        src = r0 - (K - 1) + k
+        xw = xw + (tl.load(in_ptr + src.to(tl.int64) * s_x + c, mask=tl.where(src >= 0, cmask, False),
+                           other=0.0).to(tl.float32),)
+    t = r0 % T  # sequence position of the tile's first token
+    for n in range(tl.cdiv(tl.minimum(L, N - r0), BT)):
+        lo = r0 + n * BT
+        if (t >= K - 1) & (t + BT - 1 < T):  # the tile and its reads inside one sequence (and < N)
+            xw = _conv_fwd_tile(in_ptr, out_ptr, w, bias, xw, lo, t, c, cmask, N, T, s_x, s_o, K, BT, False)
+        else:
+            xw = _conv_fwd_tile(in_ptr, out_ptr, w, bias, xw, lo, t, c, cmask, N, T, s_x, s_o, K, BT, True)
+        t = (t + BT) % T
 
 
 @triton.jit

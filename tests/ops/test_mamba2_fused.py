@@ -7,8 +7,9 @@ float32 (and at two T float64) inputs (the kernels compute in float32), T in {1,
 (the norm, per row, at 1 and 17), outputs and every gradient (inputs, weights, biases), strided inputs, buffers
 poisoned with NaN (the conv backward's weight-gradient partials included; its programs walk runs
 of INTERPRET_CONV_TILES = 2 tiles of CONV_BWD_BT = 4 flattened tokens there, so runs cross sequence
-boundaries, end past B T and hold tiles near boundaries (masked) and inside sequences (unmasked);
-sequences of 2 and 3 tokens, shorter than the conv width 4, several per tile; the dt op's 128-row
+boundaries, end past B T and hold tiles near boundaries (masked) and inside sequences (unmasked;
+the forward likewise with tiles of CONV_FWD_BT = 8); sequences of 2 and 3 tokens, shorter than the
+conv width 4, several per tile, and of 14 (a tile start 2 tokens into a sequence); the dt op's 128-row
 programs: one to three); and the whole Mamba-2 mixer with ssm_kernels="triton" (and the Triton
 scan) against "torch" (and the chunked scan).
 GPU (``-m gpu``): the same comparisons in float32 and under bf16 autocast at the 350m widths.
@@ -161,7 +162,9 @@ def _interp_worker() -> None:
                 if T <= 17:  # per row, so T matters only through rows per program (NORM_ROWS = 16): 17 x 2 rows
                     check_norm(2 - i % 2, T, 48, 1 + i % 2 * 2, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
             print(f"ok T={T}", flush=True)
-        for batch, T, strided in ((5, 3, False), (3, 2, True)):  # sequences shorter than the conv width
+        # sequences shorter than the conv width; T = 14: a forward tile (8 tokens, runs of 16) starts 2
+        # tokens into the second sequence, the last position that still needs the boundary masks
+        for batch, T, strided in ((5, 3, False), (3, 2, True), (3, 14, True)):
             check_conv(batch, T, 24, torch.float32, "cpu", seed=T, tol=2e-5, strided=strided)
         print("ok conv short sequences", flush=True)
         errs = check_mixer(37, torch.float64, "cpu", tol=2e-6)
