@@ -74,7 +74,8 @@ class _CausalConvSiLU(torch.autograd.Function):
         grid = (triton.cdiv(N, run), triton.cdiv(C, CONV_BC))
         parts = new_buffer((grid[0], width + 1, C), torch.float32, x.device)
         K.conv_bwd_kernel[grid](x, w, b, dout, din, parts, N, T, C, run, _token_stride(x), _token_stride(dout), C,
-                                K=width, BT=CONV_BWD_BT, BC=CONV_BC, **_kw(CONV_WARPS, num_stages=1, maxnreg=CONV_MAX_REGISTERS))
+                                K=width, BT=CONV_BWD_BT, BC=CONV_BC,
+                                **_kw(CONV_WARPS, num_stages=1, maxnreg=CONV_MAX_REGISTERS))
         # written (C, K), returned as the (K, C) view: the slices the model's cat of per-conv taps
         # hands back are then its convs' (C, 1, K) weights' own layout (no copy when .grad is set)
         dw = new_buffer((C, width), w.dtype, x.device)
@@ -105,7 +106,7 @@ def _conv_run_length(N: int, C: int, tile: int, device: torch.device) -> int:
     if INTERPRET or device.type != "cuda":
         return tile * INTERPRET_CONV_TILES
     runs = max(1, sm_count(device.index or 0) * CONV_PROGRAMS_PER_SM // triton.cdiv(C, CONV_BC))
-    return triton.cdiv(triton.cdiv(N, runs), tile) * tile
+    return max(1, triton.cdiv(triton.cdiv(N, runs), tile)) * tile
 
 
 @torch.compiler.disable
