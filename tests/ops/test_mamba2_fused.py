@@ -205,6 +205,15 @@ def test_gpu_fp32_against_the_torch_paths(T):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("batch,T", [(300, 3), (7, 14), (3, 700)])
+def test_gpu_conv_runs_across_sequences(batch, T):
+    """The conv's runs of flattened tokens on the GPU's run lengths: many sequences per run, shorter
+    than the width or a few tiles long, and runs ending inside sequences."""
+    check_conv(batch, T, 2304, torch.float32, "cuda", seed=T, tol=1e-5, strided=True)
+
+
+@gpu
+@needs_cuda
 def test_gpu_bf16_against_the_torch_paths():
     """bf16 inputs: ours computes in float32 from the bf16 values (the PyTorch conv in bf16 with a
     bf16 copy of the weights), so both sides differ by bf16 rounding."""
