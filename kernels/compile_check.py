@@ -60,7 +60,7 @@ class _CompileLaunch:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+            options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
             sig, consts, attrs = _specialize(self.kern, args, kwargs)
             key = (self.kern.fn.__name__, str(sig), str(consts), str(options))
             if key in self.seen:

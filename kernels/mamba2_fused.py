@@ -6,11 +6,14 @@ of ``sessa_scale/models/mamba2.py``).
   them): out[t, c] = silu(bias[c] + sum_k w[k, c] in[t - (K-1) + k, c]), zero inputs before t = 0,
   with the taps w (K, C) channels-contiguous (each tap one vector load).
   PyTorch runs it as transposes, a cuDNN conv over (B, C, T), a slice and a SiLU; its backward
-  adds cuDNN's depthwise weight gradient. The backward here recomputes the pre-activations of the
-  K output positions that read each input (K x K shifted loads, cache-resident) instead of storing
-  them. Each backward program walks a run of T-tiles and keeps the weight and bias gradients in
-  registers, so its partial sums are few ((B x a few runs, C, K) floats), added up in a fixed
-  order by a second small kernel that writes them in the parameters' dtype (deterministic).
+  adds cuDNN's depthwise weight gradient. Both passes here stream (each input row read once, each
+  output row written once): each program owns a block of channels and a run of the flattened
+  B x T tokens (crossing sequence boundaries, so short sequences cost the same), walks it one
+  token at a time and keeps everything else in registers, elementwise per channel (the last K-1
+  inputs; backward also the K-1 later dpre and the weight and bias gradients, pre recomputed; no
+  shared memory, no barriers). The backward's weight and bias gradient partials ((runs, K+1, C)
+  floats, runs sized for about one wave of programs) are added up in a fixed order by a second
+  small kernel that writes them in the parameters' dtype (deterministic).
 * Gated RMSNorm: out = h * rsqrt(mean_group(h^2) + eps) * weight with h = y * silu(z), per group
   of channels; one program per (block of rows, group), float32 inside, the inverse RMS kept for
   the backward (PyTorch: about ten float32 passes, recomputed in the backward under checkpointing).
@@ -23,118 +26,215 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_pre(in_ptr, w_ptr, bias, t, c, cmask, T, C, s_t, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """bias + sum_k w[k, c] in[t - (K-1) + k, c] for a (BT, BC) tile, float32 (zero past the ends);
-    w (K, C) contiguous, so each tap loads as a vector."""
-    acc = tl.zeros((BT, BC), dtype=tl.float32) + bias[None, :]
-    for k in tl.static_range(K):
-        src = t - (K - 1) + k
-        m = ((src >= 0) & (src < T))[:, None] & cmask[None, :]
-        v = tl.load(in_ptr + src[:, None] * s_t + c[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += v * tl.load(w_ptr + k * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    return acc
+def _conv_fwd_tile(in_ptr, out_ptr, w, bias, xw, lo, t, c, cmask, N, T, s_x, s_o,
+                   K: tl.constexpr, BT: tl.constexpr, MASKED: tl.constexpr):
+    """conv_fwd_kernel's tokens q = lo, lo+1, ..., lo+BT-1 (t: lo's sequence position), one at a
+    time; returns the carried xw. Without MASKED the caller has checked that every read token
+    lies in q's sequence and below N (no boundary masks)."""
+    xs = ()  # x[q] of each token q of the tile, all loads issued first
+    for i in tl.static_range(BT):
+        if MASKED:
+            xs = xs + (tl.load(in_ptr + (lo + i).to(tl.int64) * s_x + c, mask=tl.where(lo + i < N, cmask, False),
+                               other=0.0),)
+        else:
+            xs = xs + (tl.load(in_ptr + (lo + i).to(tl.int64) * s_x + c, mask=cmask, other=0.0),)
+    for i in tl.static_range(BT):
+        full = xw + (xs[i].to(tl.float32),)  # x[q-K+1+k], k = 0..K-1
+        pre = bias + w[K - 1] * full[K - 1]
+        for k in tl.static_range(K - 1):  # zero before q's sequence
+            pre += w[k] * (tl.where(t >= K - 1 - k, full[k], 0.0) if MASKED else full[k])
+        out = (pre * tl.sigmoid(pre)).to(out_ptr.dtype.element_ty)
+        if MASKED:
+            tl.store(out_ptr + (lo + i).to(tl.int64) * s_o + c, out, mask=tl.where(lo + i < N, cmask, False))
+        else:
+            tl.store(out_ptr + (lo + i).to(tl.int64) * s_o + c, out, mask=cmask)
+        new_xw = ()
+        for k in tl.static_range(1, K):
+            new_xw = new_xw + (full[k],)
+        xw = new_xw
+        t = tl.where(t == T - 1, 0, t + 1)
+    return xw
 
 
-@triton.jit(do_not_specialize=["T"])
-def conv_fwd_kernel(in_ptr, w_ptr, b_ptr, out_ptr, T, C, s_ib, s_it, s_ob, s_ot,
+@triton.jit(do_not_specialize=["N", "T", "L"])
+def conv_fwd_kernel(in_ptr, w_ptr, b_ptr, out_ptr, N, T, C, L, s_x, s_o,
                     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """out = silu(causal depthwise conv(in)); in / out (B, T, C) with channel stride 1, taps w (K, C)
-    contiguous, bias (C,). Grid (cdiv(T, BT), cdiv(C, BC), B)."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    """out = silu(causal depthwise conv(in)) for the channels [pid_c BC, (pid_c+1) BC) over the run
+    [R0, R0 + L), R0 = pid_r L (L a multiple of BT), of the flattened tokens q = b T + t (in / out
+    (N = B T, C) with token strides s_x / s_o, channel stride 1; taps w (K, C) contiguous, bias
+    (C,)): walked one token at a time in tiles of BT tokens whose row loads are issued first, the
+    last K-1 inputs carried in registers (each input read once), masked at sequence boundaries by
+    t = q mod T; tiles away from them skip the masks. Grid (cdiv(N, L), cdiv(C, BC))."""
+    pid_r = tl.program_id(0)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
-    b = tl.program_id(2).to(tl.int64)
     cmask = c < C
     bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    pre = _conv_pre(in_ptr + b * s_ib, w_ptr, bias, t, c, cmask, T, C, s_it, K, BT, BC)
-    out = pre * tl.sigmoid(pre)
-    tl.store(out_ptr + b * s_ob + t[:, None] * s_ot + c[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(t < T)[:, None] & cmask[None, :])
+    w = ()
+    for k in tl.static_range(K):
+        w = w + (tl.load(w_ptr + k * C + c, mask=cmask, other=0.0).to(tl.float32),)
+    r0 = pid_r * L
+    xw = ()  # xw[k] = x[q-K+1+k] for the current token q, first q = r0
+    for k in tl.static_range(K - 1):
+        src = r0 - (K - 1) + k
+        xw = xw + (tl.load(in_ptr + src.to(tl.int64) * s_x + c, mask=tl.where(src >= 0, cmask, False),
+                           other=0.0).to(tl.float32),)
+    t = r0 % T  # sequence position of the tile's first token
+    for n in range(tl.cdiv(tl.minimum(L, N - r0), BT)):
+        lo = r0 + n * BT
+        if (t >= K - 1) & (t + BT - 1 < T):  # the tile and its reads inside one sequence (and < N)
+            xw = _conv_fwd_tile(in_ptr, out_ptr, w, bias, xw, lo, t, c, cmask, N, T, s_x, s_o, K, BT, False)
+        else:
+            xw = _conv_fwd_tile(in_ptr, out_ptr, w, bias, xw, lo, t, c, cmask, N, T, s_x, s_o, K, BT, True)
+        t = (t + BT) % T
 
 
 @triton.jit
-def _conv_dpre(ip, gp, w_ptr, bias, pos, c, cmask, T, C, s_it, s_gt, K: tl.constexpr, BT: tl.constexpr,
-               BC: tl.constexpr):
-    """dpre = dout * silu'(pre) at positions pos (zero at pos >= T), float32 (BT, BC)."""
-    pre = _conv_pre(ip, w_ptr, bias, pos, c, cmask, T, C, s_it, K, BT, BC)
-    g = tl.load(gp + pos[:, None] * s_gt + c[None, :], mask=(pos < T)[:, None] & cmask[None, :], other=0.0)
+def _conv_dpre_row(ip, gp, w_ptr, bias, q, tq, c, cmask, N, T, C, s_x, s_g, K: tl.constexpr):
+    """dpre = dout * silu'(pre) at flattened token q (sequence position tq), float32 (BC,); zero
+    at q >= N. Inputs before the sequence's start count as zero."""
+    pre = bias
+    for k in tl.static_range(K):
+        src = q - (K - 1) + k
+        ok = (src >= 0) & (src < N) & (tq >= K - 1 - k)
+        v = tl.load(ip + src.to(tl.int64) * s_x + c, mask=tl.where(ok, cmask, False), other=0.0).to(tl.float32)
+        pre += v * tl.load(w_ptr + k * C + c, mask=cmask, other=0.0).to(tl.float32)
+    g = tl.load(gp + q.to(tl.int64) * s_g + c, mask=tl.where(q < N, cmask, False), other=0.0).to(tl.float32)
     s = tl.sigmoid(pre)
-    return g.to(tl.float32) * s * (1.0 + pre * (1.0 - s))
+    return g * s * (1.0 + pre * (1.0 - s))
 
 
-@triton.jit(do_not_specialize=["T", "NT"])
-def conv_bwd_kernel(in_ptr, w_ptr, b_ptr, dout_ptr, din_ptr, dw_ptr, db_ptr, ring_ptr, T, C, NT,
-                    s_ib, s_it, s_gb, s_gt, s_db, s_dt,
-                    K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """Backward of conv_fwd_kernel over a run of NT (BT, BC) tiles, positions [R0, R0 + NT BT) with
-    R0 = pid_t NT BT, walked from the last tile to the first. Per tile: dpre = dout * silu'(pre)
-    (pre recomputed once per position), then din[t] = sum_j w[K-1-j] dpre[t + j], reading the
-    shifted dpre rows back from this program's ring of two tiles (ring (programs, 2 BT, BC) float32:
-    a tile's rows and the first rows of the tile after it, written one iteration earlier; before the
-    walk, the K-1 positions after the run). The weight and bias gradients are summed over the run in
-    registers and stored once as this program's partials dw[p, k, c] = sum_t dpre[t] in[t - (K-1) + k],
-    db[p, c] = sum_t dpre[t] (dw (P, K, C), db (P, C) float32, p = b num_programs(0) + pid_t).
-    KP = next_power_of_2(K) <= BT. Grid (cdiv(T, NT BT), cdiv(C, BC), B)."""
-    pid_t = tl.program_id(0)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    b = tl.program_id(2)
-    b64 = b.to(tl.int64)
-    cmask = c < C
-    kk = tl.arange(0, KP)
-    rows = tl.arange(0, BT)
+@triton.jit
+def _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w_ptr, b_ptr, xw, dpw, dw, db, hi, t, c, cmask, N, T, C, s_x, s_g, s_d,
+                   K: tl.constexpr, BT: tl.constexpr, MASKED: tl.constexpr):
+    """conv_bwd_kernel's tokens q = hi, hi-1, ..., hi-BT+1 (t: hi's sequence position), one at a time;
+    returns the carried (xw, dpw, dw, db). Without MASKED the caller has checked that every read
+    token lies in q's sequence and below N (no boundary masks). The taps and bias are read per tile
+    (L1 hits): kept in registers across tiles they made ptxas defer row loads (128 registers)."""
+    xp = in_ptr + (hi - (K - 1)).to(tl.int64) * s_x + c
+    gp = dout_ptr + hi.to(tl.int64) * s_g + c
+    dp = din_ptr + hi.to(tl.int64) * s_d + c
+    xs = ()  # x[q-K+1] and dout[q] of each token q of the tile, all loads issued first
+    gs = ()
+    for i in tl.static_range(BT):
+        if MASKED:
+            src = hi - (K - 1) - i
+            xs = xs + (tl.load(xp - i * s_x, mask=tl.where((src >= 0) & (src < N), cmask, False), other=0.0),)
+            gs = gs + (tl.load(gp - i * s_g, mask=tl.where(hi - i < N, cmask, False), other=0.0),)
+        else:
+            xs = xs + (tl.load(xp - i * s_x, mask=cmask, other=0.0),)
+            gs = gs + (tl.load(gp - i * s_g, mask=cmask, other=0.0),)
+    w = ()
+    for k in tl.static_range(K):
+        w = w + (tl.load(w_ptr + k * C + c, mask=cmask, other=0.0).to(tl.float32),)
     bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    ip = in_ptr + b64 * s_ib
-    gp = dout_ptr + b64 * s_gb
-    prog = (b * tl.num_programs(0) + pid_t) * tl.num_programs(1) + tl.program_id(1)
-    ring = ring_ptr + prog.to(tl.int64) * (2 * BT * BC) + tl.arange(0, BC)[None, :]
-    r0 = pid_t * NT * BT
-    # the K-1 positions after the run (another program's), into the ring half that tile NT-1 does not use
-    halo = _conv_dpre(ip, gp, w_ptr, bias, r0 + NT * BT + kk, c, cmask, T, C, s_it, s_gt, K, KP, BC)
-    tl.store(ring + ((NT % 2) * BT + kk)[:, None] * BC, halo)
-    dw = tl.zeros((KP, BC), dtype=tl.float32)  # k along rows: the sums over positions broadcast in place
-    db = tl.zeros((BC,), dtype=tl.float32)
-    for n in range(NT):
-        i = NT - 1 - n
-        t = r0 + i * BT + rows
-        dpre = _conv_dpre(ip, gp, w_ptr, bias, t, c, cmask, T, C, s_it, s_gt, K, BT, BC)
-        db += tl.sum(dpre, axis=0)
+    for i in tl.static_range(BT):
+        full = (xs[i].to(tl.float32),) + xw  # x[q-K+1+k], k = 0..K-1
+        xm = ()  # ... zero before q's sequence
+        for k in tl.static_range(K - 1):
+            xm = xm + (tl.where(t >= K - 1 - k, full[k], 0.0) if MASKED else full[k],)
+        xm = xm + (full[K - 1],)
+        pre = bias
         for k in tl.static_range(K):
-            src = t - (K - 1) + k
-            v = tl.load(ip + src[:, None] * s_it + c[None, :], mask=((src >= 0) & (src < T))[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
-            dw += tl.where(kk[:, None] == k, tl.sum(dpre * v, axis=0)[None, :], 0.0)
-        half = (i % 2) * BT
-        tl.debug_barrier()  # the previous iteration's reads of this half are done
-        tl.store(ring + (half + rows)[:, None] * BC, dpre)
-        tl.debug_barrier()  # ... and this tile's rows visible to all threads
-        din = dpre * tl.load(w_ptr + (K - 1) * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        for j in tl.static_range(1, K):
-            later = tl.load(ring + ((half + rows + j) % (2 * BT))[:, None] * BC)
-            din += later * tl.load(w_ptr + (K - 1 - j) * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(din_ptr + b64 * s_db + t[:, None] * s_dt + c[None, :], din.to(din_ptr.dtype.element_ty),
-                 mask=(t < T)[:, None] & cmask[None, :])
-    part = (b * tl.num_programs(0) + pid_t).to(tl.int64) * C
-    tl.store(db_ptr + part + c, db, mask=cmask)
-    tl.store(dw_ptr + part * K + kk[:, None] * C + c[None, :], dw, mask=(kk < K)[:, None] & cmask[None, :])
+            pre += w[k] * xm[k]
+        s = tl.sigmoid(pre)
+        dpre = gs[i].to(tl.float32) * s * (1.0 + pre * (1.0 - s))
+        db += dpre
+        new_dw = ()
+        for k in tl.static_range(K):
+            new_dw = new_dw + (dw[k] + dpre * xm[k],)
+        dw = new_dw
+        din = w[K - 1] * dpre
+        for j in tl.static_range(1, K):  # dpre[q+j], zero past q's sequence
+            din += w[K - 1 - j] * (tl.where(t + j < T, dpw[j - 1], 0.0) if MASKED else dpw[j - 1])
+        if MASKED:
+            tl.store(dp - i * s_d, din.to(din_ptr.dtype.element_ty), mask=tl.where(hi - i < N, cmask, False))
+        else:
+            tl.store(dp - i * s_d, din.to(din_ptr.dtype.element_ty), mask=cmask)
+        new_xw = ()
+        for k in tl.static_range(K - 1):
+            new_xw = new_xw + (full[k],)
+        xw = new_xw
+        new_dpw = (dpre,)
+        for j in tl.static_range(K - 2):
+            new_dpw = new_dpw + (dpw[j],)
+        dpw = new_dpw
+        t = tl.where(t == 0, T - 1, t - 1)
+    return xw, dpw, dw, db
+
+
+@triton.jit(do_not_specialize=["N", "T", "L"])
+def conv_bwd_kernel(in_ptr, w_ptr, b_ptr, dout_ptr, din_ptr, part_ptr, N, T, C, L, s_x, s_g, s_d,
+                    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """Backward of conv_fwd_kernel for the channels [pid_c BC, (pid_c+1) BC) over a run of the
+    flattened tokens q = b T + t (in / dout / din (N = B T, C) with token strides s_x / s_g / s_d,
+    channel stride 1): the run [R0, R0 + L), R0 = pid_r L (L a multiple of BT), crosses sequence
+    boundaries. Walked one token at a time from its last tile's end down to R0, in tiles of BT tokens
+    whose 2 BT row loads are issued first; all else stays in registers, elementwise per channel: the
+    K-1 inputs x[q-K+2..q] and the K-1 later dpre[q+1..q+K-1] (dpre = dout * silu'(pre), pre
+    recomputed), so that
+        din[q] = sum_j w[K-1-j] dpre[q+j] (j < T - t),  dw[k] += dpre[q] x[q-K+1+k] (t >= K-1-k),
+        db += dpre[q],
+    with t = q mod T; tiles away from sequence boundaries skip those masks. The K-1 dpre after the
+    run are recomputed first (halo; zero past N). This program's partials are stored once:
+    part[p, k, c] = dw[k, c] (k < K), part[p, K, c] = db[c], p = pid_r (part (P, K+1, C) float32),
+    summed in a fixed order by conv_wgrad_sum_kernel. Grid (cdiv(N, L), cdiv(C, BC))."""
+    pid_r = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = c < C
+    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    r0 = pid_r * L
+    tiles = tl.cdiv(tl.minimum(L, N - r0), BT)
+    top = r0 + tiles * BT  # the walk covers [r0, top); tokens >= N are zero padding (masked)
+    # carried: dpw[j-1] = dpre[q+j] and xw[k] = x[q-K+2+k] for the current token q, first q = top-1
+    t_top = top % T
+    dpw = ()
+    for j in tl.static_range(K - 1):
+        dpw = dpw + (_conv_dpre_row(in_ptr, dout_ptr, w_ptr, bias, top + j, (t_top + j) % T, c, cmask, N, T, C,
+                                    s_x, s_g, K),)
+    xw = ()
+    for k in tl.static_range(K - 1):
+        src = top - (K - 1) + k
+        xw = xw + (tl.load(in_ptr + src.to(tl.int64) * s_x + c, mask=tl.where((src >= 0) & (src < N), cmask, False),
+                           other=0.0).to(tl.float32),)
+    dw = ()
+    for k in tl.static_range(K):
+        dw = dw + (tl.zeros((BC,), dtype=tl.float32),)
+    db = tl.zeros((BC,), dtype=tl.float32)
+    t = (t_top + T - 1) % T  # sequence position of the tile's last token
+    for n in range(tiles):
+        hi = top - 1 - n * BT
+        if (t >= BT + K - 2) & (t + K - 1 < T):  # the tile and its reads inside one sequence (and < N)
+            xw, dpw, dw, db = _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w_ptr, b_ptr, xw, dpw, dw, db, hi, t, c,
+                                             cmask, N, T, C, s_x, s_g, s_d, K, BT, False)
+        else:
+            xw, dpw, dw, db = _conv_bwd_tile(in_ptr, dout_ptr, din_ptr, w_ptr, b_ptr, xw, dpw, dw, db, hi, t, c,
+                                             cmask, N, T, C, s_x, s_g, s_d, K, BT, True)
+        t = (t + T - BT % T) % T
+    part = part_ptr + pid_r.to(tl.int64) * ((K + 1) * C) + c
+    for k in tl.static_range(K):
+        tl.store(part + k * C, dw[k], mask=cmask)
+    tl.store(part + K * C, db, mask=cmask)
 
 
 @triton.jit(do_not_specialize=["P"])
-def conv_wgrad_sum_kernel(dw_part_ptr, db_part_ptr, dw_ptr, db_ptr, P, C,
-                          K: tl.constexpr, KP: tl.constexpr, BC: tl.constexpr):
-    """dw[c, k] = sum_p dw_part[p, k, c], db[c] = sum_p db_part[p, c] in a fixed order
-    (deterministic), written in dw's / db's dtype; the partials of conv_bwd_kernel, dw (C, K)
-    contiguous. Grid (cdiv(C, BC),)."""
+def conv_wgrad_sum_kernel(part_ptr, dw_ptr, db_ptr, P, C, K: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    """Row k of the conv parameter gradients: dw[c, k] = sum_p part[p, k, c] (k < K; dw (C, K)
+    contiguous) or db[c] = sum_p part[p, K, c] (k = K), summed in a fixed order (deterministic) over
+    conv_bwd_kernel's partials part (P, K+1, C) float32, written in dw's / db's dtype.
+    Grid (cdiv(C, BC), K + 1)."""
     c = tl.program_id(0) * BC + tl.arange(0, BC)
+    k = tl.program_id(1)
     cmask = c < C
-    kk = tl.arange(0, KP)
-    m2 = (kk < K)[:, None] & cmask[None, :]
-    tap = kk[:, None] * C + c[None, :]
-    dw = tl.zeros((KP, BC), dtype=tl.float32)
-    db = tl.zeros((BC,), dtype=tl.float32)
-    for p in range(P):
-        dw += tl.load(dw_part_ptr + p * (K * C) + tap, mask=m2, other=0.0)
-        db += tl.load(db_part_ptr + p * C + c, mask=cmask, other=0.0)
-    tl.store(dw_ptr + c[None, :] * K + kk[:, None], dw.to(dw_ptr.dtype.element_ty), mask=m2)
-    tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=cmask)
+    acc = tl.zeros((BP, BC), dtype=tl.float32)
+    for p0 in range(0, P, BP):
+        p = p0 + tl.arange(0, BP)
+        acc += tl.load(part_ptr + (p.to(tl.int64) * (K + 1) + k)[:, None] * C + c[None, :],
+                       mask=(p < P)[:, None] & cmask[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    if k < K:
+        tl.store(dw_ptr + c * K + k, total.to(dw_ptr.dtype.element_ty), mask=cmask)
+    else:
+        tl.store(db_ptr + c, total.to(db_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit

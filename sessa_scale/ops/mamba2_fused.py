@@ -19,10 +19,13 @@ from sessa_scale.kernels import mamba2_fused as K
 from sessa_scale.ops.ssd_triton import sm_count
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
-CONV_BT, CONV_BC = 32, 64  # conv tile: positions x channels
-CONV_PROGRAMS_PER_SM = 8  # the conv backward walks runs of T-tiles: as long as this many programs per SM remain
-INTERPRET_CONV_TILES = 3  # T-tiles per backward program in the interpreter (tests cover runs and partials)
-CONV_SUM_BC = 128  # channels per program of the weight-gradient sum
+CONV_BC, CONV_WARPS = 256, 2  # conv programs: channels (4 per thread: 8-byte bf16 rows) and warps
+CONV_FWD_BT, CONV_BWD_BT = 8, 4  # ... tokens per tile forward / backward (their row loads are issued together)
+CONV_MAX_REGISTERS = 128  # ... per thread (ptxas .maxnreg; both need 128 without spills in bf16): 8 programs per SM
+CONV_PROGRAMS_PER_SM = 8  # ... runs sized for one wave of this many programs per SM (65536 / (64 x 128))
+CONV_MAX_WIDTH = 8  # ... taps, unrolled and carried in registers
+INTERPRET_CONV_TILES = 2  # tiles per run in the interpreter (tests cover runs, partials, boundaries)
+CONV_SUM_BP, CONV_SUM_BC = 32, 64  # weight-gradient sum: partials x channels per step
 NORM_ROWS = 16  # rows per gated-RMSNorm program (the weight gradient is summed over programs)
 DT_ROWS = 128  # (B, T) rows per program of the dt softplus (its bias gradient is summed over programs)
 
@@ -44,17 +47,18 @@ def _check_device(t: torch.Tensor, what: str) -> None:
 class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, taps, bias):
-        x = _channels_last(x)
+        x = _token_rows(_channels_last(x))
         batch, T, C = x.shape
         w = taps.contiguous()
-        width = w.shape[0]
-        if triton.next_power_of_2(width) > CONV_BT:
-            raise ValueError(f"the Triton causal conv takes widths up to {CONV_BT}; got {width}")
+        width, N = w.shape[0], batch * T
+        if width > CONV_MAX_WIDTH:
+            raise ValueError(f"the Triton causal conv takes widths up to {CONV_MAX_WIDTH}; got {width}")
         b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=taps.dtype)
         out = new_buffer(x.shape, x.dtype, x.device)
-        grid = (triton.cdiv(T, CONV_BT), triton.cdiv(C, CONV_BC), batch)
-        K.conv_fwd_kernel[grid](x, w, b, out, T, C, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                                K=width, BT=CONV_BT, BC=CONV_BC, **_kw(4))
+        run = _conv_run_length(N, C, CONV_FWD_BT, x.device)
+        K.conv_fwd_kernel[(triton.cdiv(N, run), triton.cdiv(C, CONV_BC))](
+            x, w, b, out, N, T, C, run, _token_stride(x), C, K=width, BT=CONV_FWD_BT, BC=CONV_BC,
+            **_kw(CONV_WARPS, num_stages=1, maxnreg=CONV_MAX_REGISTERS))
         ctx.save_for_backward(x, w, b)
         ctx.has_bias = bias is not None
         return out
@@ -62,38 +66,47 @@ class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, w, b = ctx.saved_tensors
-        dout = _channels_last(dout)
         batch, T, C = x.shape
-        width = w.shape[0]
-        run = _conv_tiles_per_program(batch, T, C, x.device)
-        grid = (triton.cdiv(T, run * CONV_BT), triton.cdiv(C, CONV_BC), batch)
-        parts = grid[0] * batch
-        din = new_buffer(x.shape, x.dtype, x.device)
-        ring = new_buffer((parts * grid[1], 2 * CONV_BT, CONV_BC), torch.float32, x.device)
-        dw_parts = new_buffer((parts, width, C), torch.float32, x.device)
-        db_parts = new_buffer((parts, C), torch.float32, x.device)
-        consts = {"K": width, "KP": triton.next_power_of_2(width)}
-        K.conv_bwd_kernel[grid](x, w, b, dout, din, dw_parts, db_parts, ring, T, C, run, x.stride(0), x.stride(1),
-                                dout.stride(0), dout.stride(1), din.stride(0), din.stride(1),
-                                BT=CONV_BT, BC=CONV_BC, **consts, **_kw(4, num_stages=1))
+        width, N = w.shape[0], batch * T
+        dout = _token_rows(_channels_last(dout))
+        din = new_buffer((batch, T, C), x.dtype, x.device)
+        run = _conv_run_length(N, C, CONV_BWD_BT, x.device)
+        grid = (triton.cdiv(N, run), triton.cdiv(C, CONV_BC))
+        parts = new_buffer((grid[0], width + 1, C), torch.float32, x.device)
+        K.conv_bwd_kernel[grid](x, w, b, dout, din, parts, N, T, C, run, _token_stride(x), _token_stride(dout), C,
+                                K=width, BT=CONV_BWD_BT, BC=CONV_BC,
+                                **_kw(CONV_WARPS, num_stages=1, maxnreg=CONV_MAX_REGISTERS))
         # written (C, K), returned as the (K, C) view: the slices the model's cat of per-conv taps
         # hands back are then its convs' (C, 1, K) weights' own layout (no copy when .grad is set)
         dw = new_buffer((C, width), w.dtype, x.device)
         db = new_buffer((C,), b.dtype, x.device)
-        K.conv_wgrad_sum_kernel[(triton.cdiv(C, CONV_SUM_BC),)](dw_parts, db_parts, dw, db, parts, C,
-                                                                BC=CONV_SUM_BC, **consts, **_kw(4))
+        K.conv_wgrad_sum_kernel[(triton.cdiv(C, CONV_SUM_BC), width + 1)](parts, dw, db, grid[0], C, K=width,
+                                                                          BP=CONV_SUM_BP, BC=CONV_SUM_BC, **_kw(4))
         return din, dw.t(), db if ctx.has_bias else None
 
 
-def _conv_tiles_per_program(batch: int, T: int, C: int, device: torch.device) -> int:
-    """T-tiles per conv-backward program: the longest runs that leave CONV_PROGRAMS_PER_SM programs
-    per SM (fewer runs, fewer weight-gradient partials to add up)."""
-    tiles = triton.cdiv(T, CONV_BT)
+def _token_stride(t: torch.Tensor) -> int:
+    """Stride between consecutive flattened tokens b T + t of a (B, T, C) tensor that _token_rows returned."""
+    return t.stride(0) if t.shape[1] == 1 else t.stride(1)
+
+
+def _token_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (B, T, C) with channel stride 1, copied unless its tokens b T + t lie one stride apart (as
+    slices of a contiguous projection output do), so that the kernel walks them as (B T, C) rows."""
+    batch, T, _ = t.shape
+    if batch == 1 or T == 1 or t.stride(0) == T * t.stride(1):
+        return t
+    return t.contiguous()
+
+
+def _conv_run_length(N: int, C: int, tile: int, device: torch.device) -> int:
+    """Flattened tokens per conv program (a multiple of tile; runs cross sequence boundaries): the
+    longest runs for which the programs (runs x channel blocks) fit in one wave of
+    CONV_PROGRAMS_PER_SM per SM (fewer halos and weight-gradient partials)."""
     if INTERPRET or device.type != "cuda":
-        return min(INTERPRET_CONV_TILES, tiles)
-    target = sm_count(device.index or 0) * CONV_PROGRAMS_PER_SM
-    runs = triton.cdiv(target, batch * triton.cdiv(C, CONV_BC))
-    return max(1, tiles // runs)
+        return tile * INTERPRET_CONV_TILES
+    runs = max(1, sm_count(device.index or 0) * CONV_PROGRAMS_PER_SM // triton.cdiv(C, CONV_BC))
+    return max(1, triton.cdiv(triton.cdiv(N, runs), tile)) * tile
 
 
 @torch.compiler.disable

@@ -5,10 +5,13 @@ paths of sessa_scale/models/mamba2.py.
 CPU (CI): under TRITON_INTERPRET=1 in a fresh subprocess (this file with ``--interp-worker``), in
 float32 (and at two T float64) inputs (the kernels compute in float32), T in {1, 17, 63, 65, 130}
 (the norm, per row, at 1 and 17), outputs and every gradient (inputs, weights, biases), strided inputs, buffers
-poisoned with NaN (the conv backward's ring of dpre rows included; its programs walk runs of
-INTERPRET_CONV_TILES = 3 T-tiles there, so T = 63 / 65 / 130 give even, odd and cut-off runs; the
-dt op's 128-row programs: one to three); and the whole Mamba-2 mixer with ssm_kernels="triton"
-(and the Triton scan) against "torch" (and the chunked scan).
+poisoned with NaN (the conv backward's weight-gradient partials included; its programs walk runs
+of INTERPRET_CONV_TILES = 2 tiles of CONV_BWD_BT = 4 flattened tokens there, so runs cross sequence
+boundaries, end past B T and hold tiles near boundaries (masked) and inside sequences (unmasked;
+the forward likewise with tiles of CONV_FWD_BT = 8); sequences of 2 and 3 tokens, shorter than the
+conv width 4, several per tile, and of 14 (a tile start 2 tokens into a sequence); the dt op's 128-row
+programs: one to three); and the whole Mamba-2 mixer with ssm_kernels="triton" (and the Triton
+scan) against "torch" (and the chunked scan).
 GPU (``-m gpu``): the same comparisons in float32 and under bf16 autocast at the 350m widths.
 """
 
@@ -159,6 +162,11 @@ def _interp_worker() -> None:
                 if T <= 17:  # per row, so T matters only through rows per program (NORM_ROWS = 16): 17 x 2 rows
                     check_norm(2 - i % 2, T, 48, 1 + i % 2 * 2, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
             print(f"ok T={T}", flush=True)
+        # sequences shorter than the conv width; T = 14: a forward tile (8 tokens, runs of 16) starts 2
+        # tokens into the second sequence, the last position that still needs the boundary masks
+        for batch, T, strided in ((5, 3, False), (3, 2, True), (3, 14, True)):
+            check_conv(batch, T, 24, torch.float32, "cpu", seed=T, tol=2e-5, strided=strided)
+        print("ok conv short sequences", flush=True)
         errs = check_mixer(37, torch.float64, "cpu", tol=2e-6)
         print("ok mixer " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
 
@@ -166,7 +174,7 @@ def _interp_worker() -> None:
 def test_interpreter_against_the_torch_paths():
     pytest.importorskip("triton")
     out = run_interpreter_worker(__file__)
-    assert out.count("ok ") == len(INTERP_T) + 1, out
+    assert out.count("ok ") == len(INTERP_T) + 2, out
 
 
 def test_kernels_knob_is_validated_and_torch_off_cuda():
@@ -193,6 +201,15 @@ def test_gpu_fp32_against_the_torch_paths(T):
     check_dt(2, T, 32, torch.float32, "cuda", seed=T, tol=1e-5, strided=True)
     check_norm(2, T, 2048, 1, torch.float32, "cuda", seed=T, tol=1e-5, strided=True)
     check_norm(2, T, 2048, 4, torch.float32, "cuda", seed=T, tol=1e-5)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("batch,T", [(300, 3), (7, 14), (3, 700)])
+def test_gpu_conv_runs_across_sequences(batch, T):
+    """The conv's runs of flattened tokens on the GPU's run lengths: many sequences per run, shorter
+    than the width or a few tiles long, and runs ending inside sequences."""
+    check_conv(batch, T, 2304, torch.float32, "cuda", seed=T, tol=1e-5, strided=True)
 
 
 @gpu
