@@ -264,6 +264,7 @@ class Mamba2Block(nn.Module):
 
 # The architecture spec (sessa_scale/models/spec.py): model.arch = mamba2.
 
+TRITON_CONV_MAX_WIDTH = 8  # the fused conv kernels unroll their taps into registers (sessa_scale/ops/mamba2_fused.py)
 SSM_INTS = ("ssm_state", "ssm_head_dim", "ssm_expand", "ssm_groups", "ssm_conv", "ssm_chunk")  # its integer keys
 
 
@@ -293,6 +294,9 @@ def validate_mamba2(cfg: ModelConfig) -> list[Problem]:
         return [("ssm_head_dim", f"{P} does not divide ssm_expand * d_model = {inner}; use a divisor of it, e.g. 64")]
     if (inner // P) % G != 0:
         return [("ssm_groups", f"{G} does not divide the {inner // P} SSD heads; use a divisor of the head count, e.g. 1")]
+    if cfg.ssm_conv > TRITON_CONV_MAX_WIDTH and cfg.ssm_kernels in ("auto", "triton"):
+        return [("ssm_conv", f"{cfg.ssm_conv} exceeds the {TRITON_CONV_MAX_WIDTH} taps of the Triton conv (model.ssm_kernels="
+                 f"{cfg.ssm_kernels}); use ssm_conv <= {TRITON_CONV_MAX_WIDTH} (Mamba-2 uses 4) or model.ssm_kernels=torch")]
     return []
 
 

@@ -16,6 +16,7 @@ import torch
 import triton
 
 from sessa_scale.kernels import mamba2_fused as K
+from sessa_scale.models.mamba2 import TRITON_CONV_MAX_WIDTH
 from sessa_scale.ops.ssd_triton import sm_count
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
@@ -23,7 +24,6 @@ CONV_BC, CONV_WARPS = 256, 2  # conv programs: channels (4 per thread: 8-byte bf
 CONV_FWD_BT, CONV_BWD_BT = 8, 4  # ... tokens per tile forward / backward (their row loads are issued together)
 CONV_MAX_REGISTERS = 128  # ... per thread (ptxas .maxnreg; both need 128 without spills in bf16): 8 programs per SM
 CONV_PROGRAMS_PER_SM = 8  # ... runs sized for one wave of this many programs per SM (65536 / (64 x 128))
-CONV_MAX_WIDTH = 8  # ... taps, unrolled and carried in registers
 INTERPRET_CONV_TILES = 2  # tiles per run in the interpreter (tests cover runs, partials, boundaries)
 CONV_SUM_BP, CONV_SUM_BC = 32, 64  # weight-gradient sum: partials x channels per step
 NORM_ROWS = 16  # rows per gated-RMSNorm program (the weight gradient is summed over programs)
@@ -51,8 +51,8 @@ class _CausalConvSiLU(torch.autograd.Function):
         batch, T, C = x.shape
         w = taps.contiguous()
         width, N = w.shape[0], batch * T
-        if width > CONV_MAX_WIDTH:
-            raise ValueError(f"the Triton causal conv takes widths up to {CONV_MAX_WIDTH}; got {width}")
+        if width > TRITON_CONV_MAX_WIDTH:
+            raise ValueError(f"the Triton causal conv takes widths up to {TRITON_CONV_MAX_WIDTH}; got {width}")
         b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=taps.dtype)
         out = new_buffer(x.shape, x.dtype, x.device)
         run = _conv_run_length(N, C, CONV_FWD_BT, x.device)

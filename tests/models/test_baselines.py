@@ -239,6 +239,9 @@ def test_validation_of_baseline_keys():
     groups = validate_model_config(tiny(arch="mamba2", ssm_groups=3))
     assert len(groups) == 1 and groups[0].startswith("model.ssm_groups")
     assert validate_model_config(tiny(arch="transformer", ssm_groups=3)) == []  # SSM keys only bind mamba2
+    wide = validate_model_config(tiny(arch="mamba2", ssm_conv=9))  # the Triton conv holds up to 8 taps
+    assert len(wide) == 1 and wide[0].startswith("model.ssm_conv: 9 exceeds") and "ssm_kernels=torch" in wide[0]
+    assert validate_model_config(tiny(arch="mamba2", ssm_conv=9, ssm_kernels="torch")) == []
     assert [p.split(":")[0] for p in validate_model_config(tiny(mlp_hidden=0, ssm_state=2.5))] == [
         "model.ssm_state", "model.mlp_hidden"]
 
