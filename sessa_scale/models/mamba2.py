@@ -40,7 +40,7 @@ from sessa_scale.config.schema import ModelConfig
 from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Row, Shard, Style, indivisible
 from sessa_scale.models.attention import project
 from sessa_scale.models.spec import ArchSpec, Problem, is_int
-from sessa_scale.ops.ssd import ssd_scan, triton_available
+from sessa_scale.ops.ssd import ssd_scan_packed, triton_available
 
 MIXER_KERNELS = ("auto", "torch", "triton")
 Cache = dict  # {"t": int, "conv": (B, d_conv - 1, E + 2 G N) the last conv inputs [x | B | C], "ssm": (B, H, N, P)}
@@ -149,17 +149,12 @@ class Mamba2Mixer(nn.Module):
 
     def _mix(self, z, xbc, dt_raw, initial_state):
         """z (B, T, E), silu(conv output) [x | B | C] (B, T, E + 2 G N), raw dt (B, T, H) ->
-        (out (B, T, D), final SSM state (B, H, N, P)). x, B, C reach the scan as views."""
-        batch, T, E = z.shape
-        gn = (xbc.shape[-1] - E) // 2
-        x, B, C = xbc.split([E, gn, gn], dim=-1)
-        x = x.unflatten(-1, (-1, self.head_dim))  # (B, T, H, P)
-        B = B.unflatten(-1, (-1, self.d_state))  # (B, T, G, N)
-        C = C.unflatten(-1, (-1, self.d_state))
+        (out (B, T, D), final SSM state (B, H, N, P)). x, B, C reach the scan packed (views of xbc;
+        the Triton scan writes their gradients into one tensor)."""
         dt, A = self.dt_and_decay(dt_raw)
-        y, state = ssd_scan(
-            x, dt, A, B, C, initial_state=initial_state, chunk_size=self.chunk_size,
-            impl="sequential" if T == 1 else self.scan, D=self.D,
+        y, state = ssd_scan_packed(
+            xbc, dt, A, head_dim=self.head_dim, d_state=self.d_state, initial_state=initial_state,
+            chunk_size=self.chunk_size, impl="sequential" if z.shape[1] == 1 else self.scan, D=self.D,
         )
         return self.out_proj(self.norm(y.flatten(-2), z)), state
 
