@@ -18,8 +18,9 @@ conv is per channel), so that tensor parallelism splits each along its heads or 
 (mamba2_plan below). They run fused all the same: the forward concatenates the four
 projections' weights into one GEMM (u -> [z | x | B | C | dt]; when they are plain nn.Linears, i.e.
 not under tensor parallelism) and the three convs' weights into one conv over the contiguous
-[x | B | C] columns, and x, B, C reach the scan as views (one launch each instead of four and
-three, forward and backward). No biases on the projections, a bias on the convs, as there.
+[x | B | C] columns (one launch each instead of four and three, forward and backward), and the
+scan takes that conv output packed (ops/ssd.ssd_scan_packed: x, B, C as its views; the Triton
+scan writes their gradients into one tensor, no concatenation). No biases on the projections, a bias on the convs, as there.
 Decoding keeps the last d_conv - 1 conv inputs [x | B | C] and the SSM state (B, H, N, P): constant memory
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
 `kernels` picks how the convs + SiLU, the gated RMSNorm and dt / A (softplus, -exp) run: "torch"

@@ -16,6 +16,7 @@ import torch
 import triton
 
 from sessa_scale.kernels import mamba2_fused as K
+from sessa_scale.ops.launch_math import cdiv, next_power_of_2
 from sessa_scale.ops.ssd_triton import sm_count
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
@@ -112,8 +113,8 @@ class _GatedRMSNorm(torch.autograd.Function):
         G = E // group_size
         out = new_buffer(y.shape, y.dtype, y.device)
         rstd = new_buffer((batch * T, G), torch.float32, y.device)
-        grid = (triton.cdiv(batch * T, NORM_ROWS), G)
-        block = triton.next_power_of_2(group_size)
+        grid = (cdiv(batch * T, NORM_ROWS), G)
+        block = next_power_of_2(group_size)
         K.norm_fwd_kernel[grid](y, z, weight, out, rstd, batch * T, T, group_size, G, eps, y.stride(0), y.stride(1),
                                 z.stride(0), z.stride(1), out.stride(0), out.stride(1), ROWS=NORM_ROWS,
                                 BLOCK=block, **_kw(8 if block >= 2048 else 4))
@@ -127,11 +128,11 @@ class _GatedRMSNorm(torch.autograd.Function):
         dout = _channels_last(dout)
         batch, T, E = y.shape
         G = E // ctx.group_size
-        grid = (triton.cdiv(batch * T, NORM_ROWS), G)
+        grid = (cdiv(batch * T, NORM_ROWS), G)
         dy = new_buffer(y.shape, y.dtype, y.device)
         dz = new_buffer(z.shape, z.dtype, z.device)
         dw = new_buffer((grid[0], E), torch.float32, y.device)
-        block = triton.next_power_of_2(ctx.group_size)
+        block = next_power_of_2(ctx.group_size)
         K.norm_bwd_kernel[grid](y, z, weight, rstd, dout, dy, dz, dw, batch * T, T, ctx.group_size, G, E,
                                 y.stride(0), y.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
                                 dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1), ROWS=NORM_ROWS,
@@ -155,8 +156,8 @@ class _DtAndDecay(torch.autograd.Function):
         dt_dtype = torch.promote_types(torch.promote_types(raw.dtype, dt_bias.dtype), torch.float32)
         dt = new_buffer((batch, T, H), dt_dtype, raw.device)
         A = new_buffer((H,), torch.promote_types(A_log.dtype, torch.float32), raw.device)
-        K.dt_fwd_kernel[(triton.cdiv(batch * T, DT_ROWS),)](raw, dt_bias, A_log, dt, A, batch * T, T, H, raw.stride(0),
-                                                            raw.stride(1), ROWS=DT_ROWS, BH=triton.next_power_of_2(H),
+        K.dt_fwd_kernel[(cdiv(batch * T, DT_ROWS),)](raw, dt_bias, A_log, dt, A, batch * T, T, H, raw.stride(0),
+                                                            raw.stride(1), ROWS=DT_ROWS, BH=next_power_of_2(H),
                                                             **_kw(4))
         ctx.save_for_backward(raw, dt_bias, A_log)
         ctx.set_materialize_grads(False)
@@ -169,16 +170,16 @@ class _DtAndDecay(torch.autograd.Function):
         if ddt is None:
             ddt = torch.zeros((batch, T, H), dtype=torch.float32, device=raw.device)
         ddt = ddt.contiguous()
-        grid = (triton.cdiv(batch * T, DT_ROWS),)
+        grid = (cdiv(batch * T, DT_ROWS),)
         draw = new_buffer(raw.shape, raw.dtype, raw.device)
         dbias_parts = new_buffer((grid[0], H), torch.float32, raw.device)
         K.dt_bwd_kernel[grid](raw, dt_bias, ddt, draw, dbias_parts, batch * T, T, H, raw.stride(0), raw.stride(1),
-                              draw.stride(0), draw.stride(1), ROWS=DT_ROWS, BH=triton.next_power_of_2(H), **_kw(4))
+                              draw.stride(0), draw.stride(1), ROWS=DT_ROWS, BH=next_power_of_2(H), **_kw(4))
         dbias = new_buffer((H,), dt_bias.dtype, raw.device)
         dA_log = new_buffer((H,), A_log.dtype, raw.device) if dA is not None else None
         K.dt_param_grad_kernel[(1,)](dbias_parts, A_log, dA if dA is not None else A_log, dbias,
                                      dA_log if dA is not None else dbias, grid[0], H, HAS_DA=dA is not None,
-                                     BH=triton.next_power_of_2(H), **_kw(1))
+                                     BH=next_power_of_2(H), **_kw(1))
         return draw, dbias, dA_log
 
 

@@ -4,11 +4,17 @@
 ``ssd_reference.ssd_chunked``: x (B, T, H, P), dt (B, T, H), A (H,), B and C (B, T, G, N),
 initial_state (B, H, N, P) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P) in
 ACC), plus y += D[h] x when D (H,) is given (fused into the output and dx kernels). Any strides; any T (the last chunk is masked). Selected by ``ssd_scan(..., impl="triton")``
-and by "auto" on CUDA.
+and by "auto" on CUDA. ``ssd_scan_triton_packed`` takes x, B, C packed as the columns
+[x | B | C] of one tensor (the Mamba-2 mixer's conv output) and writes their gradients into one
+tensor's slices (no concatenation in the backward pass).
+
+Host cost: the launch plan (tiles, grids, launch options) is computed once per shapes, dtypes and
+config and cached; integer launch math is plain Python (sessa_scale/ops/launch_math.py).
 
 Schedule: forward = cb_kernel, state_scan_kernel, out_fwd_kernel (3 launches); the backward
 recomputes the chunk states (state_scan_kernel), then state_scan_kernel backwards, dx_kernel, dbc_kernel,
-and a few small torch reductions over the kernels' partial slices (deterministic, no atomics).
+and one or two small torch reductions over the kernels' partial slices (dA and dD in one;
+deterministic, no atomics).
 Kept for the backward: the inputs and CB (B, G, T/L, L, L) in ACC (L floats per token and
 group); the chunk states (H N P / L floats per token) are recomputed, never kept.
 
@@ -26,10 +32,10 @@ import os
 from dataclasses import dataclass, fields, replace
 
 import torch
-import triton
 import triton.language as tl
 
 from sessa_scale.kernels import ssd as K
+from sessa_scale.ops.launch_math import cdiv, next_power_of_2
 from sessa_scale.ops.ssd import check_shapes, split_xbc, ssd_scan
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
@@ -81,7 +87,7 @@ def _config_with(base: SSDConfig, text: str) -> SSDConfig:
 
 
 def _p2(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
+    return max(16, next_power_of_2(int(n)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,11 +137,32 @@ class _Plan:
     def _consts(self) -> dict:
         return {"L": self.L, "ACC": _TL[self.acc], "DOT": _TL[self.dot], "PREC": self.prec}
 
-    def state_grid(self):
-        return (triton.cdiv(self.N, self.BN_S) * triton.cdiv(self.P, self.BP_S), self.batch * self.H)
+    @functools.cached_property
+    def state_p_tiles(self) -> int:
+        """P-tiles of the sequential state kernels."""
+        return cdiv(self.P, self.BP_S)
 
-    def chunk_grid(self):
-        return (self.NC * triton.cdiv(self.P, self.BP), self.batch * self.H)
+    @functools.cached_property
+    def p_tiles(self) -> int:
+        """P-tiles of out_fwd and dx (dx's partial sums of ddt, dA, dD: one per P-tile)."""
+        return cdiv(self.P, self.BP)
+
+    @functools.cached_property
+    def n_tiles_dbc(self) -> int:
+        """N-tiles of dbc_kernel."""
+        return cdiv(self.N, self.BN_D)
+
+    @functools.cached_property
+    def state_grid(self) -> tuple[int, int]:
+        return (cdiv(self.N, self.BN_S) * self.state_p_tiles, self.batch * self.H)
+
+    @functools.cached_property
+    def chunk_grid(self) -> tuple[int, int]:
+        return (self.NC * self.p_tiles, self.batch * self.H)
+
+    @functools.cached_property
+    def dbc_grid(self) -> tuple[int, int]:
+        return (self.NC * self.n_tiles_dbc, self.batch * self.G * self.HS)
 
 
 def _plan(x, dt, B, C, chunk_size: int, cfg: SSDConfig) -> _Plan:
@@ -155,32 +182,33 @@ def _plan_for(x_shape, B_shape, dtypes, device: torch.device, chunk_size: int, c
     prec = "ieee" if INTERPRET or acc == torch.float64 else cfg.prec_fp32 if dot == torch.float32 else "tf32"
     target = 0 if INTERPRET or device.type != "cuda" else sm_count(device.index or 0) * cfg.programs_per_sm
     bn_s, bp_s = min(cfg.BN_STATE, _p2(N)), min(cfg.BP_STATE, _p2(P))
-    while batch * H * triton.cdiv(N, bn_s) * triton.cdiv(P, bp_s) < target and max(bn_s, bp_s) > 16:
+    while batch * H * cdiv(N, bn_s) * cdiv(P, bp_s) < target and max(bn_s, bp_s) > 16:
         if bn_s >= bp_s:
             bn_s //= 2
         else:
             bp_s //= 2
-    NC = triton.cdiv(T, L)
+    NC = cdiv(T, L)
     bn_d = min(cfg.BN_DBC, _p2(N))
     per_group = H // G
     divisors = [d for d in range(1, per_group + 1) if per_group % d == 0]
     if cfg.head_split:
         hs = max(d for d in divisors if d <= cfg.head_split)
     else:
-        base = NC * triton.cdiv(N, bn_d) * batch * G
+        base = NC * cdiv(N, bn_d) * batch * G
         hs = next((d for d in divisors if base * d >= target), per_group)
     return _Plan(batch, T, H, G, N, P, L, NC, min(cfg.BN, _p2(N)), min(cfg.BP, _p2(P)), bn_s, bp_s, bn_d, hs, acc,
                  dot, prec, cfg)
 
 
-def _chunk_states(pl: _Plan, x, dt, A, B, init):
-    """state_scan_kernel forwards -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state (B, H, N, P) in ACC)."""
+def _chunk_states(pl: _Plan, x, dt, A, B, init, with_final: bool = True):
+    """state_scan_kernel forwards -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state
+    (B, H, N, P) in ACC, or None without with_final: the backward's recomputation)."""
     st = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
-    final = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device)
-    K.state_scan_kernel[pl.state_grid()](
-        x, dt, A, B, init if init is not None else final, st, final, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
-        triton.cdiv(pl.P, pl.BP_S), *x.stride(), *dt.stride(), *B.stride(), REVERSE=False,
-        HAS_START=init is not None, WRITE_END=True, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
+    final = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device) if with_final else None
+    K.state_scan_kernel[pl.state_grid](
+        x, dt, A, B, init if init is not None else st, st, final if with_final else st, pl.T, pl.H, pl.G, pl.N,
+        pl.P, pl.NC, pl.state_p_tiles, *x.stride(), *dt.stride(), *B.stride(), REVERSE=False,
+        HAS_START=init is not None, WRITE_END=with_final, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
     return st, final
 
 
@@ -191,9 +219,9 @@ def _forward(pl: _Plan, x, dt, A, B, C, init, D):
         C, B, cb, pl.T, pl.G, pl.N, pl.NC, *C.stride(), *B.stride(), BN=pl.BN, **pl.consts(), **pl.kw())
     st, final = _chunk_states(pl, x, dt, A, B, init)
     y = new_buffer(x.shape, x.dtype, x.device)
-    K.out_fwd_kernel[pl.chunk_grid()](
+    K.out_fwd_kernel[pl.chunk_grid](
         x, dt, A, C, cb, st, D if D is not None else A, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
-        triton.cdiv(pl.P, pl.BP), *x.stride(), *dt.stride(), *C.stride(), *y.stride(),
+        pl.p_tiles, *x.stride(), *dt.stride(), *C.stride(), *y.stride(),
         HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
     return y, final, cb
 
@@ -204,26 +232,25 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx=None, dB=No
     (tensors of x's and B's shapes and dtypes, e.g. slices of the gradient of a packed [x | B | C];
     default: new buffers)."""
     dev = x.device
-    st, _ = _chunk_states(pl, x, dt, A, B, init)
+    st, _ = _chunk_states(pl, x, dt, A, B, init, with_final=False)
     dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
     dinit = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
-    K.state_scan_kernel[pl.state_grid()](
+    K.state_scan_kernel[pl.state_grid](
         dy, dt, A, C, dfinal if dfinal is not None else dst, dst, dinit if dinit is not None else dst,
-        pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP_S), *dy.stride(), *dt.stride(), *C.stride(),
+        pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, pl.state_p_tiles, *dy.stride(), *dt.stride(), *C.stride(),
         REVERSE=True, HAS_START=dfinal is not None, WRITE_END=init is not None, BN=pl.BN_S, BP=pl.BP_S,
         **pl.consts(), **pl.kw("state"))
-    npb = triton.cdiv(pl.P, pl.BP)
+    npb = pl.p_tiles
     if dx is None:
         dx = new_buffer(x.shape, x.dtype, dev)
     ddt = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
     # dA's and dD's per-chunk parts in one buffer: one reduction for both
     dA_dD = new_buffer((1 if D is None else 2, pl.batch, pl.NC, npb, pl.H), pl.acc, dev)
-    K.dx_kernel[pl.chunk_grid()](
+    K.dx_kernel[pl.chunk_grid](
         x, dt, A, B, C, cb, st, dst, dy, D if D is not None else A, dx, ddt, dA_dD[0], dA_dD[-1],
         pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
         HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw("dx"))
-    nnb = triton.cdiv(pl.N, pl.BN_D)
     into_targets = dB is not None and pl.HS == 1  # one head split: the kernel's sums are final
     if into_targets:
         dB_parts, dC_parts, strides = dB, dC, (0, *dB.stride())
@@ -231,8 +258,8 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx=None, dB=No
         dB_parts = new_buffer((pl.HS, *B.shape), pl.acc if pl.HS > 1 else B.dtype, dev)
         dC_parts = new_buffer((pl.HS, *C.shape), pl.acc if pl.HS > 1 else C.dtype, dev)
         strides = dB_parts.stride()
-    K.dbc_kernel[(pl.NC * nnb, pl.batch * pl.G * pl.HS)](
-        x, dt, A, B, C, st, dst, dy, dB_parts, dC_parts, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, nnb, pl.HS,
+    K.dbc_kernel[pl.dbc_grid](
+        x, dt, A, B, C, st, dst, dy, dB_parts, dC_parts, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, pl.n_tiles_dbc, pl.HS,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *strides,
         BN=pl.BN_D, BP=_p2(pl.P), **pl.consts(), **pl.kw("dbc"))
     if not into_targets:
@@ -271,9 +298,9 @@ def _scan_backward(ctx, dy, dfinal, dx=None, dB=None, dC=None):
         dy = torch.zeros_like(x)
     if dfinal is not None:
         dfinal = dfinal.contiguous()
-    dx, ddt, dA, dB, dC, dinit, dD = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx, dB, dC)
-    return (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-            None if dinit is None else dinit.to(init.dtype), None if dD is None else dD.to(D.dtype))
+    grads = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx, dB, dC)
+    return tuple(None if g is None else g if g.dtype == t.dtype else g.to(t.dtype)  # no calls for no-op casts
+                 for g, t in zip(grads, (x, dt, A, B, C, init, D)))
 
 
 class _TritonSSD(torch.autograd.Function):

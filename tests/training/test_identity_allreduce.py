@@ -1,20 +1,9 @@
 """The trainer turns DeepSpeed's gradient all-reduce off where it is the identity (one data-parallel
 rank, ZeRO stage 0): no flatten-and-copy-back of every gradient after the backward pass."""
 
-import collections
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+from tests.helpers.op_counter import OpCounter
 
 
 def _backward_ops_and_grads(skip: bool):
@@ -32,7 +21,7 @@ def _backward_ops_and_grads(skip: bool):
     if skip:
         skip_identity_allreduce(engine, zero_stage=0, dp_size=1)
     loss = engine(torch.randn(2, 6, generator=torch.Generator().manual_seed(1))).pow(2).mean()
-    with _OpCounter() as counter:
+    with OpCounter() as counter:
         engine.backward(loss)
     return counter.ops, [p.grad.clone() for p in model.parameters()]
 
