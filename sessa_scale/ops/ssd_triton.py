@@ -62,6 +62,7 @@ class SSDConfig:
     prec_fp32: str = "tf32x3"  # tl.dot input precision for float32 inputs on GPU: tf32x3 | tf32 | ieee
 
 
+DEFAULT_CONFIG = SSDConfig()
 # Small tiles for the CPU interpreter: tests cover several N-, P- and state tiles and head splits.
 INTERPRET_CONFIG = SSDConfig(BN=16, BP=16, BN_STATE=16, BP_STATE=16, BN_DBC=16, head_split=2)
 
@@ -344,7 +345,7 @@ def _triton_config(x, tensors, config: SSDConfig | None) -> SSDConfig | None:
                          "use impl='chunked' or 'auto' here")
     if x.is_cuda and any(t.dtype == torch.float64 for t in tensors):
         return None
-    return config if config is not None else config_from_env(INTERPRET_CONFIG if INTERPRET else SSDConfig())
+    return config if config is not None else config_from_env(INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG)
 
 
 @torch.compiler.disable  # torch.compile runs the model around it; the kernels launch as they are
