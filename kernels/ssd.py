@@ -276,13 +276,14 @@ def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, CB_ptr, st_ptr, dst_ptr, dy_pt
 
 @triton.jit(do_not_specialize=["T"])
 def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_ptr, dC_ptr,
-               T, H, G, N, P, NC, NNB, HS, BATCH,
+               T, H, G, N, P, NC, NNB, HS,
                sx_b, sx_t, sx_h, sx_p, sdt_b, sdt_t, sdt_h, sB_b, sB_t, sB_g, sB_n, sC_b, sC_t, sC_g, sC_n,
-               sdy_b, sdy_t, sdy_h, sdy_p,
+               sdy_b, sdy_t, sdy_h, sdy_p, sd_s, sd_b, sd_t, sd_g, sd_n,
                L: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """For one chunk, N-tile, (b, g) and head split: dB and dC over the split's heads, written to
-    dB / dC[hs, b, t, g, n] ((HS, B, T, G, N) contiguous; ACC, or any dtype with HS = 1). BP >= P: one tile per head, so the
+    dB / dC[hs, b, t, g, n] ((HS, B, T, G, N), both with the strides sd_*: e.g. slices of the
+    gradient of a packed [x | B | C]; ACC, or any dtype with HS = 1). BP >= P: one tile per head, so the
     loop over heads is the only loop (its loads pipeline). The intra-chunk part goes through
     Gsum = sum_h d(loss)/d(C_i . B_j) (L x L), multiplied by B and C once after the loop; the
     state parts are exp(a_i) dy_i S_c^T and exp(a_L - a_j) dt_j x_j dS_{c+1}^T per head.
@@ -321,7 +322,7 @@ def dbc_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, st_ptr, dst_ptr, dy_ptr, dB_p
     Bc = _tile(B_ptr + b * sB_b + g * sB_g, t, n, tm, nm, sB_t, sB_n).to(DOT)
     dC += tl.dot(Gsum.to(DOT), Bc, input_precision=PREC)
     dB += tl.dot(tl.trans(Gsum).to(DOT), Cc, input_precision=PREC)
-    out = ((hs * BATCH + b) * T + t[:, None]) * G * N + g * N + n[None, :]
+    out = hs.to(tl.int64) * sd_s + b * sd_b + t[:, None].to(tl.int64) * sd_t + g * sd_g + n[None, :] * sd_n
     omask = tm[:, None] & nm[None, :]
     tl.store(dB_ptr + out, dB.to(dB_ptr.dtype.element_ty), mask=omask)
     tl.store(dC_ptr + out, dC.to(dC_ptr.dtype.element_ty), mask=omask)

@@ -18,8 +18,9 @@ conv is per channel), so that tensor parallelism splits each along its heads or 
 (mamba2_plan below). They run fused all the same: the forward concatenates the four
 projections' weights into one GEMM (u -> [z | x | B | C | dt]; when they are plain nn.Linears, i.e.
 not under tensor parallelism) and the three convs' weights into one conv over the contiguous
-[x | B | C] columns, and x, B, C reach the scan as views (one launch each instead of four and
-three, forward and backward). No biases on the projections, a bias on the convs, as there.
+[x | B | C] columns (one launch each instead of four and three, forward and backward), and the
+scan takes that conv output packed (ops/ssd.ssd_scan_packed: x, B, C as its views; the Triton
+scan writes their gradients into one tensor, no concatenation). No biases on the projections, a bias on the convs, as there.
 Decoding keeps the last d_conv - 1 conv inputs [x | B | C] and the SSM state (B, H, N, P): constant memory
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
 `kernels` picks how the convs + SiLU, the gated RMSNorm and dt / A (softplus, -exp) run: "torch"
@@ -40,7 +41,7 @@ from sessa_scale.config.schema import ModelConfig
 from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Row, Shard, Style, indivisible
 from sessa_scale.models.attention import project
 from sessa_scale.models.spec import ArchSpec, Problem, is_int
-from sessa_scale.ops.ssd import ssd_scan, triton_available
+from sessa_scale.ops.ssd import ssd_scan_packed, triton_available
 
 MIXER_KERNELS = ("auto", "torch", "triton")
 Cache = dict  # {"t": int, "conv": (B, d_conv - 1, E + 2 G N) the last conv inputs [x | B | C], "ssm": (B, H, N, P)}
@@ -149,17 +150,12 @@ class Mamba2Mixer(nn.Module):
 
     def _mix(self, z, xbc, dt_raw, initial_state):
         """z (B, T, E), silu(conv output) [x | B | C] (B, T, E + 2 G N), raw dt (B, T, H) ->
-        (out (B, T, D), final SSM state (B, H, N, P)). x, B, C reach the scan as views."""
-        batch, T, E = z.shape
-        gn = (xbc.shape[-1] - E) // 2
-        x, B, C = xbc.split([E, gn, gn], dim=-1)
-        x = x.unflatten(-1, (-1, self.head_dim))  # (B, T, H, P)
-        B = B.unflatten(-1, (-1, self.d_state))  # (B, T, G, N)
-        C = C.unflatten(-1, (-1, self.d_state))
+        (out (B, T, D), final SSM state (B, H, N, P)). x, B, C reach the scan packed (views of xbc;
+        the Triton scan writes their gradients into one tensor)."""
         dt, A = self.dt_and_decay(dt_raw)
-        y, state = ssd_scan(
-            x, dt, A, B, C, initial_state=initial_state, chunk_size=self.chunk_size,
-            impl="sequential" if T == 1 else self.scan, D=self.D,
+        y, state = ssd_scan_packed(
+            xbc, dt, A, head_dim=self.head_dim, d_state=self.d_state, initial_state=initial_state,
+            chunk_size=self.chunk_size, impl="sequential" if z.shape[1] == 1 else self.scan, D=self.D,
         )
         return self.out_proj(self.norm(y.flatten(-2), z)), state
 

@@ -88,12 +88,7 @@ def ssd_scan(x, dt, A, B, C, *, initial_state=None, chunk_size: int = 64, impl: 
     (B, H, N, P) or None, D (H,) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P)).
     D adds the skip D[h] x[t, h] to y (inside the kernels for "triton", else y + x * D in x's dtype).
     impl: "auto" (triton on CUDA, else chunked) or one of SSD_IMPLS."""
-    batch, T, H, P = x.shape
-    if dt.shape != (batch, T, H) or A.shape != (H,) or (D is not None and D.shape != (H,)):
-        raise ValueError(f"dt must be (B, T, H) = {(batch, T, H)}, A and D (H,); got {tuple(dt.shape)}, "
-                         f"{tuple(A.shape)}, {None if D is None else tuple(D.shape)}")
-    if B.shape != C.shape or B.shape[:2] != (batch, T) or H % B.shape[2] != 0:
-        raise ValueError(f"B and C must be (B, T, G, N) with H % G == 0; got {tuple(B.shape)}, {tuple(C.shape)}")
+    check_shapes(x, dt, A, B, C, D)
     name = resolve_ssd_impl(impl, x.device)
     if name == "triton":
         from sessa_scale.ops.ssd_triton import ssd_scan_triton
@@ -110,3 +105,37 @@ def ssd_scan(x, dt, A, B, C, *, initial_state=None, chunk_size: int = 64, impl: 
         else:
             y, state = ssd_chunked(*inputs, chunk_size)
     return (y if D is None else y + x * D[:, None].to(x.dtype)), state
+
+
+def ssd_scan_packed(xbc, dt, A, *, head_dim: int, d_state: int, initial_state=None, chunk_size: int = 64,
+                    impl: str = "auto", D=None):
+    """ssd_scan on x, B, C packed as the columns [x | B | C] of xbc (B, T, H head_dim + 2 G d_state),
+    H = dt.shape[-1] (the Mamba-2 mixer's conv output). With the Triton kernels the gradient of xbc
+    comes back as one tensor, the kernels writing dx, dB and dC into its slices (no concatenation)."""
+    if resolve_ssd_impl(impl, xbc.device) != "triton":
+        x, B, C = split_xbc(xbc, dt.shape[-1], head_dim, d_state)
+        return ssd_scan(x, dt, A, B, C, initial_state=initial_state, chunk_size=chunk_size, impl=impl, D=D)
+    from sessa_scale.ops.ssd_triton import ssd_scan_triton_packed
+
+    return ssd_scan_triton_packed(xbc, dt, A, head_dim, d_state, initial_state, chunk_size, D=D)
+
+
+def split_xbc(xbc, H: int, head_dim: int, d_state: int):
+    """[x | B | C] (B, T, H head_dim + 2 G d_state) -> views x (B, T, H, head_dim), B and C (B, T, G, d_state)."""
+    E = H * head_dim
+    GN = (xbc.shape[-1] - E) // 2
+    if GN <= 0 or E + 2 * GN != xbc.shape[-1] or GN % d_state:
+        raise ValueError(f"a packed [x | B | C] of {H} heads of width {head_dim} and B, C of groups of {d_state} "
+                         f"needs {E} + 2 G {d_state} columns; got {xbc.shape[-1]}")
+    x, B, C = xbc.split((E, GN, GN), dim=-1)
+    return x.unflatten(-1, (H, head_dim)), B.unflatten(-1, (-1, d_state)), C.unflatten(-1, (-1, d_state))
+
+
+def check_shapes(x, dt, A, B, C, D) -> None:
+    """ValueError unless the shapes are those ssd_scan takes."""
+    batch, T, H, P = x.shape
+    if dt.shape != (batch, T, H) or A.shape != (H,) or (D is not None and D.shape != (H,)):
+        raise ValueError(f"dt must be (B, T, H) = {(batch, T, H)}, A and D (H,); got {tuple(dt.shape)}, "
+                         f"{tuple(A.shape)}, {None if D is None else tuple(D.shape)}")
+    if B.shape != C.shape or B.shape[:2] != (batch, T) or H % B.shape[2] != 0:
+        raise ValueError(f"B and C must be (B, T, G, N) with H % G == 0; got {tuple(B.shape)}, {tuple(C.shape)}")

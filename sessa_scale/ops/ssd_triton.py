@@ -4,11 +4,17 @@
 ``ssd_reference.ssd_chunked``: x (B, T, H, P), dt (B, T, H), A (H,), B and C (B, T, G, N),
 initial_state (B, H, N, P) or None -> (y (B, T, H, P) in x's dtype, final state (B, H, N, P) in
 ACC), plus y += D[h] x when D (H,) is given (fused into the output and dx kernels). Any strides; any T (the last chunk is masked). Selected by ``ssd_scan(..., impl="triton")``
-and by "auto" on CUDA.
+and by "auto" on CUDA. ``ssd_scan_triton_packed`` takes x, B, C packed as the columns
+[x | B | C] of one tensor (the Mamba-2 mixer's conv output) and writes their gradients into one
+tensor's slices (no concatenation in the backward pass).
+
+Host cost: the launch plan (tiles, grids, launch options) is computed once per shapes, dtypes and
+config and cached; integer launch math is plain Python (sessa_scale/ops/launch_math.py).
 
 Schedule: forward = cb_kernel, state_scan_kernel, out_fwd_kernel (3 launches); the backward
 recomputes the chunk states (state_scan_kernel), then state_scan_kernel backwards, dx_kernel, dbc_kernel,
-and a few small torch reductions over the kernels' partial slices (deterministic, no atomics).
+and one or two small torch reductions over the kernels' partial slices (dA and dD in one;
+deterministic, no atomics).
 Kept for the backward: the inputs and CB (B, G, T/L, L, L) in ACC (L floats per token and
 group); the chunk states (H N P / L floats per token) are recomputed, never kept.
 
@@ -26,10 +32,11 @@ import os
 from dataclasses import dataclass, fields, replace
 
 import torch
-import triton
 import triton.language as tl
 
 from sessa_scale.kernels import ssd as K
+from sessa_scale.ops.launch_math import cdiv, next_power_of_2
+from sessa_scale.ops.ssd import check_shapes, split_xbc, ssd_scan
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
 
@@ -55,6 +62,7 @@ class SSDConfig:
     prec_fp32: str = "tf32x3"  # tl.dot input precision for float32 inputs on GPU: tf32x3 | tf32 | ieee
 
 
+DEFAULT_CONFIG = SSDConfig()
 # Small tiles for the CPU interpreter: tests cover several N-, P- and state tiles and head splits.
 INTERPRET_CONFIG = SSDConfig(BN=16, BP=16, BN_STATE=16, BP_STATE=16, BN_DBC=16, head_split=2)
 
@@ -63,7 +71,12 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 def config_from_env(base: SSDConfig) -> SSDConfig:
     """SESSA_SSD_CFG="BN_DBC=32,num_warps_dbc=4,prec_fp32=ieee" overrides fields (tuning sweeps)."""
-    text = os.environ.get("SESSA_SSD_CFG", "")
+    return _config_with(base, os.environ.get("SESSA_SSD_CFG", ""))
+
+
+@functools.lru_cache(maxsize=16)
+def _config_with(base: SSDConfig, text: str) -> SSDConfig:
+    """base with the overrides of text (SESSA_SSD_CFG's format), parsed once per text."""
     if not text:
         return base
     types = {f.name: f.type for f in fields(SSDConfig)}
@@ -75,7 +88,7 @@ def config_from_env(base: SSDConfig) -> SSDConfig:
 
 
 def _p2(n: int) -> int:
-    return max(16, triton.next_power_of_2(int(n)))
+    return max(16, next_power_of_2(int(n)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,58 +121,95 @@ class _Plan:
     cfg: SSDConfig
 
     def kw(self, kind: str = "") -> dict:
-        if INTERPRET:
-            return {}
-        warps = {"state": self.cfg.num_warps_state, "dx": self.cfg.num_warps_dx, "dbc": self.cfg.num_warps_dbc}.get(kind, self.cfg.num_warps)
-        return {"num_warps": warps, "num_stages": self.cfg.num_stages}
+        """Launch options of the kernels of `kind` ("", "state", "dx", "dbc")."""
+        return self._launch_options[kind]
 
     def consts(self) -> dict:
+        """The constexprs every kernel takes."""
+        return self._consts
+
+    @functools.cached_property
+    def _launch_options(self) -> dict[str, dict]:
+        cfg = self.cfg
+        warps = {"": cfg.num_warps, "state": cfg.num_warps_state, "dx": cfg.num_warps_dx, "dbc": cfg.num_warps_dbc}
+        return {kind: {} if INTERPRET else {"num_warps": w, "num_stages": cfg.num_stages} for kind, w in warps.items()}
+
+    @functools.cached_property
+    def _consts(self) -> dict:
         return {"L": self.L, "ACC": _TL[self.acc], "DOT": _TL[self.dot], "PREC": self.prec}
 
-    def state_grid(self):
-        return (triton.cdiv(self.N, self.BN_S) * triton.cdiv(self.P, self.BP_S), self.batch * self.H)
+    @functools.cached_property
+    def state_p_tiles(self) -> int:
+        """P-tiles of the sequential state kernels."""
+        return cdiv(self.P, self.BP_S)
 
-    def chunk_grid(self):
-        return (self.NC * triton.cdiv(self.P, self.BP), self.batch * self.H)
+    @functools.cached_property
+    def p_tiles(self) -> int:
+        """P-tiles of out_fwd and dx (dx's partial sums of ddt, dA, dD: one per P-tile)."""
+        return cdiv(self.P, self.BP)
+
+    @functools.cached_property
+    def n_tiles_dbc(self) -> int:
+        """N-tiles of dbc_kernel."""
+        return cdiv(self.N, self.BN_D)
+
+    @functools.cached_property
+    def state_grid(self) -> tuple[int, int]:
+        return (cdiv(self.N, self.BN_S) * self.state_p_tiles, self.batch * self.H)
+
+    @functools.cached_property
+    def chunk_grid(self) -> tuple[int, int]:
+        return (self.NC * self.p_tiles, self.batch * self.H)
+
+    @functools.cached_property
+    def dbc_grid(self) -> tuple[int, int]:
+        return (self.NC * self.n_tiles_dbc, self.batch * self.G * self.HS)
 
 
 def _plan(x, dt, B, C, chunk_size: int, cfg: SSDConfig) -> _Plan:
-    batch, T, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+    """The plan of a call on these tensors (computed once per shapes, dtypes, device and config)."""
+    return _plan_for(x.shape, B.shape, (x.dtype, dt.dtype, B.dtype, C.dtype), x.device, chunk_size, cfg)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_for(x_shape, B_shape, dtypes, device: torch.device, chunk_size: int, cfg: SSDConfig) -> _Plan:
+    batch, T, H, P = x_shape
+    G, N = B_shape[2], B_shape[3]
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
         raise ValueError(f"the triton SSD scan needs a power-of-two chunk size; got {chunk_size}")
     L = max(16, min(chunk_size, cfg.max_chunk))
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in (x, dt, B, C)) else torch.float32
-    dot = x.dtype if acc == torch.float32 and x.dtype in (torch.float16, torch.bfloat16) else acc
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    dot = dtypes[0] if acc == torch.float32 and dtypes[0] in (torch.float16, torch.bfloat16) else acc
     prec = "ieee" if INTERPRET or acc == torch.float64 else cfg.prec_fp32 if dot == torch.float32 else "tf32"
-    target = 0 if INTERPRET or not x.is_cuda else sm_count(x.device.index or 0) * cfg.programs_per_sm
+    target = 0 if INTERPRET or device.type != "cuda" else sm_count(device.index or 0) * cfg.programs_per_sm
     bn_s, bp_s = min(cfg.BN_STATE, _p2(N)), min(cfg.BP_STATE, _p2(P))
-    while batch * H * triton.cdiv(N, bn_s) * triton.cdiv(P, bp_s) < target and max(bn_s, bp_s) > 16:
+    while batch * H * cdiv(N, bn_s) * cdiv(P, bp_s) < target and max(bn_s, bp_s) > 16:
         if bn_s >= bp_s:
             bn_s //= 2
         else:
             bp_s //= 2
-    NC = triton.cdiv(T, L)
+    NC = cdiv(T, L)
     bn_d = min(cfg.BN_DBC, _p2(N))
     per_group = H // G
     divisors = [d for d in range(1, per_group + 1) if per_group % d == 0]
     if cfg.head_split:
         hs = max(d for d in divisors if d <= cfg.head_split)
     else:
-        base = NC * triton.cdiv(N, bn_d) * batch * G
+        base = NC * cdiv(N, bn_d) * batch * G
         hs = next((d for d in divisors if base * d >= target), per_group)
     return _Plan(batch, T, H, G, N, P, L, NC, min(cfg.BN, _p2(N)), min(cfg.BP, _p2(P)), bn_s, bp_s, bn_d, hs, acc,
                  dot, prec, cfg)
 
 
-def _chunk_states(pl: _Plan, x, dt, A, B, init):
-    """state_scan_kernel forwards -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state (B, H, N, P) in ACC)."""
+def _chunk_states(pl: _Plan, x, dt, A, B, init, with_final: bool = True):
+    """state_scan_kernel forwards -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state
+    (B, H, N, P) in ACC, or None without with_final: the backward's recomputation)."""
     st = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
-    final = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device)
-    K.state_scan_kernel[pl.state_grid()](
-        x, dt, A, B, init if init is not None else final, st, final, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
-        triton.cdiv(pl.P, pl.BP_S), *x.stride(), *dt.stride(), *B.stride(), REVERSE=False,
-        HAS_START=init is not None, WRITE_END=True, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
+    final = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device) if with_final else None
+    K.state_scan_kernel[pl.state_grid](
+        x, dt, A, B, init if init is not None else st, st, final if with_final else st, pl.T, pl.H, pl.G, pl.N,
+        pl.P, pl.NC, pl.state_p_tiles, *x.stride(), *dt.stride(), *B.stride(), REVERSE=False,
+        HAS_START=init is not None, WRITE_END=with_final, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
     return st, final
 
 
@@ -170,45 +220,57 @@ def _forward(pl: _Plan, x, dt, A, B, C, init, D):
         C, B, cb, pl.T, pl.G, pl.N, pl.NC, *C.stride(), *B.stride(), BN=pl.BN, **pl.consts(), **pl.kw())
     st, final = _chunk_states(pl, x, dt, A, B, init)
     y = new_buffer(x.shape, x.dtype, x.device)
-    K.out_fwd_kernel[pl.chunk_grid()](
+    K.out_fwd_kernel[pl.chunk_grid](
         x, dt, A, C, cb, st, D if D is not None else A, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
-        triton.cdiv(pl.P, pl.BP), *x.stride(), *dt.stride(), *C.stride(), *y.stride(),
+        pl.p_tiles, *x.stride(), *dt.stride(), *C.stride(), *y.stride(),
         HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
     return y, final, cb
 
 
-def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb):
+def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx=None, dB=None, dC=None):
     """-> dx, ddt, dA, dB, dC, dinit, dD (ACC except dx, and dB / dC with one head split: in B's / C's
-    dtype; dinit / dD None without an initial state / D)."""
+    dtype; dinit / dD None without an initial state / D). dx, dB, dC: where to write those gradients
+    (tensors of x's and B's shapes and dtypes, e.g. slices of the gradient of a packed [x | B | C];
+    default: new buffers)."""
     dev = x.device
-    st, _ = _chunk_states(pl, x, dt, A, B, init)
+    st, _ = _chunk_states(pl, x, dt, A, B, init, with_final=False)
     dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
     dinit = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
-    K.state_scan_kernel[pl.state_grid()](
+    K.state_scan_kernel[pl.state_grid](
         dy, dt, A, C, dfinal if dfinal is not None else dst, dst, dinit if dinit is not None else dst,
-        pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, triton.cdiv(pl.P, pl.BP_S), *dy.stride(), *dt.stride(), *C.stride(),
+        pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, pl.state_p_tiles, *dy.stride(), *dt.stride(), *C.stride(),
         REVERSE=True, HAS_START=dfinal is not None, WRITE_END=init is not None, BN=pl.BN_S, BP=pl.BP_S,
         **pl.consts(), **pl.kw("state"))
-    npb = triton.cdiv(pl.P, pl.BP)
-    dx = new_buffer(x.shape, x.dtype, dev)
+    npb = pl.p_tiles
+    if dx is None:
+        dx = new_buffer(x.shape, x.dtype, dev)
     ddt = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
-    dA = new_buffer((pl.batch, pl.NC, npb, pl.H), pl.acc, dev)
-    dD = new_buffer((pl.batch, pl.NC, npb, pl.H), pl.acc, dev) if D is not None else None
-    K.dx_kernel[pl.chunk_grid()](
-        x, dt, A, B, C, cb, st, dst, dy, D if D is not None else A, dx, ddt, dA, dD if D is not None else dA,
+    # dA's and dD's per-chunk parts in one buffer: one reduction for both
+    dA_dD = new_buffer((1 if D is None else 2, pl.batch, pl.NC, npb, pl.H), pl.acc, dev)
+    K.dx_kernel[pl.chunk_grid](
+        x, dt, A, B, C, cb, st, dst, dy, D if D is not None else A, dx, ddt, dA_dD[0], dA_dD[-1],
         pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
         HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw("dx"))
-    nnb = triton.cdiv(pl.N, pl.BN_D)
-    # one head split: the kernel's sums are final, written in B's / C's dtype (no cast launches)
-    dB = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc if pl.HS > 1 else B.dtype, dev)
-    dC = new_buffer((pl.HS, pl.batch, pl.T, pl.G, pl.N), pl.acc if pl.HS > 1 else C.dtype, dev)
-    K.dbc_kernel[(pl.NC * nnb, pl.batch * pl.G * pl.HS)](
-        x, dt, A, B, C, st, dst, dy, dB, dC, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, nnb, pl.HS, pl.batch,
-        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(),
+    into_targets = dB is not None and pl.HS == 1  # one head split: the kernel's sums are final
+    if into_targets:
+        dB_parts, dC_parts, strides = dB, dC, (0, *dB.stride())
+    else:  # per-split partial sums (in ACC), or with one split new buffers in B's / C's dtype (no cast launches)
+        dB_parts = new_buffer((pl.HS, *B.shape), pl.acc if pl.HS > 1 else B.dtype, dev)
+        dC_parts = new_buffer((pl.HS, *C.shape), pl.acc if pl.HS > 1 else C.dtype, dev)
+        strides = dB_parts.stride()
+    K.dbc_kernel[pl.dbc_grid](
+        x, dt, A, B, C, st, dst, dy, dB_parts, dC_parts, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, pl.n_tiles_dbc, pl.HS,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *strides,
         BN=pl.BN_D, BP=_p2(pl.P), **pl.consts(), **pl.kw("dbc"))
-    return (dx, _sum0(ddt), dA.sum((0, 1, 2)), _sum0(dB), _sum0(dC), dinit,
-            None if dD is None else dD.sum((0, 1, 2)))
+    if not into_targets:
+        dB_parts, dC_parts = _sum0(dB_parts), _sum0(dC_parts)
+        if dB is not None:
+            dB.copy_(dB_parts)
+            dC.copy_(dC_parts)
+    dA_dD = dA_dD.sum((1, 2, 3))
+    return (dx, _sum0(ddt), dA_dD[0], dB_parts if dB is None else dB, dC_parts if dC is None else dC, dinit,
+            None if D is None else dA_dD[1])
 
 
 def _sum0(parts: torch.Tensor) -> torch.Tensor:
@@ -216,47 +278,94 @@ def _sum0(parts: torch.Tensor) -> torch.Tensor:
     return parts[0] if parts.shape[0] == 1 else parts.sum(0)
 
 
+def _scan_forward(ctx, x, dt, A, B, C, init, D, chunk_size: int, cfg: SSDConfig):
+    """The autograd functions' forward: -> (y, final state); saves what _scan_backward needs."""
+    pl = _plan(x, dt, B, C, chunk_size, cfg)
+    A_c = A.contiguous()
+    init_c = None if init is None else init.contiguous()
+    D_c = None if D is None else D.contiguous()
+    y, final, cb = _forward(pl, x, dt, A_c, B, C, init_c, D_c)
+    ctx.save_for_backward(x, dt, A_c, B, C, init_c, D_c, cb)
+    ctx.plan = pl
+    ctx.set_materialize_grads(False)
+    return y, final
+
+
+def _scan_backward(ctx, dy, dfinal, dx=None, dB=None, dC=None):
+    """The autograd functions' backward: -> dx, ddt, dA, dB, dC, dinit, dD, each in its input's dtype
+    (dinit / dD None without them); dx, dB, dC as in _backward."""
+    x, dt, A, B, C, init, D, cb = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    if dfinal is not None:
+        dfinal = dfinal.contiguous()
+    grads = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx, dB, dC)
+    return tuple(None if g is None else g if g.dtype == t.dtype else g.to(t.dtype)  # no calls for no-op casts
+                 for g, t in zip(grads, (x, dt, A, B, C, init, D)))
+
+
 class _TritonSSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, init, D, chunk_size, cfg):
-        pl = _plan(x, dt, B, C, chunk_size, cfg)
-        A_c = A.contiguous()
-        init_c = None if init is None else init.contiguous()
-        D_c = None if D is None else D.contiguous()
-        y, final, cb = _forward(pl, x, dt, A_c, B, C, init_c, D_c)
-        ctx.save_for_backward(x, dt, A_c, B, C, init_c, D_c, cb)
-        ctx.plan = pl
-        ctx.set_materialize_grads(False)
-        return y, final
+        return _scan_forward(ctx, x, dt, A, B, C, init, D, chunk_size, cfg)
 
     @staticmethod
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, init, D, cb = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(x)
-        if dfinal is not None:
-            dfinal = dfinal.contiguous()
-        dx, ddt, dA, dB, dC, dinit, dD = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, D, cb)
+        grads = _scan_backward(ctx, dy, dfinal)
+        return (*(g if n else None for g, n in zip(grads, ctx.needs_input_grad)), None, None)
+
+
+class _TritonSSDPacked(torch.autograd.Function):
+    """The scan on x, B, C packed as the columns [x | B | C] of one tensor: the kernels write dx, dB
+    and dC into slices of its gradient (no concatenation in the backward pass)."""
+
+    @staticmethod
+    def forward(ctx, xbc, dt, A, init, D, head_dim, d_state, chunk_size, cfg):
+        ctx.layout = (dt.shape[-1], head_dim, d_state)
+        ctx.xbc = (xbc.shape, xbc.dtype, xbc.device)
+        x, B, C = split_xbc(xbc, *ctx.layout)
+        check_shapes(x, dt, A, B, C, D)
+        return _scan_forward(ctx, x, dt, A, B, C, init, D, chunk_size, cfg)
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        dxbc = new_buffer(*ctx.xbc)
+        _, ddt, dA, _, _, dinit, dD = _scan_backward(ctx, dy, dfinal, *split_xbc(dxbc, *ctx.layout))
         need = ctx.needs_input_grad
-        grads = (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                 None if dinit is None else dinit.to(init.dtype), None if dD is None else dD.to(D.dtype))
-        return (*(g if n else None for g, n in zip(grads, need)), None, None)
+        return (dxbc if need[0] else None, ddt if need[1] else None, dA if need[2] else None,
+                dinit if need[3] else None, dD if need[4] else None, None, None, None, None)
+
+
+def _triton_config(x, tensors, config: SSDConfig | None) -> SSDConfig | None:
+    """The config of a Triton scan on x (default: SSDConfig with SESSA_SSD_CFG applied;
+    INTERPRET_CONFIG in the interpreter), or None where the PyTorch chunked scan serves it (float64
+    on GPU: float64 is for the CPU interpreter tests)."""
+    if not (x.is_cuda or INTERPRET):
+        raise ValueError("the triton SSD scan runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+                         "use impl='chunked' or 'auto' here")
+    if x.is_cuda and any(t.dtype == torch.float64 for t in tensors):
+        return None
+    return config if config is not None else config_from_env(INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG)
 
 
 @torch.compiler.disable  # torch.compile runs the model around it; the kernels launch as they are
 def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, config: SSDConfig | None = None,
                     D=None):
     """The SSD scan on the Triton kernels (module docstring), plus the skip D[h] x when D (H,) is
-    given. ``config`` overrides tiles and launch options (default: SSDConfig with SESSA_SSD_CFG
-    applied; INTERPRET_CONFIG in the interpreter)."""
-    if not (x.is_cuda or INTERPRET):
-        raise ValueError("the triton SSD scan runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
-                         "use impl='chunked' or 'auto' here")
+    given. ``config`` overrides tiles and launch options (_triton_config)."""
+    config = _triton_config(x, (x, dt, A, B, C), config)
     if config is None:
-        config = config_from_env(INTERPRET_CONFIG if INTERPRET else SSDConfig())
-    if x.is_cuda and any(t.dtype == torch.float64 for t in (x, dt, A, B, C)):
-        # float64 is for the CPU interpreter tests; on GPU the PyTorch chunked scan serves it.
-        from sessa_scale.ops.ssd import ssd_scan
-
         return ssd_scan(x, dt, A, B, C, initial_state=initial_state, chunk_size=chunk_size, impl="chunked", D=D)
     return _TritonSSD.apply(x, dt, A, B, C, initial_state, D, int(chunk_size), config)
+
+
+@torch.compiler.disable
+def ssd_scan_triton_packed(xbc, dt, A, head_dim: int, d_state: int, initial_state=None, chunk_size: int = 64,
+                           config: SSDConfig | None = None, D=None):
+    """ssd_scan_triton on x, B, C packed as xbc = [x | B | C] (B, T, H head_dim + 2 G d_state), H =
+    dt.shape[-1]: the same results, and xbc's gradient comes back as one tensor."""
+    config = _triton_config(xbc, (xbc, dt, A), config)
+    if config is None:
+        x, B, C = split_xbc(xbc, dt.shape[-1], head_dim, d_state)
+        return ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size, config, D)
+    return _TritonSSDPacked.apply(xbc, dt, A, initial_state, D, int(head_dim), int(d_state), int(chunk_size), config)

@@ -3,19 +3,18 @@ architectures, exact parameter counts by hand, the shipped matched trios, init a
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from sessa_scale.config import load_config
 from sessa_scale.config.schema import ModelConfig
 from sessa_scale.models import build_model, count_parameters, validate_model_config
 from sessa_scale.models.transformer import default_mlp_hidden
 from tests.helpers import REPO_ROOT
+from tests.helpers.op_counter import OpCounter
 
 CONFIGS = REPO_ROOT / "configs"
 TRIO_SIZES = ("125m", "350m", "1.3b")
@@ -74,18 +73,6 @@ def test_mamba2_scan_implementations_agree_in_the_model():
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-10)
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_mamba2_mixer_runs_one_input_gemm_and_one_conv_with_the_separate_modules_results():
     """in_proj, B_proj, C_proj, dt_proj run as one GEMM and conv_x, conv_B, conv_C as one conv,
     forward and backward (before: 4 GEMMs and 3 convs), with what each module gives on its own."""
@@ -94,10 +81,10 @@ def test_mamba2_mixer_runs_one_input_gemm_and_one_conv_with_the_separate_modules
     torch.manual_seed(0)
     mixer = Mamba2Mixer(32, d_state=8, head_dim=16, n_groups=2, chunk_size=16, kernels="torch").double()
     u = torch.randn(2, 19, 32, dtype=torch.float64, requires_grad=True)
-    with _OpCounter() as fwd:
+    with OpCounter() as fwd:
         z, xbc, dt_raw = mixer._project(u)
         conv_out = mixer.causal_conv(xbc)
-    with _OpCounter() as bwd:
+    with OpCounter() as bwd:
         (z.sum() + conv_out.square().sum() + dt_raw.sum()).backward()
     assert fwd.ops["mm"] + fwd.ops["addmm"] == 1 and fwd.ops["convolution"] == 1, fwd.ops
     assert bwd.ops["mm"] == 2 and bwd.ops["convolution_backward"] == 1, bwd.ops
@@ -300,19 +287,19 @@ def test_attention_input_projections_run_as_one_gemm_with_the_separate_modules_r
     mixer = block.attn if arch == "transformer" else block.mixer
     linears = [mixer.q_proj, mixer.k_proj, mixer.v_proj] + ([mixer.proj_fb] if arch == "sessa" else [])
     x = torch.randn(2, 17, 32, dtype=torch.float64, requires_grad=True)
-    with _OpCounter() as fwd:
+    with OpCounter() as fwd:
         outputs = project(x, linears)
-    with _OpCounter() as bwd:
+    with OpCounter() as bwd:
         sum(o.square().sum() for o in outputs).backward()
     assert fwd.ops["mm"] + fwd.ops["addmm"] == 1 and bwd.ops["mm"] == 2, (fwd.ops, bwd.ops)
     with torch.no_grad():
         for out, linear in zip(outputs, linears):
             torch.testing.assert_close(out, linear(x), rtol=0, atol=1e-12)
-    with _OpCounter() as layer_fwd:
+    with OpCounter() as layer_fwd:
         mixer(torch.randn(2, 17, 32, dtype=torch.float64))
     assert layer_fwd.ops["mm"] + layer_fwd.ops["addmm"] == 2 + (arch == "sessa"), layer_fwd.ops  # out_proj, gamma_ctx
     mixer.k_proj.weight.ds_id = 0
-    with _OpCounter() as fallback:
+    with OpCounter() as fallback:
         project(x, linears)
     assert fallback.ops["mm"] + fallback.ops["addmm"] == len(linears), fallback.ops
 

@@ -126,13 +126,31 @@ def _interp_worker(dtype_name: str) -> None:
             errs = _check(public, batch, T, H, G, P, N, dtype, "cpu", seed=100 + T, tols=tols, state=state,
                           loss_on=loss_on, strided=i % 2 == 0, skip=skip)
             print(f"ok {dtype_name} T={T} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+            if T in (17, 63):  # packed [x | B | C], one head split: dB and dC written into slices of its gradient
+                errs = _check(_packed(chunk, head_split=1), batch, T, H, G, P, N, dtype, "cpu", seed=200 + T,
+                              tols=tols, state=state, loss_on=loss_on, skip=skip)
+                print(f"ok packed {dtype_name} T={T} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+
+
+def _packed(chunk: int, head_split: int):
+    """The scan on [x | B | C] packed into one tensor (ssd_scan_triton_packed), as _check calls it."""
+    from dataclasses import replace
+
+    from sessa_scale.ops.ssd_triton import INTERPRET_CONFIG, ssd_scan_triton_packed
+
+    def scan(x, dt, A, B, C, h0, D):
+        xbc = torch.cat([x.flatten(-2), B.flatten(-2), C.flatten(-2)], dim=-1)
+        config = replace(INTERPRET_CONFIG, head_split=head_split)
+        return ssd_scan_triton_packed(xbc, dt, A, x.shape[-1], B.shape[-1], h0, chunk, config, D)
+
+    return scan
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_interpreter_against_the_recurrence(dtype):
     pytest.importorskip("triton")
     out = run_interpreter_worker(__file__, dtype)
-    assert out.count("ok ") == len(INTERP_CASES), out
+    assert out.count("ok ") == len(INTERP_CASES) + 2, out
 
 
 def test_dispatch_picks_triton_on_cuda_and_refuses_cpu_tensors_outside_the_interpreter():
