@@ -13,7 +13,6 @@ sums (no atomics: deterministic). Inputs need unit stride along channels (else t
 from __future__ import annotations
 
 import torch
-import triton
 
 from sessa_scale.kernels import mamba2_fused as K
 from sessa_scale.models.mamba2 import TRITON_CONV_MAX_WIDTH
