@@ -221,8 +221,7 @@ def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
     return (S, lse) if S2 is None else (S, lse, S2)
 
 
-def ds_blocks(T: int, side: int, min_rows: int, aspect: int,
-              leaf: int = 0) -> list[tuple[int, int, list[tuple[int, int]]]]:
+def ds_blocks(T: int, side: int, min_rows: int, aspect: int, leaf: int = 0) -> list[tuple[int, int, list[tuple[int, int]]]]:
     """The backward's dS blocks for a scratch of side^2 entries: strips [r0, r1) of R = side / aspect
     rows (at least min_rows), each against keys [0, r1) in blocks [c0, c1) of side^2 / R keys; with
     leaf > 0 only the pairs inside leaves of that many rows (strips end at leaf boundaries, keys start
@@ -279,59 +278,48 @@ def _delta(adj: _Adjoint, f, t0: int, t1: int, cfg) -> None:
         BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
 
 
-def _adjoint_chain(blocks: _Blocks, adj: _Adjoint, q, k, ds, f, outs, in_applies: bool) -> None:
-    """The transposed system, backwards in time (``schedule``), into adj.Lam and the other outs; with
-    in_applies each apply also forms dS of its pairs (``_ds_strip``) and delta is formed per leaf right
-    after its product.  The leaf inverses W and the accumulator Y live only here."""
-    B, T, H, Dv, cfg = blocks.B, blocks.T, blocks.H, adj.Lam.shape[-1], blocks.cfg
-    W = leaf_inverses(q, k, blocks.gamma, blocks.lse, cfg, blocks.qk_scale)  # recomputed: cheaper than keeping it
-    Y = torch.empty((B * H, T, Dv), dtype=blocks.acc, device=q.device)
-    Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
-    # scratch bytes per entry of a dS-forming apply: logits, D (and gamma*P, dS in the product dtype)
-    per_entry = 2 * blocks.acc_bytes + 2 * blocks.extra_pdt_bytes
-
-    def leaf(a):
-        _leaf(W, Y, outs, a, cfg.L, True)
-        if in_applies:
-            _delta(adj, f, a, min(a + cfg.L, T), cfg)
-
-    def apply(l0, l1, e0, e1):
-        if in_applies:
-            step = blocks.lines_per_chunk(l1 - l0, per_entry)
-            _ds_strip(blocks, adj, l0, l1, [(c0, min(c0 + step, e1)) for c0 in range(e0, e1, step)], apply_dst=Y)
-        else:
-            blocks.apply(l0, l1, e0, e1, adj.Lam, Y, True)
-
-    schedule(T, cfg.L, leaf, apply, True, 0, triton.cdiv(T, cfg.L))
-
-
 def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
     """-> dq, dk, dgamma, df in `dtypes`, (B, T, H, .) views of head-major buffers.
 
     cfg.ds_in_applies = 1: each backward apply of the schedule (later rows l, lambda_l final, x earlier
-    rows e) also forms dS of its pairs (one q k^T for both), and the pass after the chain covers only
-    the pairs inside leaves; dq, dk are live during the chain.  0: the applies form gamma*P only and
-    one pass after the chain forms dS of every pair."""
+    rows e) also forms dS of its pairs (``_ds_strip``: one q k^T for both), delta per leaf right after
+    its product, and the pass after the chain covers only the pairs inside leaves; dq, dk are live
+    during the chain.  0: the applies form gamma*P only and one pass forms dS of every pair."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
     acc, pdt = lse.dtype, S.dtype
     tq, tk, tg, tf = dtypes
     in_applies = cfg.ds_in_applies == 1
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)  # recomputed: cheaper than keeping it
+    Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
+    Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
     Lam = new_buffer((B * H, T, Dv), pdt, q.device)
     outs = [Lam] if tf == pdt else [Lam, new_buffer((B * H, T, Dv), tf, q.device)]
     delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t)
     adj = _Adjoint(Lam, S, delta, None, None, torch.zeros((B * H, T), dtype=acc, device=q.device))
-
-    def accumulators():
-        adj.dq, adj.dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
-
     if in_applies:
-        accumulators()
-    _adjoint_chain(blocks, adj, q, k, ds, f, outs, in_applies)
-    if not in_applies:  # dq, dk where W and Y were
+        adj.dq, adj.dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
+        per_entry = 2 * blocks.acc_bytes + 2 * blocks.extra_pdt_bytes  # A, D (and gamma*P, dS in the product dtype)
+
+        def leaf(a):
+            _leaf(W, Y, outs, a, cfg.L, True)
+            _delta(adj, f, a, min(a + cfg.L, T), cfg)
+
+        def apply(l0, l1, e0, e1):
+            step = blocks.lines_per_chunk(l1 - l0, per_entry)
+            _ds_strip(blocks, adj, l0, l1, [(c0, min(c0 + step, e1)) for c0 in range(e0, e1, step)], apply_dst=Y)
+    else:
+        def leaf(a):
+            _leaf(W, Y, outs, a, cfg.L, True)
+
+        def apply(l0, l1, e0, e1):
+            blocks.apply(l0, l1, e0, e1, Lam, Y, True)
+    schedule(T, cfg.L, leaf, apply, True, 0, triton.cdiv(T, cfg.L))
+    del W, Y, leaf, apply
+    if not in_applies:
         _delta(adj, f, 0, T, cfg)
-        accumulators()
+        adj.dq, adj.dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
     # dS over the causal blocks the applies left (rows r x keys c, ds_blocks): dq and dk accumulate in
     # ACC across them, dgamma is summed once per strip of rows
     side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)

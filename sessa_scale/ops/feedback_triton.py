@@ -82,7 +82,7 @@ class SolveConfig:
     # GEMM backward: the applies of the schedule also form dS of their pairs (one q k^T for both; the dS
     # pass keeps the pairs inside leaves; dq and dk accumulators live during the chain: +2 ACC slabs of
     # B*H*T*Dk) (1), or one dS pass over every pair (0); -1: 1 for calls replayed as CUDA graphs, 0 for
-    # eager ones (it adds launches: 817 -> 1056 per call at 1x768, T = 32k; long eager calls track them)
+    # eager ones (it adds ~3 launches per apply chunk, and long eager calls are bound by their launches)
     ds_in_applies: int = -1
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
     graph_max_T: int = 4096  # ... fused path: only for sequences this short (launch-bound; longer ones hide their launches)

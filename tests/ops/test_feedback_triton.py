@@ -95,16 +95,14 @@ def _interp_worker(dtype_name: str) -> None:
         for i, T in enumerate(INTERP_T):
             B, H = (1, 2) if i % 2 == 0 else (2, 1)
             # Dk = 24, Dv = 40 with 16-wide row tiles: ragged head rows, several leaves, ragged last leaf.
-            gemm_ds = with_config(gemm=1, ds_in_applies=1)  # dS inside the backward applies
             for path, impl, Ts in (("fused", public, INTERP_FUSED_T), ("gemm", with_config(gemm=1), INTERP_GEMM_T),
-                                   ("gemm ds_in_applies", gemm_ds, INTERP_GEMM_T)):
+                                   ("gemm ds_in_applies", with_config(gemm=1, ds_in_applies=1), INTERP_GEMM_T)):
                 if T in Ts[dtype_name]:
                     errs = _check_against_dense(impl, B, T, H, 24, 40, dtype, "cpu", seed=100 + T, tol_s=tol, tol_g=tol)
                     print(f"ok {dtype_name} {path} T={T} B={B} H={H} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
                           flush=True)
         # Small widths, a non-default scale, both paths; the fused backward with one dk pass over all pairs.
-        for path, fields in (("fused", {}), ("gemm", {"gemm": 1}),
-                             ("gemm ds_in_applies", {"gemm": 1, "ds_in_applies": 1})):
+        for path, fields in (("fused", {}), ("gemm", {"gemm": 1}), ("gemm ds_in_applies", {"gemm": 1, "ds_in_applies": 1})):
             _check_against_dense(with_config(**fields), 1, 33, 1, 16, 16, dtype, "cpu", seed=7, tol_s=tol, tol_g=tol,
                                  scale=0.3)
             print(f"ok {dtype_name} {path} Dk=Dv=16 scale=0.3", flush=True)
