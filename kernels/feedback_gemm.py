@@ -84,15 +84,14 @@ def probs_kernel(a_ptr, p_ptr, g_ptr, lse_ptr, T, H, r0, R, NC, sg_b, sg_t, qk_s
     tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=['T', 't0', 't1'])
-def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, t0, t1, H, Dv, sx_bh, sx_t, sf_b, sf_t,
-                 BM: tl.constexpr, BV: tl.constexpr):
-    """delta[bh, t] = lam_t . (s_t - f_t) in ACC (the softmax-backward row term) for rows t0 <= t < t1."""
+@triton.jit(do_not_specialize=['T'])
+def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_t, BM: tl.constexpr, BV: tl.constexpr):
+    """delta[bh, t] = lam_t . (s_t - f_t) in ACC (the softmax-backward row term)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    t = t0 + tl.program_id(0) * BM + tl.arange(0, BM)
-    tmask = t < t1
+    t = tl.program_id(0) * BM + tl.arange(0, BM)
+    tmask = t < T
     ACC = dl_ptr.dtype.element_ty
     dl = tl.zeros((BM,), dtype=ACC)
     for v0 in range(0, Dv, BV):
@@ -107,37 +106,32 @@ def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, t0, t1, H, Dv, sx_bh, sx_t, s
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'nb0', 'sg_b', 'sg_t'])
-def ds_kernel(a_ptr, d_ptr, ds_ptr, p_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, nb0, sg_b, sg_t,
-              qk_scale, scale, BM: tl.constexpr, BN: tl.constexpr, WRITE_P: tl.constexpr):
+def ds_kernel(a_ptr, d_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, nb0, sg_b, sg_t,
+              qk_scale, scale, BM: tl.constexpr, BN: tl.constexpr):
     """Rows t = r0 + i, keys j = c0 + c of the softmax backward from the logits A and D = lam s^T (both
     (B*H, R, NC) in ACC): dS_scaled = scale P (gamma_t D - delta_t) into ds (zero for j >= t; its
     dtype) and the tile's partial dgamma sum_j P D into column nb0 + pid_n of dgp (B*H, R, NCB), the
-    partials of a whole strip of rows (its blocks at column offsets nb0, one rowsum per strip).
-    WRITE_P: also gamma_t P into p (its dtype; the operand of a backward apply).  ds and p may be d
-    and a (each program reads its own tile before it writes it)."""
+    partials of a whole strip of rows (its blocks at column offsets nb0, one rowsum per strip)."""
     bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
-    p = tl.zeros((BM, BN), dtype=ACC)
     ds = tl.zeros((BM, BN), dtype=ACC)
     dg = tl.zeros((BM,), dtype=ACC)
-    g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
     if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
         lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
         dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
+        g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
         d = tl.load(d_ptr + off, mask=m2, other=0.0)
         p = tl.exp2(tl.load(a_ptr + off, mask=m2, other=0.0) * qk_scale - lse[:, None])
         p = tl.where((c0 + cols[None, :] < t[:, None]) & m2, p, 0.0)
         dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])
     tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
-    if WRITE_P:
-        tl.store(p_ptr + off, (g[:, None] * p).to(p_ptr.dtype.element_ty), mask=m2)
     tl.store(dgp_ptr + bh * R * NCB + i * NCB + nb0 + tl.program_id(1), dg, mask=imask)
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'NCB'])
 def rowsum_kernel(x_ptr, out_ptr, T, r0, R, NCB, BM: tl.constexpr, BN: tl.constexpr):
-    """out[bh, r0 + i] += sum_c x[bh, i, c]  (x: (B*H, R, NCB) partials, out (B*H, T), both in ACC)."""
+    """out[bh, r0 + i] = sum_c x[bh, i, c]  (x: (B*H, R, NCB) partials, out (B*H, T), both in ACC)."""
     bh = tl.program_id(1)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
     imask = i < R
@@ -146,5 +140,4 @@ def rowsum_kernel(x_ptr, out_ptr, T, r0, R, NCB, BM: tl.constexpr, BN: tl.conste
         c = n0 + tl.arange(0, BN)
         acc += tl.sum(tl.load(x_ptr + bh * R * NCB + i[:, None] * NCB + c[None, :],
                               mask=imask[:, None] & (c < NCB)[None, :], other=0.0), 1)
-    o = out_ptr + bh * T + r0 + i
-    tl.store(o, tl.load(o, mask=imask, other=0.0) + acc, mask=imask)
+    tl.store(out_ptr + bh * T + r0 + i, acc, mask=imask)

@@ -6,7 +6,7 @@ The call runs on the ``meta`` device (no data, no GPU): torch ops go through a d
 counts every op that launches a kernel on CUDA (not views, not allocations; ``torch.zeros`` counts as
 its one fill), and the Triton kernels are replaced by counters of their launches.  B = batch_tokens
 // T and bf16 inputs, as ``solve_quick``; the configuration is ``SolveConfig()`` resolved for the
-shape as the op does on CUDA (``_fit``, ``resolve_ds_in_applies``), so the count is the eager path's (a CUDA-graph replay issues the same
+shape as the op does (``_fit``), so the count is the eager path's (a CUDA-graph replay issues the same
 kernels from one launch).  cuBLAS may split one product into two kernels (split-K), which this count
 does not see: it counts the calls that reach the GPU's queue from Python.
 """
@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sessa_scale.kernels import feedback as K
 from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops import feedback_fused, feedback_gemm
-from sessa_scale.ops.feedback_triton import SolveConfig, _fit, graph_eligible, resolve_ds_in_applies
+from sessa_scale.ops.feedback_triton import SolveConfig, _fit
 
 _DEVICE = torch.device("meta")
 _NO_KERNEL_OPS = ("_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh")
@@ -78,7 +78,6 @@ def count_launches(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig | 
                    dtype: torch.dtype = torch.bfloat16) -> tuple[Counter, Counter]:
     """(forward, backward) launch counts by kernel / torch op of one call of shape (B, T, H, Dk|Dv)."""
     cfg = _fit(cfg or SolveConfig(), T, Dk, Dv, torch.finfo(dtype).bits // 8)
-    cfg = resolve_ds_in_applies(cfg, graph_eligible(B, T, H, Dk, Dv, cfg))  # as on CUDA
     path = feedback_gemm if cfg.gemm else feedback_fused
     q, k = (torch.empty((B, T, H, Dk), dtype=dtype, device=_DEVICE) for _ in range(2))
     f, ds = (torch.empty((B, T, H, Dv), dtype=dtype, device=_DEVICE) for _ in range(2))

@@ -8,8 +8,7 @@ product with S / Lam / k / q (cuBLAS).  Rows go in chunks that keep the scratch 
 ``scratch_mib``.  Value-width buffers are head-major (B*H, T, Dv) so that every product is one
 batched GEMM; the op's (B, T, H, .) results are views of them (copies of q, k are made only for
 H > 1).  Memory per call: X or Y (ACC), S, Lam (product dtype), W (B*H*T*L ACC, freed after each
-pass), the scratch, and ACC dq, dk accumulators in the backward (after the leaf chain, or during it
-with ``ds_in_applies``: the backward applies then also form dS of their pairs).
+pass), the scratch, and an ACC dk accumulator in the backward.
 """
 
 from __future__ import annotations
@@ -221,110 +220,59 @@ def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
     return (S, lse) if S2 is None else (S, lse, S2)
 
 
-def ds_blocks(T: int, side: int, min_rows: int, aspect: int, leaf: int = 0) -> list[tuple[int, int, list[tuple[int, int]]]]:
+def ds_blocks(T: int, side: int, min_rows: int, aspect: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
     """The backward's dS blocks for a scratch of side^2 entries: strips [r0, r1) of R = side / aspect
-    rows (at least min_rows), each against keys [0, r1) in blocks [c0, c1) of side^2 / R keys; with
-    leaf > 0 only the pairs inside leaves of that many rows (strips end at leaf boundaries, keys start
-    at the strip's leaf: what the backward applies leave when they form dS themselves).
+    rows (at least min_rows), each against keys [0, r1) in blocks [c0, c1) of side^2 / R keys.
     cuBLAS forms whole blocks, so the strips' diagonal R x R squares are half waste: T * R / 2 entries
     per pass (R / T of the T^2 / 2 useful ones), 1 / aspect of what square blocks waste; thinner
     strips give dq's product (R x Dk per strip) fewer output tiles."""
     R = max(min_rows, side // aspect)
     NC = max(1, side * side // R)
-    spans = [(0, T)] if leaf == 0 else [(a, min(a + leaf, T)) for a in range(0, T, leaf)]
-    return [(r0, min(r0 + R, hi), [(c0, min(c0 + NC, r0 + R, hi)) for c0 in range(lo, min(r0 + R, hi), NC)])
-            for lo, hi in spans for r0 in range(lo, hi, R)]
-
-
-class _Adjoint:
-    """What the backward's dS blocks read and accumulate: lambda and the forward solution S (head-major,
-    product dtype), delta (B*H, T), and the ACC accumulators dq, dk (B*H, T, Dk) and dgamma (B*H, T)."""
-
-    def __init__(self, Lam, S, delta, dq, dk, dg):
-        self.Lam, self.S, self.delta, self.dq, self.dk, self.dg = Lam, S, delta, dq, dk, dg
-
-
-def _ds_strip(blocks: _Blocks, adj: _Adjoint, r0: int, r1: int, col_blocks, apply_dst=None) -> None:
-    """dS of rows [r0, r1) against the key blocks col_blocks [(c0, c1)]: per block the logits and
-    D = lam s^T (cuBLAS), ds_kernel, dq[r] += dS k[c], dk[c] += dS^T q[r]; dgamma[r] += its partials,
-    summed once for the strip.  apply_dst (rows [r0, r1) later than every key): also the backward
-    apply of the block, apply_dst[c] += (gamma*P)^T lam[r], with gamma*P from the same epilogue."""
-    acc, pdt, BH = blocks.acc, blocks.pdt, blocks.BH
-    R, fused = r1 - r0, apply_dst is not None
-    nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, blocks.cfg.EPI_BN) for c0, c1 in col_blocks)]
-    dgp = new_buffer((BH, R, nb0[-1]), acc, blocks.qh.device)  # the dgamma partials of every block, side by side
-    for (c0, c1), nb in zip(col_blocks, nb0):
-        NC = c1 - c0
-        A, D, *half = blocks.views(R, NC, acc, acc, *([] if pdt == acc else [pdt] * (1 + fused)))
-        dS, P = (half[0], half[-1]) if half else (D if fused else A, A)  # ACC: written over D and A
-        _gemm(blocks.qh[:, r0:r1], blocks.kh[:, c0:c1].transpose(1, 2), A)
-        _gemm(adj.Lam[:, r0:r1], adj.S[:, c0:c1].transpose(1, 2), D)
-        G.ds_kernel[blocks.grid(R, NC)](
-            A, D, dS, P, dgp, blocks.gamma, blocks.lse, adj.delta, blocks.T, blocks.H, r0, R, c0, NC, nb0[-1], nb,
-            blocks.gamma.stride(0), blocks.gamma.stride(1), blocks.qk_scale, blocks.scale, WRITE_P=fused,
-            **blocks.epi)
-        if fused:
-            _accumulate(apply_dst[:, c0:c1], P.transpose(1, 2), adj.Lam[:, r0:r1])
-        _accumulate(adj.dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
-        _accumulate(adj.dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
-    G.rowsum_kernel[(triton.cdiv(R, blocks.cfg.EPI_BM), BH)](dgp, adj.dg, blocks.T, r0, R, nb0[-1], **blocks.epi)
-
-
-def _delta(adj: _Adjoint, f, t0: int, t1: int, cfg) -> None:
-    """adj.delta[:, t] = lam_t . (s_t - f_t) for rows t0 <= t < t1 (f: (B, T, H, Dv))."""
-    Lam, BH, T, Dv = adj.Lam, *adj.Lam.shape
-    G.delta_kernel[(triton.cdiv(t1 - t0, cfg.EPI_BM), BH)](
-        Lam, adj.S, f, adj.delta, T, t0, t1, f.shape[2], Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
-        BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
+    return [(r0, min(r0 + R, T), [(c0, min(c0 + NC, r0 + R, T)) for c0 in range(0, min(r0 + R, T), NC)])
+            for r0 in range(0, T, R)]
 
 
 def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
-    """-> dq, dk, dgamma, df in `dtypes`, (B, T, H, .) views of head-major buffers.
-
-    cfg.ds_in_applies = 1: each backward apply of the schedule (later rows l, lambda_l final, x earlier
-    rows e) also forms dS of its pairs (``_ds_strip``: one q k^T for both), delta per leaf right after
-    its product, and the pass after the chain covers only the pairs inside leaves; dq, dk are live
-    during the chain.  0: the applies form gamma*P only and one pass forms dS of every pair."""
+    """-> dq, dk, dgamma, df in `dtypes`, (B, T, H, .) views of head-major buffers."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
     acc, pdt = lse.dtype, S.dtype
     tq, tk, tg, tf = dtypes
-    in_applies = cfg.ds_in_applies == 1
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
     W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)  # recomputed: cheaper than keeping it
     Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
     Lam = new_buffer((B * H, T, Dv), pdt, q.device)
     outs = [Lam] if tf == pdt else [Lam, new_buffer((B * H, T, Dv), tf, q.device)]
+    schedule(T, cfg.L, lambda a: _leaf(W, Y, outs, a, cfg.L, True),
+             lambda *blk: blocks.apply(*blk, Lam, Y, True), True, 0, triton.cdiv(T, cfg.L))
+    del W, Y
     delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t)
-    adj = _Adjoint(Lam, S, delta, None, None, torch.zeros((B * H, T), dtype=acc, device=q.device))
-    if in_applies:
-        adj.dq, adj.dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
-        per_entry = 2 * blocks.acc_bytes + 2 * blocks.extra_pdt_bytes  # A, D (and gamma*P, dS in the product dtype)
-
-        def leaf(a):
-            _leaf(W, Y, outs, a, cfg.L, True)
-            _delta(adj, f, a, min(a + cfg.L, T), cfg)
-
-        def apply(l0, l1, e0, e1):
-            step = blocks.lines_per_chunk(l1 - l0, per_entry)
-            _ds_strip(blocks, adj, l0, l1, [(c0, min(c0 + step, e1)) for c0 in range(e0, e1, step)], apply_dst=Y)
-    else:
-        def leaf(a):
-            _leaf(W, Y, outs, a, cfg.L, True)
-
-        def apply(l0, l1, e0, e1):
-            blocks.apply(l0, l1, e0, e1, Lam, Y, True)
-    schedule(T, cfg.L, leaf, apply, True, 0, triton.cdiv(T, cfg.L))
-    del W, Y, leaf, apply
-    if not in_applies:
-        _delta(adj, f, 0, T, cfg)
-        adj.dq, adj.dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
-    # dS over the causal blocks the applies left (rows r x keys c, ds_blocks): dq and dk accumulate in
-    # ACC across them, dgamma is summed once per strip of rows
+    G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
+        Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
+        BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
+    # dS over causal blocks (rows r x keys c, ds_blocks): dq and dk accumulate in ACC across them,
+    # dgamma is summed once per strip of rows
+    dq, dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
+    dg = new_buffer((B * H, T), acc, q.device)
     side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)
-    for r0, r1, col_blocks in ds_blocks(T, side, cfg.EPI_BM, cfg.ds_aspect, cfg.L if in_applies else 0):
-        _ds_strip(blocks, adj, r0, r1, col_blocks)
+    for r0, r1, col_blocks in ds_blocks(T, side, cfg.EPI_BM, cfg.ds_aspect):
+        R = r1 - r0
+        # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
+        nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, cfg.EPI_BN) for c0, c1 in col_blocks)]
+        dgp = new_buffer((B * H, R, nb0[-1]), acc, q.device)
+        for (c0, c1), nb in zip(col_blocks, nb0):
+            NC = c1 - c0
+            A, D, *dS = blocks.views(R, NC, acc, acc, *([] if pdt == acc else [pdt]))
+            dS = dS[0] if dS else A
+            _gemm(blocks.qh[:, r0:r1], blocks.kh[:, c0:c1].transpose(1, 2), A)
+            _gemm(Lam[:, r0:r1], S[:, c0:c1].transpose(1, 2), D)
+            G.ds_kernel[blocks.grid(R, NC)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1], nb,
+                                            gamma.stride(0), gamma.stride(1), blocks.qk_scale, scale, **blocks.epi)
+            _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
+            _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
+        G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, nb0[-1], **blocks.epi)
     shape = (B, T, H)
-    return (solution_view(adj.dq.to(tq), (*shape, Dk)), solution_view(adj.dk.to(tk), (*shape, Dk)),
-            adj.dg.view(B, H, T).transpose(1, 2).to(tg), solution_view(outs[-1], (*shape, Dv)))
+    return (solution_view(dq.to(tq), (*shape, Dk)), solution_view(dk.to(tk), (*shape, Dk)),
+            dg.view(B, H, T).transpose(1, 2).to(tg), solution_view(outs[-1], (*shape, Dv)))
+

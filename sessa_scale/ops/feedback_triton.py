@@ -79,11 +79,6 @@ class SolveConfig:
     # GEMM backward: dS blocks of side / ds_aspect rows x side * ds_aspect keys (side^2 fills the scratch;
     # 1: square; larger: less of the diagonal squares formed in vain, thinner dq products)
     ds_aspect: int = 2
-    # GEMM backward: the applies of the schedule also form dS of their pairs (one q k^T for both; the dS
-    # pass keeps the pairs inside leaves; dq and dk accumulators live during the chain: +2 ACC slabs of
-    # B*H*T*Dk) (1), or one dS pass over every pair (0); -1: 1 for calls replayed as CUDA graphs, 0 for
-    # eager ones (it adds ~3 launches per apply chunk, and long eager calls are bound by their launches)
-    ds_in_applies: int = -1
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
     graph_max_T: int = 4096  # ... fused path: only for sequences this short (launch-bound; longer ones hide their launches)
     graph_max_T_gemm: int = 16384  # ... GEMM path: up to this length (its leaf chain is launch-bound up to ~16k)
@@ -168,11 +163,6 @@ def graph_eligible(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig) -
     return cfg.graphs == 1 and T <= max_T and B * T * H * (Dk + Dv) <= cfg.graph_max_elements
 
 
-def resolve_ds_in_applies(cfg: SolveConfig, graphed: bool) -> SolveConfig:
-    """cfg with ds_in_applies = -1 resolved: 1 for calls replayed as CUDA graphs, else 0."""
-    return replace(cfg, ds_in_applies=int(graphed)) if cfg.ds_in_applies == -1 else cfg
-
-
 def _backward_input_bytes(q, k, gamma, f) -> int:
     """An upper bound of the backward's input bytes (ds, q, k, gamma, f, the solution, lse), which
     the forward's graph reserves in the shared input arena."""
@@ -190,7 +180,6 @@ class _TritonFeedbackSolve(torch.autograd.Function):
             cfg = _fit(cfg, T, Dk, f.shape[-1], qc.element_size())
             path = feedback_gemm if cfg.gemm else feedback_fused
             ctx.graphed = q.is_cuda and not INTERPRET and graph_eligible(*q.shape, f.shape[-1], cfg)
-            cfg = resolve_ds_in_applies(cfg, ctx.graphed)
             inputs = (qc, kc, gc, fc)
             outs = GRAPHS(("fwd", scale, cfg, f.dtype), lambda *a: path.forward(*a, scale, cfg, f.dtype), inputs,
                           ctx.graphed, _backward_input_bytes(qc, kc, gc, fc))
