@@ -11,7 +11,7 @@
 #   solve-tests   GPU tests of the Triton feedback solve ($GPU_TEST_K: a pytest -k filter)
 #   solve-bench   `bench layer` (SessaLayer vs the project's Transformer block) and `bench solve` tables
 #   solve-profile kernel profiles of the solve (bench/solve_quick.py --profile)
-#   solve-sweep   a small tile sweep of the solve ($SWEEP_CONFIGS: ";"-separated SolveConfig overrides)
+#   solve-sweep   a small tile sweep of the solve ($SWEEP_CONFIGS: ";"-separated SolveConfig overrides, "default" for none)
 #   ssd-tests     GPU tests of the Triton SSD scan (Mamba-2)
 #   ssd-bench     `bench ssd`: the scan alone vs the chunked scan, fla and SDPA flash of the same tokens
 # Knobs: STEP_TIMEOUT (seconds per step, default 300), SMALL_REPEATS / WIDE_REPEATS (timed calls per
@@ -79,7 +79,7 @@ for s in "${STEPS[@]}"; do
       step solve_profile_wide python3 -m sessa_scale.bench.solve_quick --profile --layouts 1x768 --seq-lens 32768 --out "$OUT/profile_1x768.md" ;;
     solve-sweep)
       step solve_sweep python3 -m sessa_scale.bench.solve_quick --layouts 6x128 --seq-lens 8192 --out "$OUT/sweep_6x128.md" \
-        --configs "${SWEEP_CONFIGS:--;FWD_BM=64,FWD_WARPS=4,DQ_BM=64,DQ_WARPS=4;BWD_WARPS=4;STAGES=2;fuse_dk=0}" ;;
+        --configs "${SWEEP_CONFIGS:-default;FWD_BM=64,FWD_WARPS=4,DQ_BM=64,DQ_WARPS=4;BWD_WARPS=4;STAGES=2;fuse_dk=0}" ;;
     ssd-tests)
       # -rsP: skip reasons, and the error figures each passing test prints
       step ssd_tests python3 -m pytest -q -m gpu -p no:cacheprovider -rsP --durations=10 tests/ops/test_ssd_triton.py tests/ops/test_mamba2_fused.py tests/ops/test_ssd.py ;;

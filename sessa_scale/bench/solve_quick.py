@@ -1,13 +1,13 @@
 """Quick GPU timing, config sweeps and kernel profiles of the feedback solve (used by kernels/gpu_check.sh).
 
     python -m sessa_scale.bench.solve_quick --layouts 6x128,1x768 --seq-lens 2048,8192 [--impls triton,sdpa_flash,dense]
-    python -m sessa_scale.bench.solve_quick --layouts 6x128 --seq-lens 8192 --configs "-;FWD_BM=64;BWD_WARPS=4"
+    python -m sessa_scale.bench.solve_quick --layouts 6x128 --seq-lens 8192 --configs "default;FWD_BM=64;BWD_WARPS=4"
     python -m sessa_scale.bench.solve_quick --layouts 6x128,1x768 --seq-lens 16384 --profile
 
 Implementations: the registry of ``sessa-scale bench solve`` (bench/solve.py IMPLS).
 B = batch_tokens // T; bf16 inputs; fwd+bwd median ms via triton.testing.do_bench, peak memory of a
 warm fwd+bwd (as ``sessa-scale bench solve``).  --configs: the Triton solve under each config
-(SolveConfig fields as in SESSA_TRITON_CFG, "-" = the defaults), in this process.  --profile: the
+(SolveConfig fields as in SESSA_TRITON_CFG, "default" = the defaults), in this process.  --profile: the
 GPU kernels of three Triton fwd+bwd calls by total time (torch.profiler), against their wall time.
 Markdown tables go to stdout and, with --out, to a file.  The committed benchmark tables come from
 `sessa-scale bench solve` / `bench layer`.
@@ -73,7 +73,7 @@ def main(argv=None):
     ap.add_argument("--seq-lens", default="2048,8192,16384,32768")
     ap.add_argument("--impls", default=",".join(n for n in ("triton", "sdpa_flash", "fla_deltaformer", "dense") if n in IMPLS),
                     help=f"comma-separated, from {list(IMPLS)}")
-    ap.add_argument("--configs", default="", help='";"-separated Triton configs to sweep ("-" = defaults)')
+    ap.add_argument("--configs", default="", help='";"-separated Triton configs to sweep ("default" = the defaults; a list may not begin with "-")')
     ap.add_argument("--profile", action="store_true", help="kernel-time tables of the Triton solve")
     ap.add_argument("--batch-tokens", type=int, default=16384)
     ap.add_argument("--max-dense-gib", type=float, default=30.0)
@@ -90,7 +90,7 @@ def main(argv=None):
                 lines += ["", f"### {lay}, T={T}, B={B}", "", "| kernel | time per call | launches |", "|---|---|---|"]
                 lines += profile(fwd_bwd_fn("triton", B, T, H, D))
                 continue
-            sweep = [(c, parse_config(c, SolveConfig())) for c in configs]
+            sweep = [(c, parse_config("" if c in ("default", "-") else c, SolveConfig())) for c in configs]
             for label, cfg in sweep or [(n, None) for n in impls]:
                 name = "triton" if configs else label
                 too_wide = D > MAX_HEAD_DIM.get(name, D)
