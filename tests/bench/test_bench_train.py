@@ -3,6 +3,9 @@
 import json
 import subprocess
 
+import pytest
+import torch
+
 from sessa_scale.bench import train as bench_train
 from tests.helpers.short_runs import single_process_env
 
@@ -26,9 +29,6 @@ def test_a_row_is_a_real_trainer_run_without_checkpoints(tmp_path):
 def test_options_may_follow_the_overrides(capsys):
     """`bench train ... train.x=1 --batch-tokens N` parses (it stopped at 'unrecognized arguments');
     on a machine without CUDA it then stops at the device check."""
-    import pytest
-    import torch
-
     argv = ["--archs", "transformer", "train.grad_accum_steps=1", "--batch-tokens", "4096", "--grad-accum", "2"]
     if torch.cuda.is_available():
         pytest.skip("the parse is checked where the run stops at the device check")
