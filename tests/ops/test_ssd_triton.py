@@ -10,7 +10,7 @@ on both. TRITON_INTERPRET must be set before the kernels are decorated, so those
 fresh subprocess (this file with ``--interp-worker DTYPE``).
 
 GPU (``-m gpu``): fp32 and bf16 against the float64 recurrence within the tolerances below,
-awkward T, determinism, the model's layouts, decoding after a prefill, and a cross-check against
+awkward T, dx_kernel's sweep points, determinism, the model's layouts, decoding after a prefill, and a cross-check against
 fla-core's simple GLA where fla does not flag its backward as wrong (Triton >= 3.7.1 on Hopper).
 """
 
@@ -264,6 +264,26 @@ def test_gpu_chunk_sizes_and_widths(chunk, P, N, G):
     """Other chunk sizes (128 and 256 run as 64), ragged P and N tiles, 4 groups of one head each (bf16)."""
     errs = _check(_triton(chunk), 1, 777, 4, G, P, N, torch.bfloat16, "cuda", seed=chunk, tols=BF16_TOL)
     _report(errs, f"chunk={chunk} P={P} N={N} G={G}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dx_tiles", [{"BP_DX": 32}, {"maxnreg_dx": 0}], ids=["BP_DX=32", "maxnreg_dx=0"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_dx_kernel_sweep_points(dx_tiles, dtype):
+    """dx_kernel's other sweep points (two P-tiles; no register cap) compile and match the recurrence."""
+    from dataclasses import replace
+
+    from sessa_scale.ops.ssd_triton import DEFAULT_CONFIG, ssd_scan_triton
+
+    config = replace(DEFAULT_CONFIG, **dx_tiles)
+
+    def scan(x, dt, A, B, C, h0, D):
+        return ssd_scan_triton(x, dt, A, B, C, h0, 64, config, D)
+
+    errs = _check(scan, 2, 130, 4, 2, 64, 128, getattr(torch, dtype), "cuda", seed=11,
+                  tols=FP32_TOL if dtype == "float32" else BF16_TOL, strided=True)
+    _report(errs, f"{dx_tiles} {dtype}")
 
 
 @gpu
