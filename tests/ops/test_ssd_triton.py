@@ -10,8 +10,9 @@ on both. TRITON_INTERPRET must be set before the kernels are decorated, so those
 fresh subprocess (this file with ``--interp-worker DTYPE``).
 
 GPU (``-m gpu``): fp32 and bf16 against the float64 recurrence within the tolerances below,
-awkward T, dx_kernel's sweep points, determinism, the model's layouts, decoding after a prefill, and a cross-check against
-fla-core's simple GLA where fla does not flag its backward as wrong (Triton >= 3.7.1 on Hopper).
+awkward T, dx_kernel's sweep points, determinism, the model's layouts, decoding after a prefill,
+and a cross-check against fla-core's simple GLA where fla does not flag its backward as wrong
+(Triton >= 3.7.1 on Hopper).
 """
 
 from __future__ import annotations
