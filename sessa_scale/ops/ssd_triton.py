@@ -58,8 +58,9 @@ class SSDConfig:
     max_chunk: int = 64  # longer chunks run as this (128: the dB/dC kernel's L x L tiles spill even at 16 warps)
     num_warps: int = 4  # cb, out_fwd
     num_warps_dx: int = 8  # dx_kernel (its L x L tiles spill registers at 4 warps, L = 64, on sm_90)
-    maxnreg_dx: int = 128  # dx_kernel's register cap per thread (0: the compiler's choice, ~180 at BP_DX = 64:
-    # one program per SM): 8 warps x 128 registers run two programs per SM on sm_90 (40 bytes spilled, outside the loop)
+    maxnreg_dx: int = 128  # dx_kernel's register cap per thread with bf16 / fp16 inputs (0: the compiler's choice,
+    # ~180 at BP_DX = 64: one program per SM): 8 warps x 128 registers run two programs per SM on sm_90 (40 bytes
+    # spilled, outside the loop). Not applied to float32 inputs (their fp32 tiles spill 1.5 KB under it)
     num_warps_state: int = 4  # the sequential state kernels
     num_warps_dbc: int = 8
     num_stages: int = 2
@@ -139,7 +140,7 @@ class _Plan:
         warps = {"": cfg.num_warps, "state": cfg.num_warps_state, "dx": cfg.num_warps_dx, "dbc": cfg.num_warps_dbc}
         options = {kind: {} if INTERPRET else {"num_warps": w, "num_stages": cfg.num_stages}
                    for kind, w in warps.items()}
-        if cfg.maxnreg_dx and not INTERPRET:
+        if cfg.maxnreg_dx and not INTERPRET and self.dot != self.acc:  # half-precision products only
             options["dx"]["maxnreg"] = cfg.maxnreg_dx
         return options
 
