@@ -28,18 +28,20 @@ inputs' half-precision dtype, else ACC):
   dx_kernel          du_j = sum_{i >= j} (C_i . B_j) exp(a_i - a_j) dy_i + exp(a_L - a_j) dS_{c+1}^T B_j;
                      dx = dt du (+ D[h] dy), and per (chunk, head, P-tile) the P-tile's part of dg,
                      the gradient of the per-step log decay g_t = dt_t A_h (dt's and A's gradients
-                     through the decay), with dt's gradient x . du + A dg and A's sum dg dt
+                     through the decay), with dt's gradient x . du + A dg and A's sum dg dt.
+                     (its own P-tile and register cap: SSDConfig.BP_DX, maxnreg_dx)
   dbc_kernel         per (chunk, N-tile, b, g, head split), looping over the split's heads: dC, dB
                      summed over the heads in registers; the intra-chunk part as one L x L sum over
                      the heads multiplied by B and C after the loop
 
 dg_t collects every (i, j) pair whose decay exp(sum_{j < k <= i} g_k) contains g_t (j < t <= i),
-split by where i and j lie relative to t's chunk: both inside (from the L x L products, by a
-cumulative sum over j and a masked sum over i), i inside and j before the chunk (the C_i S_c
-read-out, a reverse cumulative sum), j inside and i after it (dS_{c+1} against B_j x_j^T, a
-cumulative sum), both outside (exp(a_L) <S_c, dS_{c+1}>). Each part is a sum of like-signed
-terms within one chunk: no cancellation across the sequence (the shortcut C.dC - B.dB followed
-by a global reverse cumulative sum would cancel large terms in low precision).
+split by where i and j lie relative to t's chunk: both inside (with f[i, j] the L x L products,
+sum_{i >= t} (sum_j f[i, j] - sum_i' f[i', i]): row minus column sums, a reverse cumulative sum
+over the chunk), i inside and j before the chunk (the C_i S_c read-out, a reverse cumulative
+sum), j inside and i after it (dS_{c+1} against B_j x_j^T, a cumulative sum), both outside
+(exp(a_L) <S_c, dS_{c+1}>). Each part is a sum within one chunk: no cancellation across the
+sequence (the shortcut C.dC - B.dB followed by a global reverse cumulative sum would cancel large
+terms in low precision).
 
 No atomics: partial results over P-tiles (dg, ddt, dA, dD) and head splits (dB, dC) go to
 separate slices that the wrapper sums, so results are deterministic.
@@ -239,16 +241,18 @@ def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, CB_ptr, st_ptr, dst_ptr, dy_pt
     p = pb * BP + tl.arange(0, BP)
     pm = p < P
     dtv, a, a_last = _chunk_decay(dt_ptr + b * sdt_b + h * sdt_h, A_ptr, h, t, tm, sdt_t, L, ACC)
-    cb = _load_cb(CB_ptr, b * G + g, c, NC, L)
-    decay = _causal_decay(a, L)
-    scores = (cb * decay).to(DOT)  # [i, j] = (C_i . B_j) exp(a_i - a_j), j <= i
+    W = _load_cb(CB_ptr, b * G + g, c, NC, L) * _causal_decay(a, L)  # [i, j] = (C_i . B_j) exp(a_i - a_j), j <= i
     dY = _tile(dy_ptr + b * sdy_b + h * sdy_h, t, p, tm, pm, sdy_t, sdy_p).to(DOT)
     Xd = _tile(x_ptr + b * sx_b + h * sx_h, t, p, tm, pm, sx_t, sx_p).to(DOT)
-    du = tl.dot(tl.trans(scores), dY, input_precision=PREC)
+    du = tl.dot(tl.trans(W.to(DOT)), dY, input_precision=PREC)
+    # dg_t = sum over the pairs (i, j) with j < t <= i, by where they lie. Both inside the chunk: with
+    # f[i, j] = dy_i . x_j W[i, j] dt_j (0 above the diagonal), sum_{i >= t} (rowsum_i - colsum_i) (a
+    # reverse cumulative sum over the chunk below; no L x L cumulative sum)
+    f = tl.dot(dY, tl.trans(Xd), input_precision=PREC) * W * dtv[None, :]
+    inside = tl.sum(f, axis=1) - tl.sum(f, axis=0)
     state = (bh.to(tl.int64) * NC + c) * N * P
     BdS, CS, SdS = _read_states(B_ptr + b * sB_b + g * sB_g, C_ptr + b * sC_b + g * sC_g, st_ptr + state,
                                 dst_ptr + state, t, tm, p, pm, N, P, sB_t, sB_n, sC_t, sC_n, L, BN, BP, ACC, DOT, PREC)
-    ea = tl.exp(a)
     w_end = tl.exp(a_last - a)
     du += w_end[:, None] * BdS
     X, dYa = Xd.to(ACC), dY.to(ACC)
@@ -258,15 +262,11 @@ def dx_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, CB_ptr, st_ptr, dst_ptr, dy_pt
         tl.store(dD_ptr + ((b * NC + c) * NPB + pb) * H + h, tl.sum(tl.sum(X * dYa, axis=1), axis=0))
     dxp = dx_ptr + b * sdx_b + h * sdx_h
     tl.store(dxp + t[:, None] * sdx_t + p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty), mask=tm[:, None] & pm[None, :])
-    # dg_t: pairs j < t <= i inside the chunk (from dy_i . x_j); i >= t inside with j before (the
-    # C_i S_c read-out); j < t inside with i after (dS_{c+1} against B_j x_j^T); both outside.
-    f = tl.dot(dY, tl.trans(Xd), input_precision=PREC) * decay * dtv[None, :] * cb
-    before_t = tl.cumsum(f, axis=1) - f  # [i, t] = sum_{j < t} f[i, j]
-    i = tl.arange(0, L)
-    inside = tl.sum(tl.where(i[:, None] >= i[None, :], before_t, 0.0), axis=0)
-    readout = ea * tl.sum(dYa * CS, axis=1)
+    # i >= t inside with j before the chunk (the C_i S_c read-out); j < t inside with i after it
+    # (dS_{c+1} against B_j x_j^T); both outside (exp(a_L) <S_c, dS_{c+1}>)
+    readout = tl.exp(a) * tl.sum(dYa * CS, axis=1)
     into = w_end * dtv * tl.sum(X * BdS, axis=1)
-    dg = inside + tl.cumsum(readout, axis=0, reverse=True) + (tl.cumsum(into, axis=0) - into)
+    dg = tl.cumsum(inside + readout, axis=0, reverse=True) + (tl.cumsum(into, axis=0) - into)
     dg += tl.exp(a_last) * SdS
     dg = tl.where(tm, dg, 0.0)
     tl.store(ddt_ptr + ((pb * BATCH + b) * T + t) * H + h, tl.sum(X * du, axis=1) + tl.load(A_ptr + h).to(ACC) * dg,

@@ -46,7 +46,9 @@ class SSDConfig:
     """Tiles and launch options (each clamped to the problem; powers of two >= 16)."""
 
     BN: int = 64  # N-tile of the C S_c / B dS contractions (out_fwd, dx) and of cb_kernel
-    BP: int = 64  # P-tile of out_fwd and dx (grid axis)
+    BP: int = 64  # P-tile of out_fwd (grid axis)
+    BP_DX: int = 64  # P-tile of dx_kernel (grid axis; 32: 128 registers without the cap below, but the L x L
+    # work is repeated per P-tile)
     BN_STATE: int = 64  # state tile (N x P) of the sequential state kernels, halved (N first, to 16)
     BP_STATE: int = 64  # ... while there are fewer than programs_per_sm programs per SM
     BN_DBC: int = 64  # N-tile of dbc_kernel (grid axis); its P-tile is all of P
@@ -56,6 +58,9 @@ class SSDConfig:
     max_chunk: int = 64  # longer chunks run as this (128: the dB/dC kernel's L x L tiles spill even at 16 warps)
     num_warps: int = 4  # cb, out_fwd
     num_warps_dx: int = 8  # dx_kernel (its L x L tiles spill registers at 4 warps, L = 64, on sm_90)
+    maxnreg_dx: int = 128  # dx_kernel's register cap per thread with bf16 / fp16 inputs (0: the compiler's choice,
+    # ~180 at BP_DX = 64: one program per SM): 8 warps x 128 registers run two programs per SM on sm_90 (40 bytes
+    # spilled, outside the loop). Not applied to float32 inputs (their fp32 tiles spill 1.5 KB under it)
     num_warps_state: int = 4  # the sequential state kernels
     num_warps_dbc: int = 8
     num_stages: int = 2
@@ -64,7 +69,7 @@ class SSDConfig:
 
 DEFAULT_CONFIG = SSDConfig()
 # Small tiles for the CPU interpreter: tests cover several N-, P- and state tiles and head splits.
-INTERPRET_CONFIG = SSDConfig(BN=16, BP=16, BN_STATE=16, BP_STATE=16, BN_DBC=16, head_split=2)
+INTERPRET_CONFIG = SSDConfig(BN=16, BP=16, BP_DX=16, BN_STATE=16, BP_STATE=16, BN_DBC=16, head_split=2)
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -111,6 +116,7 @@ class _Plan:
     NC: int
     BN: int
     BP: int
+    BP_DX: int
     BN_S: int
     BP_S: int
     BN_D: int
@@ -132,7 +138,11 @@ class _Plan:
     def _launch_options(self) -> dict[str, dict]:
         cfg = self.cfg
         warps = {"": cfg.num_warps, "state": cfg.num_warps_state, "dx": cfg.num_warps_dx, "dbc": cfg.num_warps_dbc}
-        return {kind: {} if INTERPRET else {"num_warps": w, "num_stages": cfg.num_stages} for kind, w in warps.items()}
+        options = {kind: {} if INTERPRET else {"num_warps": w, "num_stages": cfg.num_stages}
+                   for kind, w in warps.items()}
+        if cfg.maxnreg_dx and not INTERPRET and self.dot != self.acc:  # half-precision products only
+            options["dx"]["maxnreg"] = cfg.maxnreg_dx
+        return options
 
     @functools.cached_property
     def _consts(self) -> dict:
@@ -145,8 +155,13 @@ class _Plan:
 
     @functools.cached_property
     def p_tiles(self) -> int:
-        """P-tiles of out_fwd and dx (dx's partial sums of ddt, dA, dD: one per P-tile)."""
+        """P-tiles of out_fwd."""
         return cdiv(self.P, self.BP)
+
+    @functools.cached_property
+    def dx_p_tiles(self) -> int:
+        """P-tiles of dx_kernel (its partial sums of ddt, dA, dD: one per P-tile)."""
+        return cdiv(self.P, self.BP_DX)
 
     @functools.cached_property
     def n_tiles_dbc(self) -> int:
@@ -160,6 +175,10 @@ class _Plan:
     @functools.cached_property
     def chunk_grid(self) -> tuple[int, int]:
         return (self.NC * self.p_tiles, self.batch * self.H)
+
+    @functools.cached_property
+    def dx_grid(self) -> tuple[int, int]:
+        return (self.NC * self.dx_p_tiles, self.batch * self.H)
 
     @functools.cached_property
     def dbc_grid(self) -> tuple[int, int]:
@@ -197,7 +216,8 @@ def _plan_for(x_shape, B_shape, dtypes, device: torch.device, chunk_size: int, c
     else:
         base = NC * cdiv(N, bn_d) * batch * G
         hs = next((d for d in divisors if base * d >= target), per_group)
-    return _Plan(batch, T, H, G, N, P, L, NC, min(cfg.BN, _p2(N)), min(cfg.BP, _p2(P)), bn_s, bp_s, bn_d, hs, acc,
+    return _Plan(batch, T, H, G, N, P, L, NC, min(cfg.BN, _p2(N)), min(cfg.BP, _p2(P)),
+                 min(cfg.BP_DX, _p2(P)), bn_s, bp_s, bn_d, hs, acc,
                  dot, prec, cfg)
 
 
@@ -241,17 +261,17 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx=None, dB=No
         pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, pl.state_p_tiles, *dy.stride(), *dt.stride(), *C.stride(),
         REVERSE=True, HAS_START=dfinal is not None, WRITE_END=init is not None, BN=pl.BN_S, BP=pl.BP_S,
         **pl.consts(), **pl.kw("state"))
-    npb = pl.p_tiles
+    npb = pl.dx_p_tiles
     if dx is None:
         dx = new_buffer(x.shape, x.dtype, dev)
     ddt = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
     # dA's and dD's per-chunk parts in one buffer: one reduction for both
     dA_dD = new_buffer((1 if D is None else 2, pl.batch, pl.NC, npb, pl.H), pl.acc, dev)
-    K.dx_kernel[pl.chunk_grid](
+    K.dx_kernel[pl.dx_grid](
         x, dt, A, B, C, cb, st, dst, dy, D if D is not None else A, dx, ddt, dA_dD[0], dA_dD[-1],
         pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
-        HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw("dx"))
+        HAS_D=D is not None, BN=pl.BN, BP=pl.BP_DX, **pl.consts(), **pl.kw("dx"))
     into_targets = dB is not None and pl.HS == 1  # one head split: the kernel's sums are final
     if into_targets:
         dB_parts, dC_parts, strides = dB, dC, (0, *dB.stride())

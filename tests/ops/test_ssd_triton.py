@@ -4,14 +4,15 @@ float64 sequential recurrence (sessa_scale/ops/ssd_reference.py).
 CPU (CI): every kernel runs under TRITON_INTERPRET=1 in float32 and float64, at T in
 {1, 17, 63, 65, 130}, forward and every input gradient, with the kernels' outputs and work
 buffers poisoned with NaN so that unwritten tiles fail; shapes cover several N-, P- and state
-tiles, B/C groups, head splits, strided (non-contiguous) inputs, an initial state, and losses
-on y alone, on the final state alone, and on both. TRITON_INTERPRET must be set before the
-kernels are decorated, so those checks run in a fresh subprocess (this file with
-``--interp-worker DTYPE``).
+tiles (dx's P-tile also apart from the output's), B/C groups, head splits, strided
+(non-contiguous) inputs, an initial state, and losses on y alone, on the final state alone, and
+on both. TRITON_INTERPRET must be set before the kernels are decorated, so those checks run in a
+fresh subprocess (this file with ``--interp-worker DTYPE``).
 
 GPU (``-m gpu``): fp32 and bf16 against the float64 recurrence within the tolerances below,
-awkward T, determinism, the model's layouts, decoding after a prefill, and a cross-check against
-fla-core's simple GLA where fla does not flag its backward as wrong (Triton >= 3.7.1 on Hopper).
+awkward T, dx_kernel's sweep points, determinism, the model's layouts, decoding after a prefill,
+and a cross-check against fla-core's simple GLA where fla does not flag its backward as wrong
+(Triton >= 3.7.1 on Hopper).
 """
 
 from __future__ import annotations
@@ -130,6 +131,22 @@ def _interp_worker(dtype_name: str) -> None:
                 errs = _check(_packed(chunk, head_split=1), batch, T, H, G, P, N, dtype, "cpu", seed=200 + T,
                               tols=tols, state=state, loss_on=loss_on, skip=skip)
                 print(f"ok packed {dtype_name} T={T} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+            if T == 63:  # dx_kernel's P-tile apart from out_fwd's: one dx tile (32 lanes, 12 masked) against two
+                errs = _check(_tiles(chunk, BP=16, BP_DX=32), batch, T, H, G, P, N, dtype, "cpu", seed=300 + T,
+                              tols=tols, state=state, loss_on=loss_on, skip=skip)
+                print(f"ok dx tile {dtype_name} T={T} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+
+
+def _tiles(chunk: int, **tiles):
+    """The scan with INTERPRET_CONFIG's tiles replaced by `tiles` (ssd_scan_triton), as _check calls it."""
+    from dataclasses import replace
+
+    from sessa_scale.ops.ssd_triton import INTERPRET_CONFIG, ssd_scan_triton
+
+    def scan(x, dt, A, B, C, h0, D):
+        return ssd_scan_triton(x, dt, A, B, C, h0, chunk, replace(INTERPRET_CONFIG, **tiles), D)
+
+    return scan
 
 
 def _packed(chunk: int, head_split: int):
@@ -150,7 +167,7 @@ def _packed(chunk: int, head_split: int):
 def test_interpreter_against_the_recurrence(dtype):
     pytest.importorskip("triton")
     out = run_interpreter_worker(__file__, dtype)
-    assert out.count("ok ") == len(INTERP_CASES) + 2, out
+    assert out.count("ok ") == len(INTERP_CASES) + 3, out
 
 
 def test_dispatch_picks_triton_on_cuda_and_refuses_cpu_tensors_outside_the_interpreter():
@@ -248,6 +265,26 @@ def test_gpu_chunk_sizes_and_widths(chunk, P, N, G):
     """Other chunk sizes (128 and 256 run as 64), ragged P and N tiles, 4 groups of one head each (bf16)."""
     errs = _check(_triton(chunk), 1, 777, 4, G, P, N, torch.bfloat16, "cuda", seed=chunk, tols=BF16_TOL)
     _report(errs, f"chunk={chunk} P={P} N={N} G={G}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dx_tiles", [{"BP_DX": 32}, {"maxnreg_dx": 0}], ids=["BP_DX=32", "maxnreg_dx=0"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_dx_kernel_sweep_points(dx_tiles, dtype):
+    """dx_kernel's other sweep points (two P-tiles; no register cap) compile and match the recurrence."""
+    from dataclasses import replace
+
+    from sessa_scale.ops.ssd_triton import DEFAULT_CONFIG, ssd_scan_triton
+
+    config = replace(DEFAULT_CONFIG, **dx_tiles)
+
+    def scan(x, dt, A, B, C, h0, D):
+        return ssd_scan_triton(x, dt, A, B, C, h0, 64, config, D)
+
+    errs = _check(scan, 2, 130, 4, 2, 64, 128, getattr(torch, dtype), "cuda", seed=11,
+                  tols=FP32_TOL if dtype == "float32" else BF16_TOL, strided=True)
+    _report(errs, f"{dx_tiles} {dtype}")
 
 
 @gpu
