@@ -4,7 +4,8 @@ paths of sessa_scale/models/mamba2.py.
 
 CPU (CI): under TRITON_INTERPRET=1 in a fresh subprocess (this file with ``--interp-worker``), in
 float32 (and at two T float64) inputs (the kernels compute in float32), T in {1, 17, 63, 65, 130}
-(the norm, per row, at 1 and 17), outputs and every gradient (inputs, weights, biases), strided inputs, buffers
+(the norm, per row, at 1 and 17), outputs and every gradient (inputs, weights, biases), strided inputs, input
+gradients written into the blocks of one joint gradient (strided slices, as the mixer's projection), buffers
 poisoned with NaN (the conv backward's weight-gradient partials included; its programs walk runs
 of INTERPRET_CONV_TILES = 2 tiles of CONV_BWD_BT = 4 flattened tokens there, so runs cross sequence
 boundaries, end past B T and hold tiles near boundaries (masked) and inside sequences (unmasked;
@@ -120,6 +121,46 @@ def check_dt(batch, T, H, dtype, device, seed, tol, strided=False):
     return errs
 
 
+def check_grads_into_joint(batch, T, dtype, device, seed):
+    """The three ops reading their blocks [z | conv input | raw dt] of one projection output (strided
+    slices, row stride E + C + H) and writing their input gradients into those blocks' slots of one
+    joint gradient (poisoned: an entry no kernel wrote stays NaN), as in the mixer: each gradient is
+    its slice of the buffer (not a copy), bitwise equal to the op's gradient into a buffer of its own,
+    and the projection's gradient is the buffer itself with every entry written."""
+    from sessa_scale.ops.joint_gradient import split_with_joint_gradient
+    from sessa_scale.ops.mamba2_fused import causal_conv1d_silu, dt_softplus_and_decay, gated_rmsnorm
+
+    E, C, H = 32, 40, 6  # z (two norm groups), conv channels, heads
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+    joined, y, norm_w, taps, conv_b = rand(batch, T, E + C + H), rand(batch, T, E), rand(E), rand(4, C), rand(C)
+    dt_bias, A_log = rand(H), rand(H)
+    ups = [rand(batch, T, width) for width in (E, C, H)]
+    ops = (lambda z, slot: gated_rmsnorm(y, z, norm_w, E // 2, 1e-5, slot),
+           lambda x, slot: causal_conv1d_silu(x, taps, conv_b, slot),
+           lambda raw, slot: dt_softplus_and_decay(raw, dt_bias, A_log, slot)[0])
+
+    def loss(blocks, slots):
+        return sum((op(block, slot).double() * up).sum() for op, block, slot, up in zip(ops, blocks, slots, ups))
+
+    own = [block.detach().requires_grad_() for block in joined.split((E, C, H), dim=-1)]
+    expected = torch.autograd.grad(loss(own, (None,) * 3), own)
+    blocks, joint = split_with_joint_gradient(joined.detach().requires_grad_(), (E, C, H))
+    grads = torch.autograd.grad(loss(blocks, [joint.slot(i) for i in range(3)]), blocks)
+    for i, (grad, want) in enumerate(zip(grads, expected)):
+        view = joint.buffer.narrow(-1, joint.offsets[i], joint.widths[i])
+        assert (grad.data_ptr(), grad.stride()) == (view.data_ptr(), view.stride()), f"block {i} T={T}: not its slice"
+        assert torch.equal(grad, want), f"block {i} T={T}: differs from the op's own buffer"
+    assert torch.isfinite(joint.buffer).all(), f"T={T}: entries of the joint gradient no kernel wrote"
+    leaf = joined.detach().requires_grad_()
+    blocks, joint = split_with_joint_gradient(leaf, (E, C, H))
+    (whole,) = torch.autograd.grad(loss(blocks, [joint.slot(i) for i in range(3)]), [leaf])
+    assert torch.equal(whole, torch.cat(expected, dim=-1)) and joint.buffer is None, f"T={T}: projection gradient"
+
+
 def check_mixer(T, dtype, device, tol, seed=0):
     """The whole mixer: fused kernels + Triton scan vs the PyTorch paths + chunked scan; output and
     the gradients of the input and of every parameter."""
@@ -159,6 +200,7 @@ def _interp_worker() -> None:
                 tol = 2e-6 if dtype == torch.float64 else 2e-5  # the kernels compute in float32
                 check_conv(2 - i % 2, T, 72, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 0)
                 check_dt(2 - i % 2, T, 6, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
+                check_grads_into_joint(2 - i % 2, T, dtype, "cpu", seed=T)
                 if T <= 17:  # per row, so T matters only through rows per program (NORM_ROWS = 16): 17 x 2 rows
                     check_norm(2 - i % 2, T, 48, 1 + i % 2 * 2, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
             print(f"ok T={T}", flush=True)
