@@ -121,7 +121,7 @@ def check_dt(batch, T, H, dtype, device, seed, tol, strided=False):
     return errs
 
 
-def check_grads_into_joint(batch, T, dtype, device, seed):
+def check_grads_into_joint(batch, T, dtype, device, seed, widths=(32, 40, 6)):
     """The three ops reading their blocks [z | conv input | raw dt] of one projection output (strided
     slices, row stride E + C + H) and writing their input gradients into those blocks' slots of one
     joint gradient (poisoned: an entry no kernel wrote stays NaN), as in the mixer: each gradient is
@@ -130,14 +130,15 @@ def check_grads_into_joint(batch, T, dtype, device, seed):
     from sessa_scale.ops.joint_gradient import split_with_joint_gradient
     from sessa_scale.ops.mamba2_fused import causal_conv1d_silu, dt_softplus_and_decay, gated_rmsnorm
 
-    E, C, H = 32, 40, 6  # z (two norm groups), conv channels, heads
+    E, C, H = widths  # z (two norm groups), conv channels, heads
     gen = torch.Generator().manual_seed(seed)
 
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
+    def rand(*shape, param=False):  # parameters in at least float32, as under autocast
+        kind = torch.promote_types(dtype, torch.float32) if param else dtype
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=kind)
 
-    joined, y, norm_w, taps, conv_b = rand(batch, T, E + C + H), rand(batch, T, E), rand(E), rand(4, C), rand(C)
-    dt_bias, A_log = rand(H), rand(H)
+    joined, y = rand(batch, T, E + C + H), rand(batch, T, E)
+    norm_w, taps, conv_b, dt_bias, A_log = (rand(*shape, param=True) for shape in ((E,), (4, C), (C,), (H,), (H,)))
     ups = [rand(batch, T, width) for width in (E, C, H)]
     ops = (lambda z, slot: gated_rmsnorm(y, z, norm_w, E // 2, 1e-5, slot),
            lambda x, slot: causal_conv1d_silu(x, taps, conv_b, slot),
@@ -261,6 +262,15 @@ def test_gpu_bf16_against_the_torch_paths():
     bf16 copy of the weights), so both sides differ by bf16 rounding."""
     check_conv(4, 2048, 2304, torch.bfloat16, "cuda", seed=1, tol=2e-2)
     check_norm(4, 2048, 2048, 1, torch.bfloat16, "cuda", seed=1, tol=2e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 17, 2049])
+def test_gpu_grads_into_one_joint_gradient(T, dtype):
+    """The 350m widths (z 2048, [x | B | C] 2304, dt 32; row stride 4384), the GPU's conv run lengths."""
+    check_grads_into_joint(2, T, dtype, "cuda", seed=T, widths=(2048, 2304, 32))
 
 
 @gpu
