@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from sessa_scale.kernels import mamba2_fused as K
-from sessa_scale.ops.joint_gradient import GradientSlot
 from sessa_scale.models.mamba2 import TRITON_CONV_MAX_WIDTH
+from sessa_scale.ops.joint_gradient import GradientSlot
 from sessa_scale.ops.launch_math import cdiv, next_power_of_2
 from sessa_scale.ops.ssd_triton import sm_count
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
