@@ -12,12 +12,14 @@ boundaries, end past B T and hold tiles near boundaries (masked) and inside sequ
 the forward likewise with tiles of CONV_FWD_BT = 8); sequences of 2 and 3 tokens, shorter than the
 conv width 4, several per tile, and of 14 (a tile start 2 tokens into a sequence); the dt op's 128-row
 programs: one to three); and the whole Mamba-2 mixer with ssm_kernels="triton" (and the Triton
-scan) against "torch" (and the chunked scan).
+scan) against "torch" (and the chunked scan), and a Mamba-2 block under bf16 autocast with the projection's
+joint gradient against the plain split, bit for bit.
 GPU (``-m gpu``): the same comparisons in float32 and under bf16 autocast at the 350m widths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -162,6 +164,32 @@ def check_grads_into_joint(batch, T, dtype, device, seed, widths=(32, 40, 6)):
     assert torch.equal(whole, torch.cat(expected, dim=-1)) and joint.buffer is None, f"T={T}: projection gradient"
 
 
+def check_block_joint_gradient_is_bitwise_the_plain_splits(T, device):
+    """A Mamba-2 block under bf16 autocast (as training runs it) with the projection's joint gradient
+    and with the plain split (its backward concatenating the three gradients): the same output, input
+    gradient and parameter gradients, bit for bit (the same kernels write the same values elsewhere)."""
+    from unittest import mock
+
+    import sessa_scale.models.mamba2 as mamba2
+
+    torch.manual_seed(T)
+    block = mamba2.Mamba2Block(32, d_state=16, head_dim=16, n_groups=2, chunk_size=16, scan="triton",
+                               kernels="triton").to(device)
+    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(T)).to(device=device, dtype=torch.bfloat16)
+    results = []
+    for plain in (False, True):
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        force_plain = mock.patch.object(mamba2, "joint_projection", lambda u, linears: None)
+        with force_plain if plain else contextlib.nullcontext():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out = block(x.requires_grad_())
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out))
+        results.append({"out": out.detach(), "dx": x.grad, **{n: p.grad for n, p in block.named_parameters()}})
+    differ = [k for k in results[0] if not torch.equal(results[0][k], results[1][k])]
+    assert not differ, f"T={T}: the joint gradient changed {differ}"
+
+
 def check_mixer(T, dtype, device, tol, seed=0):
     """The whole mixer: fused kernels + Triton scan vs the PyTorch paths + chunked scan; output and
     the gradients of the input and of every parameter."""
@@ -210,6 +238,7 @@ def _interp_worker() -> None:
         for batch, T, strided in ((5, 3, False), (3, 2, True), (3, 14, True)):
             check_conv(batch, T, 24, torch.float32, "cpu", seed=T, tol=2e-5, strided=strided)
         print("ok conv short sequences", flush=True)
+        check_block_joint_gradient_is_bitwise_the_plain_splits(37, "cpu")
         errs = check_mixer(37, torch.float64, "cpu", tol=2e-6)
         print("ok mixer " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
 
@@ -271,6 +300,13 @@ def test_gpu_bf16_against_the_torch_paths():
 def test_gpu_grads_into_one_joint_gradient(T, dtype):
     """The 350m widths (z 2048, [x | B | C] 2304, dt 32; row stride 4384), the GPU's conv run lengths."""
     check_grads_into_joint(2, T, dtype, "cuda", seed=T, widths=(2048, 2304, 32))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [17, 2049])
+def test_gpu_block_joint_gradient_is_bitwise_the_plain_splits(T):
+    check_block_joint_gradient_is_bitwise_the_plain_splits(T, "cuda")
 
 
 @gpu
