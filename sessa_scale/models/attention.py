@@ -39,15 +39,24 @@ def project(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequence[int] 
     step 5% slower than with separate products), while eager steps are 5% faster fused.
     """
     widths = [m.weight.shape[0] for m in linears] if sizes is None else list(sizes)
-    if torch.compiler.is_compiling() or any(type(m) is not nn.Linear or hasattr(m.weight, "ds_id") for m in linears):
+    joined = joint_projection(x, linears)
+    if joined is None:
         outputs = [m(x) for m in linears]
         return outputs if sizes is None else list(torch.cat(outputs, dim=-1).split(widths, dim=-1))
+    return list(joined.split(widths, dim=-1))
+
+
+def joint_projection(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor | None:
+    """x (..., D) -> the concatenated outputs of linears (..., sum out_features) as one matrix product
+    over their concatenated weights, or None where project() runs them one by one (see there)."""
+    if torch.compiler.is_compiling() or any(type(m) is not nn.Linear or hasattr(m.weight, "ds_id") for m in linears):
+        return None
     weight = torch.cat([m.weight for m in linears])
     if all(m.bias is None for m in linears):
         bias = None
     else:
         bias = torch.cat([m.weight.new_zeros(m.weight.shape[0]) if m.bias is None else m.bias for m in linears])
-    return list(F.linear(x, weight, bias).split(widths, dim=-1))
+    return F.linear(x, weight, bias)
 
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:

@@ -20,7 +20,10 @@ projections' weights into one GEMM (u -> [z | x | B | C | dt]; when they are pla
 not under tensor parallelism) and the three convs' weights into one conv over the contiguous
 [x | B | C] columns (one launch each instead of four and three, forward and backward), and the
 scan takes that conv output packed (ops/ssd.ssd_scan_packed: x, B, C as its views; the Triton
-scan writes their gradients into one tensor, no concatenation). No biases on the projections, a bias on the convs, as there.
+scan writes their gradients into one tensor, no concatenation). With the Triton kernels the projection's
+gradient is one tensor too: the gated norm, the conv and the dt op write dz, d[x | B | C] and d dt_raw
+into its slices (sessa_scale/ops/joint_gradient.py), so the backward concatenates nothing before the
+projection's two GEMMs. No biases on the projections, a bias on the convs, as there.
 Decoding keeps the last d_conv - 1 conv inputs [x | B | C] and the SSM state (B, H, N, P): constant memory
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
 `kernels` picks how the convs + SiLU, the gated RMSNorm and dt / A (softplus, -exp) run: "torch"
@@ -39,8 +42,9 @@ from torch.utils.checkpoint import checkpoint
 
 from sessa_scale.config.schema import ModelConfig
 from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Row, Shard, Style, indivisible
-from sessa_scale.models.attention import project
+from sessa_scale.models.attention import joint_projection, project
 from sessa_scale.models.spec import ArchSpec, Problem, is_int
+from sessa_scale.ops.joint_gradient import GradientSlot, split_with_joint_gradient
 from sessa_scale.ops.ssd import ssd_scan_packed, triton_available
 
 MIXER_KERNELS = ("auto", "torch", "triton")
@@ -74,12 +78,12 @@ class GatedRMSNorm(nn.Module):
         self.eps, self.group_size, self.kernels = eps, dim if group_size is None else group_size, kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """y, z (..., dim) -> (..., dim) in y's dtype."""
+    def forward(self, y: torch.Tensor, z: torch.Tensor, dz_slot: GradientSlot | None = None) -> torch.Tensor:
+        """y, z (..., dim) -> (..., dim) in y's dtype. dz_slot: where the Triton kernel writes z's gradient."""
         if use_triton_kernels(self.kernels, y) and y.dim() == 3:
             from sessa_scale.ops.mamba2_fused import gated_rmsnorm
 
-            return gated_rmsnorm(y, z, self.weight, self.group_size, self.eps)
+            return gated_rmsnorm(y, z, self.weight, self.group_size, self.eps, dz_slot)
         if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or self.weight.requires_grad):
             return checkpoint(self._norm, y, z, use_reentrant=False)
         return self._norm(y, z)
@@ -136,11 +140,19 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(E, D, bias=False)
 
     def _project(self, u: torch.Tensor):
-        """u (B, T, D) -> z (B, T, E), the conv input [x | B | C] (B, T, E + 2 G N), raw dt (B, T, H)."""
+        """u (B, T, D) -> z (B, T, E), the conv input [x | B | C] (B, T, E + 2 G N), raw dt (B, T, H),
+        and the slots of their gradients in one joint gradient of the projection (ops/joint_gradient.py:
+        the Triton norm, conv and dt op write into them; no concatenation in the backward), or three
+        None where the projection is not one product (tensor parallelism, ZeRO-3, torch.compile) or
+        the Triton kernels do not run."""
         projections = (self.in_proj, self.B_proj, self.C_proj, self.dt_proj)
         zx, b, c, h = (p.weight.shape[0] for p in projections)  # this rank's widths under TP
-        z, xbc, dt_raw = project(u, projections, sizes=(zx // 2, zx // 2 + b + c, h))  # in_proj is [z | x]
-        return z, xbc, dt_raw
+        sizes = (zx // 2, zx // 2 + b + c, h)  # in_proj is [z | x]
+        joined = joint_projection(u, projections) if use_triton_kernels(self.kernels, u) else None
+        if joined is None:
+            return (*project(u, projections, sizes=sizes), (None, None, None))
+        (z, xbc, dt_raw), joint = split_with_joint_gradient(joined, sizes)
+        return z, xbc, dt_raw, tuple(joint.slot(i) for i in range(len(sizes)))
 
     def conv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The three depthwise convs as one over [x | B | C]: taps (K, E + 2 G N) (tap k of channel c
@@ -148,39 +160,41 @@ class Mamba2Mixer(nn.Module):
         convs = [getattr(self, name) for name in CONVS]
         return torch.cat([c.weight.flatten(1).t() for c in convs], dim=1), torch.cat([c.bias for c in convs])
 
-    def _mix(self, z, xbc, dt_raw, initial_state):
+    def _mix(self, z, xbc, dt_raw, initial_state, dz_slot=None, ddt_slot=None):
         """z (B, T, E), silu(conv output) [x | B | C] (B, T, E + 2 G N), raw dt (B, T, H) ->
         (out (B, T, D), final SSM state (B, H, N, P)). x, B, C reach the scan packed (views of xbc;
-        the Triton scan writes their gradients into one tensor)."""
-        dt, A = self.dt_and_decay(dt_raw)
+        the Triton scan writes their gradients into one tensor). dz_slot, ddt_slot: _project's."""
+        dt, A = self.dt_and_decay(dt_raw, ddt_slot)
         y, state = ssd_scan_packed(
             xbc, dt, A, head_dim=self.head_dim, d_state=self.d_state, initial_state=initial_state,
             chunk_size=self.chunk_size, impl="sequential" if z.shape[1] == 1 else self.scan, D=self.D,
         )
-        return self.out_proj(self.norm(y.flatten(-2), z)), state
+        return self.out_proj(self.norm(y.flatten(-2), z, dz_slot)), state
 
-    def dt_and_decay(self, dt_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dt_and_decay(self, dt_raw: torch.Tensor, ddt_slot: GradientSlot | None = None):
         """Raw dt (B, T, H) -> (dt = softplus(dt_raw + dt_bias) (B, T, H), A = -exp(A_log) (H,)),
-        in at least float32; one fused launch (forward) with the Triton kernels."""
+        in at least float32; one fused launch (forward) with the Triton kernels (which write dt_raw's
+        gradient into ddt_slot when given)."""
         if use_triton_kernels(self.kernels, dt_raw):
             from sessa_scale.ops.mamba2_fused import dt_softplus_and_decay
 
-            return dt_softplus_and_decay(dt_raw, self.dt_bias, self.A_log)
+            return dt_softplus_and_decay(dt_raw, self.dt_bias, self.A_log, ddt_slot)
         return F.softplus(dt_raw + self.dt_bias), -torch.exp(self.A_log)
 
-    def causal_conv(self, xbc: torch.Tensor) -> torch.Tensor:
-        """[x | B | C] (B, T, E + 2 G N) -> silu(causal depthwise conv) of it, one launch for the three convs."""
+    def causal_conv(self, xbc: torch.Tensor, dxbc_slot: GradientSlot | None = None) -> torch.Tensor:
+        """[x | B | C] (B, T, E + 2 G N) -> silu(causal depthwise conv) of it, one launch for the three
+        convs (the Triton kernel writes xbc's gradient into dxbc_slot when given)."""
         taps, bias = self.conv_weights()
         if use_triton_kernels(self.kernels, xbc):
             from sessa_scale.ops.mamba2_fused import causal_conv1d_silu
 
-            return causal_conv1d_silu(xbc, taps, bias)
+            return causal_conv1d_silu(xbc, taps, bias, dxbc_slot)
         return causal_conv1d_silu_torch(xbc, taps, bias)
 
     def _forward(self, u: torch.Tensor):
         """u (B, T, D) -> out (B, T, D), the final SSM state, and the conv input [x | B | C]."""
-        z, xbc, dt_raw = self._project(u)
-        out, state = self._mix(z, self.causal_conv(xbc), dt_raw, None)
+        z, xbc, dt_raw, (dz_slot, dxbc_slot, ddt_slot) = self._project(u)
+        out, state = self._mix(z, self.causal_conv(xbc, dxbc_slot), dt_raw, None, dz_slot, ddt_slot)
         return out, state, xbc
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -210,7 +224,7 @@ class Mamba2Mixer(nn.Module):
     def decode_step(self, u_t: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
         """One token u_t (B, D) or (B, 1, D) -> (out in the same shape, cache)."""
         u = u_t.unsqueeze(1) if u_t.dim() == 2 else u_t
-        z, xbc, dt_raw = self._project(u)
+        z, xbc, dt_raw, _ = self._project(u)
         taps, bias = self.conv_weights()
         window = torch.cat([cache["conv"], xbc], dim=1)  # (B, d_conv, E + 2 G N): oldest first
         conv_out = F.silu(torch.einsum("bkc,kc->bc", window, taps) + bias)[:, None]

@@ -8,6 +8,9 @@ paths in ``sessa_scale/models/mamba2.py`` (``Mamba2Mixer.causal_conv``, ``GatedR
 Both compute in float32 and return the input's dtype (under bf16 autocast: bf16, as the PyTorch
 path); parameter gradients come back in the parameters' dtype, summed over per-program partial
 sums (no atomics: deterministic). Inputs need unit stride along channels (else they are copied).
+Given a slot of a joint gradient (sessa_scale/ops/joint_gradient.py), the backward writes the
+gradient of its projection-slice input (conv input, z, raw dt) into that slice of the projection's
+gradient (the kernels take its row stride), so that the projection's backward needs no concatenation.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 from sessa_scale.kernels import mamba2_fused as K
 from sessa_scale.models.mamba2 import TRITON_CONV_MAX_WIDTH
+from sessa_scale.ops.joint_gradient import GradientSlot
 from sessa_scale.ops.launch_math import cdiv, next_power_of_2
 from sessa_scale.ops.ssd_triton import sm_count
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
@@ -46,7 +50,7 @@ def _check_device(t: torch.Tensor, what: str) -> None:
 
 class _CausalConvSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, taps, bias):
+    def forward(ctx, x, taps, bias, din_slot):
         x = _token_rows(_channels_last(x))
         batch, T, C = x.shape
         w = taps.contiguous()
@@ -60,7 +64,7 @@ class _CausalConvSiLU(torch.autograd.Function):
             x, w, b, out, N, T, C, run, _token_stride(x), C, K=width, BT=CONV_FWD_BT, BC=CONV_BC,
             **_kw(CONV_WARPS, num_stages=1, maxnreg=CONV_MAX_REGISTERS))
         ctx.save_for_backward(x, w, b)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.din_slot = bias is not None, din_slot
         return out
 
     @staticmethod
@@ -69,11 +73,12 @@ class _CausalConvSiLU(torch.autograd.Function):
         batch, T, C = x.shape
         width, N = w.shape[0], batch * T
         dout = _token_rows(_channels_last(dout))
-        din = new_buffer((batch, T, C), x.dtype, x.device)
+        din = _gradient_buffer(ctx.din_slot, (batch, T, C), x.dtype, x.device)
         run = _conv_run_length(N, C, CONV_BWD_BT, x.device)
         grid = (cdiv(N, run), cdiv(C, CONV_BC))
         parts = new_buffer((grid[0], width + 1, C), torch.float32, x.device)
-        K.conv_bwd_kernel[grid](x, w, b, dout, din, parts, N, T, C, run, _token_stride(x), _token_stride(dout), C,
+        K.conv_bwd_kernel[grid](x, w, b, dout, din, parts, N, T, C, run, _token_stride(x), _token_stride(dout),
+                                _token_stride(din),
                                 K=width, BT=CONV_BWD_BT, BC=CONV_BC,
                                 **_kw(CONV_WARPS, num_stages=1, maxnreg=CONV_MAX_REGISTERS))
         # written (C, K), returned as the (K, C) view: the slices the model's cat of per-conv taps
@@ -82,7 +87,12 @@ class _CausalConvSiLU(torch.autograd.Function):
         db = new_buffer((C,), b.dtype, x.device)
         K.conv_wgrad_sum_kernel[(cdiv(C, CONV_SUM_BC), width + 1)](parts, dw, db, grid[0], C, K=width,
                                                                           BP=CONV_SUM_BP, BC=CONV_SUM_BC, **_kw(4))
-        return din, dw.t(), db if ctx.has_bias else None
+        return din, dw.t(), db if ctx.has_bias else None, None
+
+
+def _gradient_buffer(slot: GradientSlot | None, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Where an input's gradient is written: its slice of a joint gradient (slot) or a new buffer."""
+    return new_buffer(shape, dtype, device) if slot is None else slot.take(shape, dtype)
 
 
 def _token_stride(t: torch.Tensor) -> int:
@@ -110,16 +120,18 @@ def _conv_run_length(N: int, C: int, tile: int, device: torch.device) -> int:
 
 
 @torch.compiler.disable
-def causal_conv1d_silu(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def causal_conv1d_silu(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None,
+                       din_slot: GradientSlot | None = None) -> torch.Tensor:
     """x (B, T, C), taps (K, C) (tap k of channel c at [k, c]: a depthwise nn.Conv1d's weight.flatten(1).t()),
-    bias (C,) or None -> silu(causal depthwise conv of x) (B, T, C) in x's dtype."""
+    bias (C,) or None -> silu(causal depthwise conv of x) (B, T, C) in x's dtype. din_slot: x's block of a
+    joint gradient (ops/joint_gradient.py) that the backward writes x's gradient into."""
     _check_device(x, "causal conv")
-    return _CausalConvSiLU.apply(x, taps, bias)
+    return _CausalConvSiLU.apply(x, taps, bias, din_slot)
 
 
 class _GatedRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, z, weight, group_size, eps):
+    def forward(ctx, y, z, weight, group_size, eps, dz_slot):
         y, z = _channels_last(y), _channels_last(z)
         batch, T, E = y.shape
         G = E // group_size
@@ -131,7 +143,7 @@ class _GatedRMSNorm(torch.autograd.Function):
                                 z.stride(0), z.stride(1), out.stride(0), out.stride(1), ROWS=NORM_ROWS,
                                 BLOCK=block, **_kw(8 if block >= 2048 else 4))
         ctx.save_for_backward(y, z, weight, rstd)
-        ctx.group_size = group_size
+        ctx.group_size, ctx.dz_slot = group_size, dz_slot
         return out
 
     @staticmethod
@@ -142,27 +154,29 @@ class _GatedRMSNorm(torch.autograd.Function):
         G = E // ctx.group_size
         grid = (cdiv(batch * T, NORM_ROWS), G)
         dy = new_buffer(y.shape, y.dtype, y.device)
-        dz = new_buffer(z.shape, z.dtype, z.device)
+        dz = _gradient_buffer(ctx.dz_slot, z.shape, z.dtype, z.device)
         dw = new_buffer((grid[0], E), torch.float32, y.device)
         block = next_power_of_2(ctx.group_size)
         K.norm_bwd_kernel[grid](y, z, weight, rstd, dout, dy, dz, dw, batch * T, T, ctx.group_size, G, E,
                                 y.stride(0), y.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
                                 dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1), ROWS=NORM_ROWS,
                                 BLOCK=block, **_kw(8 if block >= 2048 else 4))
-        return dy, dz, dw.sum(0).to(weight.dtype), None, None
+        return dy, dz, dw.sum(0).to(weight.dtype), None, None, None
 
 
 @torch.compiler.disable
-def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float) -> torch.Tensor:
+def gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float,
+                  dz_slot: GradientSlot | None = None) -> torch.Tensor:
     """y, z (B, T, E), weight (E,) -> RMSNorm(y * silu(z)) * weight over groups of group_size channels,
-    computed in float32, returned in y's dtype."""
+    computed in float32, returned in y's dtype. dz_slot: z's block of a joint gradient that the
+    backward writes z's gradient into."""
     _check_device(y, "gated RMSNorm")
-    return _GatedRMSNorm.apply(y, z, weight, int(group_size), float(eps))
+    return _GatedRMSNorm.apply(y, z, weight, int(group_size), float(eps), dz_slot)
 
 
 class _DtAndDecay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dt_raw, dt_bias, A_log):
+    def forward(ctx, dt_raw, dt_bias, A_log, draw_slot):
         batch, T, H = dt_raw.shape
         raw = _channels_last(dt_raw)
         dt_dtype = torch.promote_types(torch.promote_types(raw.dtype, dt_bias.dtype), torch.float32)
@@ -173,6 +187,7 @@ class _DtAndDecay(torch.autograd.Function):
                                                             **_kw(4))
         ctx.save_for_backward(raw, dt_bias, A_log)
         ctx.set_materialize_grads(False)
+        ctx.draw_slot = draw_slot
         return dt, A
 
     @staticmethod
@@ -183,7 +198,7 @@ class _DtAndDecay(torch.autograd.Function):
             ddt = torch.zeros((batch, T, H), dtype=torch.float32, device=raw.device)
         ddt = ddt.contiguous()
         grid = (cdiv(batch * T, DT_ROWS),)
-        draw = new_buffer(raw.shape, raw.dtype, raw.device)
+        draw = _gradient_buffer(ctx.draw_slot, raw.shape, raw.dtype, raw.device)
         dbias_parts = new_buffer((grid[0], H), torch.float32, raw.device)
         K.dt_bwd_kernel[grid](raw, dt_bias, ddt, draw, dbias_parts, batch * T, T, H, raw.stride(0), raw.stride(1),
                               draw.stride(0), draw.stride(1), ROWS=DT_ROWS, BH=next_power_of_2(H), **_kw(4))
@@ -192,13 +207,15 @@ class _DtAndDecay(torch.autograd.Function):
         K.dt_param_grad_kernel[(1,)](dbias_parts, A_log, dA if dA is not None else A_log, dbias,
                                      dA_log if dA is not None else dbias, grid[0], H, HAS_DA=dA is not None,
                                      BH=next_power_of_2(H), **_kw(1))
-        return draw, dbias, dA_log
+        return draw, dbias, dA_log, None
 
 
 @torch.compiler.disable
-def dt_softplus_and_decay(dt_raw: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor):
+def dt_softplus_and_decay(dt_raw: torch.Tensor, dt_bias: torch.Tensor, A_log: torch.Tensor,
+                          draw_slot: GradientSlot | None = None):
     """dt_raw (B, T, H), dt_bias (H,), A_log (H,) -> (dt = softplus(dt_raw + dt_bias) (B, T, H),
     A = -exp(A_log) (H,)), each in at least float32 (as the PyTorch expressions under autocast):
-    one launch forward, two backward (instead of about ten elementwise ops and casts)."""
+    one launch forward, two backward (instead of about ten elementwise ops and casts). draw_slot:
+    dt_raw's block of a joint gradient that the backward writes dt_raw's gradient into."""
     _check_device(dt_raw, "dt softplus")
-    return _DtAndDecay.apply(dt_raw, dt_bias, A_log)
+    return _DtAndDecay.apply(dt_raw, dt_bias, A_log, draw_slot)

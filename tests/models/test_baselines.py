@@ -82,7 +82,7 @@ def test_mamba2_mixer_runs_one_input_gemm_and_one_conv_with_the_separate_modules
     mixer = Mamba2Mixer(32, d_state=8, head_dim=16, n_groups=2, chunk_size=16, kernels="torch").double()
     u = torch.randn(2, 19, 32, dtype=torch.float64, requires_grad=True)
     with OpCounter() as fwd:
-        z, xbc, dt_raw = mixer._project(u)
+        z, xbc, dt_raw, _ = mixer._project(u)
         conv_out = mixer.causal_conv(xbc)
     with OpCounter() as bwd:
         (z.sum() + conv_out.square().sum() + dt_raw.sum()).backward()

@@ -4,19 +4,22 @@ paths of sessa_scale/models/mamba2.py.
 
 CPU (CI): under TRITON_INTERPRET=1 in a fresh subprocess (this file with ``--interp-worker``), in
 float32 (and at two T float64) inputs (the kernels compute in float32), T in {1, 17, 63, 65, 130}
-(the norm, per row, at 1 and 17), outputs and every gradient (inputs, weights, biases), strided inputs, buffers
+(the norm, per row, at 1 and 17), outputs and every gradient (inputs, weights, biases), strided inputs, input
+gradients written into the blocks of one joint gradient (strided slices, as the mixer's projection), buffers
 poisoned with NaN (the conv backward's weight-gradient partials included; its programs walk runs
 of INTERPRET_CONV_TILES = 2 tiles of CONV_BWD_BT = 4 flattened tokens there, so runs cross sequence
 boundaries, end past B T and hold tiles near boundaries (masked) and inside sequences (unmasked;
 the forward likewise with tiles of CONV_FWD_BT = 8); sequences of 2 and 3 tokens, shorter than the
 conv width 4, several per tile, and of 14 (a tile start 2 tokens into a sequence); the dt op's 128-row
 programs: one to three); and the whole Mamba-2 mixer with ssm_kernels="triton" (and the Triton
-scan) against "torch" (and the chunked scan).
+scan) against "torch" (and the chunked scan), and a Mamba-2 block under bf16 autocast with the projection's
+joint gradient against the plain split, bit for bit.
 GPU (``-m gpu``): the same comparisons in float32 and under bf16 autocast at the 350m widths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -120,6 +123,73 @@ def check_dt(batch, T, H, dtype, device, seed, tol, strided=False):
     return errs
 
 
+def check_grads_into_joint(batch, T, dtype, device, seed, widths=(32, 40, 6)):
+    """The three ops reading their blocks [z | conv input | raw dt] of one projection output (strided
+    slices, row stride E + C + H) and writing their input gradients into those blocks' slots of one
+    joint gradient (poisoned: an entry no kernel wrote stays NaN), as in the mixer: each gradient is
+    its slice of the buffer (not a copy), bitwise equal to the op's gradient into a buffer of its own,
+    and the projection's gradient is the buffer itself with every entry written."""
+    from sessa_scale.ops.joint_gradient import split_with_joint_gradient
+    from sessa_scale.ops.mamba2_fused import causal_conv1d_silu, dt_softplus_and_decay, gated_rmsnorm
+
+    E, C, H = widths  # z (two norm groups), conv channels, heads
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, param=False):  # parameters in at least float32, as under autocast
+        kind = torch.promote_types(dtype, torch.float32) if param else dtype
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=kind)
+
+    joined, y = rand(batch, T, E + C + H), rand(batch, T, E)
+    norm_w, taps, conv_b, dt_bias, A_log = (rand(*shape, param=True) for shape in ((E,), (4, C), (C,), (H,), (H,)))
+    ups = [rand(batch, T, width) for width in (E, C, H)]
+    ops = (lambda z, slot: gated_rmsnorm(y, z, norm_w, E // 2, 1e-5, slot),
+           lambda x, slot: causal_conv1d_silu(x, taps, conv_b, slot),
+           lambda raw, slot: dt_softplus_and_decay(raw, dt_bias, A_log, slot)[0])
+
+    def loss(blocks, slots):
+        return sum((op(block, slot).double() * up).sum() for op, block, slot, up in zip(ops, blocks, slots, ups))
+
+    own = [block.detach().requires_grad_() for block in joined.split((E, C, H), dim=-1)]
+    expected = torch.autograd.grad(loss(own, (None,) * 3), own)
+    blocks, joint = split_with_joint_gradient(joined.detach().requires_grad_(), (E, C, H))
+    grads = torch.autograd.grad(loss(blocks, [joint.slot(i) for i in range(3)]), blocks)
+    for i, (grad, want) in enumerate(zip(grads, expected)):
+        view = joint.buffer.narrow(-1, joint.offsets[i], joint.widths[i])
+        assert (grad.data_ptr(), grad.stride()) == (view.data_ptr(), view.stride()), f"block {i} T={T}: not its slice"
+        assert torch.equal(grad, want), f"block {i} T={T}: differs from the op's own buffer"
+    assert torch.isfinite(joint.buffer).all(), f"T={T}: entries of the joint gradient no kernel wrote"
+    leaf = joined.detach().requires_grad_()
+    blocks, joint = split_with_joint_gradient(leaf, (E, C, H))
+    (whole,) = torch.autograd.grad(loss(blocks, [joint.slot(i) for i in range(3)]), [leaf])
+    assert torch.equal(whole, torch.cat(expected, dim=-1)) and joint.buffer is None, f"T={T}: projection gradient"
+
+
+def check_block_joint_gradient_is_bitwise_the_plain_splits(T, device):
+    """A Mamba-2 block under bf16 autocast (as training runs it) with the projection's joint gradient
+    and with the plain split (its backward concatenating the three gradients): the same output, input
+    gradient and parameter gradients, bit for bit (the same kernels write the same values elsewhere)."""
+    from unittest import mock
+
+    import sessa_scale.models.mamba2 as mamba2
+
+    torch.manual_seed(T)
+    block = mamba2.Mamba2Block(32, d_state=16, head_dim=16, n_groups=2, chunk_size=16, scan="triton",
+                               kernels="triton").to(device)
+    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(T)).to(device=device, dtype=torch.bfloat16)
+    results = []
+    for plain in (False, True):
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        force_plain = mock.patch.object(mamba2, "joint_projection", lambda u, linears: None)
+        with force_plain if plain else contextlib.nullcontext():
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out = block(x.requires_grad_())
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out))
+        results.append({"out": out.detach(), "dx": x.grad, **{n: p.grad for n, p in block.named_parameters()}})
+    differ = [k for k in results[0] if not torch.equal(results[0][k], results[1][k])]
+    assert not differ, f"T={T}: the joint gradient changed {differ}"
+
+
 def check_mixer(T, dtype, device, tol, seed=0):
     """The whole mixer: fused kernels + Triton scan vs the PyTorch paths + chunked scan; output and
     the gradients of the input and of every parameter."""
@@ -159,6 +229,7 @@ def _interp_worker() -> None:
                 tol = 2e-6 if dtype == torch.float64 else 2e-5  # the kernels compute in float32
                 check_conv(2 - i % 2, T, 72, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 0)
                 check_dt(2 - i % 2, T, 6, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
+                check_grads_into_joint(2 - i % 2, T, dtype, "cpu", seed=T)
                 if T <= 17:  # per row, so T matters only through rows per program (NORM_ROWS = 16): 17 x 2 rows
                     check_norm(2 - i % 2, T, 48, 1 + i % 2 * 2, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
             print(f"ok T={T}", flush=True)
@@ -167,6 +238,7 @@ def _interp_worker() -> None:
         for batch, T, strided in ((5, 3, False), (3, 2, True), (3, 14, True)):
             check_conv(batch, T, 24, torch.float32, "cpu", seed=T, tol=2e-5, strided=strided)
         print("ok conv short sequences", flush=True)
+        check_block_joint_gradient_is_bitwise_the_plain_splits(37, "cpu")
         errs = check_mixer(37, torch.float64, "cpu", tol=2e-6)
         print("ok mixer " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
 
@@ -219,6 +291,22 @@ def test_gpu_bf16_against_the_torch_paths():
     bf16 copy of the weights), so both sides differ by bf16 rounding."""
     check_conv(4, 2048, 2304, torch.bfloat16, "cuda", seed=1, tol=2e-2)
     check_norm(4, 2048, 2048, 1, torch.bfloat16, "cuda", seed=1, tol=2e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 17, 2049])
+def test_gpu_grads_into_one_joint_gradient(T, dtype):
+    """The 350m widths (z 2048, [x | B | C] 2304, dt 32; row stride 4384), the GPU's conv run lengths."""
+    check_grads_into_joint(2, T, dtype, "cuda", seed=T, widths=(2048, 2304, 32))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T", [17, 2049])
+def test_gpu_block_joint_gradient_is_bitwise_the_plain_splits(T):
+    check_block_joint_gradient_is_bitwise_the_plain_splits(T, "cuda")
 
 
 @gpu
