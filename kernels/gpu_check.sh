@@ -54,7 +54,10 @@ for s in "${STEPS[@]}"; do
       runs=/tmp/bench_train${CUDA_VISIBLE_DEVICES:+_gpu$CUDA_VISIBLE_DEVICES}  # one per copy of this script
       step train_bench python3 -m sessa_scale bench train ${TRAIN_BENCH_ARGS:-} --runs-dir "$runs" --out "$OUT/train_bench.md"
       # profiles of steps run with train.profile_step=N (in TRAIN_BENCH_ARGS): one file of all their tables
-      for f in "$runs"/*/profile/step_*.txt; do [[ -f $f ]] && { echo "## $f"; cat "$f"; }; done > "$OUT/train_profiles.txt" ;;
+      for f in "$runs"/*/profile/step_*.txt; do [[ -f $f ]] && { echo "## $f"; cat "$f"; }; done > "$OUT/train_profiles.txt"
+      # diagnostic: where those steps left the GPU idle, and what the host did then
+      ls "$runs"/*/profile/step_*.json >/dev/null 2>&1 && \
+        python3 -m sessa_scale.bench.trace_gaps "$runs"/*/profile/step_*.json > "$OUT/train_gaps.md" 2>&1 ;;
     parallel-bench)  # a partial table is written after every run, so a time-out still leaves one
       STEP_TIMEOUT=${PARALLEL_TIMEOUT:-540} step parallel_T2048 python3 -m sessa_scale bench parallel --steps 10 \
         --out /tmp/bench_parallel --report "$OUT/parallel_T2048.md" ;;
