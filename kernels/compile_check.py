@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     dt, A, D = torch.zeros(batch, T, H), torch.zeros(H), torch.zeros(H)
     plan = st._plan(x, dt, B, C, args.chunk, st.config_from_env(st.SSDConfig()))
     print(f"SSD plan: L={plan.L} tiles BN={plan.BN} BP={plan.BP} dx BP={plan.BP_DX} state {plan.BN_S}x{plan.BP_S} "
-          f"dB/dC BN={plan.BN_D} heads/split {H // G // plan.HS} dot={plan.dot} prec={plan.prec}")
+          f"dB/dC BN={plan.BN_D} heads/split {H // G // plan.HS} dot={plan.dot} prec={plan.prec} state schedule "
+          + (f"split (local {plan.BN_L}x{plan.BP_L}, pass {plan.BE} x {plan.cfg.CH_PASS} chunks)" if plan.split else "fused"))
     _, _, cb = st._forward(plan, x, dt, A, B, C, None, D)
     st._backward(plan, dy, None, x, dt, A, B, C, None, D, cb)
     conv_in = torch.zeros(batch, T, 2 * (H * P + 2 * G * N), dtype=dtype)[..., : H * P + 2 * G * N].requires_grad_()

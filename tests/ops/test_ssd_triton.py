@@ -110,8 +110,9 @@ def _check(impl, batch, T, H, G, P, N, dtype, device, seed, tols, state=True, lo
 # ----------------------------------------------------------------------------- CPU interpreter
 
 
-def _interp_worker(dtype_name: str) -> None:
-    """Runs in a subprocess with TRITON_INTERPRET=1 (set before any triton import)."""
+def _interp_worker(dtype_name: str, state_schedule: str = "") -> None:
+    """Runs in a subprocess with TRITON_INTERPRET=1 (set before any triton import). With
+    state_schedule: INTERP_CASES on that SSDConfig.state_schedule alone."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from sessa_scale.ops.ssd import ssd_scan
     from sessa_scale.ops.work_buffers import poisoned_buffers
@@ -119,6 +120,13 @@ def _interp_worker(dtype_name: str) -> None:
     with poisoned_buffers():  # every buffer the kernels write starts as NaN
         dtype = getattr(torch, dtype_name)
         tols = {"*": INTERP_TOL[dtype_name]}
+        if state_schedule:
+            for T, batch, H, G, P, N, chunk, state, skip, loss_on in INTERP_CASES:
+                errs = _check(_tiles(chunk, state_schedule=state_schedule), batch, T, H, G, P, N, dtype, "cpu",
+                              seed=100 + T, tols=tols, state=state, loss_on=loss_on, skip=skip)
+                print(f"ok {state_schedule} {dtype_name} T={T} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
+                      flush=True)
+            return
         for i, (T, batch, H, G, P, N, chunk, state, skip, loss_on) in enumerate(INTERP_CASES):
 
             def public(x, dt, A, B, C, h0, D, chunk=chunk):
@@ -168,6 +176,39 @@ def test_interpreter_against_the_recurrence(dtype):
     pytest.importorskip("triton")
     out = run_interpreter_worker(__file__, dtype)
     assert out.count("ok ") == len(INTERP_CASES) + 3, out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_interpreter_split_state_schedule_against_the_recurrence(dtype):
+    """The split state schedule (chunk_local_state_kernel + state_pass_kernel) on every INTERP_CASES
+    shape: forward pass (initial state: HAS_START; final state: WRITE_END) and backward pass (dfinal:
+    HAS_START; dh0: WRITE_END), 2-chunk pass steps over 1-5 chunks, two pass blocks (N * P = 480 >
+    256) and 2 x 2 local tiles, NaN-poisoned buffers."""
+    pytest.importorskip("triton")
+    out = run_interpreter_worker(__file__, dtype, "split")
+    assert out.count("ok split ") == len(INTERP_CASES), out
+
+
+def test_plan_state_schedule(monkeypatch):
+    """auto splits exactly where fused would halve its state tile (350m heads on 132 SMs: B * H = 64
+    pairs at T = 8192, 256 at T = 2048); fused / split are taken as given; other values are named."""
+    pytest.importorskip("triton")
+    import sessa_scale.ops.ssd_triton as st
+
+    monkeypatch.setattr(st, "INTERPRET", False)
+    monkeypatch.setattr(st, "sm_count", lambda index: 132)
+    cuda, dtypes = torch.device("cuda", 0), (torch.bfloat16,) * 4
+
+    def plan(batch, T, schedule):
+        return st._plan_for((batch, T, 32, 64), (batch, T, 1, 128), dtypes, cuda, 64,
+                            st.SSDConfig(state_schedule=schedule))
+
+    assert [plan(b, T, "auto").split for b, T in ((2, 8192), (8, 2048))] == [True, False]
+    assert [(pl.BN_S, pl.BP_S) for pl in (plan(2, 8192, "auto"), plan(8, 2048, "auto"))] == [(32, 32), (64, 64)]
+    assert not plan(2, 8192, "fused").split and plan(8, 2048, "split").split
+    assert plan(2, 8192, "split").local_grid == (128 * 1 * 1, 64) and plan(2, 8192, "split").pass_grid == (16, 64)
+    with pytest.raises(ValueError, match="'fast' is not one of fused, split, auto"):
+        plan(2, 8192, "fast")
 
 
 def test_dispatch_picks_triton_on_cuda_and_refuses_cpu_tensors_outside_the_interpreter():
@@ -366,7 +407,7 @@ def test_gpu_against_fla():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--interp-worker":
-        _interp_worker(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--interp-worker":
+        _interp_worker(*sys.argv[2:])
     else:
-        raise SystemExit(f"usage: {sys.argv[0]} --interp-worker float32|float64")
+        raise SystemExit(f"usage: {sys.argv[0]} --interp-worker float32|float64 [fused|split|auto]")
