@@ -23,6 +23,10 @@ inputs' half-precision dtype, else ACC):
                      final state in ACC. Backward: the adjoint recursion over chunks last to first,
                      dS_c = exp(a_L) dS_{c+1} + sum_i exp(a_i) C_i dy_i^T; writes dS_{c+1} (the
                      gradient of the state leaving chunk c) per chunk and the initial state's gradient
+  chunk_local_state_kernel, state_pass_kernel: the same pass split in two (SSDConfig.state_schedule):
+                     every chunk's term sum_j w_j k_j v_j^T in parallel (one dot per chunk and N x P tile),
+                     stored in st itself one slot ahead in pass order, then the recursion alone,
+                     elementwise over the N * P state in ACC, overwriting each term with a state
   out_fwd_kernel     y per (chunk, P-tile, b, h): the masked quadratic form from CB, plus C S_c
                      (and the skip D[h] x when given: one pass over x instead of three)
   dx_kernel          du_j = sum_{i >= j} (C_i . B_j) exp(a_i - a_j) dy_i + exp(a_L - a_j) dS_{c+1}^T B_j;

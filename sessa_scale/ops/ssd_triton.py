@@ -14,7 +14,16 @@ config and cached; integer launch math is plain Python (sessa_scale/ops/launch_m
 Schedule: forward = cb_kernel, state_scan_kernel, out_fwd_kernel (3 launches); the backward
 recomputes the chunk states (state_scan_kernel), then state_scan_kernel backwards, dx_kernel, dbc_kernel,
 and one or two small torch reductions over the kernels' partial slices (dA and dD in one;
-deterministic, no atomics).
+deterministic, no atomics). ``SSDConfig.state_schedule`` = "split" runs each of the three state
+passes as chunk_local_state_kernel (parallel over chunks: every chunk's term of the recursion, one
+tensor-core product per chunk) then state_pass_kernel (the recursion alone, elementwise, CH_PASS
+chunks per load); "auto" splits where fused would have too few programs (it halves its state tile:
+T = 8192 at 16,384 tokens per call). The split schedule writes the terms into the state buffer
+itself (no extra memory but a (B, H, NC) decay buffer), so for bf16 / fp16 inputs each chunk's term
+is rounded to DOT once before the recursion, which still runs in ACC (float32 / float64 inputs:
+the same operations as fused). An ACC scratch for the terms would keep fused's bf16 numerics
+exactly but cost 268 MB more writes and reads at 16,384 tokens (N = 128, P = 64, 32 heads): about
+as much time as the split saves.
 Kept for the backward: the inputs and CB (B, G, T/L, L, L) in ACC (L floats per token and
 group); the chunk states (H N P / L floats per token) are recomputed, never kept.
 

@@ -87,16 +87,9 @@ def _check(impl, batch, T, H, G, P, N, dtype, device, seed, tols, state=True, lo
     """impl(x, dt, A, B, C, h0, D) -> (y, final) against the float64 sequential recurrence on the
     same (rounded) inputs: forward and gradients. tols: {name: max relative L2 error} (default "*")."""
     args, gy, gh = _inputs(batch, T, H, G, P, N, dtype, device, seed, state, strided, skip)
-    leaves = [a for a in args if a is not None]
     ref_args = [None if a is None else a.detach().double().requires_grad_() for a in args]
-    ref_leaves = [a for a in ref_args if a is not None]
-    results = []
-    for fn, ins, lv in ((impl, args, leaves), (_sequential, ref_args, ref_leaves)):
-        y, h = fn(*ins)
-        loss = {"y": (y.double() * gy.double()).sum(), "final": (h.double() * gh.double()).sum()}
-        total = loss["y"] + loss["final"] if loss_on == "both" else loss[loss_on]
-        results.append((y, h, torch.autograd.grad(total, lv, allow_unused=True, materialize_grads=True)))
-    (y, h, grads), (y_ref, h_ref, grads_ref) = results
+    (y, h, grads), (y_ref, h_ref, grads_ref) = (_outputs(fn, ins, gy, gh, loss_on)
+                                                for fn, ins in ((impl, args), (_sequential, ref_args)))
     assert y.dtype == dtype and y.shape == (batch, T, H, P) and h.shape == (batch, H, N, P)
     errs = {"y": _rel(y, y_ref), "final": _rel(h, h_ref)}
     names = [n for n, a in zip(NAMES[2:], args) if a is not None]
@@ -105,6 +98,16 @@ def _check(impl, batch, T, H, G, P, N, dtype, device, seed, tols, state=True, lo
     shape = f"B={batch} T={T} H={H} G={G} P={P} N={N} {dtype} state={state} skip={skip} loss={loss_on}"
     assert not bad, f"{shape}: relative errors above tolerance {bad} (all: {errs})"
     return errs
+
+
+def _outputs(impl, args, gy, gh, loss_on="both"):
+    """y, the final state and the gradients of the loss on them (gy, gh: its weights) with respect to
+    the args that are not None."""
+    y, h = impl(*args)
+    loss = {"y": (y.double() * gy.double()).sum(), "final": (h.double() * gh.double()).sum()}
+    total = loss["y"] + loss["final"] if loss_on == "both" else loss[loss_on]
+    leaves = [a for a in args if a is not None]
+    return y, h, torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
 
 
 # ----------------------------------------------------------------------------- CPU interpreter
@@ -326,6 +329,34 @@ def test_gpu_dx_kernel_sweep_points(dx_tiles, dtype):
     errs = _check(scan, 2, 130, 4, 2, 64, 128, getattr(torch, dtype), "cuda", seed=11,
                   tols=FP32_TOL if dtype == "float32" else BF16_TOL, strided=True)
     _report(errs, f"{dx_tiles} {dtype}")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("T,batch,H", [(2049, 2, 4), (8192, 1, 2)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_split_state_schedule_matches_fused(T, batch, H, dtype):
+    """state_schedule=split against fused on the same inputs (350m head shapes; at T = 8192 one pair
+    of heads: fused halves its state tile), and at T = 2049 against the recurrence. float32: the same
+    operations; bf16: split rounds each chunk's term to bf16 once before the fp32 recursion."""
+    from dataclasses import replace
+
+    from sessa_scale.ops.ssd_triton import DEFAULT_CONFIG, ssd_scan_triton
+
+    def schedule(name):
+        config = replace(DEFAULT_CONFIG, state_schedule=name)
+        return lambda x, dt, A, B, C, h0, D: ssd_scan_triton(x, dt, A, B, C, h0, 64, config, D)
+
+    torch_dtype, tols = getattr(torch, dtype), FP32_TOL if dtype == "float32" else BF16_TOL
+    if T < 8192:
+        _report(_check(schedule("split"), batch, T, H, 2, 64, 128, torch_dtype, "cuda", seed=T, tols=tols,
+                       strided=True), f"split {dtype} T={T} vs recurrence")
+    args, gy, gh = _inputs(batch, T, H, 2, 64, 128, torch_dtype, "cuda", seed=T + 1)
+    split, fused = (_outputs(schedule(name), args, gy, gh) for name in ("split", "fused"))
+    names = [n for n, a in zip(NAMES, [1, 1, *args]) if a is not None]
+    errs = dict(zip(names, (_rel(a, b) for a, b in zip([*split[:2], *split[2]], [*fused[:2], *fused[2]]))))
+    _report(errs, f"split vs fused {dtype} T={T}")
+    assert all(e < (1e-5 if dtype == "float32" else 1e-2) for e in errs.values()), errs
 
 
 @gpu
