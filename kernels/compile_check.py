@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     st._backward(plan, dy, None, x, dt, A, B, C, None, D, cb)
     conv_in = torch.zeros(batch, T, 2 * (H * P + 2 * G * N), dtype=dtype)[..., : H * P + 2 * G * N].requires_grad_()
     taps, bias = torch.zeros(4, conv_in.shape[-1]), torch.zeros(conv_in.shape[-1])
-    mf._CausalConvSiLU.apply(conv_in, taps, bias).sum().backward()
+    mf._CausalConvSiLU.apply(conv_in, taps, bias, None).sum().backward()
     y = torch.zeros(batch, T, H * P, dtype=dtype, requires_grad=True)
     z = torch.zeros(batch, T, 2 * H * P, dtype=dtype)[..., H * P:].requires_grad_()
-    mf._GatedRMSNorm.apply(y, z, torch.ones(H * P), H * P // G, 1e-5).sum().backward()
+    mf._GatedRMSNorm.apply(y, z, torch.ones(H * P), H * P // G, 1e-5, None).sum().backward()
     width = H * P * 2 + 2 * G * N + H  # dt_raw: the last H columns of the joint projection
     dt_raw = torch.zeros(batch, T, width, dtype=dtype)[..., -H:].requires_grad_()
-    dt_out, A_out = mf._DtAndDecay.apply(dt_raw, torch.zeros(H, requires_grad=True), torch.zeros(H, requires_grad=True))
+    dt_out, A_out = mf._DtAndDecay.apply(dt_raw, torch.zeros(H, requires_grad=True), torch.zeros(H, requires_grad=True), None)
     (dt_out.sum() + A_out.sum()).backward()
     return 0
 
