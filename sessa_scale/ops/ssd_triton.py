@@ -277,9 +277,7 @@ def _state_pass(pl: _Plan, v, dt, A, k, start, st, end, reverse: bool):
     """Fills st (and end unless None) as state_scan_kernel's docstring says, on the plan's schedule:
     state_scan_kernel, or chunk_local_state_kernel then state_pass_kernel (split). v (B, T, H, P),
     k (B, T, G, N): x and B forward, dy and C with reverse; start (B, H, N, P) ACC or None (zero)."""
-    dummy = st  # stands in for an absent start / end (not accessed)
-    end_ = end if end is not None else dummy
-    start_ = start if start is not None else dummy
+    start_, end_ = (st if t is None else t for t in (start, end))  # st stands in for an absent one (not accessed)
     flags = {"REVERSE": reverse, "WRITE_END": end is not None}
     strides = (*v.stride(), *dt.stride(), *k.stride())
     if not pl.split:

@@ -192,7 +192,7 @@ def test_interpreter_split_state_schedule_against_the_recurrence(dtype):
     assert out.count("ok split ") == len(INTERP_CASES), out
 
 
-def test_plan_state_schedule(monkeypatch):
+def test_plan_state_schedule(monkeypatch, request):
     """auto splits exactly where fused would halve its state tile (350m heads on 132 SMs: B * H = 64
     pairs at T = 8192, 256 at T = 2048); fused / split are taken as given; other values are named."""
     pytest.importorskip("triton")
@@ -200,6 +200,7 @@ def test_plan_state_schedule(monkeypatch):
 
     monkeypatch.setattr(st, "INTERPRET", False)
     monkeypatch.setattr(st, "sm_count", lambda index: 132)
+    request.addfinalizer(st._plan_for.cache_clear)  # no plan made under the stubs outlives the test
     cuda, dtypes = torch.device("cuda", 0), (torch.bfloat16,) * 4
 
     def plan(batch, T, schedule):
