@@ -109,18 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     dt, A, D = torch.zeros(batch, T, H), torch.zeros(H), torch.zeros(H)
     plan = st._plan(x, dt, B, C, args.chunk, st.config_from_env(st.SSDConfig()))
     print(f"SSD plan: L={plan.L} tiles BN={plan.BN} BP={plan.BP} dx BP={plan.BP_DX} state {plan.BN_S}x{plan.BP_S} "
-          f"dB/dC BN={plan.BN_D} heads/split {H // G // plan.HS} dot={plan.dot} prec={plan.prec}")
+          f"dB/dC BN={plan.BN_D} heads/split {H // G // plan.HS} dot={plan.dot} prec={plan.prec} state schedule "
+          + (f"split (local {plan.BN_L}x{plan.BP_L}, pass {plan.BE} x {plan.cfg.CH_PASS} chunks)" if plan.split else "fused"))
     _, _, cb = st._forward(plan, x, dt, A, B, C, None, D)
     st._backward(plan, dy, None, x, dt, A, B, C, None, D, cb)
     conv_in = torch.zeros(batch, T, 2 * (H * P + 2 * G * N), dtype=dtype)[..., : H * P + 2 * G * N].requires_grad_()
     taps, bias = torch.zeros(4, conv_in.shape[-1]), torch.zeros(conv_in.shape[-1])
-    mf._CausalConvSiLU.apply(conv_in, taps, bias).sum().backward()
+    mf._CausalConvSiLU.apply(conv_in, taps, bias, None).sum().backward()
     y = torch.zeros(batch, T, H * P, dtype=dtype, requires_grad=True)
     z = torch.zeros(batch, T, 2 * H * P, dtype=dtype)[..., H * P:].requires_grad_()
-    mf._GatedRMSNorm.apply(y, z, torch.ones(H * P), H * P // G, 1e-5).sum().backward()
+    mf._GatedRMSNorm.apply(y, z, torch.ones(H * P), H * P // G, 1e-5, None).sum().backward()
     width = H * P * 2 + 2 * G * N + H  # dt_raw: the last H columns of the joint projection
     dt_raw = torch.zeros(batch, T, width, dtype=dtype)[..., -H:].requires_grad_()
-    dt_out, A_out = mf._DtAndDecay.apply(dt_raw, torch.zeros(H, requires_grad=True), torch.zeros(H, requires_grad=True))
+    dt_out, A_out = mf._DtAndDecay.apply(dt_raw, torch.zeros(H, requires_grad=True), torch.zeros(H, requires_grad=True), None)
     (dt_out.sum() + A_out.sum()).backward()
     return 0
 

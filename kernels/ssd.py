@@ -23,6 +23,10 @@ inputs' half-precision dtype, else ACC):
                      final state in ACC. Backward: the adjoint recursion over chunks last to first,
                      dS_c = exp(a_L) dS_{c+1} + sum_i exp(a_i) C_i dy_i^T; writes dS_{c+1} (the
                      gradient of the state leaving chunk c) per chunk and the initial state's gradient
+  chunk_local_state_kernel, state_pass_kernel: the same pass split in two (SSDConfig.state_schedule):
+                     every chunk's term sum_j w_j k_j v_j^T in parallel (one dot per chunk and N x P tile),
+                     stored in st itself one slot ahead in pass order, then the recursion alone,
+                     elementwise over the N * P state in ACC, overwriting each term with a state
   out_fwd_kernel     y per (chunk, P-tile, b, h): the masked quadratic form from CB, plus C S_c
                      (and the skip D[h] x when given: one pass over x instead of three)
   dx_kernel          du_j = sum_{i >= j} (C_i . B_j) exp(a_i - a_j) dy_i + exp(a_L - a_j) dS_{c+1}^T B_j;
@@ -121,6 +125,22 @@ def cb_kernel(C_ptr, B_ptr, CB_ptr, T, G, N, NC,
     tl.store(CB_ptr + (bg.to(tl.int64) * NC + c) * L * L + i[:, None] * L + i[None, :], acc)  # as _load_cb reads
 
 
+@triton.jit
+def _chunk_contribution(vp, dtp, A_ptr, kp, h, c, n, nm, p, pm, T, sv_t, sv_p, sdt_t, sk_t, sk_n,
+                        REVERSE: tl.constexpr, L: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Chunk c's term of the state recursion on the tile (n, p): sum_j w_j k_j v_j^T over the chunk
+    (BN x BP, ACC; one tl.dot of DOT operands), w = exp(a_L - a) dt forward, exp(a) with REVERSE;
+    and the chunk's total decay exp(a_L) (ACC). vp / dtp / kp: (b, h)'s v, dt and (b, g)'s k."""
+    t = c * L + tl.arange(0, L)
+    tm = t < T
+    dtv, a, a_last = _chunk_decay(dtp, A_ptr, h, t, tm, sdt_t, L, ACC)
+    w = tl.exp(a) if REVERSE else tl.exp(a_last - a) * dtv
+    Kt = _tile(kp, n, t, nm, tm, sk_n, sk_t).to(ACC)  # (BN, L)
+    V = _tile(vp, t, p, tm, pm, sv_t, sv_p).to(DOT)  # (L, BP)
+    return tl.dot((Kt * w[None, :]).to(DOT), V, input_precision=PREC), tl.exp(a_last)
+
+
 @triton.jit(do_not_specialize=["T"])
 def state_scan_kernel(v_ptr, dt_ptr, A_ptr, k_ptr, start_ptr, st_ptr, end_ptr, T, H, G, N, P, NC, NPB,
                       sv_b, sv_t, sv_h, sv_p, sdt_b, sdt_t, sdt_h, sk_b, sk_t, sk_g, sk_n,
@@ -155,15 +175,89 @@ def state_scan_kernel(v_ptr, dt_ptr, A_ptr, k_ptr, start_ptr, st_ptr, end_ptr, T
     for i in range(NC):
         c = NC - 1 - i if REVERSE else i
         tl.store(sp + c * N * P + tile, S.to(st_ptr.dtype.element_ty), mask=smask)
-        t = c * L + tl.arange(0, L)
-        tm = t < T
-        dtv, a, a_last = _chunk_decay(dtp, A_ptr, h, t, tm, sdt_t, L, ACC)
-        w = tl.exp(a) if REVERSE else tl.exp(a_last - a) * dtv
-        Kt = _tile(kp, n, t, nm, tm, sk_n, sk_t).to(ACC)  # (BN, L)
-        V = _tile(vp, t, p, tm, pm, sv_t, sv_p).to(DOT)  # (L, BP)
-        S = S * tl.exp(a_last) + tl.dot((Kt * w[None, :]).to(DOT), V, input_precision=PREC)
+        local, decay = _chunk_contribution(vp, dtp, A_ptr, kp, h, c, n, nm, p, pm, T, sv_t, sv_p, sdt_t, sk_t, sk_n,
+                                           REVERSE, L, ACC, DOT, PREC)
+        S = S * decay + local
     if WRITE_END:
         tl.store(end_ptr + bh.to(tl.int64) * N * P + tile, S, mask=smask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def chunk_local_state_kernel(v_ptr, dt_ptr, A_ptr, k_ptr, st_ptr, end_ptr, decay_ptr, T, H, G, N, P, NC, NNB, NPB,
+                             sv_b, sv_t, sv_h, sv_p, sdt_b, sdt_t, sdt_h, sk_b, sk_t, sk_g, sk_n,
+                             REVERSE: tl.constexpr, WRITE_END: tl.constexpr, L: tl.constexpr, BN: tl.constexpr,
+                             BP: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """The split schedule's first half, parallel over chunks: chunk c's term of state_scan_kernel's
+    recursion (_chunk_contribution, same k, v, w) on one (N-tile, P-tile) of (b, h), stored where
+    state_pass_kernel reads it: in the st slot of the state that follows c in the pass order
+    (st[b, h, c + 1] forward, st[b, h, c - 1] with REVERSE; rounded to st's dtype, DOT), or, for the
+    pass's last chunk (c = NC - 1 forward, 0 with REVERSE), in end[b, h] (ACC; with WRITE_END, else
+    not stored). The N-tile 0, P-tile 0 program also stores exp(a_L) to decay[b, h, c].
+    st (B, H, NC, N, P), end (B, H, N, P), decay (B, H, NC): contiguous. Grid (NC * NNB * NPB, B * H)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    c = pid // (NNB * NPB)
+    nb = pid % (NNB * NPB) // NPB
+    pb = pid % NPB
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    n = nb * BN + tl.arange(0, BN)
+    p = pb * BP + tl.arange(0, BP)
+    nm, pm = n < N, p < P
+    local, decay = _chunk_contribution(v_ptr + b * sv_b + h * sv_h, dt_ptr + b * sdt_b + h * sdt_h, A_ptr,
+                                       k_ptr + b * sk_b + (h // (H // G)) * sk_g, h, c, n, nm, p, pm, T,
+                                       sv_t, sv_p, sdt_t, sk_t, sk_n, REVERSE, L, ACC, DOT, PREC)
+    if nb + pb == 0:
+        tl.store(decay_ptr + bh.to(tl.int64) * NC + c, decay)
+    tile = n[:, None] * P + p[None, :]
+    smask = nm[:, None] & pm[None, :]
+    slot = c - 1 if REVERSE else c + 1
+    if (slot >= 0) & (slot < NC):
+        tl.store(st_ptr + (bh.to(tl.int64) * NC + slot) * N * P + tile, local.to(st_ptr.dtype.element_ty), mask=smask)
+    elif WRITE_END:
+        tl.store(end_ptr + bh.to(tl.int64) * N * P + tile, local, mask=smask)
+
+
+@triton.jit
+def state_pass_kernel(st_ptr, decay_ptr, start_ptr, end_ptr, N, P, NC,
+                      REVERSE: tl.constexpr, HAS_START: tl.constexpr, WRITE_END: tl.constexpr, BE: tl.constexpr,
+                      CH: tl.constexpr, ACC: tl.constexpr):
+    """The split schedule's second half: state_scan_kernel's recursion alone, elementwise over BE
+    elements of (b, h)'s N * P state, in ACC, on the terms chunk_local_state_kernel left in st / end.
+    In pass order (chunks 0 .. NC-1 forward, NC-1 .. 0 with REVERSE) with s_k the k-th chunk:
+    S_0 = start (0 without HAS_START), S_k = exp(a_L(s_{k-1})) S_{k-1} + term(s_{k-1}); S_k replaces
+    the term in st slot s_k (term(s_{k-1}) is read there, so every slot is read before it is
+    written, and the write depends on the read), and with WRITE_END the term in end is replaced by
+    exp(a_L(s_{NC-1})) S_{NC-1} + term(s_{NC-1}). st thus ends as state_scan_kernel leaves it. CH
+    chunks per step: one (CH, BE) load and store, the CH steps of the recursion in registers.
+    Grid (cdiv(N * P, BE), B * H)."""
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
+    em = e < N * P
+    bh = tl.program_id(1).to(tl.int64)
+    if HAS_START:
+        S = tl.load(start_ptr + bh * N * P + e, mask=em, other=0.0).to(ACC)
+    else:
+        S = tl.zeros((BE,), dtype=ACC)
+    sp = st_ptr + bh * NC * N * P
+    dp = decay_ptr + bh * NC
+    rows = tl.arange(0, CH)
+    for k0 in range(0, NC, CH):
+        k = k0 + rows  # positions in pass order; slot s_k holds term(s_{k-1}) for k >= 1
+        slot = NC - 1 - k if REVERSE else k
+        addr = sp + slot[:, None].to(tl.int64) * N * P + e[None, :]
+        terms = tl.load(addr, mask=((k >= 1) & (k < NC))[:, None] & em[None, :], other=0.0).to(ACC)  # (CH, BE)
+        states = tl.zeros((CH, BE), dtype=ACC)
+        for r in tl.static_range(CH):
+            prev = NC - k0 - r if REVERSE else k0 + r - 1  # s_{k-1}
+            decay = tl.load(dp + prev, mask=(k0 + r >= 1) & (k0 + r < NC), other=1.0)
+            row = rows[:, None] == r  # within a thread: the launch gives each thread whole columns
+            S = S * decay + tl.sum(tl.where(row, terms, -0.0), axis=0)
+            states = tl.where(row, S[None, :], states)
+        tl.store(addr, states.to(st_ptr.dtype.element_ty), mask=(k < NC)[:, None] & em[None, :])
+    if WRITE_END:
+        ep = end_ptr + bh * N * P + e
+        S = S * tl.load(dp + (0 if REVERSE else NC - 1)) + tl.load(ep, mask=em, other=0.0)
+        tl.store(ep, S, mask=em)
 
 
 @triton.jit(do_not_specialize=["T"])

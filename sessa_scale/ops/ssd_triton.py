@@ -14,7 +14,16 @@ config and cached; integer launch math is plain Python (sessa_scale/ops/launch_m
 Schedule: forward = cb_kernel, state_scan_kernel, out_fwd_kernel (3 launches); the backward
 recomputes the chunk states (state_scan_kernel), then state_scan_kernel backwards, dx_kernel, dbc_kernel,
 and one or two small torch reductions over the kernels' partial slices (dA and dD in one;
-deterministic, no atomics).
+deterministic, no atomics). ``SSDConfig.state_schedule`` = "split" runs each of the three state
+passes as chunk_local_state_kernel (parallel over chunks: every chunk's term of the recursion, one
+tensor-core product per chunk) then state_pass_kernel (the recursion alone, elementwise, CH_PASS
+chunks per load); "auto" splits where fused would have too few programs (it halves its state tile:
+T = 8192 at 16,384 tokens per call). The split schedule writes the terms into the state buffer
+itself (no extra memory but a (B, H, NC) decay buffer), so for bf16 / fp16 inputs each chunk's term
+is rounded to DOT once before the recursion, which still runs in ACC (float32 / float64 inputs:
+the same operations as fused). An ACC scratch for the terms would keep fused's bf16 numerics
+exactly but cost 268 MB more writes and reads at 16,384 tokens (N = 128, P = 64, 32 heads): about
+as much time as the split saves.
 Kept for the backward: the inputs and CB (B, G, T/L, L, L) in ACC (L floats per token and
 group); the chunk states (H N P / L floats per token) are recomputed, never kept.
 
@@ -61,7 +70,16 @@ class SSDConfig:
     maxnreg_dx: int = 128  # dx_kernel's register cap per thread with bf16 / fp16 inputs (0: the compiler's choice,
     # ~180 at BP_DX = 64: one program per SM): 8 warps x 128 registers run two programs per SM on sm_90 (40 bytes
     # spilled, outside the loop). Not applied to float32 inputs (their fp32 tiles spill 1.5 KB under it)
-    num_warps_state: int = 4  # the sequential state kernels
+    num_warps_state: int = 4  # the sequential state kernel (state_scan)
+    state_schedule: str = "fused"  # the chunk-state pass: fused (state_scan_kernel: per chunk a tl.dot inside the
+    # sequential loop) | split (chunk_local_state_kernel, every chunk's term in parallel, then state_pass_kernel, the
+    # recursion alone, elementwise) | auto (split where fused would halve its BN_STATE x BP_STATE tile for programs)
+    BN_LOCAL: int = 128  # split: chunk_local_state_kernel's state tile (N x P), one chunk per program
+    BP_LOCAL: int = 64
+    num_warps_local: int = 8
+    BE_PASS: int = 512  # split: state elements per state_pass_kernel program, BE_PASS / 256 warps (so that each
+    # thread holds whole columns of its CH_PASS x BE_PASS tile: the recursion over the rows needs no shared memory)
+    CH_PASS: int = 8  # split: chunks per state_pass_kernel load / store (a power of two; loads in flight)
     num_warps_dbc: int = 8
     num_stages: int = 2
     prec_fp32: str = "tf32x3"  # tl.dot input precision for float32 inputs on GPU: tf32x3 | tf32 | ieee
@@ -69,7 +87,9 @@ class SSDConfig:
 
 DEFAULT_CONFIG = SSDConfig()
 # Small tiles for the CPU interpreter: tests cover several N-, P- and state tiles and head splits.
-INTERPRET_CONFIG = SSDConfig(BN=16, BP=16, BP_DX=16, BN_STATE=16, BP_STATE=16, BN_DBC=16, head_split=2)
+INTERPRET_CONFIG = SSDConfig(BN=16, BP=16, BP_DX=16, BN_STATE=16, BP_STATE=16, BN_DBC=16, head_split=2,
+                             BN_LOCAL=16, BP_LOCAL=16, BE_PASS=256, CH_PASS=2)
+STATE_SCHEDULES = ("fused", "split", "auto")
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -121,13 +141,17 @@ class _Plan:
     BP_S: int
     BN_D: int
     HS: int
+    split: bool  # the split state schedule (SSDConfig.state_schedule)
+    BN_L: int
+    BP_L: int
+    BE: int
     acc: torch.dtype
     dot: torch.dtype
     prec: str
     cfg: SSDConfig
 
     def kw(self, kind: str = "") -> dict:
-        """Launch options of the kernels of `kind` ("", "state", "dx", "dbc")."""
+        """Launch options of the kernels of `kind` ("", "state", "local", "pass", "dx", "dbc")."""
         return self._launch_options[kind]
 
     def consts(self) -> dict:
@@ -137,7 +161,8 @@ class _Plan:
     @functools.cached_property
     def _launch_options(self) -> dict[str, dict]:
         cfg = self.cfg
-        warps = {"": cfg.num_warps, "state": cfg.num_warps_state, "dx": cfg.num_warps_dx, "dbc": cfg.num_warps_dbc}
+        warps = {"": cfg.num_warps, "state": cfg.num_warps_state, "local": cfg.num_warps_local,
+                 "pass": max(1, self.BE // 256), "dx": cfg.num_warps_dx, "dbc": cfg.num_warps_dbc}
         options = {kind: {} if INTERPRET else {"num_warps": w, "num_stages": cfg.num_stages}
                    for kind, w in warps.items()}
         if cfg.maxnreg_dx and not INTERPRET and self.dot != self.acc:  # half-precision products only
@@ -173,6 +198,19 @@ class _Plan:
         return (cdiv(self.N, self.BN_S) * self.state_p_tiles, self.batch * self.H)
 
     @functools.cached_property
+    def local_tiles(self) -> tuple[int, int]:
+        """N- and P-tiles of chunk_local_state_kernel."""
+        return cdiv(self.N, self.BN_L), cdiv(self.P, self.BP_L)
+
+    @functools.cached_property
+    def local_grid(self) -> tuple[int, int]:
+        return (self.NC * self.local_tiles[0] * self.local_tiles[1], self.batch * self.H)
+
+    @functools.cached_property
+    def pass_grid(self) -> tuple[int, int]:
+        return (cdiv(self.N * self.P, self.BE), self.batch * self.H)
+
+    @functools.cached_property
     def chunk_grid(self) -> tuple[int, int]:
         return (self.NC * self.p_tiles, self.batch * self.H)
 
@@ -201,7 +239,12 @@ def _plan_for(x_shape, B_shape, dtypes, device: torch.device, chunk_size: int, c
     dot = dtypes[0] if acc == torch.float32 and dtypes[0] in (torch.float16, torch.bfloat16) else acc
     prec = "ieee" if INTERPRET or acc == torch.float64 else cfg.prec_fp32 if dot == torch.float32 else "tf32"
     target = 0 if INTERPRET or device.type != "cuda" else sm_count(device.index or 0) * cfg.programs_per_sm
+    if cfg.state_schedule not in STATE_SCHEDULES:
+        raise ValueError(f"SSDConfig.state_schedule (SESSA_SSD_CFG state_schedule=...): {cfg.state_schedule!r} "
+                         f"is not one of {', '.join(STATE_SCHEDULES)}")
     bn_s, bp_s = min(cfg.BN_STATE, _p2(N)), min(cfg.BP_STATE, _p2(P))
+    split = cfg.state_schedule == "split" or (
+        cfg.state_schedule == "auto" and batch * H * cdiv(N, bn_s) * cdiv(P, bp_s) < target)
     while batch * H * cdiv(N, bn_s) * cdiv(P, bp_s) < target and max(bn_s, bp_s) > 16:
         if bn_s >= bp_s:
             bn_s //= 2
@@ -217,20 +260,38 @@ def _plan_for(x_shape, B_shape, dtypes, device: torch.device, chunk_size: int, c
         base = NC * cdiv(N, bn_d) * batch * G
         hs = next((d for d in divisors if base * d >= target), per_group)
     return _Plan(batch, T, H, G, N, P, L, NC, min(cfg.BN, _p2(N)), min(cfg.BP, _p2(P)),
-                 min(cfg.BP_DX, _p2(P)), bn_s, bp_s, bn_d, hs, acc,
-                 dot, prec, cfg)
+                 min(cfg.BP_DX, _p2(P)), bn_s, bp_s, bn_d, hs, split, min(cfg.BN_LOCAL, _p2(N)),
+                 min(cfg.BP_LOCAL, _p2(P)), min(cfg.BE_PASS, next_power_of_2(N * P)), acc, dot, prec, cfg)
 
 
 def _chunk_states(pl: _Plan, x, dt, A, B, init, with_final: bool = True):
-    """state_scan_kernel forwards -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state
+    """The forward state pass -> (S_c for every chunk (B, H, NC, N, P) in DOT, final state
     (B, H, N, P) in ACC, or None without with_final: the backward's recomputation)."""
     st = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, x.device)
     final = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, x.device) if with_final else None
-    K.state_scan_kernel[pl.state_grid](
-        x, dt, A, B, init if init is not None else st, st, final if with_final else st, pl.T, pl.H, pl.G, pl.N,
-        pl.P, pl.NC, pl.state_p_tiles, *x.stride(), *dt.stride(), *B.stride(), REVERSE=False,
-        HAS_START=init is not None, WRITE_END=with_final, BN=pl.BN_S, BP=pl.BP_S, **pl.consts(), **pl.kw("state"))
+    _state_pass(pl, x, dt, A, B, init, st, final, reverse=False)
     return st, final
+
+
+def _state_pass(pl: _Plan, v, dt, A, k, start, st, end, reverse: bool):
+    """Fills st (and end unless None) as state_scan_kernel's docstring says, on the plan's schedule:
+    state_scan_kernel, or chunk_local_state_kernel then state_pass_kernel (split). v (B, T, H, P),
+    k (B, T, G, N): x and B forward, dy and C with reverse; start (B, H, N, P) ACC or None (zero)."""
+    start_, end_ = (st if t is None else t for t in (start, end))  # st stands in for an absent one (not accessed)
+    flags = {"REVERSE": reverse, "WRITE_END": end is not None}
+    strides = (*v.stride(), *dt.stride(), *k.stride())
+    if not pl.split:
+        K.state_scan_kernel[pl.state_grid](
+            v, dt, A, k, start_, st, end_, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, pl.state_p_tiles, *strides,
+            HAS_START=start is not None, BN=pl.BN_S, BP=pl.BP_S, **flags, **pl.consts(), **pl.kw("state"))
+        return
+    decay = new_buffer((pl.batch, pl.H, pl.NC), pl.acc, v.device)
+    K.chunk_local_state_kernel[pl.local_grid](
+        v, dt, A, k, st, end_, decay, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, *pl.local_tiles, *strides,
+        BN=pl.BN_L, BP=pl.BP_L, **flags, **pl.consts(), **pl.kw("local"))
+    K.state_pass_kernel[pl.pass_grid](
+        st, decay, start_, end_, pl.N, pl.P, pl.NC, HAS_START=start is not None, BE=pl.BE, CH=pl.cfg.CH_PASS,
+        ACC=pl.consts()["ACC"], **flags, **pl.kw("pass"))
 
 
 def _forward(pl: _Plan, x, dt, A, B, C, init, D):
@@ -256,11 +317,7 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx=None, dB=No
     st, _ = _chunk_states(pl, x, dt, A, B, init, with_final=False)
     dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
     dinit = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
-    K.state_scan_kernel[pl.state_grid](
-        dy, dt, A, C, dfinal if dfinal is not None else dst, dst, dinit if dinit is not None else dst,
-        pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, pl.state_p_tiles, *dy.stride(), *dt.stride(), *C.stride(),
-        REVERSE=True, HAS_START=dfinal is not None, WRITE_END=init is not None, BN=pl.BN_S, BP=pl.BP_S,
-        **pl.consts(), **pl.kw("state"))
+    _state_pass(pl, dy, dt, A, C, dfinal, dst, dinit, reverse=True)
     npb = pl.dx_p_tiles
     if dx is None:
         dx = new_buffer(x.shape, x.dtype, dev)

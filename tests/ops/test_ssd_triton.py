@@ -87,16 +87,9 @@ def _check(impl, batch, T, H, G, P, N, dtype, device, seed, tols, state=True, lo
     """impl(x, dt, A, B, C, h0, D) -> (y, final) against the float64 sequential recurrence on the
     same (rounded) inputs: forward and gradients. tols: {name: max relative L2 error} (default "*")."""
     args, gy, gh = _inputs(batch, T, H, G, P, N, dtype, device, seed, state, strided, skip)
-    leaves = [a for a in args if a is not None]
     ref_args = [None if a is None else a.detach().double().requires_grad_() for a in args]
-    ref_leaves = [a for a in ref_args if a is not None]
-    results = []
-    for fn, ins, lv in ((impl, args, leaves), (_sequential, ref_args, ref_leaves)):
-        y, h = fn(*ins)
-        loss = {"y": (y.double() * gy.double()).sum(), "final": (h.double() * gh.double()).sum()}
-        total = loss["y"] + loss["final"] if loss_on == "both" else loss[loss_on]
-        results.append((y, h, torch.autograd.grad(total, lv, allow_unused=True, materialize_grads=True)))
-    (y, h, grads), (y_ref, h_ref, grads_ref) = results
+    (y, h, grads), (y_ref, h_ref, grads_ref) = (_outputs(fn, ins, gy, gh, loss_on)
+                                                for fn, ins in ((impl, args), (_sequential, ref_args)))
     assert y.dtype == dtype and y.shape == (batch, T, H, P) and h.shape == (batch, H, N, P)
     errs = {"y": _rel(y, y_ref), "final": _rel(h, h_ref)}
     names = [n for n, a in zip(NAMES[2:], args) if a is not None]
@@ -107,11 +100,22 @@ def _check(impl, batch, T, H, G, P, N, dtype, device, seed, tols, state=True, lo
     return errs
 
 
+def _outputs(impl, args, gy, gh, loss_on="both"):
+    """y, the final state and the gradients of the loss on them (gy, gh: its weights) with respect to
+    the args that are not None."""
+    y, h = impl(*args)
+    loss = {"y": (y.double() * gy.double()).sum(), "final": (h.double() * gh.double()).sum()}
+    total = loss["y"] + loss["final"] if loss_on == "both" else loss[loss_on]
+    leaves = [a for a in args if a is not None]
+    return y, h, torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
+
+
 # ----------------------------------------------------------------------------- CPU interpreter
 
 
-def _interp_worker(dtype_name: str) -> None:
-    """Runs in a subprocess with TRITON_INTERPRET=1 (set before any triton import)."""
+def _interp_worker(dtype_name: str, state_schedule: str = "") -> None:
+    """Runs in a subprocess with TRITON_INTERPRET=1 (set before any triton import). With
+    state_schedule: INTERP_CASES on that SSDConfig.state_schedule alone."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from sessa_scale.ops.ssd import ssd_scan
     from sessa_scale.ops.work_buffers import poisoned_buffers
@@ -119,6 +123,13 @@ def _interp_worker(dtype_name: str) -> None:
     with poisoned_buffers():  # every buffer the kernels write starts as NaN
         dtype = getattr(torch, dtype_name)
         tols = {"*": INTERP_TOL[dtype_name]}
+        if state_schedule:
+            for T, batch, H, G, P, N, chunk, state, skip, loss_on in INTERP_CASES:
+                errs = _check(_tiles(chunk, state_schedule=state_schedule), batch, T, H, G, P, N, dtype, "cpu",
+                              seed=100 + T, tols=tols, state=state, loss_on=loss_on, skip=skip)
+                print(f"ok {state_schedule} {dtype_name} T={T} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()),
+                      flush=True)
+            return
         for i, (T, batch, H, G, P, N, chunk, state, skip, loss_on) in enumerate(INTERP_CASES):
 
             def public(x, dt, A, B, C, h0, D, chunk=chunk):
@@ -168,6 +179,40 @@ def test_interpreter_against_the_recurrence(dtype):
     pytest.importorskip("triton")
     out = run_interpreter_worker(__file__, dtype)
     assert out.count("ok ") == len(INTERP_CASES) + 3, out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_interpreter_split_state_schedule_against_the_recurrence(dtype):
+    """The split state schedule (chunk_local_state_kernel + state_pass_kernel) on every INTERP_CASES
+    shape: forward pass (initial state: HAS_START; final state: WRITE_END) and backward pass (dfinal:
+    HAS_START; dh0: WRITE_END), 2-chunk pass steps over 1-5 chunks, two pass blocks (N * P = 480 >
+    256) and 2 x 2 local tiles, NaN-poisoned buffers."""
+    pytest.importorskip("triton")
+    out = run_interpreter_worker(__file__, dtype, "split")
+    assert out.count("ok split ") == len(INTERP_CASES), out
+
+
+def test_plan_state_schedule(monkeypatch, request):
+    """auto splits exactly where fused would halve its state tile (350m heads on 132 SMs: B * H = 64
+    pairs at T = 8192, 256 at T = 2048); fused / split are taken as given; other values are named."""
+    pytest.importorskip("triton")
+    import sessa_scale.ops.ssd_triton as st
+
+    monkeypatch.setattr(st, "INTERPRET", False)
+    monkeypatch.setattr(st, "sm_count", lambda index: 132)
+    request.addfinalizer(st._plan_for.cache_clear)  # no plan made under the stubs outlives the test
+    cuda, dtypes = torch.device("cuda", 0), (torch.bfloat16,) * 4
+
+    def plan(batch, T, schedule):
+        return st._plan_for((batch, T, 32, 64), (batch, T, 1, 128), dtypes, cuda, 64,
+                            st.SSDConfig(state_schedule=schedule))
+
+    assert [plan(b, T, "auto").split for b, T in ((2, 8192), (8, 2048))] == [True, False]
+    assert [(pl.BN_S, pl.BP_S) for pl in (plan(2, 8192, "auto"), plan(8, 2048, "auto"))] == [(32, 32), (64, 64)]
+    assert not plan(2, 8192, "fused").split and plan(8, 2048, "split").split
+    assert plan(2, 8192, "split").local_grid == (128 * 1 * 1, 64) and plan(2, 8192, "split").pass_grid == (16, 64)
+    with pytest.raises(ValueError, match="'fast' is not one of fused, split, auto"):
+        plan(2, 8192, "fast")
 
 
 def test_dispatch_picks_triton_on_cuda_and_refuses_cpu_tensors_outside_the_interpreter():
@@ -289,6 +334,34 @@ def test_gpu_dx_kernel_sweep_points(dx_tiles, dtype):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("T,batch,H", [(2049, 2, 4), (8192, 1, 2)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_split_state_schedule_matches_fused(T, batch, H, dtype):
+    """state_schedule=split against fused on the same inputs (350m head shapes; at T = 8192 one pair
+    of heads: fused halves its state tile), and at T = 2049 against the recurrence. float32: the same
+    operations; bf16: split rounds each chunk's term to bf16 once before the fp32 recursion."""
+    from dataclasses import replace
+
+    from sessa_scale.ops.ssd_triton import DEFAULT_CONFIG, ssd_scan_triton
+
+    def schedule(name):
+        config = replace(DEFAULT_CONFIG, state_schedule=name)
+        return lambda x, dt, A, B, C, h0, D: ssd_scan_triton(x, dt, A, B, C, h0, 64, config, D)
+
+    torch_dtype, tols = getattr(torch, dtype), FP32_TOL if dtype == "float32" else BF16_TOL
+    if T < 8192:
+        _report(_check(schedule("split"), batch, T, H, 2, 64, 128, torch_dtype, "cuda", seed=T, tols=tols,
+                       strided=True), f"split {dtype} T={T} vs recurrence")
+    args, gy, gh = _inputs(batch, T, H, 2, 64, 128, torch_dtype, "cuda", seed=T + 1)
+    split, fused = (_outputs(schedule(name), args, gy, gh) for name in ("split", "fused"))
+    names = [n for n, a in zip(NAMES, [1, 1, *args]) if a is not None]
+    errs = dict(zip(names, (_rel(a, b) for a, b in zip([*split[:2], *split[2]], [*fused[:2], *fused[2]]))))
+    _report(errs, f"split vs fused {dtype} T={T}")
+    assert all(e < (1e-5 if dtype == "float32" else 1e-2) for e in errs.values()), errs
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("loss_on", ["y", "final"])
 def test_gpu_one_output_used(loss_on):
     errs = _check(_triton(), 2, 300, 4, 1, 64, 128, torch.float32, "cuda", seed=3, tols=FP32_TOL, loss_on=loss_on)
@@ -366,7 +439,7 @@ def test_gpu_against_fla():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--interp-worker":
-        _interp_worker(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--interp-worker":
+        _interp_worker(*sys.argv[2:])
     else:
-        raise SystemExit(f"usage: {sys.argv[0]} --interp-worker float32|float64")
+        raise SystemExit(f"usage: {sys.argv[0]} --interp-worker float32|float64 [fused|split|auto]")
