@@ -60,8 +60,8 @@ def _loader_row(path: Path, workers: int, micro_batch: int, steps: int) -> dict:
     start = time.perf_counter()
     tokens = 0
     for _ in range(steps):
-        for x, _ in stream.next_step():
-            tokens += x.numel()
+        for block in stream.next_step():
+            tokens += block[:, :-1].numel()  # input tokens
     seconds = time.perf_counter() - start
     stream.close()
     return {"workers": workers, "steps": steps, "tokens": tokens, "s": seconds, "tokens/s": tokens / seconds}

@@ -85,6 +85,7 @@ def dry_run(cfg) -> int:
     import torch
 
     from sessa_scale.commands.config import format_summary, run_summary
+    from sessa_scale.data.loader import inputs_and_targets
     from sessa_scale.data.setup import build_training_data
     from sessa_scale.models.registry import build_model
 
@@ -93,7 +94,7 @@ def dry_run(cfg) -> int:
         build_model(cfg.model)
     data = build_training_data(cfg, dp_rank=0, dp_size=summary["data_parallel"])
     try:
-        inputs, targets = data.train.next_step()[0]
+        inputs, targets = inputs_and_targets(data.train.next_step()[0])
     finally:
         data.train.close()
     print(

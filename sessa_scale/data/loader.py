@@ -119,6 +119,11 @@ def _ignore_interrupts(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def inputs_and_targets(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token block (B, T + 1) -> inputs (B, T) and next-token targets (B, T): views, no copy."""
+    return tokens[:, :-1], tokens[:, 1:]
+
+
 class ShardStream:
     """Training batches for one data-parallel rank (the trainer calls `next_step()` once per
     optimizer step). num_workers = 0 reads in the calling process; > 0 uses that many DataLoader
@@ -162,9 +167,11 @@ class ShardStream:
         )
         return iter(loader)
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches for the next optimizer step: (inputs, targets), each
-        (micro_batch_size, seq_len) int64. The sample ids go to `last_ids`."""
+    def next_step(self) -> list[torch.Tensor]:
+        """This rank's micro-batches for the next optimizer step: token blocks (micro_batch_size,
+        seq_len + 1) int64, contiguous (and pinned with pin_memory): `inputs_and_targets` splits one.
+        The device copy takes the whole block, since a copy of a non-contiguous view is staged through
+        pageable memory, which makes the host wait for the GPU. The sample ids go to `last_ids`."""
         if self._iter is None:
             self._iter = self._start()
         batches, self.last_ids = [], []
@@ -174,7 +181,7 @@ class ShardStream:
                 self.close()
                 raise UserError(tokens)
             self.last_ids.append(ids)
-            batches.append((tokens[:, :-1], tokens[:, 1:]))
+            batches.append(tokens.pin_memory() if self.pin_memory and not tokens.is_pinned() else tokens)
         self.position += self.global_batch
         return batches
 

@@ -3,6 +3,7 @@ independent reading of the shards (tarfile / webdataset), partitioning across ra
 DataLoader workers, blend ratios, exact resume, and integrity errors."""
 
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from sessa_scale.config import load_config
 from sessa_scale.data import ByteTokenizer, ShardStream, StreamSpec, write_dataset
 from sessa_scale.data.corpus import prepare_stdlib, stdlib_documents
-from sessa_scale.data.loader import SampleSequence, eval_batches
+from sessa_scale.data.loader import SampleSequence, eval_batches, inputs_and_targets
 from sessa_scale.data.reader import open_split
 from sessa_scale.data.setup import build_training_data
 from sessa_scale.errors import UserError
@@ -76,7 +77,7 @@ def test_stream_delivers_the_stored_samples_as_shifted_targets(tmp_path):
     stored = tar_samples(path, "train")
     stream = ShardStream(_spec([path]), micro_batch_size=3)
     for _ in range(5):
-        (x, y), ids = stream.next_step()[0], stream.last_ids[0]
+        (x, y), ids = inputs_and_targets(stream.next_step()[0]), stream.last_ids[0]
         assert x.shape == (3, 16) and torch.equal(x[:, 1:], y[:, :-1])
         for row, (_, key) in enumerate(ids.tolist()):
             assert x[row].tolist() + [int(y[row, -1])] == stored[key].tolist()
@@ -327,7 +328,7 @@ def test_pipe_locations_stream_like_local_ones(tmp_path):
     piped = ShardStream(StreamSpec([open_split(remote, "train")], [1.0], 5, 7), 4)
     for _ in range(8):
         a, b = local.next_step()[0], piped.next_step()[0]
-        assert torch.equal(a[0], b[0]) and torch.equal(local.last_ids[0], piped.last_ids[0])
+        assert torch.equal(a, b) and torch.equal(local.last_ids[0], piped.last_ids[0])
     shard = open_split(path, "train").shards[0]["file"]
     _corrupt(path, shard, 700, b"\x01")
     with pytest.raises(UserError, match="sha256"):
@@ -344,3 +345,31 @@ def test_load_corpus_rejoins_the_validation_documents(tmp_path):
     stream = [t for i, d in enumerate(docs) if is_validation(4, i, 0.3) for t in d + [256]]
     n = (len(stream) - 1) // 11
     assert corpus.val.tolist() == stream[: n * 11 + 1] and corpus.eos_id == 256 and corpus.vocab_size == 257
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_gpu_micro_batch_copy_leaves_the_host_free(tmp_path, workers):
+    """The trainer's copy of a micro-batch (trainer.device_batch of next_step's pinned block) returns
+    while the GPU is still busy. Copying the inputs view instead, as the trainer did, is staged
+    through pageable memory and waits for the GPU (under torch.compile: ~18 ms of GPU idle per micro-step)."""
+    path = _dataset(tmp_path / "ds", n_docs=200, seq_len=64)
+    stream = ShardStream(_spec([path]), micro_batch_size=4, num_workers=workers, pin_memory=True)
+    block = stream.next_step()[0]
+    stream.close()
+    assert block.is_contiguous() and block.is_pinned()
+
+    def host_ms(copy) -> float:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work queued ahead of the copy
+        start = time.perf_counter()
+        copy()
+        elapsed = (time.perf_counter() - start) * 1e3
+        torch.cuda.synchronize()
+        return elapsed
+
+    from sessa_scale.training.trainer import device_batch
+
+    assert host_ms(lambda: device_batch(block, torch.device("cuda"))) < 20
+    assert host_ms(lambda: inputs_and_targets(block)[0].to("cuda", non_blocking=True)) > 40  # the old copy waited
