@@ -229,7 +229,8 @@ def _interp_worker() -> None:
                 tol = 2e-6 if dtype == torch.float64 else 2e-5  # the kernels compute in float32
                 check_conv(2 - i % 2, T, 72, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 0)
                 check_dt(2 - i % 2, T, 6, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
-                check_grads_into_joint(2 - i % 2, T, dtype, "cpu", seed=T)
+                if T <= 65:  # the slots' row strides: several row programs and conv runs by T = 65 (130: 35 s more)
+                    check_grads_into_joint(2 - i % 2, T, dtype, "cpu", seed=T)
                 if T <= 17:  # per row, so T matters only through rows per program (NORM_ROWS = 16): 17 x 2 rows
                     check_norm(2 - i % 2, T, 48, 1 + i % 2 * 2, dtype, "cpu", seed=T, tol=tol, strided=i % 2 == 1)
             print(f"ok T={T}", flush=True)
