@@ -109,11 +109,11 @@ def find_gaps(kinds: dict[str, list[Span]], min_us: float = 20.0, detailed: int 
     first = min([busy[0][0]] + [s.start for s in host[:1]])
     edges = [(first, busy[0][0])] + [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1)]
     edges = sorted((e for e in edges if e[1] - e[0] >= min_us), key=lambda e: e[0] - e[1])
-    phases = [s for s in host if s.name in PHASES]
+    phases = sorted((s for s in host if s.name in PHASES), key=lambda p: p.end - p.start)  # innermost first
     host_starts, runtime_starts = [s.start for s in host], [s.start for s in runtime]
     gaps = []
     for k, (a, b) in enumerate(edges):
-        phase = next((p.name for p in sorted(phases, key=lambda p: p.end - p.start) if p.start <= a < p.end), "-")
+        phase = next((p.name for p in phases if p.start <= a < p.end), "-")
         detail = k < detailed
         gaps.append(Gap(a, b, phase, _innermost(host, host_starts, a) if detail else (),
                         _runtime_calls(runtime, runtime_starts, a, b) if detail else ()))

@@ -169,9 +169,9 @@ class ShardStream:
 
     def next_step(self) -> list[torch.Tensor]:
         """This rank's micro-batches for the next optimizer step: token blocks (micro_batch_size,
-        seq_len + 1) int64, contiguous (and pinned with pin_memory): `inputs_and_targets` splits one.
-        The device copy takes the whole block, since a copy of a non-contiguous view is staged through
-        pageable memory, which makes the host wait for the GPU. The sample ids go to `last_ids`."""
+        seq_len + 1) int64, contiguous (and pinned with pin_memory): `inputs_and_targets` splits one,
+        and the trainer copies each whole to the device (training/trainer.device_batch says why).
+        The sample ids go to `last_ids`."""
         if self._iter is None:
             self._iter = self._start()
         batches, self.last_ids = [], []

@@ -242,10 +242,12 @@ def _plan_for(x_shape, B_shape, dtypes, device: torch.device, chunk_size: int, c
     if cfg.state_schedule not in STATE_SCHEDULES:
         raise ValueError(f"SSDConfig.state_schedule (SESSA_SSD_CFG state_schedule=...): {cfg.state_schedule!r} "
                          f"is not one of {', '.join(STATE_SCHEDULES)}")
+    def too_few_programs(bn: int, bp: int) -> bool:  # the fused state kernel's grid on an N x P tile
+        return batch * H * cdiv(N, bn) * cdiv(P, bp) < target
+
     bn_s, bp_s = min(cfg.BN_STATE, _p2(N)), min(cfg.BP_STATE, _p2(P))
-    split = cfg.state_schedule == "split" or (
-        cfg.state_schedule == "auto" and batch * H * cdiv(N, bn_s) * cdiv(P, bp_s) < target)
-    while batch * H * cdiv(N, bn_s) * cdiv(P, bp_s) < target and max(bn_s, bp_s) > 16:
+    split = cfg.state_schedule == "split" or (cfg.state_schedule == "auto" and too_few_programs(bn_s, bp_s))
+    while too_few_programs(bn_s, bp_s) and max(bn_s, bp_s) > 16:
         if bn_s >= bp_s:
             bn_s //= 2
         else:
