@@ -9,7 +9,9 @@ and by "auto" on CUDA. ``ssd_scan_triton_packed`` takes x, B, C packed as the co
 tensor's slices (no concatenation in the backward pass).
 
 Host cost: the launch plan (tiles, grids, launch options) is computed once per shapes, dtypes and
-config and cached; integer launch math is plain Python (sessa_scale/ops/launch_math.py).
+config and cached; integer launch math is plain Python (sessa_scale/ops/launch_math.py); the kernels
+launch through sessa_scale/ops/launcher.py (the compiled kernel's launcher called directly after the
+first call of each launch key).
 
 Schedule: forward = cb_kernel, state_scan_kernel, out_fwd_kernel (3 launches); the backward
 recomputes the chunk states (state_scan_kernel), then state_scan_kernel backwards, dx_kernel, dbc_kernel,
