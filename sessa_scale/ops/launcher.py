@@ -30,8 +30,9 @@ rest (constexprs, or their defaults) and launch options; grid a tuple of 1-3 int
 Always the plain ``kernel[grid](...)`` (``lean_enabled() is False``) under ``TRITON_INTERPRET=1``,
 with ``SESSA_TRITON_LAUNCH=plain``, with a triton other than 3.6.x (the launcher API above is read
 from 3.6), and per call while a launch hook is set (profilers such as proton add them: the lean call
-passes no launch metadata and no hooks) or the kernel has pre-run hooks. Not repeated on lean calls:
-triton's check that the kernel's global values have not changed since compilation.
+passes no launch metadata and no hooks), for a kernel with pre-run hooks and for anything but a plain
+JITFunction (an autotuner, heuristics). Not repeated on lean calls: triton's check that the kernel's
+global values have not changed since compilation.
 
 GPU check (host time to issue one Mamba-2 layer's forward + backward, then the training step):
   python3 -m sessa_scale.bench.host_overhead --archs mamba2
@@ -49,6 +50,7 @@ from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.knobs import HookChain
 from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
 from sessa_scale.errors import UserError
 from sessa_scale.ops.work_buffers import INTERPRET
@@ -138,7 +140,7 @@ _kept: dict = {}  # launch key -> (launcher, function, packed metadata, constexp
 def _lookup(kernel, args: tuple, kwargs: dict) -> tuple:
     """(the launch key, its kept launch or None); (None, None) where this call takes the plain path
     (module docstring)."""
-    if not lean_launches() or kernel.pre_run_hooks or not (
+    if not lean_launches() or type(kernel) is not JITFunction or kernel.pre_run_hooks or not (
             _idle(knobs.runtime.launch_enter_hook) and _idle(knobs.runtime.launch_exit_hook)):
         return None, None
     rules = _rules.get(id(kernel))
