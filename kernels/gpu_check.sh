@@ -4,7 +4,8 @@
 #   usage: bash kernels/gpu_check.sh STEP [STEP ...]      (default: trainer train-bench)
 # Steps:
 #   trainer       the user's path on the GPU: every architecture trains through `sessa-scale train`
-#                 (bf16 asserted inside the engine, resume bitwise under train.deterministic)
+#                 (bf16 asserted inside the engine, resume bitwise under train.deterministic; train.cuda_graphs
+#                 against eager)
 #   train-bench   `sessa-scale bench train`: the 350M trio through the trainer ($TRAIN_BENCH_ARGS)
 #   parallel-bench     `sessa-scale bench parallel` on 2 GPUs (nvidia-h200-x2): the 350M Sessa, every layout, T=2048
 #   parallel-bench-8k  the same, 1 GPU vs tp=2+SP at T=8192
@@ -48,7 +49,7 @@ fla_impls() {  # the DeltaFormer column only where fla-core imports
 for s in "${STEPS[@]}"; do
   case $s in
     trainer)
-      step trainer python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs tests/training/test_precision.py ;;
+      step trainer python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rsP tests/training/test_precision.py tests/training/test_cuda_graphs.py ;;
     train-bench)
       # shellcheck disable=SC2086
       runs=/tmp/bench_train${CUDA_VISIBLE_DEVICES:+_gpu$CUDA_VISIBLE_DEVICES}  # one per copy of this script

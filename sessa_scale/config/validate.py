@@ -15,6 +15,7 @@ from typing import Any
 
 from sessa_scale.config.schema import Config
 from sessa_scale.training.compile import COMPILE_MODES
+from sessa_scale.training.cuda_graphs import config_problems as cuda_graph_problems
 from sessa_scale.training.precision import PRECISIONS
 
 DEFAULT_SOURCE = "defaults"
@@ -193,6 +194,7 @@ def _range_checks(cfg: Config) -> list[tuple[str, bool, str]]:
             f"must be a multiple of parallel.tensor ({cfg.parallel.tensor}) under parallel.sequence_parallel=true",
         ),
         ("logging.wandb_mode", cfg.logging.wandb_mode in WANDB_MODES, f"must be one of {', '.join(WANDB_MODES)}"),
+        *cuda_graph_problems(cfg),
     ]
 
 

@@ -31,12 +31,13 @@ def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return torch.float32
 
 
-def autocast(precision: str, device: torch.device | str):
+def autocast(precision: str, device: torch.device | str, cache: bool = True):
     """The autocast context for running a model outside the DeepSpeed engine (evaluation,
-    benchmarks): bf16 autocast when compute_dtype is bfloat16, else no context."""
+    benchmarks, the capture of train.cuda_graphs): bf16 autocast when compute_dtype is bfloat16, else
+    no context. cache: autocast's weight-cast cache (off while capturing CUDA graphs)."""
     device_type = torch.device(device).type
     if compute_dtype(precision, device) == torch.bfloat16:
-        return torch.autocast(device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

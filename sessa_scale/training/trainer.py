@@ -20,6 +20,7 @@ from sessa_scale.distributed.tp_plan import universal_checkpoint_info
 from sessa_scale.metrics import MetricsLogger, Progress, peak_bf16_flops, peak_memory_gib, throughput
 from sessa_scale.models.registry import build_model, count_parameters, count_training_flops
 from sessa_scale.training.compile import compile_for_training, eager_forward
+from sessa_scale.training.cuda_graphs import capture_graphs
 from sessa_scale.training.nonfinite import NonFiniteSteps, skip_update_if_nonfinite
 from sessa_scale.training.optimizer import (
     apply_hyperparameters,
@@ -200,6 +201,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
         apply_hyperparameters(optimizer, scheduler, cfg.optim)  # this config's lr schedule and AdamW settings
         step, tokens = client["step"], client["tokens"]
         stream.load_state_dict(client["data"])
+    graphs_note = capture_graphs(engine.module, cfg, device)  # after any load: graphs read parameters in place
     if is_rank0():
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_dir / "config.yaml")
@@ -210,7 +212,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
         f"sessa-scale: {cfg.model.arch}, {count_parameters(cfg.model).total:,} parameters, "
         f"{world_size()} rank(s) on {device.type} (tensor {layout.tp}{' + sequence' if layout.sequence_parallel else ''}"
         f" x data {dp_size}, ZeRO {cfg.zero.stage}); data: {data.description}; run dir: {cfg.run_dir}"
-        + ("; torch.compile (the first step compiles)" if t.compile else "")
+        + ("; torch.compile (the first step compiles)" if t.compile else "") + graphs_note
         + (f"; resumed from {resume_from} at step {step}" if resume_from else "")
         + (f" (re-split from {saved_layout(resume_from)} through {universal})" if universal else "")
     )
