@@ -161,13 +161,27 @@ def capture_block_graphs(model: nn.Module, tokens: torch.Tensor, autocast) -> li
     return blocks
 
 
-def capture_graphs(model: nn.Module, cfg, device: torch.device) -> str:
+def unallocated_pool_bytes(device: torch.device) -> int:
+    """Bytes that private memory pools (the CUDA graphs') hold reserved on device without a live tensor in
+    them: the memory the replays write their activations and temporaries into, which
+    torch.cuda.max_memory_allocated stops counting once the capture has freed those tensors."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory_snapshot()
+               if s["device"] == index and tuple(s["segment_pool_id"]) != (0, 0))
+
+
+def capture_graphs(model: nn.Module, cfg, device: torch.device) -> tuple[str, int]:
     """The trainer's use of train.cuda_graphs: capture model's blocks for the micro-batch (B, T) of cfg on
-    a CUDA device; the note for the start-up line (empty when the setting is off)."""
+    a CUDA device. Returns the note for the start-up line (empty when the setting is off) and the bytes
+    the graphs' pool holds beyond its live tensors (unallocated_pool_bytes; 0 without graphs), which the
+    trainer adds to its peak-memory figure."""
     if not cfg.train.cuda_graphs:
-        return ""
+        return "", 0
     if device.type != "cuda":
-        return "; train.cuda_graphs ignored (no CUDA device: the blocks run eagerly)"
+        return "; train.cuda_graphs ignored (no CUDA device: the blocks run eagerly)", 0
     tokens = torch.zeros((cfg.train.micro_batch_size, cfg.data.seq_len), dtype=torch.long, device=device)
     blocks = capture_block_graphs(model, tokens, lambda: autocast(cfg.train.precision, device, cache=False))
-    return f"; CUDA graphs: {len(blocks)} blocks captured for micro-batches of {tuple(tokens.shape)} tokens"
+    pool = unallocated_pool_bytes(device)
+    return (f"; CUDA graphs: {len(blocks)} blocks captured for micro-batches of {tuple(tokens.shape)} tokens "
+            f"({pool / 2**30:.1f} GiB reserved for their activations)"), pool

@@ -201,7 +201,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
         apply_hyperparameters(optimizer, scheduler, cfg.optim)  # this config's lr schedule and AdamW settings
         step, tokens = client["step"], client["tokens"]
         stream.load_state_dict(client["data"])
-    graphs_note = capture_graphs(engine.module, cfg, device)  # after any load: graphs read parameters in place
+    graphs_note, graph_pool_bytes = capture_graphs(engine.module, cfg, device)  # after any load: graphs read parameters in place
     if is_rank0():
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_dir / "config.yaml")
@@ -269,7 +269,7 @@ def _train(cfg: Config, preemption: PreemptionHandler) -> dict:
             **throughput(tokens_per_step, step_time, world_size(), flops_per_token, peak),
             "grad_norm": grad_norm,
             "step_time_s": step_time,
-            "peak_mem_gib": peak_memory_gib(device),  # rank 0's
+            "peak_mem_gib": peak_memory_gib(device) + graph_pool_bytes / 2**30,  # rank 0's; with the graphs' pool
             **verdict,
         }
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):

@@ -113,7 +113,7 @@ def _cli_train(run_dir: Path, arch: str, steps: int, graphs: bool) -> subprocess
         "model.n_heads=4", "data.seq_len=256", "data.corpus_bytes=2000000", "train.micro_batch_size=4",
         "train.grad_accum_steps=2", f"train.max_steps={steps}", "optim.decay_steps=20", "optim.warmup_steps=2",
         "train.eval_interval=3", "checkpoint.interval=0", "train.precision=bf16", "train.deterministic=true",
-        f"train.cuda_graphs={str(graphs).lower()}", "logging.progress=false", f"run.dir={run_dir}",
+        f"train.cuda_graphs={str(graphs).lower()}", "logging.progress=true", f"run.dir={run_dir}",
     ]  # fmt: skip
     env = single_process_env(PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
