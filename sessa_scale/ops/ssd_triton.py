@@ -16,9 +16,11 @@ first call of each launch key).
 Schedule: forward = cb_kernel, state_scan_kernel (the chunk states S_c), out_fwd_kernel (3 launches);
 backward = state_scan_kernel backwards, dx_kernel, dbc_kernel, and one or two small torch reductions
 over the kernels' partial slices (dA and dD in one; deterministic, no atomics). With
-``SSDConfig.keep_states`` (the default; ``model.ssm_keep_states``) the backward reads the chunk states
-the forward wrote; without it, it first recomputes them (one more state_scan_kernel: the same kernel
-on the same inputs, so the same values bit for bit). ``SSDConfig.state_schedule`` = "split" runs each
+``SSDConfig.keep_states`` (``model.ssm_keep_states``; the default, chosen from the memory below against
+the time) the backward reads the chunk states the forward wrote; without it, it first
+recomputes them (one more state pass: the same kernel on the same inputs, compiled without the final
+state's store; the same values and gradients bit for bit, checked on the CPU interpreter and by
+tests/ops/test_ssd_keep_states.py's GPU test). ``SSDConfig.state_schedule`` = "split" runs each
 state pass as chunk_local_state_kernel (parallel over chunks: every chunk's term of the recursion, one
 tensor-core product per chunk) then state_pass_kernel (the recursion alone, elementwise, CH_PASS
 chunks per load); "auto" splits where fused would have too few programs (it halves its state tile:
@@ -35,7 +37,8 @@ Mamba-2 350m at T = 8192, B = 2 (H = 32, N = 128, P = 64, L = 64: NC = 128), bf1
 128 MiB per layer, 5.75 GiB over its 46 layers (its measured training peak without them: 33.8 GiB on
 an H200), for one state_scan_kernel less per layer and step (~200 us at that size: ~9 ms of ~161 ms of
 GPU work, and 46 launches fewer). Under model.activation_checkpointing only the layer being
-recomputed holds them.
+recomputed holds them. Where activation memory binds, keep_states=False gives the memory back for the
+time.
 
 Numerics: decays, cumulative sums, states and accumulators in ACC (float32; float64 for float64
 inputs, the CPU interpreter tests); tl.dot operands in the inputs' half-precision dtype (bf16 or
@@ -95,7 +98,7 @@ class SSDConfig:
     num_stages: int = 2
     prec_fp32: str = "tf32x3"  # tl.dot input precision for float32 inputs on GPU: tf32x3 | tf32 | ieee
     keep_states: bool = True  # keep the forward's chunk states st (B, H, NC, N, P) in DOT for the backward instead
-    # of recomputing them there (one state pass = 1 launch fused, 2 split, less per call; the same values): B H NC N P
+    # of recomputing them there (one state pass less per call: 1 launch fused, 2 split; the same gradients): B H NC N P
     # elements per layer, 128 MiB in bf16 at the 350m T = 8192, B = 2 (module docstring). Default on: ~9 ms of ~161 ms
     # of GPU work per 350m step for 5.75 GiB over 46 layers on a GPU of 141 GiB. model.ssm_keep_states sets it
 
