@@ -86,7 +86,8 @@ for s in "${STEPS[@]}"; do
         --configs "${SWEEP_CONFIGS:-default;FWD_BM=64,FWD_WARPS=4,DQ_BM=64,DQ_WARPS=4;BWD_WARPS=4;STAGES=2;fuse_dk=0}" ;;
     ssd-tests)
       # -rsP: skip reasons, and the error figures each passing test prints
-      step ssd_tests python3 -m pytest -q -m gpu -p no:cacheprovider -rsP --durations=10 tests/ops/test_ssd_triton.py tests/ops/test_mamba2_fused.py tests/ops/test_ssd.py ;;
+      step ssd_tests python3 -m pytest -q -m gpu -p no:cacheprovider -rsP --durations=10 tests/ops/test_ssd_triton.py tests/ops/test_ssd_keep_states.py \
+        tests/ops/test_mamba2_fused.py tests/ops/test_ssd.py ;;
     ssd-bench)
       step bench_ssd python3 -m sessa_scale bench ssd --out "$OUT/ssd.md" ;;
     *) echo "unknown step $s (trainer, train-bench, parallel-bench, parallel-bench-8k, solve-tests, solve-bench, solve-profile, solve-sweep, ssd-tests, ssd-bench)"; rc=2 ;;

@@ -50,12 +50,14 @@ class ModelConfig:
     ssm_chunk: int = 64  # SSD chunk length in tokens (a power of two >= 16; the triton scan runs chunks above 64 as 64)
     ssm_kernels: str = "auto"  # Mamba-2 causal conv + SiLU, gated RMSNorm, dt softplus and A = -exp(A_log): auto (fused Triton kernels on CUDA, else torch) | triton | torch (the PyTorch reference)
     ssm_scan: str = "auto"  # SSD scan: auto (triton on CUDA, else chunked) | triton (our kernels, kernels/ssd.py) | chunked (PyTorch) | sequential | fla (fla-core; wrong backward on Hopper with Triton < 3.7.1)
+    ssm_keep_states: bool = True  # triton SSD scan: keep the forward's chunk states for the backward instead of recomputing them there (one state pass less per layer and step, the same gradients bit for bit): B H NC N P elements per layer (batch, heads, NC = ceil(T / min(ssm_chunk, 64)) chunks, ssm_state, ssm_head_dim) in the products' dtype (bf16 under bf16 autocast), e.g. 128 MiB per layer and 5.75 GiB over the 46 layers of the Mamba-2 350m at T = 8192, B = 2, for ~9 ms less of ~161 ms of GPU work per step; false: recompute them (less activation memory). Under activation_checkpointing only the layer being recomputed holds them
 
 
 # ModelConfig keys that do not shape the weights: they may differ between a checkpoint (or an exported
 # model) and the run that loads it.
 RUNTIME_MODEL_KEYS = frozenset(
-    {"solver", "attention", "activation_checkpointing", "residual_dtype", "init", "init_std", "init_from", "ssm_scan"}
+    {"solver", "attention", "activation_checkpointing", "residual_dtype", "init", "init_std", "init_from", "ssm_scan",
+     "ssm_keep_states"}
 )
 
 

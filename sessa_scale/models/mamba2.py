@@ -28,7 +28,8 @@ Decoding keeps the last d_conv - 1 conv inputs [x | B | C] and the SSM state (B,
 per token. Widths are read from the tensors, so a tensor-parallel rank runs its heads unchanged.
 `kernels` picks how the convs + SiLU, the gated RMSNorm and dt / A (softplus, -exp) run: "torch"
 (the PyTorch code here, the reference), "triton" (fused kernels, sessa_scale/ops/mamba2_fused.py),
-"auto" (triton on CUDA).
+"auto" (triton on CUDA). `keep_states` (model.ssm_keep_states): the Triton scan keeps its forward's
+chunk states for the backward instead of recomputing them (SSDConfig.keep_states in ops/ssd_triton.py).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Mamba2Mixer(nn.Module):
         chunk_size: int = 64,
         scan: str = "auto",
         kernels: str = "auto",
+        keep_states: bool = True,
         norm_eps: float = 1e-5,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
@@ -123,7 +125,7 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"the number of heads ({H}) must be divisible by n_groups ({n_groups})")
         self.d_inner, self.n_heads, self.head_dim, self.d_state = E, H, head_dim, d_state
         self.n_groups, self.d_conv, self.chunk_size, self.scan = n_groups, d_conv, chunk_size, scan
-        self.kernels = kernels
+        self.kernels, self.keep_states = kernels, keep_states
         GN = n_groups * d_state
 
         self.in_proj = nn.Linear(D, 2 * E, bias=False)  # [z | x]
@@ -168,6 +170,7 @@ class Mamba2Mixer(nn.Module):
         y, state = ssd_scan_packed(
             xbc, dt, A, head_dim=self.head_dim, d_state=self.d_state, initial_state=initial_state,
             chunk_size=self.chunk_size, impl="sequential" if z.shape[1] == 1 else self.scan, D=self.D,
+            keep_states=self.keep_states,
         )
         return self.out_proj(self.norm(y.flatten(-2), z, dz_slot)), state
 
@@ -291,6 +294,7 @@ def build_mamba2_block(cfg: ModelConfig, layer_idx: int) -> Mamba2Block:
         chunk_size=cfg.ssm_chunk,
         scan=cfg.ssm_scan,
         kernels=cfg.ssm_kernels,
+        keep_states=cfg.ssm_keep_states,
     )
 
 

@@ -108,16 +108,19 @@ def ssd_scan(x, dt, A, B, C, *, initial_state=None, chunk_size: int = 64, impl: 
 
 
 def ssd_scan_packed(xbc, dt, A, *, head_dim: int, d_state: int, initial_state=None, chunk_size: int = 64,
-                    impl: str = "auto", D=None):
+                    impl: str = "auto", D=None, keep_states: bool | None = None):
     """ssd_scan on x, B, C packed as the columns [x | B | C] of xbc (B, T, H head_dim + 2 G d_state),
     H = dt.shape[-1] (the Mamba-2 mixer's conv output). With the Triton kernels the gradient of xbc
-    comes back as one tensor, the kernels writing dx, dB and dC into its slices (no concatenation)."""
+    comes back as one tensor, the kernels writing dx, dB and dC into its slices (no concatenation),
+    and keep_states sets SSDConfig.keep_states (None: its default; ops/ssd_triton.py; the other
+    implementations ignore it)."""
     if resolve_ssd_impl(impl, xbc.device) != "triton":
         x, B, C = split_xbc(xbc, dt.shape[-1], head_dim, d_state)
         return ssd_scan(x, dt, A, B, C, initial_state=initial_state, chunk_size=chunk_size, impl=impl, D=D)
     from sessa_scale.ops.ssd_triton import ssd_scan_triton_packed
 
-    return ssd_scan_triton_packed(xbc, dt, A, head_dim, d_state, initial_state, chunk_size, D=D)
+    return ssd_scan_triton_packed(xbc, dt, A, head_dim, d_state, initial_state, chunk_size, D=D,
+                                  keep_states=keep_states)
 
 
 def split_xbc(xbc, H: int, head_dim: int, d_state: int):

@@ -13,11 +13,15 @@ config and cached; integer launch math is plain Python (sessa_scale/ops/launch_m
 launch through sessa_scale/ops/launcher.py (the compiled kernel's launcher called directly after the
 first call of each launch key).
 
-Schedule: forward = cb_kernel, state_scan_kernel, out_fwd_kernel (3 launches); the backward
-recomputes the chunk states (state_scan_kernel), then state_scan_kernel backwards, dx_kernel, dbc_kernel,
-and one or two small torch reductions over the kernels' partial slices (dA and dD in one;
-deterministic, no atomics). ``SSDConfig.state_schedule`` = "split" runs each of the three state
-passes as chunk_local_state_kernel (parallel over chunks: every chunk's term of the recursion, one
+Schedule: forward = cb_kernel, state_scan_kernel (the chunk states S_c), out_fwd_kernel (3 launches);
+backward = state_scan_kernel backwards, dx_kernel, dbc_kernel, and one or two small torch reductions
+over the kernels' partial slices (dA and dD in one; deterministic, no atomics). With
+``SSDConfig.keep_states`` (``model.ssm_keep_states``; the default, chosen from the memory below against
+the time) the backward reads the chunk states the forward wrote; without it, it first
+recomputes them (one more state pass: the same kernel on the same inputs, compiled without the final
+state's store; the same values and gradients bit for bit, checked on the CPU interpreter and by
+tests/ops/test_ssd_keep_states.py's GPU test). ``SSDConfig.state_schedule`` = "split" runs each
+state pass as chunk_local_state_kernel (parallel over chunks: every chunk's term of the recursion, one
 tensor-core product per chunk) then state_pass_kernel (the recursion alone, elementwise, CH_PASS
 chunks per load); "auto" splits where fused would have too few programs (it halves its state tile:
 T = 8192 at 16,384 tokens per call). The split schedule writes the terms into the state buffer
@@ -26,8 +30,15 @@ is rounded to DOT once before the recursion, which still runs in ACC (float32 / 
 the same operations as fused). An ACC scratch for the terms would keep fused's bf16 numerics
 exactly but cost 268 MB more writes and reads at 16,384 tokens (N = 128, P = 64, 32 heads): about
 as much time as the split saves.
-Kept for the backward: the inputs and CB (B, G, T/L, L, L) in ACC (L floats per token and
-group); the chunk states (H N P / L floats per token) are recomputed, never kept.
+Kept for the backward: the inputs, CB (B, G, NC, L, L) in ACC (L floats per token and group) and,
+with keep_states, the chunk states st (B, H, NC, N, P) in DOT: B H NC N P elements per layer (H N P / L
+per token), the tensor the forward's products already read (no extra kernel, no other rounding).
+Mamba-2 350m at T = 8192, B = 2 (H = 32, N = 128, P = 64, L = 64: NC = 128), bf16: 67.1 M elements =
+128 MiB per layer, 5.75 GiB over its 46 layers (its measured training peak without them: 33.8 GiB on
+an H200), for one state_scan_kernel less per layer and step (~200 us at that size: ~9 ms of ~161 ms of
+GPU work, and 46 launches fewer). Under model.activation_checkpointing only the layer being
+recomputed holds them. Where activation memory binds, keep_states=False gives the memory back for the
+time.
 
 Numerics: decays, cumulative sums, states and accumulators in ACC (float32; float64 for float64
 inputs, the CPU interpreter tests); tl.dot operands in the inputs' half-precision dtype (bf16 or
@@ -86,6 +97,10 @@ class SSDConfig:
     num_warps_dbc: int = 8
     num_stages: int = 2
     prec_fp32: str = "tf32x3"  # tl.dot input precision for float32 inputs on GPU: tf32x3 | tf32 | ieee
+    keep_states: bool = True  # keep the forward's chunk states st (B, H, NC, N, P) in DOT for the backward instead
+    # of recomputing them there (one state pass less per call: 1 launch fused, 2 split; the same gradients): B H NC N P
+    # elements per layer, 128 MiB in bf16 at the 350m T = 8192, B = 2 (module docstring). Default on: ~9 ms of ~161 ms
+    # of GPU work per 350m step for 5.75 GiB over 46 layers on a GPU of 141 GiB. model.ssm_keep_states sets it
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -98,7 +113,8 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 def config_from_env(base: SSDConfig) -> SSDConfig:
-    """SESSA_SSD_CFG="BN_DBC=32,num_warps_dbc=4,prec_fp32=ieee" overrides fields (tuning sweeps)."""
+    """SESSA_SSD_CFG="BN_DBC=32,num_warps_dbc=4,prec_fp32=ieee,keep_states=false" overrides fields (tuning
+    sweeps; booleans as true / false or 1 / 0)."""
     return _config_with(base, os.environ.get("SESSA_SSD_CFG", ""))
 
 
@@ -112,7 +128,21 @@ def _config_with(base: SSDConfig, text: str) -> SSDConfig:
     unknown = sorted(set(items) - set(types))
     if unknown:
         raise ValueError(f"SESSA_SSD_CFG: unknown fields {unknown}; choose from {sorted(types)}")
-    return replace(base, **{k: v if types[k] == "str" else int(v) for k, v in items.items()})
+    return replace(base, **{k: _field_value(k, types[k], v) for k, v in items.items()})
+
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _field_value(name: str, kind: str, text: str):
+    """SSDConfig field `name` of annotation `kind` ("str", "bool", "int") from its SESSA_SSD_CFG text."""
+    if kind == "str":
+        return text
+    if kind == "bool":
+        if text.lower() not in _BOOLS:
+            raise ValueError(f"SESSA_SSD_CFG: {name}={text!r} is not a boolean; use {name}=true or {name}=false")
+        return _BOOLS[text.lower()]
+    return int(text)
 
 
 def _p2(n: int) -> int:
@@ -296,7 +326,8 @@ def _state_pass(pl: _Plan, v, dt, A, k, start, st, end, reverse: bool):
 
 
 def _forward(pl: _Plan, x, dt, A, B, C, init, D):
-    """-> y (x's dtype, contiguous; with D's skip when D is given), final state (ACC), CB (B, G, NC, L, L) (ACC)."""
+    """-> y (x's dtype, contiguous; with D's skip when D is given), final state (ACC), CB (B, G, NC, L, L)
+    (ACC), the chunk states st (B, H, NC, N, P) (DOT)."""
     cb = new_buffer((pl.batch, pl.G, pl.NC, pl.L, pl.L), pl.acc, x.device)
     launch(K.cb_kernel, (pl.NC, pl.batch * pl.G),
         C, B, cb, pl.T, pl.G, pl.N, pl.NC, *C.stride(), *B.stride(), BN=pl.BN, **pl.kw())
@@ -306,16 +337,17 @@ def _forward(pl: _Plan, x, dt, A, B, C, init, D):
         x, dt, A, C, cb, st, D if D is not None else A, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
         pl.p_tiles, *x.stride(), *dt.stride(), *C.stride(), *y.stride(),
         HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.kw())
-    return y, final, cb
+    return y, final, cb, st
 
 
-def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx=None, dB=None, dC=None):
+def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb, st=None, dx=None, dB=None, dC=None):
     """-> dx, ddt, dA, dB, dC, dinit, dD (ACC except dx, and dB / dC with one head split: in B's / C's
-    dtype; dinit / dD None without an initial state / D). dx, dB, dC: where to write those gradients
-    (tensors of x's and B's shapes and dtypes, e.g. slices of the gradient of a packed [x | B | C];
-    default: new buffers)."""
+    dtype; dinit / dD None without an initial state / D). st: the forward's chunk states (keep_states),
+    or None: recomputed here. dx, dB, dC: where to write those gradients (tensors of x's and B's shapes
+    and dtypes, e.g. slices of the gradient of a packed [x | B | C]; default: new buffers)."""
     dev = x.device
-    st, _ = _chunk_states(pl, x, dt, A, B, init, with_final=False)
+    if st is None:
+        st, _ = _chunk_states(pl, x, dt, A, B, init, with_final=False)
     dst = new_buffer((pl.batch, pl.H, pl.NC, pl.N, pl.P), pl.dot, dev)
     dinit = new_buffer((pl.batch, pl.H, pl.N, pl.P), pl.acc, dev) if init is not None else None
     _state_pass(pl, dy, dt, A, C, dfinal, dst, dinit, reverse=True)
@@ -362,8 +394,8 @@ def _scan_forward(ctx, x, dt, A, B, C, init, D, chunk_size: int, cfg: SSDConfig)
     A_c = A.contiguous()
     init_c = None if init is None else init.contiguous()
     D_c = None if D is None else D.contiguous()
-    y, final, cb = _forward(pl, x, dt, A_c, B, C, init_c, D_c)
-    ctx.save_for_backward(x, dt, A_c, B, C, init_c, D_c, cb)
+    y, final, cb, st = _forward(pl, x, dt, A_c, B, C, init_c, D_c)
+    ctx.save_for_backward(x, dt, A_c, B, C, init_c, D_c, cb, st if cfg.keep_states else None)
     ctx.plan = pl
     ctx.set_materialize_grads(False)
     return y, final
@@ -372,12 +404,12 @@ def _scan_forward(ctx, x, dt, A, B, C, init, D, chunk_size: int, cfg: SSDConfig)
 def _scan_backward(ctx, dy, dfinal, dx=None, dB=None, dC=None):
     """The autograd functions' backward: -> dx, ddt, dA, dB, dC, dinit, dD, each in its input's dtype
     (dinit / dD None without them); dx, dB, dC as in _backward."""
-    x, dt, A, B, C, init, D, cb = ctx.saved_tensors
+    x, dt, A, B, C, init, D, cb, st = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
     if dfinal is not None:
         dfinal = dfinal.contiguous()
-    grads = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, D, cb, dx, dB, dC)
+    grads = _backward(ctx.plan, dy, dfinal, x, dt, A, B, C, init, D, cb, st, dx, dB, dC)
     return tuple(None if g is None else g if g.dtype == t.dtype else g.to(t.dtype)  # no calls for no-op casts
                  for g, t in zip(grads, (x, dt, A, B, C, init, D)))
 
@@ -414,24 +446,29 @@ class _TritonSSDPacked(torch.autograd.Function):
                 dinit if need[3] else None, dD if need[4] else None, None, None, None, None)
 
 
-def _triton_config(x, tensors, config: SSDConfig | None) -> SSDConfig | None:
+def _triton_config(x, tensors, config: SSDConfig | None, keep_states: bool | None = None) -> SSDConfig | None:
     """The config of a Triton scan on x (default: SSDConfig with SESSA_SSD_CFG applied;
-    INTERPRET_CONFIG in the interpreter), or None where the PyTorch chunked scan serves it (float64
-    on GPU: float64 is for the CPU interpreter tests)."""
+    INTERPRET_CONFIG in the interpreter), with keep_states unless None (before SESSA_SSD_CFG, which
+    wins: tuning sweeps override the model's setting), or None where the PyTorch chunked scan serves
+    it (float64 on GPU: float64 is for the CPU interpreter tests)."""
     if not (x.is_cuda or INTERPRET):
         raise ValueError("the triton SSD scan runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
                          "use impl='chunked' or 'auto' here")
     if x.is_cuda and any(t.dtype == torch.float64 for t in tensors):
         return None
-    return config if config is not None else config_from_env(INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG)
+    base = config if config is not None else INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG
+    if keep_states is not None and keep_states != base.keep_states:
+        base = _config_with(base, f"keep_states={keep_states}")
+    return base if config is not None else config_from_env(base)
 
 
 @torch.compiler.disable  # torch.compile runs the model around it; the kernels launch as they are
 def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, config: SSDConfig | None = None,
-                    D=None):
+                    D=None, keep_states: bool | None = None):
     """The SSD scan on the Triton kernels (module docstring), plus the skip D[h] x when D (H,) is
-    given. ``config`` overrides tiles and launch options (_triton_config)."""
-    config = _triton_config(x, (x, dt, A, B, C), config)
+    given. ``config`` overrides tiles and launch options, ``keep_states`` its SSDConfig.keep_states
+    (None: the config's; _triton_config)."""
+    config = _triton_config(x, (x, dt, A, B, C), config, keep_states)
     if config is None:
         return ssd_scan(x, dt, A, B, C, initial_state=initial_state, chunk_size=chunk_size, impl="chunked", D=D)
     return _TritonSSD.apply(x, dt, A, B, C, initial_state, D, int(chunk_size), config)
@@ -439,10 +476,10 @@ def ssd_scan_triton(x, dt, A, B, C, initial_state=None, chunk_size: int = 64, co
 
 @torch.compiler.disable
 def ssd_scan_triton_packed(xbc, dt, A, head_dim: int, d_state: int, initial_state=None, chunk_size: int = 64,
-                           config: SSDConfig | None = None, D=None):
+                           config: SSDConfig | None = None, D=None, keep_states: bool | None = None):
     """ssd_scan_triton on x, B, C packed as xbc = [x | B | C] (B, T, H head_dim + 2 G d_state), H =
     dt.shape[-1]: the same results, and xbc's gradient comes back as one tensor."""
-    config = _triton_config(xbc, (xbc, dt, A), config)
+    config = _triton_config(xbc, (xbc, dt, A), config, keep_states)
     if config is None:
         x, B, C = split_xbc(xbc, dt.shape[-1], head_dim, d_state)
         return ssd_scan_triton(x, dt, A, B, C, initial_state, chunk_size, config, D)

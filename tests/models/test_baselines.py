@@ -97,6 +97,22 @@ def test_mamba2_mixer_runs_one_input_gemm_and_one_conv_with_the_separate_modules
         torch.testing.assert_close(conv_out, torch.cat(ref, dim=-1), rtol=0, atol=1e-12)
 
 
+def test_mamba2_ssm_keep_states_reaches_every_mixer_and_may_change_on_resume():
+    """model.ssm_keep_states (a bool in the YAML / key=value config) is every mixer's keep_states (the
+    Triton scan's SSDConfig.keep_states: tests/ops/test_ssd_keep_states.py runs it), and, shaping no
+    weight, may differ between a checkpoint and the run that resumes it."""
+    from sessa_scale.config.loader import ConfigError
+    from sessa_scale.config.schema import RUNTIME_MODEL_KEYS
+
+    for keep in (True, False):
+        model = build_model(tiny(arch="mamba2", ssm_keep_states=keep))
+        assert [block.mixer.keep_states for block in model.layers] == [keep] * TINY.n_layers
+    assert load_config(CONFIGS / "mamba2" / "350m.yaml", ["model.ssm_keep_states=false"]).model.ssm_keep_states is False
+    with pytest.raises(ConfigError, match="model.ssm_keep_states: expected true or false, got 'maybe'"):
+        load_config(None, ["model.ssm_keep_states=maybe"])
+    assert "ssm_keep_states" in RUNTIME_MODEL_KEYS
+
+
 def test_baselines_train_a_step_with_finite_grads():
     for arch in ("transformer", "mamba2"):
         torch.manual_seed(0)
