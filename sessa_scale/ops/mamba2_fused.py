@@ -20,7 +20,6 @@ import torch
 from sessa_scale.kernels import mamba2_fused as K
 from sessa_scale.models.mamba2 import TRITON_CONV_MAX_WIDTH
 from sessa_scale.ops.joint_gradient import GradientSlot
-from sessa_scale.ops.launcher import launch
 from sessa_scale.ops.launch_math import cdiv, next_power_of_2
 from sessa_scale.ops.ssd_triton import sm_count
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
@@ -37,9 +36,6 @@ DT_ROWS = 128  # (B, T) rows per program of the dt softplus (its bias gradient i
 
 def _kw(num_warps: int, **options) -> dict:
     return {} if INTERPRET else {"num_warps": num_warps, **options}
-
-
-_CONV_OPTIONS = _kw(CONV_WARPS, num_stages=1, maxnreg=CONV_MAX_REGISTERS)  # the conv kernels' launch options
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -64,8 +60,9 @@ class _CausalConvSiLU(torch.autograd.Function):
         b = bias if bias is not None else torch.zeros(C, device=x.device, dtype=taps.dtype)
         out = new_buffer(x.shape, x.dtype, x.device)
         run = _conv_run_length(N, C, CONV_FWD_BT, x.device)
-        launch(K.conv_fwd_kernel, (cdiv(N, run), cdiv(C, CONV_BC)),
-            x, w, b, out, N, T, C, run, _token_stride(x), C, K=width, BT=CONV_FWD_BT, BC=CONV_BC, **_CONV_OPTIONS)
+        K.conv_fwd_kernel[(cdiv(N, run), cdiv(C, CONV_BC))](
+            x, w, b, out, N, T, C, run, _token_stride(x), C, K=width, BT=CONV_FWD_BT, BC=CONV_BC,
+            **_kw(CONV_WARPS, num_stages=1, maxnreg=CONV_MAX_REGISTERS))
         ctx.save_for_backward(x, w, b)
         ctx.has_bias, ctx.din_slot = bias is not None, din_slot
         return out
@@ -80,14 +77,16 @@ class _CausalConvSiLU(torch.autograd.Function):
         run = _conv_run_length(N, C, CONV_BWD_BT, x.device)
         grid = (cdiv(N, run), cdiv(C, CONV_BC))
         parts = new_buffer((grid[0], width + 1, C), torch.float32, x.device)
-        launch(K.conv_bwd_kernel, grid, x, w, b, dout, din, parts, N, T, C, run, _token_stride(x),
-               _token_stride(dout), _token_stride(din), K=width, BT=CONV_BWD_BT, BC=CONV_BC, **_CONV_OPTIONS)
+        K.conv_bwd_kernel[grid](x, w, b, dout, din, parts, N, T, C, run, _token_stride(x), _token_stride(dout),
+                                _token_stride(din),
+                                K=width, BT=CONV_BWD_BT, BC=CONV_BC,
+                                **_kw(CONV_WARPS, num_stages=1, maxnreg=CONV_MAX_REGISTERS))
         # written (C, K), returned as the (K, C) view: the slices the model's cat of per-conv taps
         # hands back are then its convs' (C, 1, K) weights' own layout (no copy when .grad is set)
         dw = new_buffer((C, width), w.dtype, x.device)
         db = new_buffer((C,), b.dtype, x.device)
-        launch(K.conv_wgrad_sum_kernel, (cdiv(C, CONV_SUM_BC), width + 1), parts, dw, db, grid[0], C, K=width,
-               BP=CONV_SUM_BP, BC=CONV_SUM_BC, **_kw(4))
+        K.conv_wgrad_sum_kernel[(cdiv(C, CONV_SUM_BC), width + 1)](parts, dw, db, grid[0], C, K=width,
+                                                                          BP=CONV_SUM_BP, BC=CONV_SUM_BC, **_kw(4))
         return din, dw.t(), db if ctx.has_bias else None, None
 
 
@@ -140,9 +139,9 @@ class _GatedRMSNorm(torch.autograd.Function):
         rstd = new_buffer((batch * T, G), torch.float32, y.device)
         grid = (cdiv(batch * T, NORM_ROWS), G)
         block = next_power_of_2(group_size)
-        launch(K.norm_fwd_kernel, grid, y, z, weight, out, rstd, batch * T, T, group_size, G, eps, y.stride(0),
-               y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1), ROWS=NORM_ROWS, BLOCK=block,
-               **_kw(8 if block >= 2048 else 4))
+        K.norm_fwd_kernel[grid](y, z, weight, out, rstd, batch * T, T, group_size, G, eps, y.stride(0), y.stride(1),
+                                z.stride(0), z.stride(1), out.stride(0), out.stride(1), ROWS=NORM_ROWS,
+                                BLOCK=block, **_kw(8 if block >= 2048 else 4))
         ctx.save_for_backward(y, z, weight, rstd)
         ctx.group_size, ctx.dz_slot = group_size, dz_slot
         return out
@@ -158,10 +157,10 @@ class _GatedRMSNorm(torch.autograd.Function):
         dz = _gradient_buffer(ctx.dz_slot, z.shape, z.dtype, z.device)
         dw = new_buffer((grid[0], E), torch.float32, y.device)
         block = next_power_of_2(ctx.group_size)
-        launch(K.norm_bwd_kernel, grid, y, z, weight, rstd, dout, dy, dz, dw, batch * T, T, ctx.group_size, G, E,
-               y.stride(0), y.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
-               dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1), ROWS=NORM_ROWS, BLOCK=block,
-               **_kw(8 if block >= 2048 else 4))
+        K.norm_bwd_kernel[grid](y, z, weight, rstd, dout, dy, dz, dw, batch * T, T, ctx.group_size, G, E,
+                                y.stride(0), y.stride(1), z.stride(0), z.stride(1), dout.stride(0), dout.stride(1),
+                                dy.stride(0), dy.stride(1), dz.stride(0), dz.stride(1), ROWS=NORM_ROWS,
+                                BLOCK=block, **_kw(8 if block >= 2048 else 4))
         return dy, dz, dw.sum(0).to(weight.dtype), None, None, None
 
 
@@ -183,8 +182,9 @@ class _DtAndDecay(torch.autograd.Function):
         dt_dtype = torch.promote_types(torch.promote_types(raw.dtype, dt_bias.dtype), torch.float32)
         dt = new_buffer((batch, T, H), dt_dtype, raw.device)
         A = new_buffer((H,), torch.promote_types(A_log.dtype, torch.float32), raw.device)
-        launch(K.dt_fwd_kernel, (cdiv(batch * T, DT_ROWS),), raw, dt_bias, A_log, dt, A, batch * T, T, H,
-               raw.stride(0), raw.stride(1), ROWS=DT_ROWS, BH=next_power_of_2(H), **_kw(4))
+        K.dt_fwd_kernel[(cdiv(batch * T, DT_ROWS),)](raw, dt_bias, A_log, dt, A, batch * T, T, H, raw.stride(0),
+                                                            raw.stride(1), ROWS=DT_ROWS, BH=next_power_of_2(H),
+                                                            **_kw(4))
         ctx.save_for_backward(raw, dt_bias, A_log)
         ctx.set_materialize_grads(False)
         ctx.draw_slot = draw_slot
@@ -200,13 +200,13 @@ class _DtAndDecay(torch.autograd.Function):
         grid = (cdiv(batch * T, DT_ROWS),)
         draw = _gradient_buffer(ctx.draw_slot, raw.shape, raw.dtype, raw.device)
         dbias_parts = new_buffer((grid[0], H), torch.float32, raw.device)
-        launch(K.dt_bwd_kernel, grid, raw, dt_bias, ddt, draw, dbias_parts, batch * T, T, H, raw.stride(0),
-               raw.stride(1), draw.stride(0), draw.stride(1), ROWS=DT_ROWS, BH=next_power_of_2(H), **_kw(4))
+        K.dt_bwd_kernel[grid](raw, dt_bias, ddt, draw, dbias_parts, batch * T, T, H, raw.stride(0), raw.stride(1),
+                              draw.stride(0), draw.stride(1), ROWS=DT_ROWS, BH=next_power_of_2(H), **_kw(4))
         dbias = new_buffer((H,), dt_bias.dtype, raw.device)
         dA_log = new_buffer((H,), A_log.dtype, raw.device) if dA is not None else None
-        launch(K.dt_param_grad_kernel, (1,), dbias_parts, A_log, dA if dA is not None else A_log, dbias,
-               dA_log if dA is not None else dbias, grid[0], H, HAS_DA=dA is not None, BH=next_power_of_2(H),
-               **_kw(1))
+        K.dt_param_grad_kernel[(1,)](dbias_parts, A_log, dA if dA is not None else A_log, dbias,
+                                     dA_log if dA is not None else dbias, grid[0], H, HAS_DA=dA is not None,
+                                     BH=next_power_of_2(H), **_kw(1))
         return draw, dbias, dA_log, None
 
 

@@ -9,9 +9,7 @@ and by "auto" on CUDA. ``ssd_scan_triton_packed`` takes x, B, C packed as the co
 tensor's slices (no concatenation in the backward pass).
 
 Host cost: the launch plan (tiles, grids, launch options) is computed once per shapes, dtypes and
-config and cached; integer launch math is plain Python (sessa_scale/ops/launch_math.py); the kernels
-launch through sessa_scale/ops/launcher.py (the compiled kernel's launcher called directly after the
-first call of each launch key).
+config and cached; integer launch math is plain Python (sessa_scale/ops/launch_math.py).
 
 Schedule: forward = cb_kernel, state_scan_kernel (the chunk states S_c), out_fwd_kernel (3 launches);
 backward = state_scan_kernel backwards, dx_kernel, dbc_kernel, and one or two small torch reductions
@@ -57,7 +55,6 @@ import torch
 import triton.language as tl
 
 from sessa_scale.kernels import ssd as K
-from sessa_scale.ops.launcher import launch
 from sessa_scale.ops.launch_math import cdiv, next_power_of_2
 from sessa_scale.ops.ssd import check_shapes, split_xbc, ssd_scan
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
@@ -184,23 +181,27 @@ class _Plan:
     cfg: SSDConfig
 
     def kw(self, kind: str = "") -> dict:
-        """The constexprs and launch options that the kernels of `kind` ("", "state", "local", "pass",
-        "dx", "dbc") share: L, ACC, DOT, PREC (state_pass_kernel: ACC alone), num_warps, num_stages, maxnreg
-        (one dict per kind, built once per plan: no merging per launch)."""
-        return self._launch_kw[kind]
+        """Launch options of the kernels of `kind` ("", "state", "local", "pass", "dx", "dbc")."""
+        return self._launch_options[kind]
+
+    def consts(self) -> dict:
+        """The constexprs every kernel takes."""
+        return self._consts
 
     @functools.cached_property
-    def _launch_kw(self) -> dict[str, dict]:
+    def _launch_options(self) -> dict[str, dict]:
         cfg = self.cfg
         warps = {"": cfg.num_warps, "state": cfg.num_warps_state, "local": cfg.num_warps_local,
                  "pass": max(1, self.BE // 256), "dx": cfg.num_warps_dx, "dbc": cfg.num_warps_dbc}
-        consts = {"L": self.L, "ACC": _TL[self.acc], "DOT": _TL[self.dot], "PREC": self.prec}
-        kw = {kind: {**(consts if kind != "pass" else {"ACC": consts["ACC"]}),
-                     **({} if INTERPRET else {"num_warps": w, "num_stages": cfg.num_stages})}
-              for kind, w in warps.items()}
+        options = {kind: {} if INTERPRET else {"num_warps": w, "num_stages": cfg.num_stages}
+                   for kind, w in warps.items()}
         if cfg.maxnreg_dx and not INTERPRET and self.dot != self.acc:  # half-precision products only
-            kw["dx"]["maxnreg"] = cfg.maxnreg_dx
-        return kw
+            options["dx"]["maxnreg"] = cfg.maxnreg_dx
+        return options
+
+    @functools.cached_property
+    def _consts(self) -> dict:
+        return {"L": self.L, "ACC": _TL[self.acc], "DOT": _TL[self.dot], "PREC": self.prec}
 
     @functools.cached_property
     def state_p_tiles(self) -> int:
@@ -312,31 +313,31 @@ def _state_pass(pl: _Plan, v, dt, A, k, start, st, end, reverse: bool):
     flags = {"REVERSE": reverse, "WRITE_END": end is not None}
     strides = (*v.stride(), *dt.stride(), *k.stride())
     if not pl.split:
-        launch(K.state_scan_kernel, pl.state_grid,
+        K.state_scan_kernel[pl.state_grid](
             v, dt, A, k, start_, st, end_, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, pl.state_p_tiles, *strides,
-            HAS_START=start is not None, BN=pl.BN_S, BP=pl.BP_S, **flags, **pl.kw("state"))
+            HAS_START=start is not None, BN=pl.BN_S, BP=pl.BP_S, **flags, **pl.consts(), **pl.kw("state"))
         return
     decay = new_buffer((pl.batch, pl.H, pl.NC), pl.acc, v.device)
-    launch(K.chunk_local_state_kernel, pl.local_grid,
+    K.chunk_local_state_kernel[pl.local_grid](
         v, dt, A, k, st, end_, decay, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, *pl.local_tiles, *strides,
-        BN=pl.BN_L, BP=pl.BP_L, **flags, **pl.kw("local"))
-    launch(K.state_pass_kernel, pl.pass_grid,
+        BN=pl.BN_L, BP=pl.BP_L, **flags, **pl.consts(), **pl.kw("local"))
+    K.state_pass_kernel[pl.pass_grid](
         st, decay, start_, end_, pl.N, pl.P, pl.NC, HAS_START=start is not None, BE=pl.BE, CH=pl.cfg.CH_PASS,
-        **flags, **pl.kw("pass"))
+        ACC=pl.consts()["ACC"], **flags, **pl.kw("pass"))
 
 
 def _forward(pl: _Plan, x, dt, A, B, C, init, D):
     """-> y (x's dtype, contiguous; with D's skip when D is given), final state (ACC), CB (B, G, NC, L, L)
     (ACC), the chunk states st (B, H, NC, N, P) (DOT)."""
     cb = new_buffer((pl.batch, pl.G, pl.NC, pl.L, pl.L), pl.acc, x.device)
-    launch(K.cb_kernel, (pl.NC, pl.batch * pl.G),
-        C, B, cb, pl.T, pl.G, pl.N, pl.NC, *C.stride(), *B.stride(), BN=pl.BN, **pl.kw())
+    K.cb_kernel[(pl.NC, pl.batch * pl.G)](
+        C, B, cb, pl.T, pl.G, pl.N, pl.NC, *C.stride(), *B.stride(), BN=pl.BN, **pl.consts(), **pl.kw())
     st, final = _chunk_states(pl, x, dt, A, B, init)
     y = new_buffer(x.shape, x.dtype, x.device)
-    launch(K.out_fwd_kernel, pl.chunk_grid,
+    K.out_fwd_kernel[pl.chunk_grid](
         x, dt, A, C, cb, st, D if D is not None else A, y, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC,
         pl.p_tiles, *x.stride(), *dt.stride(), *C.stride(), *y.stride(),
-        HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.kw())
+        HAS_D=D is not None, BN=pl.BN, BP=pl.BP, **pl.consts(), **pl.kw())
     return y, final, cb, st
 
 
@@ -357,11 +358,11 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb, st=None, dx=No
     ddt = new_buffer((npb, pl.batch, pl.T, pl.H), pl.acc, dev)
     # dA's and dD's per-chunk parts in one buffer: one reduction for both
     dA_dD = new_buffer((1 if D is None else 2, pl.batch, pl.NC, npb, pl.H), pl.acc, dev)
-    launch(K.dx_kernel, pl.dx_grid,
+    K.dx_kernel[pl.dx_grid](
         x, dt, A, B, C, cb, st, dst, dy, D if D is not None else A, dx, ddt, dA_dD[0], dA_dD[-1],
         pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, npb, pl.batch,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
-        HAS_D=D is not None, BN=pl.BN, BP=pl.BP_DX, **pl.kw("dx"))
+        HAS_D=D is not None, BN=pl.BN, BP=pl.BP_DX, **pl.consts(), **pl.kw("dx"))
     into_targets = dB is not None and pl.HS == 1  # one head split: the kernel's sums are final
     if into_targets:
         dB_parts, dC_parts, strides = dB, dC, (0, *dB.stride())
@@ -369,10 +370,10 @@ def _backward(pl: _Plan, dy, dfinal, x, dt, A, B, C, init, D, cb, st=None, dx=No
         dB_parts = new_buffer((pl.HS, *B.shape), pl.acc if pl.HS > 1 else B.dtype, dev)
         dC_parts = new_buffer((pl.HS, *C.shape), pl.acc if pl.HS > 1 else C.dtype, dev)
         strides = dB_parts.stride()
-    launch(K.dbc_kernel, pl.dbc_grid,
+    K.dbc_kernel[pl.dbc_grid](
         x, dt, A, B, C, st, dst, dy, dB_parts, dC_parts, pl.T, pl.H, pl.G, pl.N, pl.P, pl.NC, pl.n_tiles_dbc, pl.HS,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *strides,
-        BN=pl.BN_D, BP=_p2(pl.P), **pl.kw("dbc"))
+        BN=pl.BN_D, BP=_p2(pl.P), **pl.consts(), **pl.kw("dbc"))
     if not into_targets:
         dB_parts, dC_parts = _sum0(dB_parts), _sum0(dC_parts)
         if dB is not None:

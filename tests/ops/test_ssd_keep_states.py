@@ -31,24 +31,31 @@ CASES = {"fused": ((1, False), (17, True), (65, False)), "split": ((1, True), (1
 STATE_KERNELS = ("state_scan_kernel", "chunk_local_state_kernel")  # one per state pass (fused, split)
 
 
+class _CountedKernel:
+    """A Triton kernel whose launches (kernel[grid](...)) are appended, by name, to `passes`."""
+
+    def __init__(self, kernel, passes: list):
+        self.kernel, self.passes = kernel, passes
+
+    def __getitem__(self, grid):
+        self.passes.append(self.kernel.fn.__name__)
+        return self.kernel[grid]
+
+
 @contextlib.contextmanager
 def counting_state_passes():
     """Counts the state passes (B, H, NC, N, P) that the scan launches inside the block: yields a list
-    whose length is that count (the launcher is wrapped, the kernels still run)."""
-    import sessa_scale.ops.ssd_triton as st
+    whose length is that count (the state kernels are wrapped, and still run)."""
+    from sessa_scale.kernels import ssd as K
 
-    passes, launch = [], st.launch
-
-    def counted(kernel, *args, **kwargs):
-        if kernel.fn.__name__ in STATE_KERNELS:
-            passes.append(kernel.fn.__name__)
-        return launch(kernel, *args, **kwargs)
-
-    st.launch = counted
+    passes, kernels = [], {name: getattr(K, name) for name in STATE_KERNELS}
+    for name, kernel in kernels.items():
+        setattr(K, name, _CountedKernel(kernel, passes))
     try:
         yield passes
     finally:
-        st.launch = launch
+        for name, kernel in kernels.items():
+            setattr(K, name, kernel)
 
 
 def _scan(config, packed: bool, chunk: int):
