@@ -1,8 +1,13 @@
-"""Shared by the preemption and SLURM tests: overrides for short CPU training runs of the tiny config,
-and reading / comparing their metrics."""
+"""Shared by the preemption, SLURM and GPU trainer tests: overrides for short CPU training runs of the tiny config,
+`sessa-scale train` started in a subprocess, and reading / comparing runs' metrics."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+from tests.helpers import REPO_ROOT
 
 SHORT_RUN = [
     "data.seq_len=32",
@@ -29,7 +34,20 @@ def assert_same_losses(a: list[dict], b: list[dict]) -> None:
 def single_process_env(**extra: str) -> dict:
     """os.environ for a subprocess that starts its own one-process group: without the rendezvous
     variables (RANK, MASTER_PORT, ...) that an earlier in-process training run left behind."""
-    import os
-
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
+
+
+def start_cli_train(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    """`python -m sessa_scale train OVERRIDES run.dir=RUN_DIR` in a fresh process (this checkout first on
+    PYTHONPATH, its own one-process group), output captured; finish_cli_train waits for it."""
+    args = [sys.executable, "-m", "sessa_scale", "train", *overrides, f"run.dir={run_dir}"]
+    env = single_process_env(PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
+
+
+def finish_cli_train(proc: subprocess.Popen) -> str:
+    """The output of a start_cli_train run, asserting it exited 0 (its last 3,000 characters otherwise)."""
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out

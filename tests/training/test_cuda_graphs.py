@@ -9,9 +9,6 @@ gradient adopted as param.grad would be overwritten), evaluation and other shape
 """
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +20,7 @@ from sessa_scale.models.registry import build_model
 from sessa_scale.training import trainer
 from sessa_scale.training.cuda_graphs import capture_block_graphs
 from sessa_scale.training.precision import autocast
-from tests.helpers import REPO_ROOT as REPO
-from tests.helpers.short_runs import metrics, single_process_env
+from tests.helpers.short_runs import finish_cli_train, metrics, start_cli_train
 
 ARCHS = ["sessa", "transformer", "mamba2"]
 
@@ -107,22 +103,14 @@ def test_gpu_graphed_blocks_accumulate_the_eager_gradients(arch, T):
     assert losses_short == want_short and all(torch.equal(g, w) for g, w in zip(grads_short, want_grads_short))
 
 
-def _cli_train(run_dir: Path, arch: str, steps: int, graphs: bool) -> subprocess.Popen:
-    args = [
-        sys.executable, "-m", "sessa_scale", "train", f"model.arch={arch}", "model.d_model=256", "model.n_layers=4",
-        "model.n_heads=4", "data.seq_len=256", "data.corpus_bytes=2000000", "train.micro_batch_size=4",
-        "train.grad_accum_steps=2", f"train.max_steps={steps}", "optim.decay_steps=20", "optim.warmup_steps=2",
-        "train.eval_interval=3", "checkpoint.interval=0", "train.precision=bf16", "train.deterministic=true",
-        f"train.cuda_graphs={str(graphs).lower()}", "logging.progress=true", f"run.dir={run_dir}",
-    ]  # fmt: skip
-    env = single_process_env(PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
-
-
-def _finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    return out
+def _cli_train(run_dir: Path, arch: str, steps: int, graphs: bool):
+    return start_cli_train(run_dir, [
+        f"model.arch={arch}", "model.d_model=256", "model.n_layers=4", "model.n_heads=4", "data.seq_len=256",
+        "data.corpus_bytes=2000000", "train.micro_batch_size=4", "train.grad_accum_steps=2", f"train.max_steps={steps}",
+        "optim.decay_steps=20", "optim.warmup_steps=2", "train.eval_interval=3", "checkpoint.interval=0",
+        "train.precision=bf16", "train.deterministic=true", f"train.cuda_graphs={str(graphs).lower()}",
+        "logging.progress=true",
+    ])  # fmt: skip
 
 
 @gpu
@@ -136,10 +124,10 @@ def test_gpu_cli_train_with_graphs_repeats_eager_and_resumes_bitwise(tmp_path):
         runs[arch, "eager"] = _cli_train(tmp_path / f"{arch}-eager", arch, 6, False)
         runs[arch, "graphs"] = _cli_train(tmp_path / f"{arch}-graphs", arch, 6, True)
         runs[arch, "split"] = _cli_train(tmp_path / f"{arch}-split", arch, 3, True)
-    outputs = {key: _finish(proc) for key, proc in runs.items()}
+    outputs = {key: finish_cli_train(proc) for key, proc in runs.items()}
     resumed = {arch: _cli_train(tmp_path / f"{arch}-split", arch, 6, True) for arch in ARCHS}
     for arch in ARCHS:
-        out = _finish(resumed[arch])
+        out = finish_cli_train(resumed[arch])
         assert "resumed from" in out and "CUDA graphs: 4 blocks captured" in out, out[-2000:]
         assert "CUDA graphs: 4 blocks captured" in outputs[arch, "graphs"]
         eager, graphs, split = (metrics(tmp_path / f"{arch}-{kind}") for kind in ("eager", "graphs", "split"))

@@ -8,10 +8,7 @@ training steps. GPU (`-m gpu`): the same probe on CUDA (where an outer torch.aut
 disabled by the engine), the feedback solve's input dtype, and CLI runs.
 """
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +17,7 @@ import torch
 from sessa_scale.config import load_config
 from sessa_scale.training import trainer
 from sessa_scale.training.precision import autocast, compute_dtype, deepspeed_precision_config
-from tests.helpers import REPO_ROOT as REPO
-from tests.helpers.short_runs import single_process_env
+from tests.helpers.short_runs import finish_cli_train, metrics, start_cli_train
 BF16_SECTION = {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
 
 
@@ -135,25 +131,12 @@ def test_gpu_engine_trains_in_bf16(tmp_path, monkeypatch, arch):
 
 
 def _cli_train(run_dir: Path, arch: str, steps: int, interval: int) -> subprocess.Popen:
-    args = [
-        sys.executable, "-m", "sessa_scale", "train", f"model.arch={arch}", "model.d_model=256", "model.n_layers=4",
-        "model.n_heads=4", "data.seq_len=256", "data.corpus_bytes=2000000", "train.micro_batch_size=8",
-        f"train.max_steps={steps}", "optim.decay_steps=40", "optim.warmup_steps=5", "train.eval_interval=0",
-        f"checkpoint.interval={interval}", "train.precision=bf16", "train.deterministic=true",
-        "logging.progress=true", f"run.dir={run_dir}",
-    ]  # fmt: skip
-    env = single_process_env(PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
-
-
-def _finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return start_cli_train(run_dir, [
+        f"model.arch={arch}", "model.d_model=256", "model.n_layers=4", "model.n_heads=4", "data.seq_len=256",
+        "data.corpus_bytes=2000000", "train.micro_batch_size=8", f"train.max_steps={steps}", "optim.decay_steps=40",
+        "optim.warmup_steps=5", "train.eval_interval=0", f"checkpoint.interval={interval}", "train.precision=bf16",
+        "train.deterministic=true", "logging.progress=true",
+    ])  # fmt: skip
 
 
 @gpu
@@ -165,12 +148,12 @@ def test_gpu_cli_train_resume_is_bitwise_under_deterministic(tmp_path):
     straight = {a: _cli_train(tmp_path / f"{a}-straight", a, n, 0) for a, n in steps.items()}
     first = {a: _cli_train(tmp_path / f"{a}-split", a, n // 2, 0) for a, n in steps.items()}
     for proc in [*straight.values(), *first.values()]:
-        _finish(proc)
+        finish_cli_train(proc)
     resumed = {a: _cli_train(tmp_path / f"{a}-split", a, n, 0) for a, n in steps.items()}
     for arch, proc in resumed.items():
-        out = _finish(proc)
+        out = finish_cli_train(proc)
         assert "resumed from" in out, out[-2000:]
-        a, b = _metrics(tmp_path / f"{arch}-straight"), _metrics(tmp_path / f"{arch}-split")
+        a, b = metrics(tmp_path / f"{arch}-straight"), metrics(tmp_path / f"{arch}-split")
         assert [r["step"] for r in b] == list(range(1, steps[arch] + 1))
         assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b], arch
         assert a[-1]["loss"] < a[0]["loss"] and a[-1]["mfu"] is not None
