@@ -28,11 +28,11 @@ ARCHS = ["sessa", "transformer", "mamba2"]
 def test_every_setting_it_cannot_be_combined_with_is_reported_at_once():
     with pytest.raises(UserError) as err:
         load_config(None, ["train.cuda_graphs=true", "train.compile=true", "model.activation_checkpointing=true",
-                           "zero.stage=3"])
+                           "zero.stage=2"])
     message = str(err.value)
     for key in ("train.compile", "model.activation_checkpointing", "zero.stage"):
         assert f"{key}:" in message and "train.cuda_graphs=true" in message, message
-    load_config(None, ["train.cuda_graphs=true", "zero.stage=2"])  # allowed
+    load_config(None, ["train.cuda_graphs=true", "zero.stage=0"])  # allowed
 
 
 def test_cpu_training_runs_the_blocks_eagerly_and_says_so(tmp_path, capsys):
