@@ -53,6 +53,7 @@ def _prep_row(name: str, corpus: Path, out: Path, text_bytes: int, **kw) -> dict
 
 def _loader_row(path: Path, workers: int, micro_batch: int, steps: int) -> dict:
     from sessa_scale.data import ShardStream, StreamSpec
+    from sessa_scale.data.loader import inputs_and_targets
     from sessa_scale.data.reader import open_split
 
     stream = ShardStream(StreamSpec([open_split(path, "train")], [1.0], seed=0), micro_batch, num_workers=workers, prefetch=4)
@@ -61,7 +62,7 @@ def _loader_row(path: Path, workers: int, micro_batch: int, steps: int) -> dict:
     tokens = 0
     for _ in range(steps):
         for block in stream.next_step():
-            tokens += block[:, :-1].numel()  # input tokens
+            tokens += inputs_and_targets(block)[0].numel()
     seconds = time.perf_counter() - start
     stream.close()
     return {"workers": workers, "steps": steps, "tokens": tokens, "s": seconds, "tokens/s": tokens / seconds}

@@ -459,7 +459,7 @@ def _triton_config(x, tensors, config: SSDConfig | None, keep_states: bool | Non
         return None
     base = config if config is not None else INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG
     if keep_states is not None and keep_states != base.keep_states:
-        base = _config_with(base, f"keep_states={keep_states}")
+        base = replace(base, keep_states=keep_states)
     return base if config is not None else config_from_env(base)
 
 

@@ -132,24 +132,24 @@ def _graphed_forward(graphs: BlockGraphs, eager):
     return forward
 
 
-def capture_block_graphs(model: nn.Module, tokens: torch.Tensor, autocast) -> list[BlockGraphs]:
+def capture_block_graphs(model: nn.Module, tokens: torch.Tensor, autocast_context) -> list[BlockGraphs]:
     """Capture every block of model.layers (a DecoderLM) for micro-batches shaped like tokens (B, T) and
     replace each block's forward by its graphed forward (in place: the module tree, its parameters and
-    state-dict keys are unchanged). autocast: a factory of the training step's autocast context, with its
+    state-dict keys are unchanged). autocast_context: a factory of the training step's autocast context, with its
     weight-cast cache off (a cached cast would be made outside the graphs). Returns the blocks' graphs."""
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), autocast_context():
         sample = model.embed_tokens(tokens)  # the blocks' input: (B, T, D) in the residual stream's dtype
     blocks = [BlockGraphs(block, sample) for block in model.layers]
     torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), autocast():
+    with torch.cuda.stream(side), autocast_context():
         for _ in range(WARMUP_CALLS):
             for graphs in blocks:
                 graphs.warm_up()
     torch.cuda.synchronize()
     pool = torch.cuda.graph_pool_handle()
-    with autocast():
+    with autocast_context():
         for graphs in blocks:
             graphs.capture_forward(pool)
         for graphs in reversed(blocks):
