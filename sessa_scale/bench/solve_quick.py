@@ -3,12 +3,14 @@
     python -m sessa_scale.bench.solve_quick --layouts 6x128,1x768 --seq-lens 2048,8192 [--impls triton,sdpa_flash,dense]
     python -m sessa_scale.bench.solve_quick --layouts 6x128 --seq-lens 8192 --configs "default;FWD_BM=64;BWD_WARPS=4"
     python -m sessa_scale.bench.solve_quick --layouts 6x128,1x768 --seq-lens 16384 --profile
+    python -m sessa_scale.bench.solve_quick --layouts 6x128 --seq-lens 16384 --profile --configs "default;BWD_WARPS=4"
 
 Implementations: the registry of ``sessa-scale bench solve`` (bench/solve.py IMPLS).
 B = batch_tokens // T; bf16 inputs; fwd+bwd median ms via triton.testing.do_bench, peak memory of a
 warm fwd+bwd (as ``sessa-scale bench solve``).  --configs: the Triton solve under each config
 (SolveConfig fields as in SESSA_TRITON_CFG, "default" = the defaults), in this process.  --profile: the
-GPU kernels of three Triton fwd+bwd calls by total time (torch.profiler), against their wall time.
+GPU kernels of three Triton fwd+bwd calls by total time (torch.profiler), against their wall time, under
+each of --configs when given.
 Markdown tables go to stdout and, with --out, to a file.  The committed benchmark tables come from
 `sessa-scale bench solve` / `bench layer`.
 """
@@ -86,11 +88,15 @@ def main(argv=None):
         H, D = (int(x) for x in lay.split("x"))
         for T in (int(t) for t in a.seq_lens.split(",")):
             B = max(1, a.batch_tokens // T)
-            if a.profile:
-                lines += ["", f"### {lay}, T={T}, B={B}", "", "| kernel | time per call | launches |", "|---|---|---|"]
-                lines += profile(fwd_bwd_fn("triton", B, T, H, D))
-                continue
             sweep = [(c, parse_config("" if c in ("default", "-") else c, SolveConfig())) for c in configs]
+            if a.profile:
+                for label, cfg in sweep or [("default", None)]:
+                    table = ["", f"### {lay}, T={T}, B={B}, config {label}", "", "| kernel | time per call | launches |",
+                             "|---|---|---|", *profile(fwd_bwd_fn("triton", B, T, H, D, cfg=cfg))]
+                    lines += table
+                    print("\n".join(table), flush=True)
+                    torch.cuda.empty_cache()
+                continue
             for label, cfg in sweep or [(n, None) for n in impls]:
                 name = "triton" if configs else label
                 too_wide = D > MAX_HEAD_DIM.get(name, D)

@@ -57,20 +57,23 @@ class SolveConfig:
     L_gemm: int = 1024  # GEMM path: rows per leaf
     gemm: int = -1  # 1: GEMM path, 0: fused path, -1: GEMM when Dk > 256 or Dv > 128
     fuse_dk: int = 1  # fused path: the backward applies also form dk of their pairs (0: one dk pass over all)
+    overlap: int = 1  # fused path, CUDA: the later half's lse / leaf inverses (forward) and dq, dk (backward) on a
+    # side stream beside the leaf chain, whose deep levels leave most of the GPU idle (0: all on one stream)
     # Fused-path tiles (a whole head row per tile: BK = Dk, BV = Dv rounded up to powers of two).
     FWD_BM: int = 128  # lse_kernel, fwd_apply_kernel: rows per program
     FWD_BN: int = 64  # ... keys per step
     FWD_WARPS: int = 8
-    BWD_BM: int = 64  # bwd_apply_kernel, dk_kernel: keys per program (at most L)
+    BWD_BM: int = 128  # bwd_apply_kernel, dk_kernel: keys per program (at most L)
     BWD_BN: int = 64  # ... queries per step
     BWD_WARPS: int = 8  # two accumulators (Y and dk) of BWD_BM x 128 fp32
     DQ_BM: int = 128  # dq_kernel: rows per program
     DQ_BN: int = 32  # ... keys per step
     DQ_WARPS: int = 8
     STAGES: int = 3  # software-pipelining stages of the fused kernels
-    BML: int = 64  # leaf products (leaf_kernel): row tile
-    BNL: int = 64  # ... contraction tile (a leaf's last row tile takes L / BNL steps: the chain's latency)
+    BML: int = 32  # leaf products (leaf_kernel): row tile
+    BNL: int = 32  # ... contraction tile (a leaf's last row tile takes L / BNL steps: the chain's latency)
     LEAF_WARPS: int = 4  # leaf_kernel and leaf_prep_kernel
+    LEAF_STAGES: int = 3  # leaf_kernel's software-pipelining stages
     # GEMM path.
     EPI_BM: int = 32  # epilogues: rows per program
     EPI_BN: int = 128  # ... columns per step
