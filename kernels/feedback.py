@@ -97,22 +97,21 @@ def _gp(q0, qp, kp, g, lse, rows, cols, rmask, T, sq_t, sk_t, Dk, qk_scale,
     return g[:, None] * tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
 
 
-@triton.jit(do_not_specialize=['T', 'TP', 'sg_b', 'sg_t', 'base'])
+@triton.jit(do_not_specialize=['T', 'TP', 'sg_b', 'sg_t'])
 def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, qk_scale,
-                     sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, TP, base,
+                     sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, TP,
                      L, C: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, LOG2C: tl.constexpr,
                      PREC: tl.constexpr, INV_PREC: tl.constexpr):
     """One C-row block i of its leaf: W[i, j] = gamma_i P_ij for earlier blocks j, W[i, i] =
     (I - gamma_i P_ii)^-1 (product of (I + A^(2^k)), A nilpotent; its fp32 products in INV_PREC),
-    zeros for later blocks.  Rows >= T get A = 0 (identity padding).  Program i takes the block of
-    rows base + i * C (base: the first row of a leaf)."""
+    zeros for later blocks.  Rows >= T get A = 0 (identity padding)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     qp = q_ptr + b * sq_b + h * Dk
     kp = k_ptr + b * sk_b + h * Dk
-    r0 = base + pid * C
+    r0 = pid * C
     a0 = (r0 // L) * L
     rows = r0 + tl.arange(0, C)
     rmask = rows < T
@@ -188,20 +187,19 @@ def leaf_kernel(w_ptr, x_ptr, o_ptr, o2_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_
 # ----------------------------------------------------------------------------- fused path: forward
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'r1'])
-def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, qk_scale, sq_b, sq_t, sk_b, sk_t, r0, r1,
+@triton.jit(do_not_specialize=['T'])
+def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, qk_scale, sq_b, sq_t, sk_b, sk_t,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """lse[bh, t] = log2 sum_{j<t} 2^(qk_scale q_t.k_j) for rows t in [r0, r1) (r1 <= T); 0 for row 0.
-    BM % BN == 0 and r0 % BN == 0."""
+    """lse[bh, t] = log2 sum_{j<t} 2^(qk_scale q_t.k_j); 0 for row 0.  BM % BN == 0."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     qp = q_ptr + b * sq_b + h * Dk
     kp = k_ptr + b * sk_b + h * Dk
-    row0 = r0 + pid_m * BM
+    row0 = pid_m * BM
     rows = row0 + tl.arange(0, BM)
-    rmask = rows < r1
+    rmask = rows < T
     ACC = lse_ptr.dtype.element_ty
     m = tl.full((BM,), -1e30, dtype=ACC)
     l = tl.zeros((BM,), dtype=ACC)
@@ -210,7 +208,7 @@ def lse_kernel(q_ptr, k_ptr, lse_ptr, T, H, Dk, qk_scale, sq_b, sq_t, sk_b, sk_t
         cols = n0 + tl.arange(0, BN)
         s = _dot(q, tl.trans(_tile(kp, cols, cols < T, sk_t, 0, Dk, BK)), PREC) * qk_scale
         m, l = _online(m, l, s)
-    for n0 in range(row0, tl.minimum(row0 + BM, r1), BN):  # the diagonal tiles
+    for n0 in range(row0, tl.minimum(row0 + BM, T), BN):  # the diagonal tiles
         cols = n0 + tl.arange(0, BN)
         s = _dot(q, tl.trans(_tile(kp, cols, cols < T, sk_t, 0, Dk, BK)), PREC) * qk_scale
         s = tl.where((cols[None, :] < rows[:, None]) & rmask[:, None], s, float("-inf"))
@@ -325,14 +323,14 @@ def _dq_step(q, lam, lse, g, dl, dq, dg, kp, sp, cols, cmask, sk_t, sx_t, Dk, Dv
     return dq, dg
 
 
-@triton.jit(do_not_specialize=['T', 'sg_b', 'sg_t', 'sdg_b', 'sdg_t', 'r0', 'r1'])
+@triton.jit(do_not_specialize=['T', 'sg_b', 'sg_t', 'sdg_b', 'sdg_t'])
 def dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, dq_ptr, dg_ptr,
               T, H, Dk, Dv, qk_scale, scale, sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
-              sdq_b, sdq_t, sdg_b, sdg_t, r0, r1,
+              sdq_b, sdq_t, sdg_b, sdg_t,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Rows t in [r0, r1) (r1 <= T) of the softmax backward, all keys j < t:  dq_t = scale sum_j
-    dS[t, j] k_j (in dq's dtype) and dgamma_t = sum_j P[t, j] lam_t . s_j (in dg's dtype, at
-    (b, t, h) with strides (sdg_b, sdg_t)).  BM % BN == 0 and r0 % BN == 0."""
+    """Rows t of the softmax backward, all keys j < t:  dq_t = scale sum_j dS[t, j] k_j (in dq's
+    dtype) and dgamma_t = sum_j P[t, j] lam_t . s_j (in dg's dtype, at (b, t, h) with strides
+    (sdg_b, sdg_t)).  BM % BN == 0."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -340,9 +338,9 @@ def dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, dq_ptr, dg_p
     qp = q_ptr + b * sq_b + h * Dk
     kp = k_ptr + b * sk_b + h * Dk
     sp = s_ptr + b * sx_b + h * Dv
-    row0 = r0 + pid_m * BM
+    row0 = pid_m * BM
     rows = row0 + tl.arange(0, BM)
-    rmask = rows < r1
+    rmask = rows < T
     ACC = lse_ptr.dtype.element_ty
     DT = lam_ptr.dtype.element_ty
     q = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
@@ -356,7 +354,7 @@ def dq_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, dq_ptr, dg_p
         cols = n0 + tl.arange(0, BN)
         dq, dg = _dq_step(q, lam, lse, g, dl, dq, dg, kp, sp, cols, cols < T, sk_t, sx_t, Dk, Dv, rmask[:, None],
                           qk_scale, False, BK, BV, DT, PREC)
-    for n0 in range(row0, tl.minimum(row0 + BM, r1), BN):  # the diagonal tiles
+    for n0 in range(row0, tl.minimum(row0 + BM, T), BN):  # the diagonal tiles
         cols = n0 + tl.arange(0, BN)
         ok = (cols[None, :] < rows[:, None]) & rmask[:, None]
         dq, dg = _dq_step(q, lam, lse, g, dl, dq, dg, kp, sp, cols, cols < T, sk_t, sx_t, Dk, Dv, ok,
@@ -381,25 +379,25 @@ def _dk_step(kj, sj, dk, qp, lp, lse_ptr, gp, dl_ptr, ts, tmask, sq_t, sx_t, sg_
                    dk, DT, PREC)
 
 
-@triton.jit(do_not_specialize=['T', 'sg_b', 'sg_t', 'r0', 'r1'])
+@triton.jit(do_not_specialize=['T', 'sg_b', 'sg_t'])
 def dk_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, acc_ptr, dk_ptr,
               T, H, Dk, Dv, qk_scale, scale, sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, sx_b, sx_t,
-              sa_b, sa_t, sdk_b, sdk_t, L, r0, r1,
+              sa_b, sa_t, sdk_b, sdk_t, L,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               DIAG: tl.constexpr, ACC_IN: tl.constexpr, PREC: tl.constexpr):
-    """Keys j in [r0, r1) (r1 <= T), queries t > j:  dk_j = scale (sum_t dS[t, j] q_t [+ acc_j]) in dk's dtype.
+    """Keys j, queries t > j:  dk_j = scale (sum_t dS[t, j] q_t [+ acc_j]) in dk's dtype.
     DIAG: only queries t in j's own leaf of L rows (the pairs the applies of the schedule do not
     cover; their sums arrive in acc (ACC_IN), an ACC (B, T, H, Dk) buffer with strides
-    (sa_b, sa_t)).  BM % BN == 0, r0 % BM == 0 and, with DIAG, L % BM == 0."""
+    (sa_b, sa_t)).  BM % BN == 0 and, with DIAG, L % BM == 0."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     qp = q_ptr + b * sq_b + h * Dk
     lp = lam_ptr + b * sx_b + h * Dv
-    j0 = r0 + pid_m * BM
+    j0 = pid_m * BM
     js = j0 + tl.arange(0, BM)
-    jmask = js < r1
+    jmask = js < T
     ACC = lse_ptr.dtype.element_ty
     DT = lam_ptr.dtype.element_ty
     kj = _tile(k_ptr + b * sk_b + h * Dk, js, jmask, sk_t, 0, Dk, BK)

@@ -37,107 +37,53 @@ def fp32_matmul(prec: str = "ieee"):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def new_leaf_inverses(q, lse, cfg) -> torch.Tensor:
-    """The unfilled W (B*H, NL*L, L) of ``leaf_inverses`` for q (B, T, H, Dk), in lse's dtype."""
-    B, T, H, _ = q.shape
-    return new_buffer((B * H, triton.cdiv(T, cfg.L) * cfg.L, cfg.L), lse.dtype, q.device)
-
-
-def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float, W=None, leaves=None) -> torch.Tensor:
+def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float) -> torch.Tensor:
     """W (B*H, NL*L, L) in lse's dtype: per leaf of cfg.L rows the inverse N of (I - gamma*P_leaf),
     lower triangular (rows past T padded with identity), its fp32 products in TF32 for half-precision
-    inputs (as the leaf products).  q, k (B, T, H, Dk) (head stride Dk, unit last stride), gamma
-    (B, T, H) contiguous, lse (B*H, T) in base 2 (read for the leaves' rows only).  W: fill this
-    buffer (``new_leaf_inverses``) instead of a new one; leaves: only the leaves [l0, l1) (default all)."""
+    inputs (as the leaf products).  q, k (B, T, H, Dk) (head stride Dk,
+    unit last stride), gamma (B, T, H) contiguous, lse (B*H, T) in base 2."""
     B, T, H, Dk = q.shape
     C, L = cfg.C, cfg.L
     NL = triton.cdiv(T, L)
-    l0, l1 = leaves or (0, NL)
-    if W is None:
-        W = new_leaf_inverses(q, lse, cfg)
-    K.leaf_prep_kernel[((l1 - l0) * L // C, B * H)](
+    W = new_buffer((B * H, NL * L, L), lse.dtype, q.device)
+    K.leaf_prep_kernel[(NL * L // C, B * H)](
         q, k, gamma, lse, W, T, H, Dk, qk_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        gamma.stride(0), gamma.stride(1), NL * L, l0 * L, L, C=C, BK=cfg.BK_PREP, NK=triton.cdiv(Dk, cfg.BK_PREP),
+        gamma.stride(0), gamma.stride(1), NL * L, L, C=C, BK=cfg.BK_PREP, NK=triton.cdiv(Dk, cfg.BK_PREP),
         LOG2C=int(math.log2(C)), PREC="ieee", INV_PREC=leaf_precision(q.dtype), **launch_options(cfg.LEAF_WARPS, 2))
-    _merge_leaf_inverses(W[:, l0 * L:l1 * L], L, C, leaf_precision(q.dtype))
+    _merge_leaf_inverses(W, L, C, leaf_precision(q.dtype))
     return W
 
 
 def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int, prec: str) -> None:
-    """In place: W (B*H, nl*L, L) (a slice of whole leaves, unit last stride) holds, per leaf, the
-    blocks of A = gamma*P below the diagonal, the inverses of the C x C diagonal blocks of (I - A)
-    and zeros above; doubling the block size h, N21 = N22 A21 N11 turns it into the full inverse of
-    (I - A).  prec: "tf32" for half-precision inputs (as the leaf products), else "ieee"."""
-    BH, nl = W.shape[0], W.shape[1] // L
-    base = W.storage_offset()
+    """In place: W (B*H, NL*L, L) holds, per leaf, the blocks of A = gamma*P below the
+    diagonal, the inverses of the C x C diagonal blocks of (I - A) and zeros above; doubling
+    the block size h, N21 = N22 A21 N11 turns it into the full inverse of (I - A).
+    prec: "tf32" for half-precision inputs (as the leaf products), else "ieee"."""
+    Wl = W.view(-1, L, L)
+    base = Wl.storage_offset()
+    n = Wl.shape[0]
     h = C
     with fp32_matmul(prec):
         while h < L:
-            size, stride = (BH, nl, L // (2 * h), h, h), (W.stride(0), L * L, 2 * h * L + 2 * h, L, 1)
-            n11 = W.as_strided(size, stride, base)
-            a21 = W.as_strided(size, stride, base + h * L)
-            n22 = W.as_strided(size, stride, base + h * L + h)
+            size, stride = (n, L // (2 * h), h, h), (L * L, 2 * h * L + 2 * h, L, 1)
+            n11 = Wl.as_strided(size, stride, base)
+            a21 = Wl.as_strided(size, stride, base + h * L)
+            n22 = Wl.as_strided(size, stride, base + h * L + h)
             a21.copy_(torch.matmul(n22, torch.matmul(a21, n11)))
             h *= 2
 
 
-class SideStream:
-    """A second CUDA stream for work that may overlap the leaf chain (whose deep levels leave most
-    of the GPU idle).  Work issued inside ``with side:`` runs on it after everything issued so far
-    on the current stream; ``side.done()`` is an event after the side work issued so far, which
-    ``side.wait(event)`` makes the current stream wait for.  Disabled (off CUDA, or by the caller's
-    config) the work runs inline, in issue order, and the events are None."""
-
-    _streams: dict = {}  # device -> its side stream, created once (graph captures may use it)
-
-    def __init__(self, device: torch.device, enabled: bool):
-        self.stream = None
-        if enabled and device.type == "cuda" and not INTERPRET:
-            if device not in self._streams:
-                self._streams[device] = torch.cuda.Stream(device)
-            self.stream = self._streams[device]
-        self._ctx = None
-
-    def __enter__(self):
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-            self._ctx = torch.cuda.stream(self.stream)
-            self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
-            self._ctx = None
-
-    def done(self):
-        """An event after the side work issued so far (None when disabled)."""
-        if self.stream is None:
-            return None
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return event
-
-    def wait(self, event) -> None:
-        """The current stream waits for an event of ``done()`` (None: nothing to wait for)."""
-        if event is not None:
-            torch.cuda.current_stream(self.stream.device).wait_event(event)
-
-
-def schedule(T: int, L: int, leaf, apply, reverse: bool, a: int, n: int, between=None) -> None:
+def schedule(T: int, L: int, leaf, apply, reverse: bool, a: int, n: int) -> None:
     """Recursive solve over the n leaves [a, a + n * L): first half, apply(l0, l1, e0, e1) of the
     block gamma*P[l0:l1, e0:e1] (later rows x earlier columns), second half; reverse (the
-    transposed system of the backward) runs the later half first.  between(), when given, is
-    called once, after the top level's first half and before its apply (n >= 2).  A plain function,
-    not a self-referencing closure: such a cycle would keep the call's buffers (held by leaf and
-    apply) alive until Python's cyclic garbage collector ran."""
+    transposed system of the backward) runs the later half first.  A plain function, not a
+    self-referencing closure: such a cycle would keep the call's buffers (held by leaf and apply)
+    alive until Python's cyclic garbage collector ran."""
     if n == 1:
         leaf(a)
         return
     mid = a + (n // 2) * L
     first, second = ((mid, n - n // 2), (a, n // 2)) if reverse else ((a, n // 2), (mid, n - n // 2))
     schedule(T, L, leaf, apply, reverse, *first)
-    if between is not None:
-        between()
     apply(mid, min(a + n * L, T), a, mid)
     schedule(T, L, leaf, apply, reverse, *second)

@@ -57,8 +57,6 @@ class SolveConfig:
     L_gemm: int = 1024  # GEMM path: rows per leaf
     gemm: int = -1  # 1: GEMM path, 0: fused path, -1: GEMM when Dk > 256 or Dv > 128
     fuse_dk: int = 1  # fused path: the backward applies also form dk of their pairs (0: one dk pass over all)
-    overlap: int = 1  # fused path, CUDA: the later half's lse / leaf inverses (forward) and dq, dk (backward) on a
-    # side stream beside the leaf chain, whose deep levels leave most of the GPU idle (0: all on one stream)
     # Fused-path tiles (a whole head row per tile: BK = Dk, BV = Dv rounded up to powers of two).
     FWD_BM: int = 128  # lse_kernel, fwd_apply_kernel: rows per program
     FWD_BN: int = 64  # ... keys per step
