@@ -30,7 +30,7 @@ flash attention with P recomputed from q, k and lse:
 Wide heads take the GEMM path (``kernels/feedback_gemm.py``).
 
 Numerics: logits, lse, accumulators and the leaf inverses in ACC ("ieee" dots; "tf32" for the
-leaf products when inputs are half precision); P, dS, S and Lam enter the products in the input
+leaf products and the diagonal-block inverses when inputs are half precision); P, dS, S and Lam enter the products in the input
 dtype (bf16/fp16 tensor cores, fp32 accumulation) when the inputs are half precision, ACC
 otherwise.  No atomics: results are deterministic.
 """
