@@ -1,16 +1,19 @@
-"""Triton epilogues of the GEMM path of the feedback solve (wide heads: Dk > 256 or Dv > 128).
+"""Triton kernels of the GEMM path of the feedback solve (wide heads: Dk > 256 or Dv > 128).
 
-There the logits q k^T and lam s^T of a block of rows come from cuBLAS (torch.bmm, fp32 output)
-into a scratch of shape (B*H, R, NC) (rows r0 .. r0 + R of the sequence against keys 0 .. NC, or
-an apply's column block), and these kernels turn them into what the next product needs.  Shapes
-and units as in ``kernels/feedback.py`` (lse in base 2, qk_scale = scale * log2(e)); value-width
-slabs here are head-major (B*H, T, Dv) with strides (sx_bh, sx_t), except f ((B, T, H, Dv),
-strides (sf_b, sf_t)).
+There the products over T (P s, P^T lam, dS k, dS^T q) and the leaf products go through cuBLAS;
+these kernels form what those products read.  The logit kernels (``lse_partial_kernel``,
+``probs_kernel``, ``ds_kernel``) compute the logits q k^T (and lam s^T) of their (BM, BN) tile
+themselves, over Dk in BK chunks on the tensor cores (fp32 accumulation), and apply the softmax
+part in registers: no fp32 logits reach memory, only P or dS in the product dtype (into a scratch
+of shape (B*H, R, NC): rows r0 .. r0 + R of the sequence against a block of NC keys) or per-tile
+row partials.  Tiles with no admissible pair skip their products.  Shapes and units as in
+``kernels/feedback.py`` (lse in base 2, qk_scale = scale * log2(e)); q, k are head-major
+(B*H, T, Dk) with strides (sq_bh, sq_t); value-width slabs are head-major (B*H, T, Dv) with
+strides (sx_bh, sx_t), except f ((B, T, H, Dv), strides (sf_b, sf_t)).
 
-All are memory-bound, so every kernel that reads the scratch runs one (BM, BN) tile per program
-(many programs in flight); row sums across tiles go through per-tile partials (B*H, R, NCB),
-NCB = cdiv(NC, BN), and a small reduction.  Row lengths NC stay specialized (rows known to be
-16-aligned load as vectors); positions, heights and gamma's strides do not (fewer compilations).
+Row sums across tiles go through per-tile partials (B*H, R, NCB), NCB = cdiv(NC, BN), and a small
+memory-bound reduction.  Row lengths NC and strides stay specialized (16-aligned rows load as
+vectors); positions, heights and gamma's strides do not (fewer compilations).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sessa_scale.kernels.feedback import _lse_final
+from sessa_scale.kernels.feedback import _dot, _lse_final
 
 
 @triton.jit
@@ -32,17 +35,39 @@ def _tile_rows(r0, R, NC, BM: tl.constexpr, BN: tl.constexpr):
     return bh, i, r0 + i, cols, imask, m2, bh * R * NC + i[:, None] * NC + cols[None, :]
 
 
-@triton.jit(do_not_specialize=['r0', 'R'])
-def lse_partial_kernel(a_ptr, m_ptr, l_ptr, r0, R, NC, NCB, qk_scale, BM: tl.constexpr, BN: tl.constexpr):
-    """Per tile of the logits A (B*H, R, NC) of rows r0 + i against keys 0 .. NC: the base-2 max m and
-    sum l = sum 2^(qk_scale A - m) over the keys j < r0 + i, into (B*H, R, NCB) partials."""
+@triton.jit
+def _logits(a_ptr, b_ptr, ra, rb, ma, mb, sa_t, sb_t, D, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+            ACC: tl.constexpr, PREC: tl.constexpr):
+    """(BM, BN) tile a[ra] . b[rb]^T over the D columns of two row-major (., D) slabs (row strides
+    sa_t, sb_t), in ACC: chunks of BK columns through the tensor cores (fp32 accumulation)."""
+    dd = tl.arange(0, BK)
+    ap = a_ptr + ra[:, None] * sa_t + dd[None, :]
+    bp = b_ptr + rb[None, :] * sb_t + dd[:, None]  # b's tile loaded transposed: (BK, BN)
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    for d0 in range(0, D, BK):
+        a = tl.load(ap, mask=ma[:, None] & (d0 + dd < D)[None, :], other=0.0)
+        b = tl.load(bp, mask=mb[None, :] & (d0 + dd < D)[:, None], other=0.0)
+        acc += _dot(a, b, PREC)
+        ap += BK
+        bp += BK
+    return acc
+
+
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0'])
+def lse_partial_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, r0, R, c0, NC, NCB, Dk, sq_bh, sq_t, sk_bh, sk_t, qk_scale,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Per (BM, BN) tile of the logits of rows r0 + i against keys c0 + c (c < NC), formed here from
+    q and k (head-major (B*H, T, Dk)): the base-2 max m and sum l = sum 2^(qk_scale q.k - m) over
+    the keys j < r0 + i, into column pid_n of the (B*H, R, NCB) partials (tiles with no earlier key
+    skip the product and write m = -1e30, l = 0)."""
     bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = m_ptr.dtype.element_ty
     m = tl.full((BM,), -1e30, dtype=ACC)
     l = tl.zeros((BM,), dtype=ACC)
-    if tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
-        ok = (cols[None, :] < t[:, None]) & m2
-        s = tl.where(ok, tl.load(a_ptr + off, mask=m2, other=0.0) * qk_scale, float("-inf"))
+    if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
+        s = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, c0 + cols, imask, cols < NC, sq_t, sk_t, Dk,
+                    BM, BN, BK, ACC, PREC) * qk_scale
+        s = tl.where((c0 + cols[None, :] < t[:, None]) & m2, s, float("-inf"))
         m = tl.maximum(m, tl.max(s, 1))
         l = tl.sum(tl.exp2(s - m[:, None]), 1)
     po = bh * R * NCB + i * NCB + tl.program_id(1)
@@ -71,16 +96,18 @@ def lse_reduce_kernel(m_ptr, l_ptr, lse_ptr, T, r0, R, NCB, BM: tl.constexpr, BN
     tl.store(lse_ptr + bh * T + r0 + i, _lse_final(M, S), mask=imask)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'sg_b', 'sg_t'])
-def probs_kernel(a_ptr, p_ptr, g_ptr, lse_ptr, T, H, r0, R, NC, sg_b, sg_t, qk_scale,
-                 BM: tl.constexpr, BN: tl.constexpr):
-    """P = gamma_t 2^(qk_scale A - lse_t) of an apply's block (rows r0 + i, every column before
-    them: no mask), A (B*H, R, NC) in ACC -> P, same shape, in P's dtype (may be A itself)."""
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'e0', 'sg_b', 'sg_t'])
+def probs_kernel(q_ptr, k_ptr, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, Dk, sq_bh, sq_t, sk_bh, sk_t, sg_b, sg_t,
+                 qk_scale, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """P = gamma_t 2^(qk_scale q_t.k_j - lse_t) of an apply's block (rows t = r0 + i, keys j = e0 + c,
+    every key before every row: no mask), the logits formed here; -> p (B*H, R, NC) in its dtype."""
     bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
+    a = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, e0 + cols, imask, cols < NC, sq_t, sk_t, Dk,
+                BM, BN, BK, ACC, PREC)
     lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
     g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
-    p = g[:, None] * tl.exp2(tl.load(a_ptr + off, mask=m2, other=0.0) * qk_scale - lse[:, None])
+    p = g[:, None] * tl.exp2(a * qk_scale - lse[:, None])
     tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=m2)
 
 
@@ -106,23 +133,28 @@ def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'nb0', 'sg_b', 'sg_t'])
-def ds_kernel(a_ptr, d_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, nb0, sg_b, sg_t,
-              qk_scale, scale, BM: tl.constexpr, BN: tl.constexpr):
-    """Rows t = r0 + i, keys j = c0 + c of the softmax backward from the logits A and D = lam s^T (both
-    (B*H, R, NC) in ACC): dS_scaled = scale P (gamma_t D - delta_t) into ds (zero for j >= t; its
-    dtype) and the tile's partial dgamma sum_j P D into column nb0 + pid_n of dgp (B*H, R, NCB), the
-    partials of a whole strip of rows (its blocks at column offsets nb0, one rowsum per strip)."""
+def ds_kernel(q_ptr, k_ptr, lam_ptr, s_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, nb0,
+              Dk, Dv, sq_bh, sq_t, sk_bh, sk_t, sl_bh, sl_t, ss_bh, ss_t, sg_b, sg_t, qk_scale, scale,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Rows t = r0 + i, keys j = c0 + c of the softmax backward, forming here the logits q_t.k_j and
+    D = lam_t.s_j (q, k, lam, s head-major; lam, s with strides (sl_bh, sl_t), (ss_bh, ss_t)): dS_scaled = scale P
+    (gamma_t D - delta_t) into ds (B*H, R, NC) (zero for j >= t; its dtype) and the tile's partial
+    dgamma sum_j P D into column nb0 + pid_n of dgp (B*H, R, NCB), the partials of a whole strip of
+    rows (its blocks at column offsets nb0, one rowsum per strip).  Tiles with no earlier key skip
+    both products."""
     bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
     ds = tl.zeros((BM, BN), dtype=ACC)
     dg = tl.zeros((BM,), dtype=ACC)
     if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
+        j, cmask = c0 + cols, cols < NC
+        a = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, j, imask, cmask, sq_t, sk_t, Dk, BM, BN, BK, ACC, PREC)
         lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
+        p = tl.where((j[None, :] < t[:, None]) & m2, tl.exp2(a * qk_scale - lse[:, None]), 0.0)
+        d = _logits(lam_ptr + bh * sl_bh, s_ptr + bh * ss_bh, t, j, imask, cmask, sl_t, ss_t, Dv, BM, BN, BK, ACC,
+                    PREC)
         dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
         g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
-        d = tl.load(d_ptr + off, mask=m2, other=0.0)
-        p = tl.exp2(tl.load(a_ptr + off, mask=m2, other=0.0) * qk_scale - lse[:, None])
-        p = tl.where((c0 + cols[None, :] < t[:, None]) & m2, p, 0.0)
         dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])
     tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)

@@ -83,7 +83,7 @@ def count_launches(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig | 
     f, ds = (torch.empty((B, T, H, Dv), dtype=dtype, device=_DEVICE) for _ in range(2))
     gamma = torch.empty((B, T, H), dtype=dtype, device=_DEVICE)
     scale = 1.0 / math.sqrt(Dk)
-    feedback_gemm._OUT_DTYPE_SUPPORT[_DEVICE] = (True, True)  # as CUDA with torch >= 2.8
+    feedback_gemm._ACCUMULATES_OUT_DTYPE[_DEVICE] = True  # as CUDA with torch >= 2.8
     fwd, bwd = Counter(), Counter()
     with _counted_kernels(fwd), _CountLaunches(fwd):
         S, lse = path.forward(q, k, gamma, f, scale, cfg, dtype)[:2]

@@ -1,14 +1,15 @@
 """GEMM path of the Triton feedback solve (wide heads: Dk > 256 or Dv > 128, e.g. the paper's
-single 768-wide head): the products over Dk and over T go through cuBLAS (torch.bmm), the
-softmax parts through the memory-bound epilogues of ``kernels/feedback_gemm.py``.
+single 768-wide head): the products over T go through cuBLAS (torch.bmm), the logits and the
+softmax parts through the logit kernels of ``kernels/feedback_gemm.py``.
 
-A block of rows is handled in three steps: logits q k^T of the block into an ACC scratch
-(cuBLAS, fp32 output for half inputs), an epilogue (lse, gamma*P, or dS and dgamma), and the
-product with S / Lam / k / q (cuBLAS).  Rows go in chunks that keep the scratch within
-``scratch_mib``.  Value-width buffers are head-major (B*H, T, Dv) so that every product is one
-batched GEMM; the op's (B, T, H, .) results are views of them (copies of q, k are made only for
-H > 1).  Memory per call: X or Y (ACC), S, Lam (product dtype), W (B*H*T*L ACC, freed after each
-pass), the scratch, and an ACC dk accumulator in the backward.
+A block of rows is handled in two steps: a logit kernel forms q k^T (and lam s^T) tile by tile
+and writes gamma*P (or dS and dgamma partials) in the product dtype into a scratch, then cuBLAS
+takes its product with S / Lam / k / q.  The row statistics need no scratch (per-tile partials).
+Rows go in chunks that keep the scratch within ``scratch_mib``.  Value-width buffers are
+head-major (B*H, T, Dv) so that every product is one batched GEMM; the op's (B, T, H, .) results
+are views of them (copies of q, k are made only for H > 1).  Memory per call: X or Y (ACC), S,
+Lam (product dtype), W (B*H*T*L ACC, freed after each pass), the scratch, and ACC dq, dk
+accumulators in the backward.
 """
 
 from __future__ import annotations
@@ -41,45 +42,27 @@ def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
     return S.view(B, H, T, Dv).transpose(1, 2)
 
 
-_OUT_DTYPE_SUPPORT: dict = {}  # device -> (bmm into a buffer, baddbmm accumulating), see _out_dtype_support
+_ACCUMULATES_OUT_DTYPE: dict = {}  # device -> whether baddbmm accumulates half x half into an fp32 view
 
 
-def _out_dtype_support(device: torch.device) -> tuple[bool, bool]:
-    """Whether torch.bmm writes half x half -> fp32 into a given buffer, and whether torch.baddbmm
-    accumulates half x half into an fp32 strided view (torch >= 2.8 on CUDA), probed once per device
-    (not inside a CUDA-graph capture, which cannot synchronize: there temporaries are used); where
-    not, products go through temporaries."""
-    if device in _OUT_DTYPE_SUPPORT:
-        return _OUT_DTYPE_SUPPORT[device]
+def _accumulates_out_dtype(device: torch.device) -> bool:
+    """Whether torch.baddbmm accumulates half x half into an fp32 strided view (torch >= 2.8 on
+    CUDA), probed once per device (not inside a CUDA-graph capture, which cannot synchronize:
+    there temporaries are used); where not, products go through temporaries."""
+    if device in _ACCUMULATES_OUT_DTYPE:
+        return _ACCUMULATES_OUT_DTYPE[device]
     if torch.cuda.is_current_stream_capturing():
-        return False, False
+        return False
     a = torch.ones((2, 16, 16), dtype=torch.bfloat16, device=device)
     full = torch.ones((2, 32, 16), device=device)
-    try:
-        torch.bmm(a, a, out_dtype=torch.float32, out=torch.empty((2, 16, 16), device=device))
-        into = True
-    except (RuntimeError, TypeError, NotImplementedError):
-        into = False
     try:
         view = full[:, 8:24]
         torch.baddbmm(view, a, a, out_dtype=torch.float32, out=view)
         accumulates = bool((view == 17).all() and (full[:, :8] == 1).all() and (full[:, 24:] == 1).all())
     except (RuntimeError, TypeError, NotImplementedError):
         accumulates = False
-    _OUT_DTYPE_SUPPORT[device] = into, accumulates
-    return into, accumulates
-
-
-def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out = a @ b (batched, out contiguous) in out's dtype: half operands accumulate in fp32, fp32
-    ones in full fp32."""
-    if a.dtype == out.dtype:
-        with fp32_matmul("ieee"):
-            torch.bmm(a, b, out=out)
-    elif _out_dtype_support(out.device)[0]:
-        torch.bmm(a, b, out_dtype=out.dtype, out=out)
-    else:
-        out.copy_(torch.bmm(a, b, out_dtype=out.dtype))
+    _ACCUMULATES_OUT_DTYPE[device] = accumulates
+    return accumulates
 
 
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -87,7 +70,7 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == out.dtype:
         with fp32_matmul("ieee"):
             out.baddbmm_(a, b)
-    elif _out_dtype_support(out.device)[1]:
+    elif _accumulates_out_dtype(out.device):
         torch.baddbmm(out, a, b, out_dtype=out.dtype, out=out)
     else:
         out.add_(torch.bmm(a, b, out_dtype=out.dtype))
@@ -101,22 +84,20 @@ class _Blocks:
         self.BH, self.gamma, self.lse, self.cfg = self.B * self.H, gamma, lse, cfg
         self.qh, self.kh = _heads_first(q), _heads_first(k)
         self.acc, self.pdt, self.scale, self.qk_scale = lse.dtype, q.dtype, scale, scale * LOG2E
-        # bytes per scratch entry of an ACC buffer, and of a product-dtype one (0: it reuses the ACC one)
-        self.acc_bytes = torch.finfo(self.acc).bits // 8
-        self.extra_pdt_bytes = 0 if self.pdt == self.acc else torch.finfo(self.pdt).bits // 8
+        # bytes per entry of an ACC buffer and of a product-dtype one (the scratch holds P or dS)
+        self.acc_bytes, self.pdt_bytes = (torch.finfo(dt).bits // 8 for dt in (self.acc, self.pdt))
         self.budget = max(_MIN_SCRATCH_BYTES, cfg.scratch_mib << 20)
         self._scratch = None
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
+        self.logit = dict(BM=cfg.LOGIT_BM, BK=cfg.LOGIT_BK, PREC="ieee",
+                          **launch_options(cfg.LOGIT_WARPS, cfg.LOGIT_STAGES))
+        self.qk_strides = (self.qh.stride(0), self.qh.stride(1), self.kh.stride(0), self.kh.stride(1))
 
     def lines_per_chunk(self, length: int, bytes_per_entry: int, extra_bytes: int = 0) -> int:
         """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch
         (its budget plus extra_bytes)."""
         bm = self.cfg.EPI_BM
         return max(bm, (self.budget + extra_bytes) // (self.BH * length * bytes_per_entry) // bm * bm)
-
-    def release_scratch(self) -> None:
-        """Frees the scratch (the next views() allocates it again)."""
-        self._scratch = None
 
     def block_side(self, bytes_per_entry: int) -> int:
         """Side of the square blocks whose buffers of bytes_per_entry fit the scratch."""
@@ -140,33 +121,30 @@ class _Blocks:
             off += (size + 255) // 256 * 256
         return out
 
-    def grid(self, R: int, NC: int) -> tuple[int, int, int]:
-        """One epilogue program per (EPI_BM, EPI_BN) tile of a (B*H, R, NC) block."""
-        return triton.cdiv(R, self.cfg.EPI_BM), triton.cdiv(NC, self.cfg.EPI_BN), self.BH
+    def grid(self, R: int, NC: int, BN: int) -> tuple[int, int, int]:
+        """One logit-kernel program per (LOGIT_BM, BN) tile of a (B*H, R, NC) block."""
+        return triton.cdiv(R, self.cfg.LOGIT_BM), triton.cdiv(NC, BN), self.BH
 
     def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
         """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0), in the scratch."""
-        R, NC = r1 - r0, e1 - e0
-        A, *P = self.views(R, NC, self.acc, *([] if self.pdt == self.acc else [self.pdt]))
-        P = P[0] if P else A
-        _gemm(self.qh[:, r0:r1], self.kh[:, e0:e1].transpose(1, 2), A)
-        G.probs_kernel[self.grid(R, NC)](
-            A, P, self.gamma, self.lse, self.T, self.H, r0, R, NC, self.gamma.stride(0), self.gamma.stride(1),
-            self.qk_scale, **self.epi)
+        R, NC, BN = r1 - r0, e1 - e0, self.cfg.LOGIT_BN
+        (P,) = self.views(R, NC, self.pdt)
+        G.probs_kernel[self.grid(R, NC, BN)](
+            self.qh, self.kh, P, self.gamma, self.lse, self.T, self.H, r0, R, e0, NC, self.Dk, *self.qk_strides,
+            self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, BN=BN, **self.logit)
         return P
 
     def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst, rev: bool) -> None:
         """dst[l] += gamma*P[l, e] src[e] (forward) or dst[e] += (gamma*P[l, e])^T src[l] (rev), for
         later rows l in [l0, l1) and earlier rows e in [e0, e1); src, dst head-major.  Chunks split
         the rows the product writes (forward: l, rev: e), so each chunk's output is final."""
-        per_entry = self.acc_bytes + self.extra_pdt_bytes
         if rev:
-            step = self.lines_per_chunk(l1 - l0, per_entry)
+            step = self.lines_per_chunk(l1 - l0, self.pdt_bytes)
             for c0 in range(e0, e1, step):
                 c1 = min(c0 + step, e1)
                 _accumulate(dst[:, c0:c1], self.probs(l0, l1, c0, c1).transpose(1, 2), src[:, l0:l1])
         else:
-            step = self.lines_per_chunk(e1 - e0, per_entry)
+            step = self.lines_per_chunk(e1 - e0, self.pdt_bytes)
             for r0 in range(l0, l1, step):
                 r1 = min(r0 + step, l1)
                 _accumulate(dst[:, r0:r1], self.probs(r0, r1, e0, e1), src[:, e0:e1])
@@ -183,21 +161,19 @@ def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
 
 
 def _lse(blocks: _Blocks, later_bytes: int) -> None:
-    """The row statistics, strip by strip of rows against every earlier key.  The strips' scratch
-    may also take later_bytes (the buffers the forward allocates only after it: fewer, taller strips
-    at the same peak memory); it is freed at the end."""
-    T, BH, cfg = blocks.T, blocks.BH, blocks.cfg
-    step = blocks.lines_per_chunk(T, blocks.acc_bytes, later_bytes)
+    """The row statistics, strip by strip of rows against every earlier key: per-tile partials
+    (max and sum, ACC) within the scratch's budget, which may also take later_bytes (the buffers the
+    forward allocates only after it: fewer, taller strips at the same peak memory)."""
+    T, BH, cfg, BN = blocks.T, blocks.BH, blocks.cfg, blocks.cfg.LOGIT_BN
+    step = blocks.lines_per_chunk(triton.cdiv(T, BN), 2 * blocks.acc_bytes, later_bytes)
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
-        R, NCB = r1 - r0, triton.cdiv(r1, cfg.EPI_BN)
-        (A,) = blocks.views(R, r1, blocks.acc)
-        _gemm(blocks.qh[:, r0:r1], blocks.kh[:, :r1].transpose(1, 2), A)
-        m, l = (new_buffer((BH, R, NCB), blocks.acc, A.device) for _ in range(2))
-        G.lse_partial_kernel[blocks.grid(R, r1)](A, m, l, r0, R, r1, NCB, blocks.qk_scale, **blocks.epi)
+        R, NCB = r1 - r0, triton.cdiv(r1, BN)
+        m, l = (new_buffer((BH, R, NCB), blocks.acc, blocks.qh.device) for _ in range(2))
+        G.lse_partial_kernel[blocks.grid(R, r1, BN)](
+            blocks.qh, blocks.kh, m, l, T, r0, R, 0, r1, NCB, blocks.Dk, *blocks.qk_strides, blocks.qk_scale,
+            BN=BN, **blocks.logit)
         G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
-        del A  # the next, taller strip's scratch replaces this one
-    blocks.release_scratch()
 
 
 def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
@@ -255,20 +231,19 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
     # dgamma is summed once per strip of rows
     dq, dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
     dg = new_buffer((B * H, T), acc, q.device)
-    side = blocks.block_side(2 * blocks.acc_bytes + blocks.extra_pdt_bytes)
-    for r0, r1, col_blocks in ds_blocks(T, side, cfg.EPI_BM, cfg.ds_aspect):
+    side, BN = blocks.block_side(blocks.pdt_bytes), cfg.DS_BN
+    for r0, r1, col_blocks in ds_blocks(T, side, cfg.LOGIT_BM, cfg.ds_aspect):
         R = r1 - r0
         # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
-        nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, cfg.EPI_BN) for c0, c1 in col_blocks)]
+        nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, BN) for c0, c1 in col_blocks)]
         dgp = new_buffer((B * H, R, nb0[-1]), acc, q.device)
         for (c0, c1), nb in zip(col_blocks, nb0):
             NC = c1 - c0
-            A, D, *dS = blocks.views(R, NC, acc, acc, *([] if pdt == acc else [pdt]))
-            dS = dS[0] if dS else A
-            _gemm(blocks.qh[:, r0:r1], blocks.kh[:, c0:c1].transpose(1, 2), A)
-            _gemm(Lam[:, r0:r1], S[:, c0:c1].transpose(1, 2), D)
-            G.ds_kernel[blocks.grid(R, NC)](A, D, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1], nb,
-                                            gamma.stride(0), gamma.stride(1), blocks.qk_scale, scale, **blocks.epi)
+            (dS,) = blocks.views(R, NC, pdt)
+            G.ds_kernel[blocks.grid(R, NC, BN)](
+                blocks.qh, blocks.kh, Lam, S, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1], nb, Dk, Dv,
+                *blocks.qk_strides, Lam.stride(0), Lam.stride(1), S.stride(0), S.stride(1), gamma.stride(0),
+                gamma.stride(1), blocks.qk_scale, scale, BN=BN, **blocks.logit)
             _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
             _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
         G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, nb0[-1], **blocks.epi)

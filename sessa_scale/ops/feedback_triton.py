@@ -73,10 +73,16 @@ class SolveConfig:
     LEAF_WARPS: int = 4  # leaf_kernel and leaf_prep_kernel
     LEAF_STAGES: int = 3  # leaf_kernel's software-pipelining stages
     # GEMM path.
-    EPI_BM: int = 32  # epilogues: rows per program
+    LOGIT_BM: int = 128  # logit kernels (lse partials, gamma*P, dS): rows per program
+    LOGIT_BN: int = 128  # ... keys per program (lse partials, gamma*P)
+    DS_BN: int = 64  # ... keys per program of the dS kernel (two accumulators: q k^T and lam s^T)
+    LOGIT_BK: int = 64  # ... head-width chunk per step (halved for fp32 inputs)
+    LOGIT_WARPS: int = 8
+    LOGIT_STAGES: int = 3  # ... software-pipelining stages (at most 2 for fp32 inputs)
+    EPI_BM: int = 32  # row reductions (lse, dgamma, delta): rows per program
     EPI_BN: int = 128  # ... columns per step
     EPI_WARPS: int = 4
-    scratch_mib: int = 128  # bound on the GEMM path's scratch (logits and epilogue outputs of row blocks)
+    scratch_mib: int = 128  # bound on the GEMM path's scratch (gamma*P or dS of row blocks, product dtype)
     # GEMM backward: dS blocks of side / ds_aspect rows x side * ds_aspect keys (side^2 fills the scratch;
     # 1: square; larger: less of the diagonal squares formed in vain, thinner dq products)
     ds_aspect: int = 2
@@ -94,7 +100,8 @@ class SolveConfig:
 # scratch chunks).
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_gemm=32, min_leaves=1, FWD_BM=16, FWD_BN=16, FWD_WARPS=1, BWD_BM=16,
                                BWD_BN=16, BWD_WARPS=1, DQ_BM=16, DQ_BN=16, DQ_WARPS=1, STAGES=1, BML=16, BNL=16,
-                               LEAF_WARPS=1, EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
+                               LEAF_WARPS=1, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16, LOGIT_WARPS=1,
+                               LOGIT_STAGES=1, EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
 
 
 def parse_config(text: str, base: SolveConfig) -> SolveConfig:
@@ -138,6 +145,8 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         FWD_BM=max(fwd_bn, cfg.FWD_BM // h), FWD_BN=fwd_bn, DQ_BM=max(dq_bn, cfg.DQ_BM // h), DQ_BN=dq_bn,
         BWD_BM=bwd_bm, BWD_BN=max(16, min(cfg.BWD_BN // h, bwd_bm)),
         STAGES=cfg.STAGES if h == 1 else min(cfg.STAGES, 2),
+        LOGIT_BK=cfg.LOGIT_BK if elem_bytes <= 2 else max(16, cfg.LOGIT_BK // 2),
+        LOGIT_STAGES=cfg.LOGIT_STAGES if elem_bytes <= 2 else min(cfg.LOGIT_STAGES, 2),
     )
 
 
