@@ -14,7 +14,9 @@ gamma (B, T, H); value-width slabs (f, the solution S, the adjoint Lam, the accu
   W    (B*H, NL*L, L)   per leaf of L rows (NL leaves, the last padded with identity rows):
                         ``leaf_prep_kernel`` writes the C x C blocks A_ij = gamma_i P_ij (j < i),
                         the inverses of the diagonal systems (I - gamma_i P_ii) and zeros above;
-                        the wrapper then merges them into the full inverse N of (I - A_leaf).
+                        ``merge_rows_kernel`` and ``merge_cols_kernel`` then merge them, in place,
+                        into the full inverse N of (I - A_leaf) (two launches per doubling of the
+                        block size, log2(L / C) doublings).
 Schedule (``sessa_scale/ops/feedback_triton.py``): lse -> leaf inverses (both fully parallel)
 -> recursive solve over leaves: solve the first half, apply its block of gamma*P to the second
 half, recurse; a leaf is one product S = N X (``leaf_kernel``).
@@ -133,6 +135,66 @@ def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, qk_scale,
     tl.store(wrow + (r0 - a0) + cl[None, :], M)
     for c0 in range(r0 + C, a0 + L, C):
         tl.store(wrow + (c0 - a0) + cl[None, :], tl.zeros((C, C), dtype=ACC))
+
+
+# Merging a leaf's inverse: at level h (C, 2C, ..., L/2) each pair of h x h diagonal blocks of a leaf
+#   [N11  0 ]                      [N11            0 ]
+#   [A21 N22]  (N11, N22 lower     [N22 A21 N11   N22]
+#               triangular)  ->
+# in two launches over programs (tile, block, leaf) of a 1-D grid, tiles fastest: stage 1 A21 <- A21 N11
+# (programs own rows), stage 2 A21 <- N22 A21 (programs own columns).  Each program writes only its
+# own rows (columns) and walks them in B x B chunks in place: a chunk's product reads, besides
+# the triangular factor, only entries of its rows (columns) that no earlier chunk wrote, because the
+# factor is lower triangular (see each kernel).  No scratch, no copies, no races.
+
+
+@triton.jit
+def _merge_block(w_ptr, L, H: tl.constexpr, B: tl.constexpr):
+    """(pointer to the leaf's first entry, first row / column d0 of the block pair, tile index) of
+    this program; the leaf index is promoted to int64 (n * L * L may pass 2^31)."""
+    pid = tl.program_id(0)
+    tiles = H // B
+    pair = pid // tiles
+    blocks = L // (2 * H)
+    leaf = (pair // blocks).to(tl.int64)
+    return w_ptr + leaf * L * L, (pair % blocks) * 2 * H, pid % tiles
+
+
+@triton.jit
+def merge_rows_kernel(w_ptr, L, H: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr):
+    """Stage 1 of a merge level, in place on W (n, L, L) contiguous: rows [r, r + B) of A21 (H x H, at
+    leaf rows d0 + H.., columns d0..) become rows of A21 N11.  Output column chunks [j0, j0 + B) in
+    ascending order: as N11 is lower triangular, chunk j0 = sum over k >= j0 of A21[:, k] N11[k, j0..],
+    which reads only columns >= j0 of A21, none of them written yet."""
+    wp, d0, tile = _merge_block(w_ptr, L, H, B)
+    ar = tl.arange(0, B)
+    rows = d0 + H + tile * B + ar
+    for j0 in range(0, H, B):
+        acc = tl.zeros((B, B), dtype=w_ptr.dtype.element_ty)
+        for k0 in range(j0, H, B):
+            a = tl.load(wp + rows[:, None] * L + (d0 + k0 + ar)[None, :])
+            n11 = tl.load(wp + (d0 + k0 + ar)[:, None] * L + (d0 + j0 + ar)[None, :])
+            acc += _dot(a, n11, PREC)
+        tl.store(wp + rows[:, None] * L + (d0 + j0 + ar)[None, :], acc)
+
+
+@triton.jit
+def merge_cols_kernel(w_ptr, L, H: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr):
+    """Stage 2 of a merge level, in place on W (n, L, L) contiguous: columns [c, c + B) of T = A21 N11
+    (H x H, at leaf rows d0 + H.., columns d0..) become columns of N22 T = N21.  Output row chunks
+    [i0, i0 + B) in descending order: as N22 is lower triangular, chunk i0 = sum over k < i0 + B of
+    N22[i0.., k] T[k, :], which reads only rows < i0 + B of T, none of them written yet."""
+    wp, d0, tile = _merge_block(w_ptr, L, H, B)
+    ar = tl.arange(0, B)
+    cols = d0 + tile * B + ar
+    for i in range(0, H, B):
+        i0 = H - B - i
+        acc = tl.zeros((B, B), dtype=w_ptr.dtype.element_ty)
+        for k0 in range(0, i0 + B, B):
+            n22 = tl.load(wp + (d0 + H + i0 + ar)[:, None] * L + (d0 + H + k0 + ar)[None, :])
+            t = tl.load(wp + (d0 + H + k0 + ar)[:, None] * L + cols[None, :])
+            acc += _dot(n22, t, PREC)
+        tl.store(wp + (d0 + H + i0 + ar)[:, None] * L + cols[None, :], acc)
 
 
 @triton.jit(do_not_specialize=['T', 'TP', 'a0'])
