@@ -32,9 +32,9 @@ flash attention with P recomputed from q, k and lse:
 Wide heads take the GEMM path (``kernels/feedback_gemm.py``).
 
 Numerics: logits, lse, accumulators and the leaf inverses in ACC ("ieee" dots; "tf32" for the
-leaf products and the diagonal-block inverses when inputs are half precision); P, dS, S and Lam enter the products in the input
-dtype (bf16/fp16 tensor cores, fp32 accumulation) when the inputs are half precision, ACC
-otherwise.  No atomics: results are deterministic.
+leaf products, the diagonal-block inverses and their merges when inputs are half precision); P, dS,
+S and Lam enter the products in the input dtype (bf16/fp16 tensor cores, fp32 accumulation) when
+the inputs are half precision, ACC otherwise.  No atomics: results are deterministic.
 """
 
 from __future__ import annotations
@@ -137,36 +137,37 @@ def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, qk_scale,
         tl.store(wrow + (c0 - a0) + cl[None, :], tl.zeros((C, C), dtype=ACC))
 
 
-# Merging a leaf's inverse: at level h (C, 2C, ..., L/2) each pair of h x h diagonal blocks of a leaf
-#   [N11  0 ]                      [N11            0 ]
-#   [A21 N22]  (N11, N22 lower     [N22 A21 N11   N22]
-#               triangular)  ->
-# in two launches over programs (tile, block, leaf) of a 1-D grid, tiles fastest: stage 1 A21 <- A21 N11
-# (programs own rows), stage 2 A21 <- N22 A21 (programs own columns).  Each program writes only its
-# own rows (columns) and walks them in B x B chunks in place: a chunk's product reads, besides
-# the triangular factor, only entries of its rows (columns) that no earlier chunk wrote, because the
-# factor is lower triangular (see each kernel).  No scratch, no copies, no races.
+# Merging a leaf's inverse (W (n, L, L) contiguous, n = B*H*NL leaves): at level H = C, 2C, ..., L/2,
+# each pair of H x H diagonal blocks of a leaf, at rows and columns d0 = 2*H*blk, holds
+#   [N11  0 ]   (N11, N22 the inverses of the two diagonal blocks of (I - A), lower triangular;
+#   [A21 N22]    A21 the block of A below N11)  and becomes the inverse: A21 <- N22 A21 N11.
+# Two launches per level, programs (tile, block pair, leaf) on a 1-D grid, tiles fastest (no grid-axis
+# limit on n): stage 1 (merge_rows_kernel) T = A21 N11, a program per B rows; stage 2
+# (merge_cols_kernel) N22 T, a program per B columns.  In place, no scratch: a program writes only
+# its own rows (columns), which no other program of the launch reads, in B x B chunks whose
+# products read, besides the untouched triangular factor, only entries no earlier chunk wrote (the
+# factor being lower triangular, see each kernel).  Column chunks of one accumulator each instead of
+# a full H-wide row: registers stay small at H = 512 and the factor's zero half is skipped.
 
 
 @triton.jit
-def _merge_block(w_ptr, L, H: tl.constexpr, B: tl.constexpr):
-    """(pointer to the leaf's first entry, first row / column d0 of the block pair, tile index) of
-    this program; the leaf index is promoted to int64 (n * L * L may pass 2^31)."""
+def _merge_pair(w_ptr, L, H: tl.constexpr, B: tl.constexpr):
+    """-> (pointer to this program's leaf, first row / column d0 of its block pair, its tile index);
+    the leaf index in int64 (n * L * L may pass 2^31)."""
     pid = tl.program_id(0)
     tiles = H // B
     pair = pid // tiles
-    blocks = L // (2 * H)
-    leaf = (pair // blocks).to(tl.int64)
-    return w_ptr + leaf * L * L, (pair % blocks) * 2 * H, pid % tiles
+    pairs = L // (2 * H)
+    leaf = (pair // pairs).to(tl.int64)
+    return w_ptr + leaf * L * L, (pair % pairs) * 2 * H, pid % tiles
 
 
 @triton.jit
 def merge_rows_kernel(w_ptr, L, H: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr):
-    """Stage 1 of a merge level, in place on W (n, L, L) contiguous: rows [r, r + B) of A21 (H x H, at
-    leaf rows d0 + H.., columns d0..) become rows of A21 N11.  Output column chunks [j0, j0 + B) in
-    ascending order: as N11 is lower triangular, chunk j0 = sum over k >= j0 of A21[:, k] N11[k, j0..],
-    which reads only columns >= j0 of A21, none of them written yet."""
-    wp, d0, tile = _merge_block(w_ptr, L, H, B)
+    """Merge stage 1 on W (n, L, L): rows [tile * B, +B) of A21 (H x H) <- the same rows of A21 N11.
+    Output column chunks [j0, j0 + B) ascending: N11 lower triangular, chunk j0 sums A21[:, k]
+    N11[k, j0..] over k >= j0 only, so reads columns of A21 that no earlier chunk overwrote."""
+    wp, d0, tile = _merge_pair(w_ptr, L, H, B)
     ar = tl.arange(0, B)
     rows = d0 + H + tile * B + ar
     for j0 in range(0, H, B):
@@ -180,11 +181,11 @@ def merge_rows_kernel(w_ptr, L, H: tl.constexpr, B: tl.constexpr, PREC: tl.const
 
 @triton.jit
 def merge_cols_kernel(w_ptr, L, H: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr):
-    """Stage 2 of a merge level, in place on W (n, L, L) contiguous: columns [c, c + B) of T = A21 N11
-    (H x H, at leaf rows d0 + H.., columns d0..) become columns of N22 T = N21.  Output row chunks
-    [i0, i0 + B) in descending order: as N22 is lower triangular, chunk i0 = sum over k < i0 + B of
-    N22[i0.., k] T[k, :], which reads only rows < i0 + B of T, none of them written yet."""
-    wp, d0, tile = _merge_block(w_ptr, L, H, B)
+    """Merge stage 2 on W (n, L, L): columns [tile * B, +B) of T = A21 N11 (H x H, stored in A21's
+    place) <- the same columns of N22 T = N21.  Output row chunks [i0, i0 + B) descending: N22 lower
+    triangular, chunk i0 sums N22[i0.., k] T[k, :] over k < i0 + B only, so reads rows of T that no
+    earlier chunk overwrote."""
+    wp, d0, tile = _merge_pair(w_ptr, L, H, B)
     ar = tl.arange(0, B)
     cols = d0 + tile * B + ar
     for i in range(0, H, B):
