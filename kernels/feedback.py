@@ -14,7 +14,9 @@ gamma (B, T, H); value-width slabs (f, the solution S, the adjoint Lam, the accu
   W    (B*H, NL*L, L)   per leaf of L rows (NL leaves, the last padded with identity rows):
                         ``leaf_prep_kernel`` writes the C x C blocks A_ij = gamma_i P_ij (j < i),
                         the inverses of the diagonal systems (I - gamma_i P_ii) and zeros above;
-                        the wrapper then merges them into the full inverse N of (I - A_leaf).
+                        ``merge_rows_kernel`` and ``merge_cols_kernel`` then merge them, in place,
+                        into the full inverse N of (I - A_leaf) (two launches per doubling of the
+                        block size, log2(L / C) doublings).
 Schedule (``sessa_scale/ops/feedback_triton.py``): lse -> leaf inverses (both fully parallel)
 -> recursive solve over leaves: solve the first half, apply its block of gamma*P to the second
 half, recurse; a leaf is one product S = N X (``leaf_kernel``).
@@ -30,9 +32,9 @@ flash attention with P recomputed from q, k and lse:
 Wide heads take the GEMM path (``kernels/feedback_gemm.py``).
 
 Numerics: logits, lse, accumulators and the leaf inverses in ACC ("ieee" dots; "tf32" for the
-leaf products and the diagonal-block inverses when inputs are half precision); P, dS, S and Lam enter the products in the input
-dtype (bf16/fp16 tensor cores, fp32 accumulation) when the inputs are half precision, ACC
-otherwise.  No atomics: results are deterministic.
+leaf products, the diagonal-block inverses and their merges when inputs are half precision); P, dS,
+S and Lam enter the products in the input dtype (bf16/fp16 tensor cores, fp32 accumulation) when
+the inputs are half precision, ACC otherwise.  No atomics: results are deterministic.
 """
 
 from __future__ import annotations
@@ -133,6 +135,67 @@ def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, qk_scale,
     tl.store(wrow + (r0 - a0) + cl[None, :], M)
     for c0 in range(r0 + C, a0 + L, C):
         tl.store(wrow + (c0 - a0) + cl[None, :], tl.zeros((C, C), dtype=ACC))
+
+
+# Merging a leaf's inverse (W (n, L, L) contiguous, n = B*H*NL leaves): at level H = C, 2C, ..., L/2,
+# each pair of H x H diagonal blocks of a leaf, at rows and columns d0 = 2*H*blk, holds
+#   [N11  0 ]   (N11, N22 the inverses of the two diagonal blocks of (I - A), lower triangular;
+#   [A21 N22]    A21 the block of A below N11)  and becomes the inverse: A21 <- N22 A21 N11.
+# Two launches per level, programs (tile, block pair, leaf) on a 1-D grid, tiles fastest (no grid-axis
+# limit on n): stage 1 (merge_rows_kernel) T = A21 N11, a program per B rows; stage 2
+# (merge_cols_kernel) N22 T, a program per B columns.  In place, no scratch: a program writes only
+# its own rows (columns), which no other program of the launch reads, in B x B chunks whose
+# products read, besides the untouched triangular factor, only entries no earlier chunk wrote (the
+# factor being lower triangular, see each kernel).  Column chunks of one accumulator each instead of
+# a full H-wide row: registers stay small at H = 512 and the factor's zero half is skipped.
+
+
+@triton.jit
+def _merge_pair(w_ptr, L, H: tl.constexpr, B: tl.constexpr):
+    """-> (pointer to this program's leaf, first row / column d0 of its block pair, its tile index);
+    the leaf index in int64 (n * L * L may pass 2^31)."""
+    pid = tl.program_id(0)
+    tiles = H // B
+    pair = pid // tiles
+    pairs = L // (2 * H)
+    leaf = (pair // pairs).to(tl.int64)
+    return w_ptr + leaf * L * L, (pair % pairs) * 2 * H, pid % tiles
+
+
+@triton.jit
+def merge_rows_kernel(w_ptr, L, H: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr):
+    """Merge stage 1 on W (n, L, L): rows [tile * B, +B) of A21 (H x H) <- the same rows of A21 N11.
+    Output column chunks [j0, j0 + B) ascending: N11 lower triangular, chunk j0 sums A21[:, k]
+    N11[k, j0..] over k >= j0 only, so reads columns of A21 that no earlier chunk overwrote."""
+    wp, d0, tile = _merge_pair(w_ptr, L, H, B)
+    ar = tl.arange(0, B)
+    rows = d0 + H + tile * B + ar
+    for j0 in range(0, H, B):
+        acc = tl.zeros((B, B), dtype=w_ptr.dtype.element_ty)
+        for k0 in range(j0, H, B):
+            a = tl.load(wp + rows[:, None] * L + (d0 + k0 + ar)[None, :])
+            n11 = tl.load(wp + (d0 + k0 + ar)[:, None] * L + (d0 + j0 + ar)[None, :])
+            acc += _dot(a, n11, PREC)
+        tl.store(wp + rows[:, None] * L + (d0 + j0 + ar)[None, :], acc)
+
+
+@triton.jit
+def merge_cols_kernel(w_ptr, L, H: tl.constexpr, B: tl.constexpr, PREC: tl.constexpr):
+    """Merge stage 2 on W (n, L, L): columns [tile * B, +B) of T = A21 N11 (H x H, stored in A21's
+    place) <- the same columns of N22 T = N21.  Output row chunks [i0, i0 + B) descending: N22 lower
+    triangular, chunk i0 sums N22[i0.., k] T[k, :] over k < i0 + B only, so reads rows of T that no
+    earlier chunk overwrote."""
+    wp, d0, tile = _merge_pair(w_ptr, L, H, B)
+    ar = tl.arange(0, B)
+    cols = d0 + tile * B + ar
+    for i in range(0, H, B):
+        i0 = H - B - i
+        acc = tl.zeros((B, B), dtype=w_ptr.dtype.element_ty)
+        for k0 in range(0, i0 + B, B):
+            n22 = tl.load(wp + (d0 + H + i0 + ar)[:, None] * L + (d0 + H + k0 + ar)[None, :])
+            t = tl.load(wp + (d0 + H + k0 + ar)[:, None] * L + cols[None, :])
+            acc += _dot(n22, t, PREC)
+        tl.store(wp + (d0 + H + i0 + ar)[:, None] * L + cols[None, :], acc)
 
 
 @triton.jit(do_not_specialize=['T', 'TP', 'a0'])

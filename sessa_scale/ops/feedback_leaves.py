@@ -54,23 +54,25 @@ def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float) -> torch.Tensor:
     return W
 
 
+MERGE_TILE = 32  # merge kernels: B x B chunks (at most C), rows / columns per program
+MERGE_WARPS = 4
+
+
 def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int, prec: str) -> None:
-    """In place: W (B*H, NL*L, L) holds, per leaf, the blocks of A = gamma*P below the
+    """In place: W (B*H, NL*L, L), contiguous, holds, per leaf, the blocks of A = gamma*P below the
     diagonal, the inverses of the C x C diagonal blocks of (I - A) and zeros above; doubling
-    the block size h, N21 = N22 A21 N11 turns it into the full inverse of (I - A).
-    prec: "tf32" for half-precision inputs (as the leaf products), else "ieee"."""
-    Wl = W.view(-1, L, L)
-    base = Wl.storage_offset()
-    n = Wl.shape[0]
+    the block size h = C, 2C, ..., L/2, N21 = N22 A21 N11 turns it into the full inverse of (I - A).
+    Two launches per level on W itself (kernels/feedback.py: merge_rows_kernel, merge_cols_kernel),
+    no copies.  prec: "tf32" for half-precision inputs (as the leaf products), else "ieee"."""
+    assert W.is_contiguous() and W.shape[-1] == L, "the merge kernels address W as (n, L, L) contiguous"
+    n = W.numel() // (L * L)
+    B = min(MERGE_TILE, C)
     h = C
-    with fp32_matmul(prec):
-        while h < L:
-            size, stride = (n, L // (2 * h), h, h), (L * L, 2 * h * L + 2 * h, L, 1)
-            n11 = Wl.as_strided(size, stride, base)
-            a21 = Wl.as_strided(size, stride, base + h * L)
-            n22 = Wl.as_strided(size, stride, base + h * L + h)
-            a21.copy_(torch.matmul(n22, torch.matmul(a21, n11)))
-            h *= 2
+    while h < L:
+        grid = (h // B * (L // (2 * h)) * n,)
+        for kernel in (K.merge_rows_kernel, K.merge_cols_kernel):
+            kernel[grid](W, L, H=h, B=B, PREC=prec, **launch_options(MERGE_WARPS, 2))
+        h *= 2
 
 
 def schedule(T: int, L: int, leaf, apply, reverse: bool, a: int, n: int) -> None:
