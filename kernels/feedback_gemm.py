@@ -25,24 +25,14 @@ from sessa_scale.kernels.feedback import _dot, _lse_final
 
 
 @triton.jit
-def _rows(r0, R, BM: tl.constexpr):
-    """Program (pid_m, pid_s, bh)'s rows of a (B*H, R, NC) block: (bh, i, t = r0 + i, row mask)."""
+def _tile_rows(r0, R, NC, BM: tl.constexpr, BN: tl.constexpr):
+    """Program (pid_m, pid_n, bh)'s tile of a (B*H, R, NC) block: (bh, i, t = r0 + i, cols, masks, offsets)."""
+    bh = tl.program_id(2)
     i = tl.program_id(0) * BM + tl.arange(0, BM)
-    return tl.program_id(2), i, r0 + i, i < R
-
-
-@triton.jit
-def _segment(NC, BN: tl.constexpr, SEG: tl.constexpr):
-    """Column tiles [n0, n1) of program (pid_m, pid_s, bh): its segment of SEG tiles of BN keys."""
-    n0 = tl.program_id(1) * SEG
-    return n0, tl.minimum(n0 + SEG, tl.cdiv(NC, BN))
-
-
-@triton.jit
-def _causal_end(n1, r0, c0, BM: tl.constexpr, BN: tl.constexpr):
-    """The end of the column tiles (block-relative, keys c0 + n * BN) that hold some key before the
-    last row r0 + pid_m * BM + BM - 1 of the program (capped at n1)."""
-    return tl.minimum(n1, tl.cdiv(tl.maximum(r0 + tl.program_id(0) * BM + BM - 1 - c0, 0), BN))
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    imask = i < R
+    m2 = imask[:, None] & (cols < NC)[None, :]
+    return bh, i, r0 + i, cols, imask, m2, bh * R * NC + i[:, None] * NC + cols[None, :]
 
 
 @triton.jit
@@ -65,26 +55,21 @@ def _logits(a_ptr, b_ptr, ra, rb, ma, mb, sa_t, sb_t, D, BM: tl.constexpr, BN: t
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0'])
 def lse_partial_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, r0, R, c0, NC, NCB, Dk, sq_bh, sq_t, sk_bh, sk_t, qk_scale,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEG: tl.constexpr,
-                       FLAT: tl.constexpr, PREC: tl.constexpr):
-    """Per program, rows r0 + i against a segment of SEG tiles of BN keys c0 + c (c < NC), the logits
-    formed here from q and k (head-major (B*H, T, Dk)): the base-2 max m and sum l = sum
-    2^(qk_scale q.k - m) over the keys j < r0 + i (online across the segment's tiles; tiles with no
-    earlier key are skipped), into column pid_s of the (B*H, R, NCB) partials (m = -1e30, l = 0 for
-    none).  FLAT: let the compiler flatten the tile and head-width loops into one pipeline."""
-    bh, i, t, imask = _rows(r0, R, BM)
-    n0, n1 = _segment(NC, BN, SEG)
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Per (BM, BN) tile of the logits of rows r0 + i against keys c0 + c (c < NC), formed here from
+    q and k (head-major (B*H, T, Dk)): the base-2 max m and sum l = sum 2^(qk_scale q.k - m) over
+    the keys j < r0 + i, into column pid_n of the (B*H, R, NCB) partials (tiles with no earlier key
+    skip the product and write m = -1e30, l = 0)."""
+    bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = m_ptr.dtype.element_ty
     m = tl.full((BM,), -1e30, dtype=ACC)
     l = tl.zeros((BM,), dtype=ACC)
-    for n in tl.range(n0, _causal_end(n1, r0, c0, BM, BN), flatten=FLAT):
-        j = c0 + n * BN + tl.arange(0, BN)
-        s = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, j, imask, j < c0 + NC, sq_t, sk_t, Dk,
+    if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
+        s = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, c0 + cols, imask, cols < NC, sq_t, sk_t, Dk,
                     BM, BN, BK, ACC, PREC) * qk_scale
-        s = tl.where((j[None, :] < t[:, None]) & imask[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        m = m_new
+        s = tl.where((c0 + cols[None, :] < t[:, None]) & m2, s, float("-inf"))
+        m = tl.maximum(m, tl.max(s, 1))
+        l = tl.sum(tl.exp2(s - m[:, None]), 1)
     po = bh * R * NCB + i * NCB + tl.program_id(1)
     tl.store(m_ptr + po, m, mask=imask)
     tl.store(l_ptr + po, l, mask=imask)
@@ -113,23 +98,17 @@ def lse_reduce_kernel(m_ptr, l_ptr, lse_ptr, T, r0, R, NCB, BM: tl.constexpr, BN
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'e0', 'sg_b', 'sg_t'])
 def probs_kernel(q_ptr, k_ptr, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, Dk, sq_bh, sq_t, sk_bh, sk_t, sg_b, sg_t,
-                 qk_scale, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEG: tl.constexpr,
-                 FLAT: tl.constexpr, PREC: tl.constexpr):
+                 qk_scale, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """P = gamma_t 2^(qk_scale q_t.k_j - lse_t) of an apply's block (rows t = r0 + i, keys j = e0 + c,
-    every key before every row: no mask), the logits formed here, a segment of SEG tiles of BN keys
-    per program; -> p (B*H, R, NC) in its dtype."""
-    bh, i, t, imask = _rows(r0, R, BM)
-    n0, n1 = _segment(NC, BN, SEG)
+    every key before every row: no mask), the logits formed here; -> p (B*H, R, NC) in its dtype."""
+    bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
+    a = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, e0 + cols, imask, cols < NC, sq_t, sk_t, Dk,
+                BM, BN, BK, ACC, PREC)
     lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
     g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
-    for n in tl.range(n0, n1, flatten=FLAT):
-        c = n * BN + tl.arange(0, BN)
-        a = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, e0 + c, imask, c < NC, sq_t, sk_t, Dk,
-                    BM, BN, BK, ACC, PREC)
-        p = g[:, None] * tl.exp2(a * qk_scale - lse[:, None])
-        tl.store(p_ptr + bh * R * NC + i[:, None] * NC + c[None, :], p.to(p_ptr.dtype.element_ty),
-                 mask=imask[:, None] & (c < NC)[None, :])
+    p = g[:, None] * tl.exp2(a * qk_scale - lse[:, None])
+    tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit(do_not_specialize=['T'])
@@ -156,37 +135,29 @@ def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'nb0', 'sg_b', 'sg_t'])
 def ds_kernel(q_ptr, k_ptr, lam_ptr, s_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, nb0,
               Dk, Dv, sq_bh, sq_t, sk_bh, sk_t, sl_bh, sl_t, ss_bh, ss_t, sg_b, sg_t, qk_scale, scale,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEG: tl.constexpr, FLAT: tl.constexpr,
-              PREC: tl.constexpr):
-    """Rows t = r0 + i, keys j = c0 + c of the softmax backward, a segment of SEG tiles of BN keys per
-    program, forming here the logits q_t.k_j and D = lam_t.s_j (q, k, lam, s head-major; lam, s with
-    strides (sl_bh, sl_t), (ss_bh, ss_t)): dS_scaled = scale P (gamma_t D - delta_t) into ds
-    (B*H, R, NC) (zero for j >= t; its dtype) and the segment's partial dgamma sum_j P D into column
-    nb0 + pid_s of dgp (B*H, R, NCB), the partials of a whole strip of rows (its blocks at column
-    offsets nb0, one rowsum per strip).  Tiles with no earlier key skip both products."""
-    bh, i, t, imask = _rows(r0, R, BM)
-    n0, n1 = _segment(NC, BN, SEG)
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Rows t = r0 + i, keys j = c0 + c of the softmax backward, forming here the logits q_t.k_j and
+    D = lam_t.s_j (q, k, lam, s head-major; lam, s with strides (sl_bh, sl_t), (ss_bh, ss_t)): dS_scaled = scale P
+    (gamma_t D - delta_t) into ds (B*H, R, NC) (zero for j >= t; its dtype) and the tile's partial
+    dgamma sum_j P D into column nb0 + pid_n of dgp (B*H, R, NCB), the partials of a whole strip of
+    rows (its blocks at column offsets nb0, one rowsum per strip).  Tiles with no earlier key skip
+    both products."""
+    bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
-    lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
-    dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
-    g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
+    ds = tl.zeros((BM, BN), dtype=ACC)
     dg = tl.zeros((BM,), dtype=ACC)
-    row = ds_ptr + bh * R * NC + i[:, None] * NC
-    n_causal = tl.maximum(n0, _causal_end(n1, r0, c0, BM, BN))
-    for n in tl.range(n0, n_causal, flatten=FLAT):
-        c = n * BN + tl.arange(0, BN)
-        j, cmask = c0 + c, c < NC
+    if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
+        j, cmask = c0 + cols, cols < NC
         a = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, j, imask, cmask, sq_t, sk_t, Dk, BM, BN, BK, ACC, PREC)
-        p = tl.where((j[None, :] < t[:, None]) & imask[:, None], tl.exp2(a * qk_scale - lse[:, None]), 0.0)
+        lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
+        p = tl.where((j[None, :] < t[:, None]) & m2, tl.exp2(a * qk_scale - lse[:, None]), 0.0)
         d = _logits(lam_ptr + bh * sl_bh, s_ptr + bh * ss_bh, t, j, imask, cmask, sl_t, ss_t, Dv, BM, BN, BK, ACC,
                     PREC)
-        dg += tl.sum(p * d, 1)
+        dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
+        g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
+        dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])
-        tl.store(row + c[None, :], ds.to(ds_ptr.dtype.element_ty), mask=imask[:, None] & cmask[None, :])
-    for n in range(n_causal, n1):  # tiles wholly at or after the rows: dS = 0
-        c = n * BN + tl.arange(0, BN)
-        tl.store(row + c[None, :], tl.zeros((BM, BN), dtype=ds_ptr.dtype.element_ty),
-                 mask=imask[:, None] & (c < NC)[None, :])
+    tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
     tl.store(dgp_ptr + bh * R * NCB + i * NCB + nb0 + tl.program_id(1), dg, mask=imask)
 
 

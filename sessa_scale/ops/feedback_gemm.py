@@ -89,7 +89,7 @@ class _Blocks:
         self.budget = max(_MIN_SCRATCH_BYTES, cfg.scratch_mib << 20)
         self._scratch = None
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
-        self.logit = dict(BM=cfg.LOGIT_BM, BK=cfg.LOGIT_BK, SEG=cfg.LOGIT_SEG, FLAT=bool(cfg.LOGIT_FLAT), PREC="ieee",
+        self.logit = dict(BM=cfg.LOGIT_BM, BK=cfg.LOGIT_BK, PREC="ieee",
                           **launch_options(cfg.LOGIT_WARPS, cfg.LOGIT_STAGES))
         self.qk_strides = (self.qh.stride(0), self.qh.stride(1), self.kh.stride(0), self.kh.stride(1))
 
@@ -121,13 +121,9 @@ class _Blocks:
             off += (size + 255) // 256 * 256
         return out
 
-    def segments(self, NC: int, BN: int) -> int:
-        """Programs along a row of NC keys: segments of LOGIT_SEG tiles of BN keys."""
-        return triton.cdiv(NC, BN * self.cfg.LOGIT_SEG)
-
     def grid(self, R: int, NC: int, BN: int) -> tuple[int, int, int]:
-        """One logit-kernel program per LOGIT_BM rows x segment of a (B*H, R, NC) block."""
-        return triton.cdiv(R, self.cfg.LOGIT_BM), self.segments(NC, BN), self.BH
+        """One logit-kernel program per (LOGIT_BM, BN) tile of a (B*H, R, NC) block."""
+        return triton.cdiv(R, self.cfg.LOGIT_BM), triton.cdiv(NC, BN), self.BH
 
     def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
         """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0), in the scratch."""
@@ -169,10 +165,10 @@ def _lse(blocks: _Blocks, later_bytes: int) -> None:
     (max and sum, ACC) within the scratch's budget, which may also take later_bytes (the buffers the
     forward allocates only after it: fewer, taller strips at the same peak memory)."""
     T, BH, cfg, BN = blocks.T, blocks.BH, blocks.cfg, blocks.cfg.LOGIT_BN
-    step = blocks.lines_per_chunk(blocks.segments(T, BN), 2 * blocks.acc_bytes, later_bytes)
+    step = blocks.lines_per_chunk(triton.cdiv(T, BN), 2 * blocks.acc_bytes, later_bytes)
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
-        R, NCB = r1 - r0, blocks.segments(r1, BN)
+        R, NCB = r1 - r0, triton.cdiv(r1, BN)
         m, l = (new_buffer((BH, R, NCB), blocks.acc, blocks.qh.device) for _ in range(2))
         G.lse_partial_kernel[blocks.grid(R, r1, BN)](
             blocks.qh, blocks.kh, m, l, T, r0, R, 0, r1, NCB, blocks.Dk, *blocks.qk_strides, blocks.qk_scale,
@@ -239,7 +235,7 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
     for r0, r1, col_blocks in ds_blocks(T, side, cfg.LOGIT_BM, cfg.ds_aspect):
         R = r1 - r0
         # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
-        nb0 = [0, *itertools.accumulate(blocks.segments(c1 - c0, BN) for c0, c1 in col_blocks)]
+        nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, BN) for c0, c1 in col_blocks)]
         dgp = new_buffer((B * H, R, nb0[-1]), acc, q.device)
         for (c0, c1), nb in zip(col_blocks, nb0):
             NC = c1 - c0

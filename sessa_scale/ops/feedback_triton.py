@@ -77,8 +77,6 @@ class SolveConfig:
     LOGIT_BN: int = 128  # ... keys per program (lse partials, gamma*P)
     DS_BN: int = 64  # ... keys per program of the dS kernel (two accumulators: q k^T and lam s^T)
     LOGIT_BK: int = 64  # ... head-width chunk per step (halved for fp32 inputs)
-    LOGIT_SEG: int = 1  # ... key tiles per program (one after the other; lse and dgamma partials per segment)
-    LOGIT_FLAT: int = 0  # ... 1: the compiler flattens a program's tile and head-width loops into one pipeline
     LOGIT_WARPS: int = 8
     LOGIT_STAGES: int = 3  # ... software-pipelining stages (at most 2 for fp32 inputs)
     EPI_BM: int = 32  # row reductions (lse, dgamma, delta): rows per program
@@ -102,7 +100,7 @@ class SolveConfig:
 # scratch chunks).
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_gemm=32, min_leaves=1, FWD_BM=16, FWD_BN=16, FWD_WARPS=1, BWD_BM=16,
                                BWD_BN=16, BWD_WARPS=1, DQ_BM=16, DQ_BN=16, DQ_WARPS=1, STAGES=1, BML=16, BNL=16,
-                               LEAF_WARPS=1, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16, LOGIT_SEG=2, LOGIT_WARPS=1,
+                               LEAF_WARPS=1, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16, LOGIT_WARPS=1,
                                LOGIT_STAGES=1, EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
 
 
