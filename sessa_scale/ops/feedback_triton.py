@@ -65,7 +65,7 @@ class SolveConfig:
     BWD_BN: int = 64  # ... queries per step
     BWD_WARPS: int = 8  # two accumulators (Y and dk) of BWD_BM x 128 fp32
     DQ_BM: int = 128  # dq_kernel: rows per program
-    DQ_BN: int = 32  # ... keys per step
+    DQ_BN: int = 64  # ... keys per step
     DQ_WARPS: int = 8
     STAGES: int = 3  # software-pipelining stages of the fused kernels
     BML: int = 32  # leaf products (leaf_kernel): row tile
@@ -74,8 +74,8 @@ class SolveConfig:
     LEAF_STAGES: int = 3  # leaf_kernel's software-pipelining stages
     # GEMM path.
     LOGIT_BM: int = 128  # logit kernels (lse partials, gamma*P, dS): rows per program
-    LOGIT_BN: int = 128  # ... keys per program (lse partials, gamma*P)
-    DS_BN: int = 64  # ... keys per program of the dS kernel (two accumulators: q k^T and lam s^T)
+    LOGIT_BN: int = 256  # ... keys per program (lse partials, gamma*P)
+    DS_BN: int = 128  # ... keys per program of the dS kernel (two accumulators: q k^T and lam s^T)
     LOGIT_BK: int = 64  # ... head-width chunk per step (halved for fp32 inputs)
     LOGIT_WARPS: int = 8
     LOGIT_STAGES: int = 3  # ... software-pipelining stages (at most 2 for fp32 inputs)
@@ -145,6 +145,9 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         FWD_BM=max(fwd_bn, cfg.FWD_BM // h), FWD_BN=fwd_bn, DQ_BM=max(dq_bn, cfg.DQ_BM // h), DQ_BN=dq_bn,
         BWD_BM=bwd_bm, BWD_BN=max(16, min(cfg.BWD_BN // h, bwd_bm)),
         STAGES=cfg.STAGES if h == 1 else min(cfg.STAGES, 2),
+        # fp32 / fp64 inputs (FMA dots): logit tiles of half the keys and head width, at most 2 stages
+        LOGIT_BN=cfg.LOGIT_BN if elem_bytes <= 2 else max(16, cfg.LOGIT_BN // 2),
+        DS_BN=cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2),
         LOGIT_BK=cfg.LOGIT_BK if elem_bytes <= 2 else max(16, cfg.LOGIT_BK // 2),
         LOGIT_STAGES=cfg.LOGIT_STAGES if elem_bytes <= 2 else min(cfg.LOGIT_STAGES, 2),
     )
