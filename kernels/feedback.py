@@ -103,10 +103,11 @@ def _gp(q0, qp, kp, g, lse, rows, cols, rmask, T, sq_t, sk_t, Dk, qk_scale,
 def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, qk_scale,
                      sq_b, sq_t, sk_b, sk_t, sg_b, sg_t, TP,
                      L, C: tl.constexpr, BK: tl.constexpr, NK: tl.constexpr, LOG2C: tl.constexpr,
-                     PREC: tl.constexpr, INV_PREC: tl.constexpr):
+                     PREC: tl.constexpr, INV_PREC: tl.constexpr, DIAG_ONLY: tl.constexpr):
     """One C-row block i of its leaf: W[i, j] = gamma_i P_ij for earlier blocks j, W[i, i] =
     (I - gamma_i P_ii)^-1 (product of (I + A^(2^k)), A nilpotent; its fp32 products in INV_PREC),
-    zeros for later blocks.  Rows >= T get A = 0 (identity padding)."""
+    zeros for later blocks.  Rows >= T get A = 0 (identity padding).  DIAG_ONLY: only W[i, i] (the
+    GEMM path writes the rest with ``feedback_gemm.leaf_probs_kernel``)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -123,9 +124,10 @@ def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, qk_scale,
     cl = tl.arange(0, C)
     q0 = _tile(qp, rows, rmask, sq_t, 0, Dk, BK)
     lse = tl.load(lse_ptr + bh * T + rows, mask=rmask, other=0.0)
-    for c0 in range(a0, r0, C):
-        A = _gp(q0, qp, kp, g, lse, rows, c0 + cl, rmask, T, sq_t, sk_t, Dk, qk_scale, BK, NK, PREC)
-        tl.store(wrow + (c0 - a0) + cl[None, :], A)
+    if not DIAG_ONLY:
+        for c0 in range(a0, r0, C):
+            A = _gp(q0, qp, kp, g, lse, rows, c0 + cl, rmask, T, sq_t, sk_t, Dk, qk_scale, BK, NK, PREC)
+            tl.store(wrow + (c0 - a0) + cl[None, :], A)
     A = _gp(q0, qp, kp, g, lse, rows, rows, rmask, T, sq_t, sk_t, Dk, qk_scale, BK, NK, PREC)
     M = tl.where(cl[:, None] == cl[None, :], 1.0, 0.0).to(ACC) + A
     Ap = A
@@ -133,8 +135,9 @@ def leaf_prep_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, w_ptr, T, H, Dk, qk_scale,
         Ap = _dot(Ap, Ap, INV_PREC)
         M = M + _dot(M, Ap, INV_PREC)
     tl.store(wrow + (r0 - a0) + cl[None, :], M)
-    for c0 in range(r0 + C, a0 + L, C):
-        tl.store(wrow + (c0 - a0) + cl[None, :], tl.zeros((C, C), dtype=ACC))
+    if not DIAG_ONLY:
+        for c0 in range(r0 + C, a0 + L, C):
+            tl.store(wrow + (c0 - a0) + cl[None, :], tl.zeros((C, C), dtype=ACC))
 
 
 # Merging a leaf's inverse (W (n, L, L) contiguous, n = B*H*NL leaves): at level H = C, 2C, ..., L/2,

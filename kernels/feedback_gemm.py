@@ -111,6 +111,31 @@ def probs_kernel(q_ptr, k_ptr, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, Dk, s
     tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=m2)
 
 
+@triton.jit(do_not_specialize=['T', 'NL', 'sg_b', 'sg_t'])
+def leaf_probs_kernel(q_ptr, k_ptr, w_ptr, g_ptr, lse_ptr, T, H, L, NL, Dk, sq_bh, sq_t, sk_bh, sk_t, sg_b, sg_t,
+                      qk_scale, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """The leaves' blocks of W (B*H, NL*L, L) (ACC) below the diagonal: W[bh, a + i, c] = gamma_t P[t, a + c]
+    for c < i, t = a + i < T (a = leaf * L), zero elsewhere (on and above the diagonal, rows past T);
+    program (pid_m, pid_n, bh * NL + leaf) writes one (BM, BN) tile, tiles wholly on or above the
+    diagonal without products.  leaf_prep_kernel (DIAG_ONLY) then writes the diagonal C x C inverses."""
+    bh = tl.program_id(2) // NL
+    a = (tl.program_id(2) % NL) * L
+    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    c = tl.program_id(1) * BN + tl.arange(0, BN)
+    t = a + i
+    ACC = w_ptr.dtype.element_ty
+    w = tl.zeros((BM, BN), dtype=ACC)
+    if tl.program_id(1) * BN < tl.program_id(0) * BM + BM - 1:  # some column before some row
+        rmask = (i < L) & (t < T)
+        s = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, a + c, rmask, (c < L) & (a + c < T), sq_t, sk_t, Dk,
+                    BM, BN, BK, ACC, PREC)
+        lse = tl.load(lse_ptr + bh * T + t, mask=rmask, other=0.0)
+        g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=rmask, other=0.0).to(ACC)
+        ok = (c[None, :] < i[:, None]) & rmask[:, None]
+        w = tl.where(ok, g[:, None] * tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+    tl.store(w_ptr + (bh * NL * L + t[:, None]) * L + c[None, :], w, mask=(i < L)[:, None] & (c < L)[None, :])
+
+
 @triton.jit(do_not_specialize=['T'])
 def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_t, BM: tl.constexpr, BV: tl.constexpr):
     """delta[bh, t] = lam_t . (s_t - f_t) in ACC (the softmax-backward row term)."""

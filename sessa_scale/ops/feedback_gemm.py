@@ -125,6 +125,14 @@ class _Blocks:
         """One logit-kernel program per (LOGIT_BM, BN) tile of a (B*H, R, NC) block."""
         return triton.cdiv(R, self.cfg.LOGIT_BM), triton.cdiv(NC, BN), self.BH
 
+    def leaf_below(self, W: torch.Tensor) -> None:
+        """Each leaf's gamma*P strictly below its diagonal into W (B*H, NL*L, L), zeros elsewhere: the
+        products of leaf_inverses on the tensor cores (its diagonal inverses follow)."""
+        L, NL, BN = self.cfg.L, W.shape[1] // self.cfg.L, self.cfg.LOGIT_BN
+        G.leaf_probs_kernel[(triton.cdiv(L, self.cfg.LOGIT_BM), triton.cdiv(L, BN), self.BH * NL)](
+            self.qh, self.kh, W, self.gamma, self.lse, self.T, self.H, L, NL, self.Dk, *self.qk_strides,
+            self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, BN=BN, **self.logit)
+
     def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
         """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0), in the scratch."""
         R, NC, BN = r1 - r0, e1 - e0, self.cfg.LOGIT_BN
@@ -185,7 +193,7 @@ def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
     NL = triton.cdiv(T, cfg.L)
     _lse(blocks, B * H * (NL * cfg.L * cfg.L + T * Dv) * blocks.acc_bytes)  # the memory of W and X
-    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)
     X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
     S = new_buffer((B * H, T, Dv), pdt, q.device)
@@ -215,7 +223,7 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
     acc, pdt = lse.dtype, S.dtype
     tq, tk, tg, tf = dtypes
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
-    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale)  # recomputed: cheaper than keeping it
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)  # recomputed: cheaper than keeping it
     Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
     Lam = new_buffer((B * H, T, Dv), pdt, q.device)

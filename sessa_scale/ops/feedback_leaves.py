@@ -37,19 +37,24 @@ def fp32_matmul(prec: str = "ieee"):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float) -> torch.Tensor:
+def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float, fill_below=None) -> torch.Tensor:
     """W (B*H, NL*L, L) in lse's dtype: per leaf of cfg.L rows the inverse N of (I - gamma*P_leaf),
     lower triangular (rows past T padded with identity), its fp32 products in TF32 for half-precision
     inputs (as the leaf products).  q, k (B, T, H, Dk) (head stride Dk,
-    unit last stride), gamma (B, T, H) contiguous, lse (B*H, T) in base 2."""
+    unit last stride), gamma (B, T, H) contiguous, lse (B*H, T) in base 2.  fill_below(W), when
+    given, writes each leaf's gamma*P strictly below the diagonal and zeros elsewhere (the GEMM path,
+    on the tensor cores); leaf_prep_kernel then writes only the diagonal blocks' inverses."""
     B, T, H, Dk = q.shape
     C, L = cfg.C, cfg.L
     NL = triton.cdiv(T, L)
     W = new_buffer((B * H, NL * L, L), lse.dtype, q.device)
+    if fill_below is not None:
+        fill_below(W)
     K.leaf_prep_kernel[(NL * L // C, B * H)](
         q, k, gamma, lse, W, T, H, Dk, qk_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         gamma.stride(0), gamma.stride(1), NL * L, L, C=C, BK=cfg.BK_PREP, NK=triton.cdiv(Dk, cfg.BK_PREP),
-        LOG2C=int(math.log2(C)), PREC="ieee", INV_PREC=leaf_precision(q.dtype), **launch_options(cfg.LEAF_WARPS, 2))
+        LOG2C=int(math.log2(C)), PREC="ieee", INV_PREC=leaf_precision(q.dtype), DIAG_ONLY=fill_below is not None,
+        **launch_options(cfg.LEAF_WARPS, 2))
     _merge_leaf_inverses(W, L, C, leaf_precision(q.dtype))
     return W
 

@@ -4,7 +4,8 @@ sessa_scale/ops/feedback_leaves.py: ``leaf_prep_kernel``, then the in-place merg
 CPU (CI): under TRITON_INTERPRET=1 (a fresh subprocess: this file with ``--interp-worker``), W equals,
 per leaf, the float64 inverse of (I - A) with A = gamma_t P[t, j] from the dense definition
 (strictly causal softmax), rows past T padded with identity; float32 and float64, ragged T, one
-merge level (L = 2C) and three (L = 8C), work buffers poisoned with NaN.
+merge level (L = 2C) and three (L = 8C), work buffers poisoned with NaN; both ways of forming A
+(leaf_prep_kernel alone, and the GEMM path's leaf_probs_kernel below the diagonal blocks).
 
 GPU (``-m gpu``): the merge kernels give the old batched torch.matmul merge's W to 1e-5 relative
 in fp32 ("ieee") at the production leaf sizes.
@@ -57,6 +58,7 @@ def _lse_base2(q, k, scale: float) -> torch.Tensor:
 def _interp_worker(dtype_name: str) -> None:
     """Runs in a subprocess with TRITON_INTERPRET=1 (set before any triton import)."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    from sessa_scale.ops.feedback_gemm import _Blocks
     from sessa_scale.ops.feedback_leaves import LOG2E, leaf_inverses
     from sessa_scale.ops.feedback_triton import INTERPRET_CONFIG
     from sessa_scale.ops.work_buffers import poisoned_buffers
@@ -70,18 +72,21 @@ def _interp_worker(dtype_name: str) -> None:
         gamma = 0.999 * torch.tanh(torch.randn(B, T, H, generator=gen, dtype=torch.float64) + 1.0)
         q, k, gamma = (t.to(dtype) for t in (q, k, gamma))
         cfg = replace(INTERPRET_CONFIG, L=L, BK_PREP=32)
-        with poisoned_buffers():  # entries no kernel wrote are NaN
-            W = leaf_inverses(q, k, gamma, _lse_base2(q, k, scale), cfg, scale * LOG2E)
-        err = _rel(W, _dense_leaf_inverses(q, k, gamma, scale, L))
-        assert err <= INTERP_TOL[dtype_name], f"{dtype_name} T={T} L={L}: relative error {err:.1e}"
-        print(f"ok {dtype_name} T={T} L={L} C={cfg.C} err={err:.1e}", flush=True)
+        lse = _lse_base2(q, k, scale)
+        for path in ("fused", "gemm"):
+            with poisoned_buffers():  # entries no kernel wrote are NaN
+                below = _Blocks(q, k, gamma, lse, scale, cfg).leaf_below if path == "gemm" else None
+                W = leaf_inverses(q, k, gamma, lse, cfg, scale * LOG2E, below)
+            err = _rel(W, _dense_leaf_inverses(q, k, gamma, scale, L))
+            assert err <= INTERP_TOL[dtype_name], f"{dtype_name} {path} T={T} L={L}: relative error {err:.1e}"
+            print(f"ok {dtype_name} {path} T={T} L={L} C={cfg.C} err={err:.1e}", flush=True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_interpreter_leaf_inverses_against_dense(dtype):
     pytest.importorskip("triton")
     out = run_interpreter_worker(__file__, dtype)
-    assert out.count("ok ") == len(INTERP_CASES), out
+    assert out.count("ok ") == 2 * len(INTERP_CASES), out
 
 
 # ----------------------------------------------------------------------------- GPU
