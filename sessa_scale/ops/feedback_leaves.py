@@ -55,25 +55,25 @@ def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float, fill_below=None) -> to
         gamma.stride(0), gamma.stride(1), NL * L, L, C=C, BK=cfg.BK_PREP, NK=triton.cdiv(Dk, cfg.BK_PREP),
         LOG2C=int(math.log2(C)), PREC="ieee", INV_PREC=leaf_precision(q.dtype), DIAG_ONLY=fill_below is not None,
         **launch_options(cfg.LEAF_WARPS, 2))
-    _merge_leaf_inverses(W, L, C, leaf_precision(q.dtype))
+    _merge_leaf_inverses(W, L, C, leaf_precision(q.dtype), cfg.MERGE_TILE)
     return W
 
 
-MERGE_TILE = 32  # merge kernels: B x B chunks (at most C), rows / columns per program
 MERGE_WARPS = 4
 
 
-def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int, prec: str) -> None:
+def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int, prec: str, tile: int) -> None:
     """In place: W (B*H, NL*L, L), contiguous, holds, per leaf, the blocks of A = gamma*P below the
     diagonal, the inverses of the C x C diagonal blocks of (I - A) and zeros above; doubling
     the block size h = C, 2C, ..., L/2, N21 = N22 A21 N11 turns it into the full inverse of (I - A).
     Two launches per level on W itself (kernels/feedback.py: merge_rows_kernel, merge_cols_kernel),
-    no copies.  prec: "tf32" for half-precision inputs (as the leaf products), else "ieee"."""
+    no copies, in B x B chunks, B = min(tile, h) (powers of two).  prec: "tf32" for half-precision
+    inputs (as the leaf products), else "ieee"."""
     assert W.is_contiguous() and W.shape[-1] == L, "the merge kernels address W as (n, L, L) contiguous"
     n = W.numel() // (L * L)
-    B = min(MERGE_TILE, C)
     h = C
     while h < L:
+        B = min(tile, h)
         grid = (h // B * (L // (2 * h)) * n,)
         for kernel in (K.merge_rows_kernel, K.merge_cols_kernel):
             kernel[grid](W, L, H=h, B=B, PREC=prec, **launch_options(MERGE_WARPS, 2))

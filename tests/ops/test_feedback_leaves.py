@@ -105,8 +105,8 @@ def _torch_merge(W: torch.Tensor, L: int, C: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("L,C,leaves", [(512, 32, 12), (1024, 32, 4)])
-def test_gpu_merge_kernels_equal_torch_matmul_merge(L, C, leaves):
+@pytest.mark.parametrize("L,C,leaves,tile", [(512, 32, 12, 32), (1024, 32, 4, 32), (512, 32, 12, 64), (1024, 32, 4, 128)])
+def test_gpu_merge_kernels_equal_torch_matmul_merge(L, C, leaves, tile):
     """Random leaves as leaf_prep_kernel leaves them (A below the diagonal blocks, inverses of the
     C x C diagonal blocks of I - A, zeros above): the kernels' W equals the torch merge's in fp32."""
     from sessa_scale.ops.feedback_leaves import _merge_leaf_inverses, fp32_matmul
@@ -122,7 +122,7 @@ def test_gpu_merge_kernels_equal_torch_matmul_merge(L, C, leaves):
         W[:, i:i + C, i:i + C] = torch.linalg.inv(eye - A[:, i:i + C, i:i + C])
     W = W.float().cuda().reshape(2, leaves // 2 * L, L)
     got, want = W.clone(), W.clone()
-    _merge_leaf_inverses(got, L, C, "ieee")
+    _merge_leaf_inverses(got, L, C, "ieee", tile)
     with fp32_matmul("ieee"):
         _torch_merge(want, L, C)
     assert _rel(got, want) < 1e-5
