@@ -105,7 +105,7 @@ def _torch_merge(W: torch.Tensor, L: int, C: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("L,C,leaves,tile", [(512, 32, 12, 32), (1024, 32, 4, 32), (512, 32, 12, 64), (1024, 32, 4, 128)])
+@pytest.mark.parametrize("L,C,leaves,tile", [(512, 32, 12, 32), (1024, 32, 4, 32), (512, 32, 12, 64)])
 def test_gpu_merge_kernels_equal_torch_matmul_merge(L, C, leaves, tile):
     """Random leaves as leaf_prep_kernel leaves them (A below the diagonal blocks, inverses of the
     C x C diagonal blocks of I - A, zeros above): the kernels' W equals the torch merge's in fp32."""
