@@ -83,7 +83,7 @@ for s in "${STEPS[@]}"; do
       step solve_profile_wide python3 -m sessa_scale.bench.solve_quick --profile --layouts 1x768 --seq-lens 32768 --out "$OUT/profile_1x768.md" ;;
     solve-sweep)
       step solve_sweep python3 -m sessa_scale.bench.solve_quick --layouts 6x128 --seq-lens 2048,8192 --out "$OUT/sweep_6x128.md" \
-        --configs "${SWEEP_CONFIGS:-default;DQ_BN=64;graph_max_T=8192;BWD_BN=32;LEAF_STAGES=2;fuse_dk=0}" ;;
+        --configs "${SWEEP_CONFIGS:-default;min_leaves=8;FWD_BN=32;LEAF_STAGES=4}" ;;
     ssd-tests)
       # -rsP: skip reasons, and the error figures each passing test prints
       step ssd_tests python3 -m pytest -q -m gpu -p no:cacheprovider -rsP --durations=10 tests/ops/test_ssd_triton.py tests/ops/test_ssd_keep_states.py \
