@@ -2,7 +2,8 @@
 
 There the products over T (P s, P^T lam, dS k, dS^T q) and the leaf products go through cuBLAS;
 these kernels form what those products read.  The logit kernels (``lse_partial_kernel``,
-``probs_kernel``, ``ds_kernel``) compute the logits q k^T (and lam s^T) of their (BM, BN) tile
+``probs_kernel``, ``ds_kernel``, and ``leaf_probs_kernel`` for the leaves' blocks below their
+diagonal) compute the logits q k^T (and lam s^T) of their (BM, BN) tile
 themselves, over Dk in BK chunks on the tensor cores (fp32 accumulation), and apply the softmax
 part in registers: no fp32 logits reach memory, only P or dS in the product dtype (into a scratch
 of shape (B*H, R, NC): rows r0 .. r0 + R of the sequence against a block of NC keys) or per-tile
