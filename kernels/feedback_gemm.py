@@ -54,10 +54,10 @@ def _logits(a_ptr, b_ptr, ra, rb, ma, mb, sa_t, sb_t, D, BM: tl.constexpr, BN: t
     return acc
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0'])
-def lse_partial_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, r0, R, c0, NC, NCB, Dk, sq_bh, sq_t, sk_bh, sk_t, qk_scale,
+@triton.jit(do_not_specialize=['T', 'r0', 'R'])
+def lse_partial_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, r0, R, NC, NCB, Dk, sq_bh, sq_t, sk_bh, sk_t, qk_scale,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Per (BM, BN) tile of the logits of rows r0 + i against keys c0 + c (c < NC), formed here from
+    """Per (BM, BN) tile of the logits of rows r0 + i against keys c < NC, formed here from
     q and k (head-major (B*H, T, Dk)): the base-2 max m and sum l = sum 2^(qk_scale q.k - m) over
     the keys j < r0 + i, into column pid_n of the (B*H, R, NCB) partials (tiles with no earlier key
     skip the product and write m = -1e30, l = 0)."""
@@ -65,10 +65,10 @@ def lse_partial_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, r0, R, c0, NC, NCB, Dk, sq
     ACC = m_ptr.dtype.element_ty
     m = tl.full((BM,), -1e30, dtype=ACC)
     l = tl.zeros((BM,), dtype=ACC)
-    if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
-        s = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, c0 + cols, imask, cols < NC, sq_t, sk_t, Dk,
+    if tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
+        s = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, cols, imask, cols < NC, sq_t, sk_t, Dk,
                     BM, BN, BK, ACC, PREC) * qk_scale
-        s = tl.where((c0 + cols[None, :] < t[:, None]) & m2, s, float("-inf"))
+        s = tl.where((cols[None, :] < t[:, None]) & m2, s, float("-inf"))
         m = tl.maximum(m, tl.max(s, 1))
         l = tl.sum(tl.exp2(s - m[:, None]), 1)
     po = bh * R * NCB + i * NCB + tl.program_id(1)

@@ -179,7 +179,7 @@ def _lse(blocks: _Blocks, later_bytes: int) -> None:
         R, NCB = r1 - r0, triton.cdiv(r1, BN)
         m, l = (new_buffer((BH, R, NCB), blocks.acc, blocks.qh.device) for _ in range(2))
         G.lse_partial_kernel[blocks.grid(R, r1, BN)](
-            blocks.qh, blocks.kh, m, l, T, r0, R, 0, r1, NCB, blocks.Dk, *blocks.qk_strides, blocks.qk_scale,
+            blocks.qh, blocks.kh, m, l, T, r0, R, r1, NCB, blocks.Dk, *blocks.qk_strides, blocks.qk_scale,
             BN=BN, **blocks.logit)
         G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
 
