@@ -55,29 +55,49 @@ def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float, fill_below=None) -> to
         gamma.stride(0), gamma.stride(1), NL * L, L, C=C, BK=cfg.BK_PREP, NK=triton.cdiv(Dk, cfg.BK_PREP),
         LOG2C=int(math.log2(C)), PREC="ieee", INV_PREC=leaf_precision(q.dtype), DIAG_ONLY=fill_below is not None,
         **launch_options(cfg.LEAF_WARPS, 2))
-    _merge_leaf_inverses(W, L, C, leaf_precision(q.dtype), cfg.MERGE_TILE)
+    _merge_leaf_inverses(W, L, C, leaf_precision(q.dtype), cfg.MERGE_TILE, cfg.MERGE_GEMM_MIN)
     return W
 
 
 MERGE_WARPS = 4
 
 
-def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int, prec: str, tile: int) -> None:
+def _merge_leaf_inverses(W: torch.Tensor, L: int, C: int, prec: str, tile: int, gemm_min: int = 0) -> None:
     """In place: W (B*H, NL*L, L), contiguous, holds, per leaf, the blocks of A = gamma*P below the
     diagonal, the inverses of the C x C diagonal blocks of (I - A) and zeros above; doubling
     the block size h = C, 2C, ..., L/2, N21 = N22 A21 N11 turns it into the full inverse of (I - A).
-    Two launches per level on W itself (kernels/feedback.py: merge_rows_kernel, merge_cols_kernel),
-    no copies, in B x B chunks, B = min(tile, h) (powers of two).  prec: "tf32" for half-precision
+    Levels h < gemm_min (all when gemm_min is 0): two launches on W itself (kernels/feedback.py:
+    merge_rows_kernel, merge_cols_kernel), no copies, in B x B chunks, B = min(tile, h) (powers of
+    two).  Levels h >= gemm_min: cuBLAS (_merge_level_gemm).  prec: "tf32" for half-precision
     inputs (as the leaf products), else "ieee"."""
     assert W.is_contiguous() and W.shape[-1] == L, "the merge kernels address W as (n, L, L) contiguous"
     n = W.numel() // (L * L)
     h = C
     while h < L:
-        B = min(tile, h)
-        grid = (h // B * (L // (2 * h)) * n,)
-        for kernel in (K.merge_rows_kernel, K.merge_cols_kernel):
-            kernel[grid](W, L, H=h, B=B, PREC=prec, **launch_options(MERGE_WARPS, 2))
+        if 0 < gemm_min <= h:
+            _merge_level_gemm(W.view(n, L, L), L, h, prec)
+        else:
+            B = min(tile, h)
+            grid = (h // B * (L // (2 * h)) * n,)
+            for kernel in (K.merge_rows_kernel, K.merge_cols_kernel):
+                kernel[grid](W, L, H=h, B=B, PREC=prec, **launch_options(MERGE_WARPS, 2))
         h *= 2
+
+
+def _merge_level_gemm(W: torch.Tensor, L: int, h: int, prec: str) -> None:
+    """One merge level on W (n, L, L), contiguous, with batched cuBLAS products over the n leaves, in
+    place, no scratch: per block pair at d0, the h x h block above its diagonal (rows d0.., columns
+    d0 + h..), zero in W, holds T = A21 N11 while A21 <- N22 T; those blocks are zeroed again at the
+    end.  cuBLAS also multiplies the triangular factors' zero halves (twice the merge kernels'
+    products), at tensor-core rates the kernels' small chunks do not reach."""
+    with fp32_matmul(prec):
+        for d0 in range(0, L, 2 * h):
+            first, second = slice(d0, d0 + h), slice(d0 + h, d0 + 2 * h)
+            above = W[:, first, second]
+            torch.bmm(W[:, second, first], W[:, first, first], out=above)
+            torch.bmm(W[:, second, second], above, out=W[:, second, first])
+    pairs = L // (2 * h)  # every pair's block above the diagonal: one strided view
+    W.as_strided((W.shape[0], pairs, h, h), (L * L, 2 * h * (L + 1), L, 1), W.storage_offset() + h).zero_()
 
 
 def schedule(T: int, L: int, leaf, apply, reverse: bool, a: int, n: int) -> None:

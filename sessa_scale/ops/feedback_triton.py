@@ -73,6 +73,7 @@ class SolveConfig:
     LEAF_WARPS: int = 4  # leaf_kernel and leaf_prep_kernel
     LEAF_STAGES: int = 3  # leaf_kernel's software-pipelining stages
     MERGE_TILE: int = 32  # leaf-inverse merges: B x B chunks, B = min(MERGE_TILE, block size), per program
+    MERGE_GEMM_MIN: int = 128  # ... levels of blocks this large or larger through cuBLAS instead (0: none)
     # GEMM path.
     LOGIT_BM: int = 128  # logit kernels (lse partials, gamma*P, dS): rows per program
     LOGIT_BN: int = 256  # ... keys per program (lse partials, gamma*P)
@@ -101,7 +102,7 @@ class SolveConfig:
 # scratch chunks).
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_gemm=32, min_leaves=1, FWD_BM=16, FWD_BN=16, FWD_WARPS=1, BWD_BM=16,
                                BWD_BN=16, BWD_WARPS=1, DQ_BM=16, DQ_BN=16, DQ_WARPS=1, STAGES=1, BML=16, BNL=16,
-                               LEAF_WARPS=1, MERGE_TILE=16, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16,
+                               LEAF_WARPS=1, MERGE_TILE=16, MERGE_GEMM_MIN=0, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16,
                                LOGIT_WARPS=1, LOGIT_STAGES=1, EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
 
 

@@ -5,10 +5,11 @@ CPU (CI): under TRITON_INTERPRET=1 (a fresh subprocess: this file with ``--inter
 per leaf, the float64 inverse of (I - A) with A = gamma_t P[t, j] from the dense definition
 (strictly causal softmax), rows past T padded with identity; float32 and float64, ragged T, one
 merge level (L = 2C) and three (L = 8C), work buffers poisoned with NaN; both ways of forming A
-(leaf_prep_kernel alone, and the GEMM path's leaf_probs_kernel below the diagonal blocks).
+(leaf_prep_kernel alone, and the GEMM path's leaf_probs_kernel below the diagonal blocks); merges
+in the kernels only, and with the larger levels through torch.bmm (``MERGE_GEMM_MIN``).
 
-GPU (``-m gpu``): the merge kernels give the old batched torch.matmul merge's W to 1e-5 relative
-in fp32 ("ieee") at the production leaf sizes.
+GPU (``-m gpu``): the merges (kernels, and cuBLAS levels) give the old batched torch.matmul
+merge's W to 1e-5 relative in fp32 ("ieee") at the production leaf sizes.
 """
 
 from __future__ import annotations
@@ -71,15 +72,19 @@ def _interp_worker(dtype_name: str) -> None:
         q, k = (torch.randn(B, T, H, Dk, generator=gen, dtype=torch.float64) for _ in range(2))
         gamma = 0.999 * torch.tanh(torch.randn(B, T, H, generator=gen, dtype=torch.float64) + 1.0)
         q, k, gamma = (t.to(dtype) for t in (q, k, gamma))
-        cfg = replace(INTERPRET_CONFIG, L=L, BK_PREP=32)
         lse = _lse_base2(q, k, scale)
-        for path in ("fused", "gemm"):
+        want = _dense_leaf_inverses(q, k, gamma, scale, L)
+        # merges: the fused path's in the kernels; the GEMM path's from block size L / 4 on through
+        # torch.bmm (L = 2C: every level; L = 8C: the last two of three)
+        for path, gemm_min in (("fused", 0), ("gemm", L // 4)):
+            cfg = replace(INTERPRET_CONFIG, L=L, BK_PREP=32, MERGE_GEMM_MIN=gemm_min)
             with poisoned_buffers():  # entries no kernel wrote are NaN
                 below = _Blocks(q, k, gamma, lse, scale, cfg).leaf_below if path == "gemm" else None
                 W = leaf_inverses(q, k, gamma, lse, cfg, scale * LOG2E, below)
-            err = _rel(W, _dense_leaf_inverses(q, k, gamma, scale, L))
-            assert err <= INTERP_TOL[dtype_name], f"{dtype_name} {path} T={T} L={L}: relative error {err:.1e}"
-            print(f"ok {dtype_name} {path} T={T} L={L} C={cfg.C} err={err:.1e}", flush=True)
+            err = _rel(W, want)
+            case = f"{dtype_name} {path} T={T} L={L} C={cfg.C} MERGE_GEMM_MIN={gemm_min}"
+            assert err <= INTERP_TOL[dtype_name], f"{case}: relative error {err:.1e}"
+            print(f"ok {case} err={err:.1e}", flush=True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -105,10 +110,12 @@ def _torch_merge(W: torch.Tensor, L: int, C: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("L,C,leaves,tile", [(512, 32, 12, 32), (1024, 32, 4, 32), (512, 32, 12, 64)])
-def test_gpu_merge_kernels_equal_torch_matmul_merge(L, C, leaves, tile):
+@pytest.mark.parametrize("L,C,leaves,tile,gemm_min", [(512, 32, 12, 32, 0), (1024, 32, 4, 32, 0), (512, 32, 12, 64, 0),
+                                                      (1024, 32, 4, 32, 128), (512, 32, 12, 32, 32)])
+def test_gpu_merge_kernels_equal_torch_matmul_merge(L, C, leaves, tile, gemm_min):
     """Random leaves as leaf_prep_kernel leaves them (A below the diagonal blocks, inverses of the
-    C x C diagonal blocks of I - A, zeros above): the kernels' W equals the torch merge's in fp32."""
+    C x C diagonal blocks of I - A, zeros above): the merges' W (kernels, and cuBLAS from block size
+    gemm_min on) equals the torch merge's in fp32."""
     from sessa_scale.ops.feedback_leaves import _merge_leaf_inverses, fp32_matmul
 
     gen = torch.Generator().manual_seed(L)
@@ -122,7 +129,7 @@ def test_gpu_merge_kernels_equal_torch_matmul_merge(L, C, leaves, tile):
         W[:, i:i + C, i:i + C] = torch.linalg.inv(eye - A[:, i:i + C, i:i + C])
     W = W.float().cuda().reshape(2, leaves // 2 * L, L)
     got, want = W.clone(), W.clone()
-    _merge_leaf_inverses(got, L, C, "ieee", tile)
+    _merge_leaf_inverses(got, L, C, "ieee", tile, gemm_min)
     with fp32_matmul("ieee"):
         _torch_merge(want, L, C)
     assert _rel(got, want) < 1e-5
