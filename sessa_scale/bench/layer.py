@@ -31,6 +31,7 @@ import torch.nn as nn
 from sessa_scale.bench import cuda_peak_bytes, emit_report
 from sessa_scale.config import load_config
 from sessa_scale.models.registry import ARCHITECTURES
+from sessa_scale.ops.graph_cache import GRAPHS
 from sessa_scale.training.precision import autocast
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         for arch in ("transformer", "sessa"):
             mod = build_block(arch, args.size, D, H, args.solver).to(args.device)
             res[arch] = measure(mod, B, T, D, args.precision, args.device, args.repeats)
-            print(f"T={T} B={B} {arch}: {res[arch]}", file=sys.stderr, flush=True)
+            solve_calls = dict(GRAPHS.counts)  # the feedback solve's forwards and backwards by graph mode
+            print(f"T={T} B={B} {arch}: {res[arch]} solve calls {solve_calls}", file=sys.stderr, flush=True)
             del mod
             torch.cuda.empty_cache()
         rows.append((T, B, res))

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sessa_scale.kernels import feedback as K
 from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops import feedback_fused, feedback_gemm
-from sessa_scale.ops.feedback_triton import SolveConfig, _fit
+from sessa_scale.ops.feedback_triton import SolveConfig, _fit, backward_outputs, forward_outputs
 
 _DEVICE = torch.device("meta")
 _NO_KERNEL_OPS = ("_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh")
@@ -86,9 +86,11 @@ def count_launches(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig | 
     feedback_gemm._ACCUMULATES_OUT_DTYPE[_DEVICE] = True  # as CUDA with torch >= 2.8
     fwd, bwd = Counter(), Counter()
     with _counted_kernels(fwd), _CountLaunches(fwd):
-        S, lse = path.forward(q, k, gamma, f, scale, cfg, dtype)[:2]
+        outs = forward_outputs(path, q, k, gamma, f)
+        path.forward(q, k, gamma, f, outs, scale, cfg)
     with _counted_kernels(bwd), _CountLaunches(bwd):
-        path.backward(ds, q, k, gamma, f, S, lse, scale, cfg, (dtype,) * 4)
+        S, lse = outs[:2]
+        path.backward(ds, q, k, gamma, f, S, lse, backward_outputs(path, q, k, f, S, (dtype,) * 4), scale, cfg)
     return fwd, bwd
 
 

@@ -29,6 +29,7 @@ import triton
 from sessa_scale.bench import cuda_peak_bytes, emit_report
 from sessa_scale.bench.solve import IMPLS, MAX_HEAD_DIM, QUADRATIC_MEMORY_FACTOR, fwd_bwd, make_inputs
 from sessa_scale.ops.feedback_triton import SolveConfig, feedback_solve_triton, parse_config
+from sessa_scale.ops.graph_cache import GRAPHS, clear_graphs
 
 
 def fwd_bwd_fn(name, B, T, H, D, dtype=torch.bfloat16, cfg=None):
@@ -46,7 +47,9 @@ def point(fn) -> tuple[float, int]:
 
 
 def profile(fn, calls: int = 3, top: int = 14) -> list[str]:
-    """Markdown rows: the GPU kernels of `calls` fwd+bwd calls by total time, and the wall time."""
+    """Markdown rows: the GPU kernels of `calls` fwd+bwd calls by total time, the wall time, and how
+    the solve's forwards and backwards ran (graph_cache.GRAPHS.counts over the 2 + `calls` calls)."""
+    clear_graphs()
     fn()
     fn()  # compiled, and captured where CUDA graphs apply
     torch.cuda.synchronize()
@@ -63,7 +66,9 @@ def profile(fn, calls: int = 3, top: int = 14) -> list[str]:
             per_kernel[name] += e.time_range.elapsed_us() / calls
             launches[name] += 1
     total = sum(per_kernel.values())
-    rows = [f"| wall per call | {1e3 * wall:.2f} ms | GPU busy {total / 1e3:.2f} ms |"]
+    graph_calls = ", ".join(f"{k} {v}" for k, v in sorted(GRAPHS.counts.items())) or "none"
+    rows = [f"| wall per call | {1e3 * wall:.2f} ms | GPU busy {total / 1e3:.2f} ms |",
+            f"| forwards and backwards by graph mode | {graph_calls} | |"]
     for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]:
         rows.append(f"| `{name}` | {us / 1e3:.3f} ms | {launches[name] // calls} per call |")
     return rows

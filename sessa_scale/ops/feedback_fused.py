@@ -18,7 +18,6 @@ from sessa_scale.kernels import feedback as K
 from sessa_scale.ops.feedback_leaves import (
     LOG2E, launch_options, leaf_inverses, leaf_precision, schedule,
 )
-from sessa_scale.ops.feedback_reference import acc_dtype
 from sessa_scale.ops.work_buffers import new_buffer
 
 
@@ -38,27 +37,31 @@ def _leaf(W, x, out, out2, a: int, cfg, rev: bool, S=None, f=None, delta=None) -
         PREC=leaf_precision(out.dtype), **launch_options(cfg.LEAF_WARPS, cfg.LEAF_STAGES))
 
 
+def head_layout(B: int, T: int, H: int, D: int) -> tuple[int, ...]:
+    """Shape of this path's (B, T, H, D) work and result buffers: the op's layout itself."""
+    return B, T, H, D
+
+
 def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
-    """The solution buffer as the op's (B, T, H, Dv) output (it already is)."""
+    """A head_layout buffer as the op's (B, T, H, D) output (it already is)."""
     return S
 
 
-def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
-    """-> (S, lse) or (S, lse, S2): the solution S in q's (product) dtype, what the backward reads,
-    the row statistics lse (B*H, T) in base 2, and S2, the solution in s_dtype when that differs."""
+def forward(q, k, gamma, f, outs, scale: float, cfg) -> None:
+    """Writes outs = (S, lse) or (S, lse, S2): the solution S in q's (product) dtype, what the
+    backward reads, the row statistics lse (B*H, T) in ACC, base 2, and S2, the solution in f's
+    dtype when that differs (head_layout buffers)."""
     B, T, H, Dk = q.shape
     Dv = f.shape[-1]
-    acc, pdt, BH = acc_dtype(q, k, gamma, f), q.dtype, B * H
+    S, lse, S2 = outs if len(outs) == 3 else (*outs, None)
+    acc, BH = lse.dtype, B * H
     qk_scale = scale * LOG2E
-    lse = new_buffer((BH, T), acc, q.device)
     K.lse_kernel[(triton.cdiv(T, cfg.FWD_BM), BH)](
         q, k, lse, T, H, Dk, qk_scale, *_rows(q), *_rows(k),
         BM=cfg.FWD_BM, BN=cfg.FWD_BN, BK=cfg.BK, PREC="ieee", **launch_options(cfg.FWD_WARPS, cfg.STAGES))
     W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale)
     X = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
     X.copy_(f)
-    S = new_buffer((B, T, H, Dv), pdt, q.device)
-    S2 = None if s_dtype == pdt else new_buffer((B, T, H, Dv), s_dtype, q.device)
     sx, L = _rows(X), cfg.L
 
     def apply(l0, l1, e0, e1):
@@ -68,44 +71,38 @@ def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
             **launch_options(cfg.FWD_WARPS, cfg.STAGES))
 
     schedule(T, L, lambda a: _leaf(W, X, S, S2, a, cfg, False), apply, False, 0, triton.cdiv(T, L))
-    return (S, lse) if S2 is None else (S, lse, S2)
 
 
-def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
-    """-> dq, dk, dgamma, df in `dtypes` (df is lam, the solution of the transposed system)."""
+def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
+    """Writes outs = (dq, dk, dgamma, Lam) or (..., Lam, Lam2) in their dtypes: Lam, the solution of
+    the transposed system (df), in the product dtype, and Lam2, df in f's dtype when that differs."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
-    acc, pdt, BH = lse.dtype, S.dtype, B * H
+    dq, dk, dgamma, Lam, Lam2 = outs if len(outs) == 5 else (*outs, None)
+    acc, BH = lse.dtype, B * H
     qk_scale = scale * LOG2E
-    tq, tk, tg, tf = dtypes
     W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale)  # recomputed: cheaper than keeping it
     Y = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
     Y.copy_(ds)
-    Lam = new_buffer((B, T, H, Dv), pdt, q.device)
-    Lam2 = None if tf == pdt else new_buffer((B, T, H, Dv), tf, q.device)
     delta = new_buffer((BH, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t), from each leaf product
     dk_acc = torch.zeros((B, T, H, Dk), dtype=acc, device=q.device) if cfg.fuse_dk else None
     sx, L = _rows(Y), cfg.L
     bwd = dict(BK=cfg.BK, BV=cfg.BV, PREC="ieee", **launch_options(cfg.BWD_WARPS, cfg.STAGES))
 
     def apply(l0, l1, e0, e1):
-        dk = Y if dk_acc is None else dk_acc
+        dk_out = Y if dk_acc is None else dk_acc
         K.bwd_apply_kernel[(triton.cdiv(e1 - e0, cfg.BWD_BM), BH)](
-            q, k, gamma, lse, Lam, Y, S, delta, dk, T, H, Dk, Dv, qk_scale, *_rows(q), *_rows(k), *_rows(gamma),
-            *sx, *_rows(dk), e0, e1, l0, l1, BM=cfg.BWD_BM, BN=cfg.BWD_BN, DK=dk_acc is not None, **bwd)
+            q, k, gamma, lse, Lam, Y, S, delta, dk_out, T, H, Dk, Dv, qk_scale, *_rows(q), *_rows(k), *_rows(gamma),
+            *sx, *_rows(dk_out), e0, e1, l0, l1, BM=cfg.BWD_BM, BN=cfg.BWD_BN, DK=dk_acc is not None, **bwd)
 
     schedule(T, L, lambda a: _leaf(W, Y, Lam, Lam2, a, cfg, True, S, f, delta), apply, True, 0, triton.cdiv(T, L))
     del W, Y
-    dq = new_buffer(q.shape, tq, q.device)
-    dgamma = new_buffer(gamma.shape, tg, q.device)
     K.dq_kernel[(triton.cdiv(T, cfg.DQ_BM), BH)](
         q, k, gamma, lse, Lam, S, delta, dq, dgamma, T, H, Dk, Dv, qk_scale, scale, *_rows(q), *_rows(k),
         *_rows(gamma), *sx, *_rows(dq), *_rows(dgamma), BM=cfg.DQ_BM, BN=cfg.DQ_BN, BK=cfg.BK, BV=cfg.BV,
         PREC="ieee", **launch_options(cfg.DQ_WARPS, cfg.STAGES))
-    dk = new_buffer(k.shape, tk, q.device)
     acc_in = dk if dk_acc is None else dk_acc
     K.dk_kernel[(triton.cdiv(T, cfg.BWD_BM), BH)](
         q, k, gamma, lse, Lam, S, delta, acc_in, dk, T, H, Dk, Dv, qk_scale, scale, *_rows(q), *_rows(k),
         *_rows(gamma), *sx, *_rows(acc_in), *_rows(dk), L, BM=cfg.BWD_BM, BN=cfg.BWD_BN,
         DIAG=dk_acc is not None, ACC_IN=dk_acc is not None, **bwd)
-    return dq, dk, dgamma, Lam if Lam2 is None else Lam2

@@ -24,7 +24,6 @@ from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops.feedback_leaves import (
     LOG2E, fp32_matmul, launch_options, leaf_inverses, leaf_precision, schedule,
 )
-from sessa_scale.ops.feedback_reference import acc_dtype
 from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
 
 _MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
@@ -36,10 +35,15 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, 0] if H == 1 else x.transpose(1, 2).reshape(B * H, T, D)
 
 
+def head_layout(B: int, T: int, H: int, D: int) -> tuple[int, ...]:
+    """Shape of this path's (B, T, H, D) work and result buffers: head-major (B*H, T, D)."""
+    return B * H, T, D
+
+
 def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
-    """A head-major (B*H, T, Dv) buffer as the op's (B, T, H, Dv) layout (a view)."""
-    B, T, H, Dv = shape
-    return S.view(B, H, T, Dv).transpose(1, 2)
+    """A head-major (B*H, T, D) buffer as the op's (B, T, H, D) layout (a view)."""
+    B, T, H, D = shape
+    return S.view(B, H, T, D).transpose(1, 2)
 
 
 _ACCUMULATES_OUT_DTYPE: dict = {}  # device -> whether baddbmm accumulates half x half into an fp32 view
@@ -184,24 +188,21 @@ def _lse(blocks: _Blocks, later_bytes: int) -> None:
         G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
 
 
-def forward(q, k, gamma, f, scale: float, cfg, s_dtype: torch.dtype):
-    """-> (S, lse) or (S, lse, S2) as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv)."""
+def forward(q, k, gamma, f, outs, scale: float, cfg) -> None:
+    """Writes outs as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv)."""
     B, T, H, Dk = q.shape
     Dv = f.shape[-1]
-    acc, pdt = acc_dtype(q, k, gamma, f), q.dtype
-    lse = new_buffer((B * H, T), acc, q.device)
+    lse = outs[1]
+    acc = lse.dtype
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
     NL = triton.cdiv(T, cfg.L)
     _lse(blocks, B * H * (NL * cfg.L * cfg.L + T * Dv) * blocks.acc_bytes)  # the memory of W and X
     W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)
     X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
-    S = new_buffer((B * H, T, Dv), pdt, q.device)
-    S2 = None if s_dtype == pdt else new_buffer((B * H, T, Dv), s_dtype, q.device)
-    outs = [S] if S2 is None else [S, S2]
-    schedule(T, cfg.L, lambda a: _leaf(W, X, outs, a, cfg.L, False),
-             lambda *blk: blocks.apply(*blk, S, X, False), False, 0, triton.cdiv(T, cfg.L))
-    return (S, lse) if S2 is None else (S, lse, S2)
+    solutions = [outs[0], *outs[2:]]
+    schedule(T, cfg.L, lambda a: _leaf(W, X, solutions, a, cfg.L, False),
+             lambda *blk: blocks.apply(*blk, outs[0], X, False), False, 0, triton.cdiv(T, cfg.L))
 
 
 def ds_blocks(T: int, side: int, min_rows: int, aspect: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
@@ -216,28 +217,27 @@ def ds_blocks(T: int, side: int, min_rows: int, aspect: int) -> list[tuple[int, 
             for r0 in range(0, T, R)]
 
 
-def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
-    """-> dq, dk, dgamma, df in `dtypes`, (B, T, H, .) views of head-major buffers."""
+def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
+    """Writes outs as ``feedback_fused.backward``: dq, dk, Lam (and Lam2) head-major, dgamma (B, T, H)."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
     acc, pdt = lse.dtype, S.dtype
-    tq, tk, tg, tf = dtypes
+    dq_out, dk_out, dgamma, Lam = outs[:4]
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
     W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)  # recomputed: cheaper than keeping it
     Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
-    Lam = new_buffer((B * H, T, Dv), pdt, q.device)
-    outs = [Lam] if tf == pdt else [Lam, new_buffer((B * H, T, Dv), tf, q.device)]
-    schedule(T, cfg.L, lambda a: _leaf(W, Y, outs, a, cfg.L, True),
+    schedule(T, cfg.L, lambda a: _leaf(W, Y, outs[3:], a, cfg.L, True),
              lambda *blk: blocks.apply(*blk, Lam, Y, True), True, 0, triton.cdiv(T, cfg.L))
     del W, Y
     delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t)
     G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
         Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
         BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
-    # dS over causal blocks (rows r x keys c, ds_blocks): dq and dk accumulate in ACC across them,
-    # dgamma is summed once per strip of rows
-    dq, dk = (torch.zeros((B * H, T, Dk), dtype=acc, device=q.device) for _ in range(2))
+    # dS over causal blocks (rows r x keys c, ds_blocks): dq and dk accumulate in ACC (in the outputs
+    # themselves when those are ACC) across them, dgamma is summed once per strip of rows
+    dq, dk = (out.zero_() if out.dtype == acc else torch.zeros(out.shape, dtype=acc, device=q.device)
+              for out in (dq_out, dk_out))
     dg = new_buffer((B * H, T), acc, q.device)
     side, BN = blocks.block_side(blocks.pdt_bytes), cfg.DS_BN
     for r0, r1, col_blocks in ds_blocks(T, side, cfg.LOGIT_BM, cfg.ds_aspect):
@@ -255,7 +255,6 @@ def backward(ds, q, k, gamma, f, S, lse, scale: float, cfg, dtypes):
             _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
             _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
         G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, nb0[-1], **blocks.epi)
-    shape = (B, T, H)
-    return (solution_view(dq.to(tq), (*shape, Dk)), solution_view(dk.to(tk), (*shape, Dk)),
-            dg.view(B, H, T).transpose(1, 2).to(tg), solution_view(outs[-1], (*shape, Dv)))
-
+    for out, result in ((dq_out, dq), (dk_out, dk), (dgamma, dg.view(B, H, T).transpose(1, 2))):
+        if out is not result:
+            out.copy_(result)

@@ -25,9 +25,11 @@ CUDA graphs: a call issues tens to hundreds of kernels, and at short sequences t
 cost, not the GPU, sets the time; on the GEMM path (a sequential chain of leaf products and small
 applies, ~5 launches per leaf, ~30 us of CPU each) also up to T = 16k.  On CUDA, calls with T <=
 ``graph_max_T`` (fused path) or ``graph_max_T_gemm`` (GEMM path), and at most ``graph_max_elements``
-= B*T*H*(Dk+Dv), are captured on the second call of a shape (forward and backward separately) and
-replayed (``graph_cache.GRAPHS``: inputs copied in, outputs cloned, one
-memory pool and one input arena shared by all graphs).
+= B*T*H*(Dk+Dv), are captured from the second call of a shape on (forward and backward separately)
+and replayed (``graph_cache.GRAPHS``): the op allocates its results for every call and a graph
+writes them; a graph captured for the call's own tensor addresses (the steady state of a training
+loop) reads and writes them in place, other calls of the shape copy in and out of a graph's static
+buffers.
 
 Configuration: ``SolveConfig``, passed as ``config``; calls without one use ``DEFAULT_CONFIG``
 (which the SESSA_TRITON_CFG debug hook can change at import).
@@ -42,7 +44,7 @@ import torch
 import triton
 
 from sessa_scale.ops import feedback_fused, feedback_gemm
-from sessa_scale.ops.work_buffers import INTERPRET
+from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 from sessa_scale.ops.feedback_reference import acc_dtype
 from sessa_scale.ops.graph_cache import GRAPHS
 
@@ -186,33 +188,61 @@ def _backward_input_bytes(q, k, gamma, f) -> int:
     return sum(t.nbytes for t in (q, k, gamma, f)) + ds_and_solution + B * H * T * 8 + 8 * 256
 
 
+def forward_outputs(path, q, k, gamma, f) -> tuple[torch.Tensor, ...]:
+    """The buffers path.forward writes (in path.head_layout): the solution S in q's (product) dtype,
+    which the backward reads, the row statistics lse (B*H, T) in ACC, and the solution in f's dtype
+    when that differs.  q, k, gamma, f as _prep returns them."""
+    B, T, H, _ = q.shape
+    values = path.head_layout(B, T, H, f.shape[-1])
+    S = new_buffer(values, q.dtype, q.device)
+    lse = new_buffer((B * H, T), acc_dtype(q, k, gamma, f), q.device)
+    return (S, lse) if f.dtype == q.dtype else (S, lse, new_buffer(values, f.dtype, q.device))
+
+
+def backward_outputs(path, q, k, f, S, dtypes) -> list[torch.Tensor]:
+    """The buffers path.backward writes: dq, dk (path.head_layout), dgamma (B, T, H), Lam (df in the
+    product dtype, path.head_layout) and, when f's dtype differs, df in it; dtypes: those of q, k,
+    gamma, f as the caller passed them."""
+    B, T, H, Dk = q.shape
+    tq, tk, tg, tf = dtypes
+    keys, values = path.head_layout(B, T, H, Dk), path.head_layout(B, T, H, f.shape[-1])
+    outs = [new_buffer(keys, tq, q.device), new_buffer(keys, tk, q.device), new_buffer((B, T, H), tg, q.device),
+            new_buffer(values, S.dtype, q.device)]
+    if tf != S.dtype:
+        outs.append(new_buffer(values, tf, q.device))
+    return outs
+
+
 class _TritonFeedbackSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, gamma, f, scale, cfg):
-        T, Dk = q.shape[1], q.shape[3]
+        B, T, H, Dk = q.shape
+        Dv = f.shape[-1]
         with torch.autocast(q.device.type, enabled=False):
             qc, kc, gc, fc = _prep(q, k, gamma, f)
-            cfg = _fit(cfg, T, Dk, f.shape[-1], qc.element_size())
+            cfg = _fit(cfg, T, Dk, Dv, qc.element_size())
             path = feedback_gemm if cfg.gemm else feedback_fused
-            ctx.graphed = q.is_cuda and not INTERPRET and graph_eligible(*q.shape, f.shape[-1], cfg)
-            inputs = (qc, kc, gc, fc)
-            outs = GRAPHS(("fwd", scale, cfg, f.dtype), lambda *a: path.forward(*a, scale, cfg, f.dtype), inputs,
-                          ctx.graphed, _backward_input_bytes(qc, kc, gc, fc))
-        S, lse = outs[0], outs[1]
+            ctx.graphed = q.is_cuda and not INTERPRET and graph_eligible(B, T, H, Dk, Dv, cfg)
+            outs = forward_outputs(path, qc, kc, gc, fc)
+            S, lse = outs[:2]
+            GRAPHS(("fwd", scale, cfg), lambda *a: path.forward(*a[:4], a[4:], scale, cfg), (qc, kc, gc, fc), outs,
+                   ctx.graphed, _backward_input_bytes(qc, kc, gc, fc))
         ctx.save_for_backward(qc, kc, gc, fc, S, lse)
         ctx.scale, ctx.cfg, ctx.path = scale, cfg, path
         ctx.dtypes = (q.dtype, k.dtype, gamma.dtype, f.dtype)
         # the solution in f's dtype: S itself where the dtypes agree (saved, not modified)
-        return path.solution_view(outs[2] if len(outs) == 3 else S, f.shape)
+        return path.solution_view(outs[-1] if len(outs) == 3 else S, f.shape)
 
     @staticmethod
     def backward(ctx, ds):
         qc, kc, gc, fc, S, lse = ctx.saved_tensors
+        path = ctx.path
+        outs = backward_outputs(path, qc, kc, fc, S, ctx.dtypes)
         with torch.autocast(qc.device.type, enabled=False):
-            grads = GRAPHS(("bwd", ctx.scale, ctx.cfg, ctx.dtypes),
-                           lambda *a: ctx.path.backward(*a, ctx.scale, ctx.cfg, ctx.dtypes),
-                           (ds, qc, kc, gc, fc, S, lse), ctx.graphed)
-        return (*grads, None, None)
+            GRAPHS(("bwd", ctx.scale, ctx.cfg), lambda *a: path.backward(*a[:7], a[7:], ctx.scale, ctx.cfg),
+                   (ds, qc, kc, gc, fc, S, lse), outs, ctx.graphed)
+        dq, dk, dgamma = path.solution_view(outs[0], qc.shape), path.solution_view(outs[1], kc.shape), outs[2]
+        return dq, dk, dgamma, path.solution_view(outs[-1], fc.shape), None, None
 
 
 @torch.compiler.disable  # torch.compile runs the model around it; the kernels launch (or replay) as they are

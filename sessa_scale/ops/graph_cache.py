@@ -1,24 +1,32 @@
 """CUDA graphs for repeated calls of one shape, for ops whose time at small sizes is the CPU cost
 of launching many kernels (the Triton feedback solve).
 
-``GraphCache()(key, fn, inputs)`` runs fn(*inputs) -> tuple of tensors.  A key's first call runs
-eagerly (compiling its kernels; one-off shapes are never captured), its second call captures fn
-as a CUDA graph, later calls replay it.  A replay copies the inputs into the graph's static
-inputs, replays, and clones the static outputs, so every call's results stay its own.
+``GraphCache()(key, fn, inputs, outputs)`` runs fn(*inputs, *outputs), which writes its results
+into ``outputs`` (tensors the caller allocates for every call).  A shape's first call runs eagerly
+(compiling its kernels; one-off shapes are never captured).  Later calls replay a CUDA graph:
 
-Memory: all graphs of a device share one private memory pool (their intermediates overlap) and
-one input arena (their static inputs overlap).  Both are safe because replays are serialized on
-the caller's stream and a replay's outputs are cloned before anything else runs: no graph reads
-memory another graph wrote except its own inputs, which are copied in right before it replays.
-What stays allocated per cached graph is its static outputs.
+* a direct graph, keyed by the addresses of the inputs and outputs as well as their shapes: it
+  reads and writes the call's own tensors, nothing is copied.  Captured the second time a shape
+  comes with the same addresses: the steady state of a training or benchmark loop, where the
+  caching allocator hands each step's tensors the blocks of the step before.
+* otherwise the shape's copying graph: the call's inputs are copied into its static inputs, it
+  replays, and its static outputs are copied into the call's outputs.
+
+Memory: all graphs of a device share one private memory pool (their intermediates overlap), and
+the copying graphs one input arena (their static inputs overlap).  Both are safe because replays
+are serialized on the caller's stream and no graph reads memory another graph wrote except its
+own inputs, which are in place (direct) or copied in right before it replays (copying).  What
+stays allocated per copying graph is its static outputs; a direct graph keeps nothing.  Captures
+begin without torch.cuda.graph's empty_cache(), so that a capture does not move later calls'
+tensors to new addresses.
 
 ``GRAPHS`` is the process's cache, used by the Triton feedback solve; ``clear_graphs()`` frees it
-(benchmarks measure an op's memory from a cold cache).
+(benchmarks measure an op's memory from a cold cache); ``GRAPHS.counts`` tallies how calls ran.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 
@@ -30,63 +38,123 @@ def _nbytes(shape, dtype) -> int:
 
 
 class _Graph:
-    """One captured call: static inputs (views of the arena), the CUDA graph, its static outputs."""
+    """One captured call: the CUDA graph and, for a copying graph (arena given), its static inputs
+    (views of the arena) and static outputs; a direct graph holds no tensors, only their addresses."""
 
-    def __init__(self, fn, inputs, arena: torch.Tensor, pool):
-        self.inputs, off = [], 0
-        for t in inputs:
-            size = _nbytes(t.shape, t.dtype)
-            static = arena[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            static.copy_(t)
-            self.inputs.append(static)
-            off += size
-        self.arena = arena
+    def __init__(self, fn, inputs, outputs, pool, arena: torch.Tensor | None = None):
+        self.arena, self.inputs, self.outputs = arena, list(inputs), list(outputs)
+        if arena is not None:
+            self.inputs, off = [], 0
+            for t in inputs:
+                static = arena[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                static.copy_(t)
+                self.inputs.append(static)
+                off += _nbytes(t.shape, t.dtype)
+            self.outputs = [torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device) for o in outputs]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):  # on a side stream
-            self.outputs = fn(*self.inputs)
+        caller, stream = torch.cuda.current_stream(), torch.cuda.Stream()
+        stream.wait_stream(caller)  # the inputs were written on the caller's stream
+        with torch.cuda.stream(stream):
+            self.graph.capture_begin(pool=pool)
+            try:
+                fn(*self.inputs, *self.outputs)
+            finally:
+                self.graph.capture_end()
+        caller.wait_stream(stream)
+        if arena is None:
+            self.inputs = self.outputs = None  # holding them would keep their addresses from the next calls
+        self.last_call = 0
 
-    def __call__(self, inputs):
-        for static, t in zip(self.inputs, inputs):
-            static.copy_(t)
+    def __call__(self, inputs, outputs) -> None:
+        if self.arena is not None:
+            for static, t in zip(self.inputs, inputs):
+                static.copy_(t)
         self.graph.replay()
-        return tuple(o.clone() for o in self.outputs)  # later replays overwrite the static outputs
+        if self.arena is not None:
+            for out, static in zip(outputs, self.outputs):
+                out.copy_(static)
 
 
 class GraphCache:
-    """Captured calls by key, least recently used evicted past ``max_graphs``."""
+    """Direct graphs by (shape, addresses), at most ``max_direct`` (one unused for 2 * max_direct
+    calls makes room for a new one), and copying graphs by shape, the least recently used evicted
+    past ``max_copying``."""
 
-    def __init__(self, max_graphs: int = 8):
-        self.max_graphs = max_graphs
-        self._graphs: OrderedDict = OrderedDict()
-        self._seen: OrderedDict = OrderedDict()  # keys called once so far
+    def __init__(self, max_direct: int = 128, max_copying: int = 8):
+        self.max_direct, self.max_copying = max_direct, max_copying
+        self._direct: dict = {}
+        self._copying: OrderedDict = OrderedDict()
+        self._seen: OrderedDict = OrderedDict()  # shape key -> OrderedDict of the address sets it came with
         self._pools: dict = {}  # device -> graph pool handle
-        self._arenas: dict = {}  # device -> uint8 tensor holding every graph's static inputs
+        self._arenas: dict = {}  # device -> uint8 tensor holding the copying graphs' static inputs
+        self._calls = 0
+        self.counts: Counter = Counter()  # "eager", "direct", "copying" calls; "captures"
 
     def __len__(self) -> int:
-        return len(self._graphs)
+        return len(self._direct) + len(self._copying)
 
-    def __call__(self, key, fn, inputs, graphed: bool = True, arena_bytes: int = 0):
-        """fn(*inputs), or the replay of its graph (graphed=False: always fn(*inputs)).  The key
-        names fn (input shapes and dtypes are added).  arena_bytes: reserve at least this much for
-        static inputs (e.g. a forward reserving its backward's, so that the arena grows once).
-        Inside a caller's own CUDA-graph capture fn runs as it is, into that graph."""
+    def __call__(self, key, fn, inputs, outputs, graphed: bool = True, arena_bytes: int = 0) -> None:
+        """fn(*inputs, *outputs), or the replay of a graph of it (graphed=False: always fn).  The key
+        names fn (the tensors' shapes, strides and dtypes are added).  arena_bytes: reserve at least
+        this much for a copying graph's static inputs (e.g. a forward reserving its backward's, so
+        that the arena grows once).  Inside a caller's own CUDA-graph capture fn runs as it is."""
         if not graphed or torch.cuda.is_current_stream_capturing():
-            return fn(*inputs)
-        device = inputs[0].device
-        key = (key, tuple((t.shape, t.dtype) for t in inputs), device)
-        entry = self._graphs.get(key)
-        if entry is None:
-            if key not in self._seen:
-                self._seen[key] = None
-                while len(self._seen) > 8 * self.max_graphs:
-                    self._seen.popitem(last=False)
-                return fn(*inputs)
-            entry = self._graphs[key] = _Graph(fn, inputs, self._arena(device, inputs, arena_bytes),
-                                               self._pool(device))
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
-        self._graphs.move_to_end(key)
-        return entry(inputs)
+            fn(*inputs, *outputs)
+            return
+        tensors = (*inputs, *outputs)
+        device = tensors[0].device
+        shape_key = (key, tuple((t.shape, t.stride(), t.dtype) for t in tensors), device)
+        addresses = tuple(t.data_ptr() for t in tensors)
+        self._calls += 1
+        graph = self._direct.get((shape_key, addresses))
+        if graph is None:
+            seen = self._seen.get(shape_key)
+            if seen is None:  # the shape's first call
+                self._remember(shape_key, addresses)
+                self.counts["eager"] += 1
+                fn(*inputs, *outputs)
+                return
+            if addresses in seen and self._room_for_direct():
+                graph = self._direct[(shape_key, addresses)] = _Graph(fn, inputs, outputs, self._pool(device))
+                self.counts["captures"] += 1
+            else:
+                self._remember(shape_key, addresses)
+                graph = self._copying_graph(shape_key, fn, inputs, outputs, device, arena_bytes)
+        self.counts["direct" if graph.arena is None else "copying"] += 1
+        graph.last_call = self._calls
+        graph(inputs, outputs)
+
+    def _remember(self, shape_key, addresses) -> None:
+        seen = self._seen.setdefault(shape_key, OrderedDict())
+        seen[addresses] = None
+        seen.move_to_end(addresses)
+        while len(seen) > 16:
+            seen.popitem(last=False)
+        self._seen.move_to_end(shape_key)
+        while len(self._seen) > 64:
+            self._seen.popitem(last=False)
+
+    def _room_for_direct(self) -> bool:
+        """Whether a new direct graph fits, evicting the least recently replayed one if it has not
+        been replayed for 2 * max_direct calls (graphs in use are never evicted: no capture thrash)."""
+        if len(self._direct) < self.max_direct:
+            return True
+        stale = min(self._direct, key=lambda k: self._direct[k].last_call)
+        if self._direct[stale].last_call < self._calls - 2 * self.max_direct:
+            del self._direct[stale]
+            return True
+        return False
+
+    def _copying_graph(self, shape_key, fn, inputs, outputs, device, arena_bytes: int) -> _Graph:
+        graph = self._copying.get(shape_key)
+        if graph is None:
+            arena = self._arena(device, inputs, arena_bytes)
+            graph = self._copying[shape_key] = _Graph(fn, inputs, outputs, self._pool(device), arena)
+            self.counts["captures"] += 1
+            while len(self._copying) > self.max_copying:
+                self._copying.popitem(last=False)
+        self._copying.move_to_end(shape_key)
+        return graph
 
     def _pool(self, device):
         if device not in self._pools:
@@ -95,22 +163,25 @@ class GraphCache:
         return self._pools[device]
 
     def _arena(self, device, inputs, arena_bytes: int) -> torch.Tensor:
-        """The device's arena, replaced by a larger one (and its graphs dropped, to be captured
-        again on their next calls) when these inputs do not fit."""
+        """The device's arena, replaced by a larger one (and its copying graphs dropped, to be
+        captured again on their next calls) when these inputs do not fit."""
         need = sum(_nbytes(t.shape, t.dtype) for t in inputs)
         arena = self._arenas.get(device)
         if arena is None or arena.numel() < need:
-            for key in [key for key, graph in self._graphs.items() if graph.arena is arena]:
-                del self._graphs[key]
+            for key in [key for key, graph in self._copying.items() if graph.arena is arena]:
+                del self._copying[key]
             arena = self._arenas[device] = torch.empty(max(need, arena_bytes), dtype=torch.uint8, device=device)
         return arena
 
     def clear(self) -> None:
         """Drop every graph, the pools and the arenas (their memory returns to the allocator)."""
-        self._graphs.clear()
+        self._direct.clear()
+        self._copying.clear()
         self._seen.clear()
         self._pools.clear()
         self._arenas.clear()
+        self.counts.clear()
+        self._calls = 0
 
 
 GRAPHS = GraphCache()

@@ -307,9 +307,10 @@ def test_gpu_deterministic_and_auto():
 @needs_cuda
 @pytest.mark.parametrize("dtype,H,D", [(torch.bfloat16, 3, 64), (torch.float32, 2, 64), (torch.bfloat16, 1, 768)])
 def test_gpu_graph_replays_equal_eager_and_keep_each_calls_results(dtype, H, D):
-    """CUDA graphs: replayed calls give bitwise the eager (graphs=0) results, also when two calls of
-    one shape run their forwards before either backward (outputs and saved tensors are cloned) and
-    when graphs of two shapes, which share one memory pool and one input arena, alternate."""
+    """CUDA graphs: calls on new tensors (copying graphs) give bitwise the eager (graphs=0) results,
+    also when two calls of one shape run their forwards before either backward (each call's results
+    are its own) and when graphs of two shapes, which share one memory pool and one input arena,
+    alternate."""
     import sessa_scale.ops.feedback_triton as ft
     from sessa_scale.ops import graph_cache
 
@@ -342,6 +343,39 @@ def test_gpu_graph_replays_equal_eager_and_keep_each_calls_results(dtype, H, D):
         for name, a, b in zip(("s", "dq", "dk", "dgamma", "df"), g, want[i]):
             assert a.dtype == b.dtype and torch.equal(a, b), f"call {i}: {name} differs from eager"
     graph_cache.clear_graphs()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("H,D", [(3, 64), (1, 768)])
+def test_gpu_direct_graphs_read_and_write_the_calls_own_tensors(H, D):
+    """Calls on the same tensors, changed in place between calls (a training loop's steady state),
+    replay a direct graph that reads and writes those tensors in place: every call gives bitwise the
+    eager results on its inputs' current contents, and the graph is not a copying one."""
+    import sessa_scale.ops.feedback_triton as ft
+    from sessa_scale.ops import graph_cache
+
+    steps = 5
+    contents = [_inputs(2, 300, H, D, D, torch.bfloat16, "cuda", seed=seed) for seed in range(steps)]
+    (q, k, g, f), ds = (t.detach().clone().requires_grad_() for t in contents[0][0]), contents[0][1].clone()
+
+    def run(cfg, step):
+        with torch.no_grad():
+            for t, new in zip((q, k, g, f, ds), (*contents[step][0], contents[step][1])):
+                t.copy_(new)
+        s = ft.feedback_solve_triton(q, k, g, f, D ** -0.5, config=cfg)
+        return [t.cpu() for t in (s, *torch.autograd.grad(s, (q, k, g, f), ds))]
+
+    graph_cache.clear_graphs()
+    want = [run(ft.SolveConfig(graphs=0), step) for step in range(steps)]
+    got = [run(ft.SolveConfig(), step) for step in range(steps)]
+    counts = dict(graph_cache.GRAPHS.counts)
+    graph_cache.clear_graphs()
+    for step in range(steps):
+        for name, a, b in zip(("s", "dq", "dk", "dgamma", "df"), got[step], want[step]):
+            assert torch.equal(a, b), f"step {step}: {name} differs from eager"
+    # step 0 runs eagerly, step 1 captures forward and backward for the tensors' addresses, 2.. replay
+    assert counts.get("direct", 0) == 2 * (steps - 1) and counts.get("copying", 0) == 0, counts
 
 
 @gpu
