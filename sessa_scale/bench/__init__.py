@@ -11,6 +11,9 @@ import torch
 from sessa_scale.ops.graph_cache import clear_graphs
 
 
+WARM_CALLS = 3  # measured calls of cuda_peak_bytes(warm=True): the feedback solve captures its graphs among them
+
+
 def clear_op_caches() -> None:
     """Drop what the feedback solve keeps between calls (its CUDA graphs and their static buffers)."""
     clear_graphs()
@@ -18,9 +21,10 @@ def clear_op_caches() -> None:
 
 def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str | None = None, warm: bool = False) -> int:
     """Peak CUDA memory allocated during one call of `fn`, beyond what was allocated before it.
-    warm: the op caches are cleared, `fn` runs once unmeasured, and the peak of a second call is
-    taken against the memory before the first, so what the op keeps between calls (CUDA graphs'
-    static buffers) counts as the op's memory while one-time capture work does not."""
+    warm: the op caches are cleared, `fn` runs once unmeasured, and the peak of the next WARM_CALLS
+    calls is taken against the memory before the first, so what the op keeps between calls (CUDA
+    graphs' static buffers) and what a graph capture among those calls allocates (its memory pool,
+    held from then on) count as the op's memory, while first-call compilation does not."""
     if warm:
         clear_op_caches()
     gc.collect()  # objects of earlier work freed now, not during the measured call
@@ -30,7 +34,8 @@ def cuda_peak_bytes(fn: Callable[[], object], device: torch.device | str | None 
         fn()
         torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    fn()
+    for _ in range(WARM_CALLS if warm else 1):
+        fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
 

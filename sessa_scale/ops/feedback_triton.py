@@ -55,7 +55,7 @@ FUSED_MAX_DK, FUSED_MAX_DV = 256, 128  # the fused kernels hold a whole head row
 class SolveConfig:
     C: int = 32  # diagonal block inverted on chip (64 spills in fp32 "ieee")
     L: int = 512  # fused path: rows per leaf (C * 2^k), at most ...
-    min_leaves: int = 16  # ... and at most T / min_leaves rows (a power of two >= C)
+    min_leaves: int = 8  # ... and at most T / min_leaves rows (a power of two >= C)
     L_gemm: int = 1024  # GEMM path: rows per leaf
     gemm: int = -1  # 1: GEMM path, 0: fused path, -1: GEMM when Dk > 256 or Dv > 128
     fuse_dk: int = 1  # fused path: the backward applies also form dk of their pairs (0: one dk pass over all)
@@ -75,7 +75,7 @@ class SolveConfig:
     LEAF_WARPS: int = 4  # leaf_kernel and leaf_prep_kernel
     LEAF_STAGES: int = 3  # leaf_kernel's software-pipelining stages
     MERGE_TILE: int = 32  # leaf-inverse merges: B x B chunks, B = min(MERGE_TILE, block size), per program
-    MERGE_GEMM_MIN: int = 128  # ... levels of blocks this large or larger through cuBLAS instead (0: none)
+    MERGE_GEMM_MIN: int = 256  # ... levels of blocks this large or larger through cuBLAS instead (0: none)
     # GEMM path.
     LOGIT_BM: int = 128  # logit kernels (lse partials, gamma*P, dS): rows per program
     LOGIT_BN: int = 256  # ... keys per program (lse partials, gamma*P)
@@ -87,9 +87,6 @@ class SolveConfig:
     EPI_BN: int = 128  # ... columns per step
     EPI_WARPS: int = 4
     scratch_mib: int = 128  # bound on the GEMM path's scratch (gamma*P or dS of row blocks, product dtype)
-    # GEMM backward: dS blocks of side / ds_aspect rows x side * ds_aspect keys (side^2 fills the scratch;
-    # 1: square; larger: less of the diagonal squares formed in vain, thinner dq products)
-    ds_aspect: int = 2
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
     graph_max_T: int = 4096  # ... fused path: only for sequences this short (launch-bound; longer ones hide their launches)
     graph_max_T_gemm: int = 16384  # ... GEMM path: up to this length (its leaf chain is launch-bound up to ~16k)
@@ -151,7 +148,8 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         STAGES=cfg.STAGES if h == 1 else min(cfg.STAGES, 2),
         # fp32 / fp64 inputs (FMA dots): logit tiles of half the keys and head width, at most 2 stages
         LOGIT_BN=cfg.LOGIT_BN if elem_bytes <= 2 else max(16, cfg.LOGIT_BN // 2),
-        DS_BN=cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2),
+        # (at most L: the backward's blocks start at multiples of both)
+        DS_BN=min(L, cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2)),
         LOGIT_BK=cfg.LOGIT_BK if elem_bytes <= 2 else max(16, cfg.LOGIT_BK // 2),
         LOGIT_STAGES=cfg.LOGIT_STAGES if elem_bytes <= 2 else min(cfg.LOGIT_STAGES, 2),
     )

@@ -10,7 +10,9 @@ into ``outputs`` (tensors the caller allocates for every call).  A shape's first
   comes with the same addresses: the steady state of a training or benchmark loop, where the
   caching allocator hands each step's tensors the blocks of the step before.
 * otherwise the shape's copying graph: the call's inputs are copied into its static inputs, it
-  replays, and its static outputs are copied into the call's outputs.
+  replays, and its static outputs are copied into the call's outputs.  Captured only once the
+  shape has come with ``COPYING_AFTER`` different address sets (until then such calls run
+  eagerly): a loop's first calls, before the allocator settles, do not leave static buffers behind.
 
 Memory: all graphs of a device share one private memory pool (their intermediates overlap), and
 the copying graphs one input arena (their static inputs overlap).  Both are safe because replays
@@ -31,6 +33,7 @@ from collections import Counter, OrderedDict
 import torch
 
 _ALIGN = 256  # bytes between the static inputs in the arena
+COPYING_AFTER = 3  # a shape's copying graph is captured once it has come with this many address sets
 
 
 def _nbytes(shape, dtype) -> int:
@@ -108,18 +111,15 @@ class GraphCache:
         self._calls += 1
         graph = self._direct.get((shape_key, addresses))
         if graph is None:
-            seen = self._seen.get(shape_key)
-            if seen is None:  # the shape's first call
-                self._remember(shape_key, addresses)
-                self.counts["eager"] += 1
-                fn(*inputs, *outputs)
-                return
-            if addresses in seen and self._room_for_direct():
+            if addresses in self._seen.get(shape_key, ()) and self._room_for_direct():
                 graph = self._direct[(shape_key, addresses)] = _Graph(fn, inputs, outputs, self._pool(device))
                 self.counts["captures"] += 1
             else:
-                self._remember(shape_key, addresses)
-                graph = self._copying_graph(shape_key, fn, inputs, outputs, device, arena_bytes)
+                graph = self._copying_graph(shape_key, addresses, fn, inputs, outputs, arena_bytes)
+                if graph is None:
+                    self.counts["eager"] += 1
+                    fn(*inputs, *outputs)
+                    return
         self.counts["direct" if graph.arena is None else "copying"] += 1
         graph.last_call = self._calls
         graph(inputs, outputs)
@@ -145,9 +145,15 @@ class GraphCache:
             return True
         return False
 
-    def _copying_graph(self, shape_key, fn, inputs, outputs, device, arena_bytes: int) -> _Graph:
+    def _copying_graph(self, shape_key, addresses, fn, inputs, outputs, arena_bytes: int) -> _Graph | None:
+        """The shape's copying graph for a call at addresses without a direct graph, captured once
+        the shape has come with COPYING_AFTER different address sets (None before: run eagerly)."""
+        self._remember(shape_key, addresses)
         graph = self._copying.get(shape_key)
         if graph is None:
+            if len(self._seen[shape_key]) < COPYING_AFTER:
+                return None
+            device = inputs[0].device
             arena = self._arena(device, inputs, arena_bytes)
             graph = self._copying[shape_key] = _Graph(fn, inputs, outputs, self._pool(device), arena)
             self.counts["captures"] += 1
