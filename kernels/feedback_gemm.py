@@ -172,23 +172,23 @@ def ds_kernel(q_ptr, k_ptr, lam_ptr, s_ptr, ds_ptr, p_ptr, dgp_ptr, g_ptr, lse_p
     bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
     ds = tl.zeros((BM, BN), dtype=ACC)
-    gp = tl.zeros((BM, BN), dtype=ACC)
     dg = tl.zeros((BM,), dtype=ACC)
     if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
         j, cmask = c0 + cols, cols < NC
         a = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, j, imask, cmask, sq_t, sk_t, Dk, BM, BN, BK, ACC, PREC)
         lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
         p = tl.where((j[None, :] < t[:, None]) & m2, tl.exp2(a * qk_scale - lse[:, None]), 0.0)
+        g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
+        if P_OUT:  # stored before the second product: one tile fewer held in registers through it
+            tl.store(p_ptr + off, (g[:, None] * p).to(p_ptr.dtype.element_ty), mask=m2)
         d = _logits(lam_ptr + bh * sl_bh, s_ptr + bh * ss_bh, t, j, imask, cmask, sl_t, ss_t, Dv, BM, BN, BK, ACC,
                     PREC)
         dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
-        g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
         dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])
-        gp = g[:, None] * p
+    elif P_OUT:
+        tl.store(p_ptr + off, ds.to(p_ptr.dtype.element_ty), mask=m2)  # zeros: no pair in the tile
     tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
-    if P_OUT:
-        tl.store(p_ptr + off, gp.to(p_ptr.dtype.element_ty), mask=m2)
     tl.store(dgp_ptr + bh * T * NCB + t * NCB + c0 // BN + tl.program_id(1), dg, mask=imask)
 
 

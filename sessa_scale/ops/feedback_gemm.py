@@ -25,6 +25,7 @@ from sessa_scale.ops.feedback_leaves import (
 from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
 
 _MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
+DELTA_BM = 8  # delta_kernel: rows per program
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +242,7 @@ def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
     dq, dk = (out.zero_() if out.dtype == acc else torch.zeros(out.shape, dtype=acc, device=q.device)
               for out in (dq_out, dk_out))
     separate = sum(a.nbytes for a, out in ((dq, dq_out), (dk, dk_out)) if a is not out)
-    blocks.budget = max(_MIN_SCRATCH_BYTES, blocks.budget - separate)
+    blocks.budget = max(blocks.budget // 2, blocks.budget - separate)  # at least half: chunks stay large
     W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)  # recomputed: cheaper than keeping it
     Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
@@ -251,9 +252,9 @@ def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
     def leaf(a: int) -> None:
         _leaf(W, Y, outs[3:], a, L, True)
         rows = min(L, T - a)
-        G.delta_kernel[(triton.cdiv(rows, cfg.EPI_BM), B * H)](
+        G.delta_kernel[(triton.cdiv(rows, DELTA_BM), B * H)](  # short rows per program: one leaf is few rows
             Lam, S, f, delta, T, H, a, rows, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
-            BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
+            BM=DELTA_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
 
     schedule(T, L, leaf, lambda *blk: grads.apply(*blk, Y), True, 0, triton.cdiv(T, L))
     del W, Y

@@ -37,6 +37,7 @@ Configuration: ``SolveConfig``, passed as ``config``; calls without one use ``DE
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -75,7 +76,7 @@ class SolveConfig:
     LEAF_WARPS: int = 4  # leaf_kernel and leaf_prep_kernel
     LEAF_STAGES: int = 3  # leaf_kernel's software-pipelining stages
     MERGE_TILE: int = 32  # leaf-inverse merges: B x B chunks, B = min(MERGE_TILE, block size), per program
-    MERGE_GEMM_MIN: int = 256  # ... levels of blocks this large or larger through cuBLAS instead (0: none)
+    MERGE_GEMM_MIN: int = 256  # ... GEMM path: levels of blocks this large or larger through cuBLAS instead (0: none)
     # GEMM path.
     LOGIT_BM: int = 128  # logit kernels (lse partials, gamma*P, dS): rows per program
     LOGIT_BN: int = 256  # ... keys per program (lse partials, gamma*P)
@@ -122,6 +123,7 @@ def _p2(x: int) -> int:
     return max(16, triton.next_power_of_2(int(x)))
 
 
+@functools.lru_cache(maxsize=256)  # called on every forward: its dataclass rebuild is CPU time at short T
 def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveConfig:
     """Resolve the path and the leaf size (L = C * 2^k, no larger than T needs), clamp the tiles
     to the shapes and, for wide or fp32 rows, halve the row tiles (shared memory)."""
@@ -146,6 +148,7 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         FWD_BM=max(fwd_bn, cfg.FWD_BM // h), FWD_BN=fwd_bn, DQ_BM=max(dq_bn, cfg.DQ_BM // h), DQ_BN=dq_bn,
         BWD_BM=bwd_bm, BWD_BN=max(16, min(cfg.BWD_BN // h, bwd_bm)),
         STAGES=cfg.STAGES if h == 1 else min(cfg.STAGES, 2),
+        MERGE_GEMM_MIN=cfg.MERGE_GEMM_MIN if gemm else 0,  # the fused path's leaves merge in the kernels
         # fp32 / fp64 inputs (FMA dots): logit tiles of half the keys and head width, at most 2 stages
         LOGIT_BN=cfg.LOGIT_BN if elem_bytes <= 2 else max(16, cfg.LOGIT_BN // 2),
         # (at most L: the backward's blocks start at multiples of both)
