@@ -12,8 +12,8 @@ row partials.  Tiles with no admissible pair skip their products.  Shapes and un
 (B*H, T, Dk) with strides (sq_bh, sq_t); value-width slabs are head-major (B*H, T, Dv) with
 strides (sx_bh, sx_t), except f ((B, T, H, Dv), strides (sf_b, sf_t)).
 
-Row sums across tiles go through per-tile partials ((B*H, R, NCB) for the statistics, NCB =
-cdiv(NC, BN); (B*H, T, cdiv(T, BN)) for dgamma), and a small memory-bound reduction.  Row lengths NC and strides stay specialized (16-aligned rows load as
+Row sums across tiles go through per-tile partials (B*H, R, NCB), NCB = cdiv(NC, BN), and a small
+memory-bound reduction.  Row lengths NC and strides stay specialized (16-aligned rows load as
 vectors); positions, heights and gamma's strides do not (fewer compilations).
 """
 
@@ -137,15 +137,14 @@ def leaf_probs_kernel(q_ptr, k_ptr, w_ptr, g_ptr, lse_ptr, T, H, L, NL, Dk, sq_b
     tl.store(w_ptr + (bh * NL * L + t[:, None]) * L + c[None, :], w, mask=(i < L)[:, None] & (c < L)[None, :])
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R'])
-def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, r0, R, Dv, sx_bh, sx_t, sf_b, sf_t, BM: tl.constexpr,
-                 BV: tl.constexpr):
-    """delta[bh, t] = lam_t . (s_t - f_t) in ACC (the softmax-backward row term), rows t = r0 + i, i < R."""
+@triton.jit(do_not_specialize=['T'])
+def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_t, BM: tl.constexpr, BV: tl.constexpr):
+    """delta[bh, t] = lam_t . (s_t - f_t) in ACC (the softmax-backward row term)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    t = r0 + tl.program_id(0) * BM + tl.arange(0, BM)
-    tmask = t < r0 + R
+    t = tl.program_id(0) * BM + tl.arange(0, BM)
+    tmask = t < T
     ACC = dl_ptr.dtype.element_ty
     dl = tl.zeros((BM,), dtype=ACC)
     for v0 in range(0, Dv, BV):
@@ -159,16 +158,16 @@ def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, r0, R, Dv, sx_bh, sx_t, sf
     tl.store(dl_ptr + bh * T + t, dl, mask=tmask)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'sg_b', 'sg_t'])
-def ds_kernel(q_ptr, k_ptr, lam_ptr, s_ptr, ds_ptr, p_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB,
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'nb0', 'sg_b', 'sg_t'])
+def ds_kernel(q_ptr, k_ptr, lam_ptr, s_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, nb0,
               Dk, Dv, sq_bh, sq_t, sk_bh, sk_t, sl_bh, sl_t, ss_bh, ss_t, sg_b, sg_t, qk_scale, scale,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, P_OUT: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Rows t = r0 + i, keys j = c0 + c of the softmax backward, forming here the logits q_t.k_j and
     D = lam_t.s_j (q, k, lam, s head-major; lam, s with strides (sl_bh, sl_t), (ss_bh, ss_t)): dS_scaled = scale P
-    (gamma_t D - delta_t) into ds (B*H, R, NC) (zero for j >= t; its dtype), with P_OUT also gamma_t P
-    into p (same shape: what the backward's transposed apply of this block reads), and the tile's
-    partial dgamma sum_j P D into dgp (B*H, T, NCB) at row t, column c0 / BN + pid_n (c0 a multiple
-    of BN: each key tile of a row has its own column).  Tiles with no earlier key skip the products."""
+    (gamma_t D - delta_t) into ds (B*H, R, NC) (zero for j >= t; its dtype) and the tile's partial
+    dgamma sum_j P D into column nb0 + pid_n of dgp (B*H, R, NCB), the partials of a whole strip of
+    rows (its blocks at column offsets nb0, one rowsum per strip).  Tiles with no earlier key skip
+    both products."""
     bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
     ds = tl.zeros((BM, BN), dtype=ACC)
@@ -178,18 +177,14 @@ def ds_kernel(q_ptr, k_ptr, lam_ptr, s_ptr, ds_ptr, p_ptr, dgp_ptr, g_ptr, lse_p
         a = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, j, imask, cmask, sq_t, sk_t, Dk, BM, BN, BK, ACC, PREC)
         lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
         p = tl.where((j[None, :] < t[:, None]) & m2, tl.exp2(a * qk_scale - lse[:, None]), 0.0)
-        g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
-        if P_OUT:  # stored before the second product: one tile fewer held in registers through it
-            tl.store(p_ptr + off, (g[:, None] * p).to(p_ptr.dtype.element_ty), mask=m2)
         d = _logits(lam_ptr + bh * sl_bh, s_ptr + bh * ss_bh, t, j, imask, cmask, sl_t, ss_t, Dv, BM, BN, BK, ACC,
                     PREC)
         dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
+        g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
         dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])
-    elif P_OUT:
-        tl.store(p_ptr + off, ds.to(p_ptr.dtype.element_ty), mask=m2)  # zeros: no pair in the tile
     tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
-    tl.store(dgp_ptr + bh * T * NCB + t * NCB + c0 // BN + tl.program_id(1), dg, mask=imask)
+    tl.store(dgp_ptr + bh * R * NCB + i * NCB + nb0 + tl.program_id(1), dg, mask=imask)
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'NCB'])

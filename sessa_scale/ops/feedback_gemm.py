@@ -14,6 +14,8 @@ accumulators in the backward.
 
 from __future__ import annotations
 
+import itertools
+import math
 
 import torch
 import triton
@@ -25,7 +27,6 @@ from sessa_scale.ops.feedback_leaves import (
 from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
 
 _MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
-DELTA_BM = 8  # delta_kernel: rows per program
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +103,11 @@ class _Blocks:
         bm = self.cfg.EPI_BM
         return max(bm, (self.budget + extra_bytes) // (self.BH * length * bytes_per_entry) // bm * bm)
 
+    def block_side(self, bytes_per_entry: int) -> int:
+        """Side of the square blocks whose buffers of bytes_per_entry fit the scratch."""
+        bn = self.cfg.EPI_BN
+        return max(bn, math.isqrt(self.budget // (self.BH * bytes_per_entry)) // bn * bn)
+
     def views(self, R: int, NC: int, *dtypes) -> list[torch.Tensor]:
         """(B*H, R, NC) buffers of the given dtypes carved from one scratch, which grows to the
         largest request (the budget, or past it only when a chunk of the smallest height does not
@@ -140,51 +146,20 @@ class _Blocks:
             self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, BN=BN, **self.logit)
         return P
 
-    def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst) -> None:
-        """dst[l] += gamma*P[l, e] src[e] for later rows l in [l0, l1) and earlier rows e in [e0, e1);
-        src, dst head-major; in chunks of rows, so each chunk's output is final."""
-        step = self.lines_per_chunk(e1 - e0, self.pdt_bytes)
-        for r0 in range(l0, l1, step):
-            r1 = min(r0 + step, l1)
-            _accumulate(dst[:, r0:r1], self.probs(r0, r1, e0, e1), src[:, e0:e1])
-
-
-class _BackwardBlocks:
-    """The backward's blocks of pairs: one ds_kernel pass per block forms dS (and, for the recursion's
-    blocks, gamma*P) from the logits, then cuBLAS: Y[c] += (gamma*P[r, c])^T Lam[r] (the transposed
-    apply), dq[r] += dS k[c], dk[c] += dS^T q[r].  A block of later rows r x earlier keys c is
-    taken when the recursion reaches it: Lam[r] and delta[r] are final then (the transposed system
-    runs backwards in time), so P is formed once for both.  dgamma partials go to dgp (B*H, T,
-    cdiv(T, DS_BN)), one column per key tile, zero where no tile wrote."""
-
-    def __init__(self, blocks: _Blocks, Lam, S, delta, dq, dk):
-        self.b, self.Lam, self.S, self.delta, self.dq, self.dk = blocks, Lam, S, delta, dq, dk
-        self.BN = blocks.cfg.DS_BN
-        self.dgp = torch.zeros((blocks.BH, blocks.T, triton.cdiv(blocks.T, self.BN)), dtype=blocks.acc,
-                               device=Lam.device)
-
-    def block(self, r0: int, r1: int, c0: int, c1: int, Y=None) -> None:
-        """Rows [r0, r1) x keys [c0, c1) (c0 a multiple of DS_BN): dq, dk and the dgamma partials,
-        and with Y the transposed apply (every key before every row)."""
-        b, R, NC, BN = self.b, r1 - r0, c1 - c0, self.BN
-        dS, P = b.views(R, NC, b.pdt, b.pdt) if Y is not None else b.views(R, NC, b.pdt) * 2
-        G.ds_kernel[b.grid(R, NC, BN)](
-            b.qh, b.kh, self.Lam, self.S, dS, P, self.dgp, b.gamma, b.lse, self.delta, b.T, b.H, r0, R, c0, NC,
-            self.dgp.shape[2], b.Dk, self.S.shape[2], *b.qk_strides, self.Lam.stride(0), self.Lam.stride(1),
-            self.S.stride(0), self.S.stride(1), b.gamma.stride(0), b.gamma.stride(1), b.qk_scale, b.scale, BN=BN,
-            P_OUT=Y is not None, **b.logit)
-        if Y is not None:
-            _accumulate(Y[:, c0:c1], P.transpose(1, 2), self.Lam[:, r0:r1])
-        _accumulate(self.dq[:, r0:r1], dS, b.kh[:, c0:c1])
-        _accumulate(self.dk[:, c0:c1], dS.transpose(1, 2), b.qh[:, r0:r1])
-
-    def apply(self, l0: int, l1: int, e0: int, e1: int, Y) -> None:
-        """The recursion's block of later rows [l0, l1) x earlier keys [e0, e1), in chunks of keys
-        (multiples of DS_BN) whose dS and gamma*P fit the scratch."""
-        BN = self.BN
-        step = max(BN, self.b.lines_per_chunk(l1 - l0, 2 * self.b.pdt_bytes) // BN * BN)
-        for c0 in range(e0, e1, step):
-            self.block(l0, l1, c0, min(c0 + step, e1), Y)
+    def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst, rev: bool) -> None:
+        """dst[l] += gamma*P[l, e] src[e] (forward) or dst[e] += (gamma*P[l, e])^T src[l] (rev), for
+        later rows l in [l0, l1) and earlier rows e in [e0, e1); src, dst head-major.  Chunks split
+        the rows the product writes (forward: l, rev: e), so each chunk's output is final."""
+        if rev:
+            step = self.lines_per_chunk(l1 - l0, self.pdt_bytes)
+            for c0 in range(e0, e1, step):
+                c1 = min(c0 + step, e1)
+                _accumulate(dst[:, c0:c1], self.probs(l0, l1, c0, c1).transpose(1, 2), src[:, l0:l1])
+        else:
+            step = self.lines_per_chunk(e1 - e0, self.pdt_bytes)
+            for r0 in range(l0, l1, step):
+                r1 = min(r0 + step, l1)
+                _accumulate(dst[:, r0:r1], self.probs(r0, r1, e0, e1), src[:, e0:e1])
 
 
 def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
@@ -227,41 +202,59 @@ def forward(q, k, gamma, f, outs, scale: float, cfg) -> None:
     X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
     solutions = [outs[0], *outs[2:]]
     schedule(T, cfg.L, lambda a: _leaf(W, X, solutions, a, cfg.L, False),
-             lambda *blk: blocks.apply(*blk, outs[0], X), False, 0, triton.cdiv(T, cfg.L))
+             lambda *blk: blocks.apply(*blk, outs[0], X, False), False, 0, triton.cdiv(T, cfg.L))
+
+
+def ds_blocks(T: int, side: int, min_rows: int, aspect: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """The backward's dS blocks for a scratch of side^2 entries: strips [r0, r1) of R = side / aspect
+    rows (at least min_rows), each against keys [0, r1) in blocks [c0, c1) of side^2 / R keys.
+    cuBLAS forms whole blocks, so the strips' diagonal R x R squares are half waste: T * R / 2 entries
+    per pass (R / T of the T^2 / 2 useful ones), 1 / aspect of what square blocks waste; thinner
+    strips give dq's product (R x Dk per strip) fewer output tiles."""
+    R = max(min_rows, side // aspect)
+    NC = max(1, side * side // R)
+    return [(r0, min(r0 + R, T), [(c0, min(c0 + NC, r0 + R, T)) for c0 in range(0, min(r0 + R, T), NC)])
+            for r0 in range(0, T, R)]
 
 
 def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
     """Writes outs as ``feedback_fused.backward``: dq, dk, Lam (and Lam2) head-major, dgamma (B, T, H)."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
-    acc, L = lse.dtype, cfg.L
+    acc, pdt = lse.dtype, S.dtype
     dq_out, dk_out, dgamma, Lam = outs[:4]
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
-    # dq, dk accumulate in ACC over the blocks (in the outputs themselves when those are ACC); the
-    # scratch gives up the bytes of separate accumulators, which live through the recursion
-    dq, dk = (out.zero_() if out.dtype == acc else torch.zeros(out.shape, dtype=acc, device=q.device)
-              for out in (dq_out, dk_out))
-    separate = sum(a.nbytes for a, out in ((dq, dq_out), (dk, dk_out)) if a is not out)
-    blocks.budget = max(blocks.budget // 2, blocks.budget - separate)  # at least half: chunks stay large
     W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)  # recomputed: cheaper than keeping it
     Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
-    delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t), per leaf once Lam is final
-    grads = _BackwardBlocks(blocks, Lam, S, delta, dq, dk)
-
-    def leaf(a: int) -> None:
-        _leaf(W, Y, outs[3:], a, L, True)
-        rows = min(L, T - a)
-        G.delta_kernel[(triton.cdiv(rows, DELTA_BM), B * H)](  # short rows per program: one leaf is few rows
-            Lam, S, f, delta, T, H, a, rows, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
-            BM=DELTA_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
-
-    schedule(T, L, leaf, lambda *blk: grads.apply(*blk, Y), True, 0, triton.cdiv(T, L))
+    schedule(T, cfg.L, lambda a: _leaf(W, Y, outs[3:], a, cfg.L, True),
+             lambda *blk: blocks.apply(*blk, Lam, Y, True), True, 0, triton.cdiv(T, cfg.L))
     del W, Y
-    for a in range(0, T, L):  # the pairs inside each leaf (no transposed apply: the leaf product did it)
-        grads.block(a, min(a + L, T), a, min(a + L, T))
+    delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t)
+    G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
+        Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
+        BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
+    # dS over causal blocks (rows r x keys c, ds_blocks): dq and dk accumulate in ACC (in the outputs
+    # themselves when those are ACC) across them, dgamma is summed once per strip of rows
+    dq, dk = (out.zero_() if out.dtype == acc else torch.zeros(out.shape, dtype=acc, device=q.device)
+              for out in (dq_out, dk_out))
     dg = new_buffer((B * H, T), acc, q.device)
-    G.rowsum_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](grads.dgp, dg, T, 0, T, grads.dgp.shape[2], **blocks.epi)
+    side, BN = blocks.block_side(blocks.pdt_bytes), cfg.DS_BN
+    for r0, r1, col_blocks in ds_blocks(T, side, cfg.LOGIT_BM, cfg.ds_aspect):
+        R = r1 - r0
+        # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
+        nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, BN) for c0, c1 in col_blocks)]
+        dgp = new_buffer((B * H, R, nb0[-1]), acc, q.device)
+        for (c0, c1), nb in zip(col_blocks, nb0):
+            NC = c1 - c0
+            (dS,) = blocks.views(R, NC, pdt)
+            G.ds_kernel[blocks.grid(R, NC, BN)](
+                blocks.qh, blocks.kh, Lam, S, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1], nb, Dk, Dv,
+                *blocks.qk_strides, Lam.stride(0), Lam.stride(1), S.stride(0), S.stride(1), gamma.stride(0),
+                gamma.stride(1), blocks.qk_scale, scale, BN=BN, **blocks.logit)
+            _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
+            _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
+        G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, nb0[-1], **blocks.epi)
     for out, result in ((dq_out, dq), (dk_out, dk), (dgamma, dg.view(B, H, T).transpose(1, 2))):
         if out is not result:
             out.copy_(result)

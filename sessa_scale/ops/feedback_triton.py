@@ -88,6 +88,9 @@ class SolveConfig:
     EPI_BN: int = 128  # ... columns per step
     EPI_WARPS: int = 4
     scratch_mib: int = 128  # bound on the GEMM path's scratch (gamma*P or dS of row blocks, product dtype)
+    # GEMM backward: dS blocks of side / ds_aspect rows x side * ds_aspect keys (side^2 fills the scratch;
+    # 1: square; larger: less of the diagonal squares formed in vain, thinner dq products)
+    ds_aspect: int = 2
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
     graph_max_T: int = 4096  # ... fused path: only for sequences this short (launch-bound; longer ones hide their launches)
     graph_max_T_gemm: int = 16384  # ... GEMM path: up to this length (its leaf chain is launch-bound up to ~16k)
@@ -151,8 +154,7 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         MERGE_GEMM_MIN=cfg.MERGE_GEMM_MIN if gemm else 0,  # the fused path's leaves merge in the kernels
         # fp32 / fp64 inputs (FMA dots): logit tiles of half the keys and head width, at most 2 stages
         LOGIT_BN=cfg.LOGIT_BN if elem_bytes <= 2 else max(16, cfg.LOGIT_BN // 2),
-        # (at most L: the backward's blocks start at multiples of both)
-        DS_BN=min(L, cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2)),
+        DS_BN=cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2),
         LOGIT_BK=cfg.LOGIT_BK if elem_bytes <= 2 else max(16, cfg.LOGIT_BK // 2),
         LOGIT_STAGES=cfg.LOGIT_STAGES if elem_bytes <= 2 else min(cfg.LOGIT_STAGES, 2),
     )

@@ -170,11 +170,11 @@ def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():
         assert covered == {(t, j) for t in range(37) for j in range(t) if t // 8 != j // 8}
 
 
-def test_launch_counter_sees_one_logit_pass_per_apply_and_leaf():
+def test_launch_counter_sees_one_epilogue_per_apply_and_one_dgamma_sum_per_strip():
     """bench/solve_launches counts the GEMM path's launches on the meta device: with a scratch that
-    holds every block whole, one probs pass per apply of the schedule in the forward and one lse
-    strip; in the backward no probs pass: one ds pass per apply (forming dS and gamma*P at once) and
-    per leaf, one delta pass per leaf and one dgamma sum."""
+    holds every block whole, one probs epilogue per apply of the schedule in each direction and one
+    lse strip; at 1x768, T = 32k (128 MiB scratch) the backward's dS blocks sum their dgamma partials
+    once per strip of rows, not once per block."""
     pytest.importorskip("triton")
     from sessa_scale.bench.solve_launches import count_launches
     from sessa_scale.ops.feedback_leaves import schedule
@@ -184,11 +184,35 @@ def test_launch_counter_sees_one_logit_pass_per_apply_and_leaf():
     applies = []
     schedule(T, L, lambda a: None, lambda *blk: applies.append(blk), False, 0, T // L)
     fwd, bwd = count_launches(1, T, 1, 768, 768, SolveConfig(scratch_mib=4096))
-    assert fwd["triton.probs_kernel"] == len(applies) == T // L - 1
+    assert fwd["triton.probs_kernel"] == bwd["triton.probs_kernel"] == len(applies) == T // L - 1
     assert fwd["triton.lse_partial_kernel"] == fwd["triton.lse_reduce_kernel"] == 1
     assert fwd["torch.bmm"] >= T // L  # the leaf products
-    assert bwd["triton.probs_kernel"] == 0 and bwd["triton.ds_kernel"] == len(applies) + T // L
-    assert bwd["triton.delta_kernel"] == T // L and bwd["triton.rowsum_kernel"] == 1
+
+    _, bwd32 = count_launches(1, 32768, 1, 768, 768, SolveConfig())
+    strips, blocks = bwd32["triton.rowsum_kernel"], bwd32["triton.ds_kernel"]
+    assert 1 < strips < blocks
+
+
+def test_ds_blocks_cover_each_causal_pair_once_within_the_scratch_and_cut_the_diagonal_waste():
+    """The GEMM backward's dS blocks: every pair (t, j < t) in exactly one block (keys [0, r1) of its
+    strip tiled without gaps), each block within the scratch's side^2 entries, and what cuBLAS forms
+    beyond the T^2 / 2 causal pairs at most T * side / (2 * aspect) (+ rounding): square blocks
+    (aspect 1) waste T * side / 2."""
+    pytest.importorskip("triton")
+    from sessa_scale.ops.feedback_gemm import ds_blocks
+
+    for T, side, min_rows, aspect in ((130, 32, 16, 2), (131, 48, 16, 2), (1, 32, 16, 2), (32768, 3584, 32, 2),
+                                      (16384, 3584, 32, 4)):
+        rows, formed, pairs = 0, 0, 0
+        for r0, r1, cols in ds_blocks(T, side, min_rows, aspect):
+            assert r0 == rows and r0 < r1 <= T
+            rows = r1
+            assert cols[0][0] == 0 and cols[-1][1] == r1 and all(a[1] == b[0] for a, b in zip(cols, cols[1:]))
+            assert all((r1 - r0) * (c1 - c0) <= side * side for c0, c1 in cols)
+            formed += sum((r1 - r0) * (c1 - c0) for c0, c1 in cols)
+            pairs += sum(range(r0, r1))  # keys j < t of each row t
+        assert rows == T and pairs == T * (T - 1) // 2
+        assert formed - pairs <= T * side // (2 * aspect) + side * side, (T, side, formed - pairs)
 
 
 def test_graph_policy_captures_the_gemm_path_up_to_16k_tokens_of_one_768_head():
