@@ -10,7 +10,7 @@ with --d-model and --heads overriding the width and the forward heads (default D
 (B, T, D) with B = batch_tokens // T, as a block sees them inside the model.
 
 Time: median of --repeats fwd+bwd calls (CUDA-synchronized wall clock, after warm-up); memory:
-max_memory_allocated during a warm fwd+bwd minus what was allocated before the first call
+max_memory_allocated over three warm fwd+bwd calls minus what was allocated before the first call
 (parameters and inputs excluded; parameter gradients and the feedback solve's cached CUDA graphs
 count).
 """
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Blocks of configs/{{transformer,sessa}}/{args.size}.yaml (model.d_model={D}, model.n_heads={H};"
         f" Sessa: one feedback head of width {D}, solver={args.solver}), fp32 parameters, precision {args.precision}"
         f" ({'bf16 autocast, as training' if args.precision == 'bf16' else 'fp32'}), {args.batch_tokens} tokens per"
-        f" step; time = median of {args.repeats} fwd+bwd calls; memory = max_memory_allocated of a warm call minus"
+        f" step; time = median of {args.repeats} fwd+bwd calls; memory = max_memory_allocated over three warm calls minus"
         " what was allocated before the first one (parameter gradients and cached CUDA graphs count)",
         "",
         "| T | B | Transformer ms | Sessa ms | Sessa/Transformer time | Transformer peak MiB | Sessa peak MiB"

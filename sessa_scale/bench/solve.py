@@ -4,8 +4,9 @@ For each (layout, T, impl) one point: inputs q, k: (B, T, H, D); gamma: (B, T, H
 (layout "HxD": H heads with Dk = Dv = D), then s = impl(q, k, gamma, f, 1/sqrt(D)) and
 s.backward(upstream). Reported: the median time of --repeats fwd+bwd calls and the op's PEAK memory:
 
-* CUDA: max_memory_allocated() during a warm fwd+bwd minus memory_allocated() before the first
-  call (the inputs), so memory an op keeps between calls (the Triton solve's CUDA graphs) counts.
+* CUDA: max_memory_allocated() over three warm fwd+bwd calls minus memory_allocated() before the
+  first call (the inputs), so memory an op keeps between calls or captures among them (the Triton
+  solve's CUDA graphs) counts (``bench.cuda_peak_bytes``).
 * CPU (Linux): one fwd+bwd runs in a fresh Python subprocess, which allocates the inputs, resets
   the kernel's peak-RSS mark (/proc/self/clear_refs), reads the peak RSS (VmHWM), runs the call
   and reads it again; the difference is the growth of peak RSS caused by the op. VmHWM is the
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `sessa-scale bench solve {shlex.join(argv if argv is not None else sys.argv[1:])}`"
         " (same as `python -m sessa_scale.bench.solve ...`)",
         f"- dtype {args.dtype}; layout HxD = H heads with Dk = Dv = D; time = median of {args.repeats} fwd+bwd calls",
-        "- Peak memory of the op: " + ("max_memory_allocated of a warm fwd+bwd minus the inputs (cached CUDA graphs count)" if args.device.startswith("cuda") else
+        "- Peak memory of the op: " + ("max_memory_allocated over three warm fwd+bwd calls minus the inputs (cached CUDA graphs count)" if args.device.startswith("cuda") else
             "growth of peak RSS (VmHWM, reset after allocating inputs) over one fwd+bwd, in a fresh subprocess"
             " per point with MALLOC_MMAP_THRESHOLD_=65536 (freed blocks >= 64 KiB go back to the OS)"),
         "",

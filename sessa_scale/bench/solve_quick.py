@@ -6,8 +6,8 @@
     python -m sessa_scale.bench.solve_quick --layouts 6x128 --seq-lens 16384 --profile --configs "default;BWD_WARPS=4"
 
 Implementations: the registry of ``sessa-scale bench solve`` (bench/solve.py IMPLS).
-B = batch_tokens // T; bf16 inputs; fwd+bwd median ms via triton.testing.do_bench, peak memory of a
-warm fwd+bwd (as ``sessa-scale bench solve``).  --configs: the Triton solve under each config
+B = batch_tokens // T; bf16 inputs; fwd+bwd median ms via triton.testing.do_bench, peak memory over
+three warm fwd+bwd calls (as ``sessa-scale bench solve``).  --configs: the Triton solve under each config
 (SolveConfig fields as in SESSA_TRITON_CFG, "default" = the defaults), in this process.  --profile: the
 GPU kernels of three Triton fwd+bwd calls by total time (torch.profiler), against their wall time, under
 each of --configs when given.

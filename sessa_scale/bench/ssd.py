@@ -16,8 +16,8 @@ Implementations (--impls):
   parameters, bf16 autocast, as `bench models`); the report adds n_layers x block time per model,
   so the scan's and the convs' shares of a Mamba-2 layer show next to the Transformer's layer.
 
-Time: median of triton.testing.do_bench over --rep ms; memory: cuda_peak_bytes of a warm fwd+bwd
-beyond the inputs. "rel. err." compares the impl's y with the chunked scan's in float32 on the same
+Time: median of triton.testing.do_bench over --rep ms; memory: cuda_peak_bytes of three warm fwd+bwd
+calls beyond the inputs. "rel. err." compares the impl's y with the chunked scan's in float32 on the same
 inputs (relative L2). A point that fails shows "FAILED" in the table, its traceback goes to stderr,
 and the command exits 1.
 """
@@ -210,7 +210,7 @@ def _report(rows, impls, s, args, argv) -> str:
         f"- {args.size} shapes: SSD {s['H']} heads x P={s['P']}, N={s['N']}, G={s['G']}, chunk {s['chunk']}; attention"
         f" {s['attn_heads']} heads x {s['attn_dim']}, causal; conv = the mixer's 3 depthwise convs (width {s['conv']})"
         f" + SiLU; {args.dtype}; {args.batch_tokens} tokens per call (B = tokens // T)",
-        f"- Time: median of triton.testing.do_bench over {args.rep} ms; peak: max_memory_allocated of a warm fwd+bwd"
+        f"- Time: median of triton.testing.do_bench over {args.rep} ms; peak: max_memory_allocated of three warm fwd+bwd calls"
         " beyond the inputs; rel. err.: y vs the chunked scan in float32 on the same inputs",
         "",
         f"| T | B | impl | fwd ms | fwd+bwd ms | fwd+bwd / {first} | peak MiB | rel. err. |",
