@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from sessa_scale.bench import cuda_peak_bytes, emit_report
+from sessa_scale.bench import WARM_CALLS, cuda_peak_bytes, emit_report
 from sessa_scale.config import load_config
 from sessa_scale.models.registry import ARCHITECTURES
 from sessa_scale.ops.graph_cache import GRAPHS
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Blocks of configs/{{transformer,sessa}}/{args.size}.yaml (model.d_model={D}, model.n_heads={H};"
         f" Sessa: one feedback head of width {D}, solver={args.solver}), fp32 parameters, precision {args.precision}"
         f" ({'bf16 autocast, as training' if args.precision == 'bf16' else 'fp32'}), {args.batch_tokens} tokens per"
-        f" step; time = median of {args.repeats} fwd+bwd calls; memory = max_memory_allocated over three warm calls minus"
+        f" step; time = median of {args.repeats} fwd+bwd calls; memory = max_memory_allocated over {WARM_CALLS} warm calls minus"
         " what was allocated before the first one (parameter gradients and cached CUDA graphs count)",
         "",
         "| T | B | Transformer ms | Sessa ms | Sessa/Transformer time | Transformer peak MiB | Sessa peak MiB"

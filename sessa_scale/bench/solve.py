@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from sessa_scale.bench import cuda_peak_bytes, emit_report
+from sessa_scale.bench import WARM_CALLS, cuda_peak_bytes, emit_report
 from sessa_scale.bench.baselines import fla_deltaformer_solve, sdpa_flash_same_shape
 from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS
 from sessa_scale.ops.ssd import fla_available
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `sessa-scale bench solve {shlex.join(argv if argv is not None else sys.argv[1:])}`"
         " (same as `python -m sessa_scale.bench.solve ...`)",
         f"- dtype {args.dtype}; layout HxD = H heads with Dk = Dv = D; time = median of {args.repeats} fwd+bwd calls",
-        "- Peak memory of the op: " + ("max_memory_allocated over three warm fwd+bwd calls minus the inputs (cached CUDA graphs count)" if args.device.startswith("cuda") else
+        "- Peak memory of the op: " + (f"max_memory_allocated over {WARM_CALLS} warm fwd+bwd calls minus the inputs (cached CUDA graphs count)" if args.device.startswith("cuda") else
             "growth of peak RSS (VmHWM, reset after allocating inputs) over one fwd+bwd, in a fresh subprocess"
             " per point with MALLOC_MMAP_THRESHOLD_=65536 (freed blocks >= 64 KiB go back to the OS)"),
         "",

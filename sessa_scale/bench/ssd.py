@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sessa_scale.bench import cuda_peak_bytes, emit_report
+from sessa_scale.bench import WARM_CALLS, cuda_peak_bytes, emit_report
 from sessa_scale.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -210,7 +210,7 @@ def _report(rows, impls, s, args, argv) -> str:
         f"- {args.size} shapes: SSD {s['H']} heads x P={s['P']}, N={s['N']}, G={s['G']}, chunk {s['chunk']}; attention"
         f" {s['attn_heads']} heads x {s['attn_dim']}, causal; conv = the mixer's 3 depthwise convs (width {s['conv']})"
         f" + SiLU; {args.dtype}; {args.batch_tokens} tokens per call (B = tokens // T)",
-        f"- Time: median of triton.testing.do_bench over {args.rep} ms; peak: max_memory_allocated of three warm fwd+bwd calls"
+        f"- Time: median of triton.testing.do_bench over {args.rep} ms; peak: max_memory_allocated of {WARM_CALLS} warm fwd+bwd calls"
         " beyond the inputs; rel. err.: y vs the chunked scan in float32 on the same inputs",
         "",
         f"| T | B | impl | fwd ms | fwd+bwd ms | fwd+bwd / {first} | peak MiB | rel. err. |",
