@@ -8,9 +8,12 @@ themselves, over Dk in BK chunks on the tensor cores (fp32 accumulation), and ap
 part in registers: no fp32 logits reach memory, only P or dS in the product dtype (into a scratch
 of shape (B*H, R, NC): rows r0 .. r0 + R of the sequence against a block of NC keys) or per-tile
 row partials.  Tiles with no admissible pair skip their products.  Shapes and units as in
-``kernels/feedback.py`` (lse in base 2, qk_scale = scale * log2(e)); q, k are head-major
-(B*H, T, Dk) with strides (sq_bh, sq_t); value-width slabs are head-major (B*H, T, Dv) with
-strides (sx_bh, sx_t), except f ((B, T, H, Dv), strides (sf_b, sf_t)).
+``kernels/feedback.py`` (lse in base 2, qk_scale = scale * log2(e)).  The logit kernels read q, k
+(and lam, s) through TMA descriptors of head-major slabs flattened to (B*H*T, D): head bh's row t is
+slab row bh * T + t (``feedback_gemm.slab_descriptor``); a tile reaching past its head reads the next
+head's rows (or zeros past the slab), and those rows and keys are masked out of everything it writes.
+Other value-width buffers are head-major (B*H, T, Dv) with strides (sx_bh, sx_t), except f
+((B, T, H, Dv), strides (sf_b, sf_t)).
 
 Row sums across tiles go through per-tile partials (B*H, R, NCB), NCB = cdiv(NC, BN), and a small
 memory-bound reduction.  Row lengths NC and strides stay specialized (16-aligned rows load as
@@ -37,25 +40,19 @@ def _tile_rows(r0, R, NC, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _logits(a_ptr, b_ptr, ra, rb, ma, mb, sa_t, sb_t, D, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-            ACC: tl.constexpr, PREC: tl.constexpr):
-    """(BM, BN) tile a[ra] . b[rb]^T over the D columns of two row-major (., D) slabs (row strides
-    sa_t, sb_t), in ACC: chunks of BK columns through the tensor cores (fp32 accumulation)."""
-    dd = tl.arange(0, BK)
-    ap = a_ptr + ra[:, None] * sa_t + dd[None, :]
-    bp = b_ptr + rb[None, :] * sb_t + dd[:, None]  # b's tile loaded transposed: (BK, BN)
+def _logits(a_desc, b_desc, ra, rb, D, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+            PREC: tl.constexpr):
+    """(BM, BN) tile a[ra:ra + BM] . b[rb:rb + BN]^T over the D columns of two (rows, D) slabs read
+    through TMA descriptors (blocks (BM, BK) and (BN, BK)), in ACC: chunks of BK columns through the
+    tensor cores (fp32 accumulation).  Rows past a slab's end and columns past D read as zeros."""
     acc = tl.zeros((BM, BN), dtype=ACC)
     for d0 in range(0, D, BK):
-        a = tl.load(ap, mask=ma[:, None] & (d0 + dd < D)[None, :], other=0.0)
-        b = tl.load(bp, mask=mb[None, :] & (d0 + dd < D)[:, None], other=0.0)
-        acc += _dot(a, b, PREC)
-        ap += BK
-        bp += BK
+        acc += _dot(a_desc.load([ra, d0]), b_desc.load([rb, d0]).T, PREC)
     return acc
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R'])
-def lse_partial_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, r0, R, NC, NCB, Dk, sq_bh, sq_t, sk_bh, sk_t, qk_scale,
+def lse_partial_kernel(q_desc, k_desc, m_ptr, l_ptr, T, r0, R, NC, NCB, Dk, qk_scale,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Per (BM, BN) tile of the logits of rows r0 + i against keys c < NC, formed here from
     q and k (head-major (B*H, T, Dk)): the base-2 max m and sum l = sum 2^(qk_scale q.k - m) over
@@ -66,8 +63,8 @@ def lse_partial_kernel(q_ptr, k_ptr, m_ptr, l_ptr, T, r0, R, NC, NCB, Dk, sq_bh,
     m = tl.full((BM,), -1e30, dtype=ACC)
     l = tl.zeros((BM,), dtype=ACC)
     if tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
-        s = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, cols, imask, cols < NC, sq_t, sk_t, Dk,
-                    BM, BN, BK, ACC, PREC) * qk_scale
+        row, key = bh * T + r0 + tl.program_id(0) * BM, bh * T + tl.program_id(1) * BN  # the tile's first in the slabs
+        s = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC) * qk_scale
         s = tl.where((cols[None, :] < t[:, None]) & m2, s, float("-inf"))
         m = tl.maximum(m, tl.max(s, 1))
         l = tl.sum(tl.exp2(s - m[:, None]), 1)
@@ -98,14 +95,14 @@ def lse_reduce_kernel(m_ptr, l_ptr, lse_ptr, T, r0, R, NCB, BM: tl.constexpr, BN
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'e0', 'sg_b', 'sg_t'])
-def probs_kernel(q_ptr, k_ptr, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, Dk, sq_bh, sq_t, sk_bh, sk_t, sg_b, sg_t,
-                 qk_scale, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def probs_kernel(q_desc, k_desc, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, Dk, sg_b, sg_t, qk_scale,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """P = gamma_t 2^(qk_scale q_t.k_j - lse_t) of an apply's block (rows t = r0 + i, keys j = e0 + c,
     every key before every row: no mask), the logits formed here; -> p (B*H, R, NC) in its dtype."""
     bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
     ACC = lse_ptr.dtype.element_ty
-    a = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, e0 + cols, imask, cols < NC, sq_t, sk_t, Dk,
-                BM, BN, BK, ACC, PREC)
+    row, key = bh * T + r0 + tl.program_id(0) * BM, bh * T + e0 + tl.program_id(1) * BN
+    a = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
     lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
     g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
     p = g[:, None] * tl.exp2(a * qk_scale - lse[:, None])
@@ -113,8 +110,8 @@ def probs_kernel(q_ptr, k_ptr, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, Dk, s
 
 
 @triton.jit(do_not_specialize=['T', 'NL', 'sg_b', 'sg_t'])
-def leaf_probs_kernel(q_ptr, k_ptr, w_ptr, g_ptr, lse_ptr, T, H, L, NL, Dk, sq_bh, sq_t, sk_bh, sk_t, sg_b, sg_t,
-                      qk_scale, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def leaf_probs_kernel(q_desc, k_desc, w_ptr, g_ptr, lse_ptr, T, H, L, NL, Dk, sg_b, sg_t, qk_scale,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """The leaves' blocks of W (B*H, NL*L, L) (ACC) below the diagonal: W[bh, a + i, c] = gamma_t P[t, a + c]
     for c < i, t = a + i < T (a = leaf * L), zero elsewhere (on and above the diagonal, rows past T);
     program (pid_m, pid_n, bh * NL + leaf) writes one (BM, BN) tile, tiles wholly on or above the
@@ -128,8 +125,8 @@ def leaf_probs_kernel(q_ptr, k_ptr, w_ptr, g_ptr, lse_ptr, T, H, L, NL, Dk, sq_b
     w = tl.zeros((BM, BN), dtype=ACC)
     if tl.program_id(1) * BN < tl.program_id(0) * BM + BM - 1:  # some column before some row
         rmask = (i < L) & (t < T)
-        s = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, a + c, rmask, (c < L) & (a + c < T), sq_t, sk_t, Dk,
-                    BM, BN, BK, ACC, PREC)
+        row, key = bh * T + a + tl.program_id(0) * BM, bh * T + a + tl.program_id(1) * BN
+        s = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
         lse = tl.load(lse_ptr + bh * T + t, mask=rmask, other=0.0)
         g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=rmask, other=0.0).to(ACC)
         ok = (c[None, :] < i[:, None]) & rmask[:, None]
@@ -159,11 +156,11 @@ def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'nb0', 'sg_b', 'sg_t'])
-def ds_kernel(q_ptr, k_ptr, lam_ptr, s_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB, nb0,
-              Dk, Dv, sq_bh, sq_t, sk_bh, sk_t, sl_bh, sl_t, ss_bh, ss_t, sg_b, sg_t, qk_scale, scale,
+def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB,
+              nb0, Dk, Dv, sg_b, sg_t, qk_scale, scale,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Rows t = r0 + i, keys j = c0 + c of the softmax backward, forming here the logits q_t.k_j and
-    D = lam_t.s_j (q, k, lam, s head-major; lam, s with strides (sl_bh, sl_t), (ss_bh, ss_t)): dS_scaled = scale P
+    D = lam_t.s_j (q, k, lam, s through slab descriptors): dS_scaled = scale P
     (gamma_t D - delta_t) into ds (B*H, R, NC) (zero for j >= t; its dtype) and the tile's partial
     dgamma sum_j P D into column nb0 + pid_n of dgp (B*H, R, NCB), the partials of a whole strip of
     rows (its blocks at column offsets nb0, one rowsum per strip).  Tiles with no earlier key skip
@@ -173,12 +170,12 @@ def ds_kernel(q_ptr, k_ptr, lam_ptr, s_ptr, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_
     ds = tl.zeros((BM, BN), dtype=ACC)
     dg = tl.zeros((BM,), dtype=ACC)
     if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
-        j, cmask = c0 + cols, cols < NC
-        a = _logits(q_ptr + bh * sq_bh, k_ptr + bh * sk_bh, t, j, imask, cmask, sq_t, sk_t, Dk, BM, BN, BK, ACC, PREC)
+        j = c0 + cols
+        row, key = bh * T + r0 + tl.program_id(0) * BM, bh * T + c0 + tl.program_id(1) * BN
+        a = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
         lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
         p = tl.where((j[None, :] < t[:, None]) & m2, tl.exp2(a * qk_scale - lse[:, None]), 0.0)
-        d = _logits(lam_ptr + bh * sl_bh, s_ptr + bh * ss_bh, t, j, imask, cmask, sl_t, ss_t, Dv, BM, BN, BK, ACC,
-                    PREC)
+        d = _logits(lam_desc, s_desc, row, key, Dv, BM, BN, BK, ACC, PREC)
         dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
         g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
         dg = tl.sum(p * d, 1)

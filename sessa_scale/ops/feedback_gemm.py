@@ -7,9 +7,15 @@ and writes gamma*P (or dS and dgamma partials) in the product dtype into a scrat
 takes its product with S / Lam / k / q.  The row statistics need no scratch (per-tile partials).
 Rows go in chunks that keep the scratch within ``scratch_mib``.  Value-width buffers are
 head-major (B*H, T, Dv) so that every product is one batched GEMM; the op's (B, T, H, .) results
-are views of them (copies of q, k are made only for H > 1).  Memory per call: X or Y (ACC), S,
+are views of them.  The logit kernels read q, k, Lam, S through TMA descriptors (``tma_slab``:
+copies only for H > 1 or rows a descriptor cannot address).  Memory per call: X or Y (ACC), S,
 Lam (product dtype), W (B*H*T*L ACC, freed after each pass), the scratch, and ACC dq, dk
 accumulators in the backward.
+
+CUDA context: Triton encodes a TMA descriptor at each launch with the CUDA driver, in the thread's
+current context.  A thread that has made no CUDA runtime call yet has none (the autograd engine's
+device thread when this op's backward is the first work there: "invalid device context"), so
+forward and backward begin with a torch launch on the device, which makes its context current.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import math
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops.feedback_leaves import (
@@ -33,6 +40,27 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     """(B, T, H, D) -> (B*H, T, D): a view for one head, a copy otherwise."""
     B, T, H, D = x.shape
     return x[:, :, 0] if H == 1 else x.transpose(1, 2).reshape(B * H, T, D)
+
+
+def tma_slab(x: torch.Tensor) -> torch.Tensor:
+    """x (B*H, T, D) itself where a TMA descriptor can read it as the slab (B*H*T, D): unit last
+    stride, heads T rows apart, rows and start 16-byte aligned; otherwise such a copy (rows padded)."""
+    BH, T, D = x.shape
+    aligned = (x.stride(1) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+    if x.stride(2) == 1 and (BH == 1 or x.stride(0) == T * x.stride(1)) and aligned:
+        return x
+    per_16_bytes = 16 // x.element_size()
+    padded = torch.empty((BH, T, triton.cdiv(D, per_16_bytes) * per_16_bytes), dtype=x.dtype, device=x.device)
+    padded = padded[..., :D]
+    padded.copy_(x)
+    return padded
+
+
+def slab_descriptor(x: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor:
+    """TMA descriptor of x (B*H, T, D) (as tma_slab returns it) read as the slab (B*H*T, D) in
+    (block_rows, block_cols) blocks; reads past the slab give zeros."""
+    BH, T, D = x.shape
+    return TensorDescriptor(x, [BH * T, D], [x.stride(1), 1], [block_rows, block_cols])
 
 
 def head_layout(B: int, T: int, H: int, D: int) -> tuple[int, ...]:
@@ -81,12 +109,15 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 class _Blocks:
-    """The pieces one call's blocks share: head-major q, k, the scratch, the epilogue launches."""
+    """The pieces one call's blocks share: head-major q, k (and their TMA descriptors), the scratch,
+    the epilogue launches."""
 
     def __init__(self, q, k, gamma, lse, scale: float, cfg):
         self.B, self.T, self.H, self.Dk = q.shape
         self.BH, self.gamma, self.lse, self.cfg = self.B * self.H, gamma, lse, cfg
-        self.qh, self.kh = _heads_first(q), _heads_first(k)
+        self.qh, self.kh = tma_slab(_heads_first(q)), tma_slab(_heads_first(k))
+        self.q_rows = slab_descriptor(self.qh, cfg.LOGIT_BM, cfg.LOGIT_BK)  # rows of a logit tile
+        self.k_keys = slab_descriptor(self.kh, cfg.LOGIT_BN, cfg.LOGIT_BK)  # keys of a LOGIT_BN-wide tile
         self.acc, self.pdt, self.scale, self.qk_scale = lse.dtype, q.dtype, scale, scale * LOG2E
         # bytes per entry of an ACC buffer and of a product-dtype one (the scratch holds P or dS)
         self.acc_bytes, self.pdt_bytes = (torch.finfo(dt).bits // 8 for dt in (self.acc, self.pdt))
@@ -95,7 +126,6 @@ class _Blocks:
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
         self.logit = dict(BM=cfg.LOGIT_BM, BK=cfg.LOGIT_BK, PREC="ieee",
                           **launch_options(cfg.LOGIT_WARPS, cfg.LOGIT_STAGES))
-        self.qk_strides = (self.qh.stride(0), self.qh.stride(1), self.kh.stride(0), self.kh.stride(1))
 
     def lines_per_chunk(self, length: int, bytes_per_entry: int, extra_bytes: int = 0) -> int:
         """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch
@@ -134,7 +164,7 @@ class _Blocks:
         products of leaf_inverses on the tensor cores (its diagonal inverses follow)."""
         L, NL, BN = self.cfg.L, W.shape[1] // self.cfg.L, self.cfg.LOGIT_BN
         G.leaf_probs_kernel[(triton.cdiv(L, self.cfg.LOGIT_BM), triton.cdiv(L, BN), self.BH * NL)](
-            self.qh, self.kh, W, self.gamma, self.lse, self.T, self.H, L, NL, self.Dk, *self.qk_strides,
+            self.q_rows, self.k_keys, W, self.gamma, self.lse, self.T, self.H, L, NL, self.Dk,
             self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, BN=BN, **self.logit)
 
     def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
@@ -142,7 +172,7 @@ class _Blocks:
         R, NC, BN = r1 - r0, e1 - e0, self.cfg.LOGIT_BN
         (P,) = self.views(R, NC, self.pdt)
         G.probs_kernel[self.grid(R, NC, BN)](
-            self.qh, self.kh, P, self.gamma, self.lse, self.T, self.H, r0, R, e0, NC, self.Dk, *self.qk_strides,
+            self.q_rows, self.k_keys, P, self.gamma, self.lse, self.T, self.H, r0, R, e0, NC, self.Dk,
             self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, BN=BN, **self.logit)
         return P
 
@@ -183,8 +213,7 @@ def _lse(blocks: _Blocks, later_bytes: int) -> None:
         R, NCB = r1 - r0, triton.cdiv(r1, BN)
         m, l = (new_buffer((BH, R, NCB), blocks.acc, blocks.qh.device) for _ in range(2))
         G.lse_partial_kernel[blocks.grid(R, r1, BN)](
-            blocks.qh, blocks.kh, m, l, T, r0, R, r1, NCB, blocks.Dk, *blocks.qk_strides, blocks.qk_scale,
-            BN=BN, **blocks.logit)
+            blocks.q_rows, blocks.k_keys, m, l, T, r0, R, r1, NCB, blocks.Dk, blocks.qk_scale, BN=BN, **blocks.logit)
         G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
 
 
@@ -196,10 +225,11 @@ def forward(q, k, gamma, f, outs, scale: float, cfg) -> None:
     acc = lse.dtype
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
     NL = triton.cdiv(T, cfg.L)
-    _lse(blocks, B * H * (NL * cfg.L * cfg.L + T * Dv) * blocks.acc_bytes)  # the memory of W and X
-    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)
+    # a torch launch first (see "CUDA context" in the module docstring)
     X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
+    _lse(blocks, B * H * NL * cfg.L * cfg.L * blocks.acc_bytes)  # the memory of W
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)
     solutions = [outs[0], *outs[2:]]
     schedule(T, cfg.L, lambda a: _leaf(W, X, solutions, a, cfg.L, False),
              lambda *blk: blocks.apply(*blk, outs[0], X, False), False, 0, triton.cdiv(T, cfg.L))
@@ -224,9 +254,9 @@ def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
     acc, pdt = lse.dtype, S.dtype
     dq_out, dk_out, dgamma, Lam = outs[:4]
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
-    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)  # recomputed: cheaper than keeping it
-    Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
+    Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)  # first: a torch launch ("CUDA context")
     Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)  # recomputed: cheaper than keeping it
     schedule(T, cfg.L, lambda a: _leaf(W, Y, outs[3:], a, cfg.L, True),
              lambda *blk: blocks.apply(*blk, Lam, Y, True), True, 0, triton.cdiv(T, cfg.L))
     del W, Y
@@ -240,6 +270,9 @@ def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
               for out in (dq_out, dk_out))
     dg = new_buffer((B * H, T), acc, q.device)
     side, BN = blocks.block_side(blocks.pdt_bytes), cfg.DS_BN
+    k_keys = slab_descriptor(blocks.kh, BN, cfg.LOGIT_BK)  # dS tiles are DS_BN keys wide
+    lam_rows = slab_descriptor(tma_slab(Lam), cfg.LOGIT_BM, cfg.LOGIT_BK)
+    s_keys = slab_descriptor(tma_slab(S), BN, cfg.LOGIT_BK)
     for r0, r1, col_blocks in ds_blocks(T, side, cfg.LOGIT_BM, cfg.ds_aspect):
         R = r1 - r0
         # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
@@ -249,9 +282,8 @@ def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
             NC = c1 - c0
             (dS,) = blocks.views(R, NC, pdt)
             G.ds_kernel[blocks.grid(R, NC, BN)](
-                blocks.qh, blocks.kh, Lam, S, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1], nb, Dk, Dv,
-                *blocks.qk_strides, Lam.stride(0), Lam.stride(1), S.stride(0), S.stride(1), gamma.stride(0),
-                gamma.stride(1), blocks.qk_scale, scale, BN=BN, **blocks.logit)
+                blocks.q_rows, k_keys, lam_rows, s_keys, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1],
+                nb, Dk, Dv, gamma.stride(0), gamma.stride(1), blocks.qk_scale, scale, BN=BN, **blocks.logit)
             _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
             _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
         G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, nb0[-1], **blocks.epi)

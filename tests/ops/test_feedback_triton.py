@@ -107,9 +107,18 @@ def _interp_worker(dtype_name: str) -> None:
         _check_against_dense(with_config(fuse_dk=0), 2, 70, 1, 24, 40, dtype, "cpu", seed=8, tol_s=tol, tol_g=tol)
         print(f"ok {dtype_name} fused fuse_dk=0", flush=True)
 
+        # The GEMM path's TMA reads where it must copy (feedback_gemm.tma_slab): q, k as views whose
+        # batches are not T rows apart, and an odd value width (Lam's and S's rows not 16-byte aligned).
+        def gemm_on_strided_views(q, k, g, f, scale):
+            q, k = (torch.cat([x, x[:, :3]], 1)[:, :x.shape[1]] for x in (q, k))
+            return with_config(gemm=1)(q, k, g, f, scale)
+
+        _check_against_dense(gemm_on_strided_views, 2, 33, 1, 24, 19, dtype, "cpu", seed=9, tol_s=tol, tol_g=tol)
+        print(f"ok {dtype_name} gemm odd widths, strided q and k", flush=True)
+
 
 def _interp_expected(dtype_name: str) -> int:
-    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 3
+    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 4
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -431,6 +440,40 @@ def _op_peak_bytes(impl, inputs, ds, scale) -> int:
         impl(*inputs, scale).backward(ds)
 
     return cuda_peak_bytes(fwd_bwd, warm=True)
+
+
+# The GEMM path's backward as the first CUDA work of the autograd engine's device thread (a fresh
+# process, eager calls; `s.backward(ds)` so that no other backward op runs there before it, and
+# freed blocks cached for all its buffers, so that no cudaMalloc, a runtime call, comes first).
+_BACKWARD_FIRST_ON_ITS_THREAD = """
+import torch
+from sessa_scale.ops.feedback_triton import SolveConfig, feedback_solve_triton
+x = [torch.randn(1, 300, 1, 320, device="cuda", requires_grad=True) for _ in range(3)]
+gamma = torch.rand(1, 300, 1, device="cuda", requires_grad=True)
+s = feedback_solve_triton(x[0], x[1], gamma, x[2], 0.05, config=SolveConfig(gemm=1, graphs=0))
+ds = torch.randn_like(s)
+cached = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in [1 << 28] + [1 << 18] * 256]
+del cached
+s.backward(ds)
+torch.cuda.synchronize()
+print("finite", all(bool(torch.isfinite(t.grad).all()) for t in (*x, gamma)))
+"""
+
+
+@gpu
+@needs_cuda
+def test_gpu_gemm_backward_first_on_the_autograd_thread():
+    """The autograd engine's device thread has no current CUDA context until a runtime call there; the
+    GEMM path's TMA descriptors are encoded in the current context, so a backward that began with a
+    logit launch failed there ("invalid device context")."""
+    import subprocess
+
+    from tests.helpers import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", _BACKWARD_FIRST_ON_ITS_THREAD], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0 and "finite True" in proc.stdout, proc.stderr[-3000:]
 
 
 @gpu
