@@ -23,9 +23,9 @@ each pass); between forward and backward only the solution and the row statistic
 
 CUDA graphs: a call issues tens to hundreds of kernels, and at short sequences their CPU launch
 cost, not the GPU, sets the time; on the GEMM path (a sequential chain of leaf products and small
-applies, ~5 launches per leaf, ~30 us of CPU each) also up to T = 16k.  On CUDA, calls with T <=
-``graph_max_T`` (fused path) or ``graph_max_T_gemm`` (GEMM path), and at most ``graph_max_elements``
-= B*T*H*(Dk+Dv), are captured from the second call of a shape on (forward and backward separately)
+applies, ~5 launches per leaf, ~30-70 us of CPU each) also up to T = 32k.  On CUDA, calls with T <=
+``graph_max_T`` (fused path) or ``graph_max_T_gemm`` (GEMM path), and B*T*H*(Dk+Dv) at most
+``graph_max_elements`` (``_gemm``), are captured from the second call of a shape on (forward and backward separately)
 and replayed (``graph_cache.GRAPHS``): the op allocates its results for every call and a graph
 writes them; a graph captured for the call's own tensor addresses (the steady state of a training
 loop) reads and writes them in place, other calls of the shape copy in and out of a graph's static
@@ -93,8 +93,10 @@ class SolveConfig:
     ds_aspect: int = 2
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
     graph_max_T: int = 4096  # ... fused path: only for sequences this short (launch-bound; longer ones hide their launches)
-    graph_max_T_gemm: int = 16384  # ... GEMM path: up to this length (its leaf chain is launch-bound up to ~16k)
-    graph_max_elements: int = 1 << 25  # ... and B*T*H*(Dk+Dv) at most this (a graph's buffers cost memory)
+    graph_max_T_gemm: int = 32768  # ... GEMM path: up to this length (its leaf chain's launches, ~360 at 32k, cost the
+    # host more than the GPU needs for them: 1x768 at 32k 19.7 ms eager, 16.2 ms replayed, +64 MiB)
+    graph_max_elements: int = 1 << 25  # ... fused path: and B*T*H*(Dk+Dv) at most this (a graph's buffers cost memory)
+    graph_max_elements_gemm: int = 1 << 26  # ... GEMM path: the same bound (1x768 at 32k: 2^25.6)
     # Resolved by _fit from the shapes (not settings): Dk, Dv and the leaf-prep Dk chunk as tile widths.
     BK: int = 0
     BV: int = 0
@@ -178,9 +180,10 @@ def _prep(q, k, gamma, f):
 
 def graph_eligible(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig) -> bool:
     """Whether CUDA calls of shape (B, T, H, Dk|Dv) under cfg (resolved by _fit: cfg.gemm is the
-    path) are captured as CUDA graphs: T within the path's limit, B*T*H*(Dk+Dv) within graph_max_elements."""
-    max_T = cfg.graph_max_T_gemm if cfg.gemm else cfg.graph_max_T
-    return cfg.graphs == 1 and T <= max_T and B * T * H * (Dk + Dv) <= cfg.graph_max_elements
+    path) are captured as CUDA graphs: T and B*T*H*(Dk+Dv) within the path's limits."""
+    max_T, max_elements = ((cfg.graph_max_T_gemm, cfg.graph_max_elements_gemm) if cfg.gemm
+                           else (cfg.graph_max_T, cfg.graph_max_elements))
+    return cfg.graphs == 1 and T <= max_T and B * T * H * (Dk + Dv) <= max_elements
 
 
 def _backward_input_bytes(q, k, gamma, f) -> int:
@@ -252,7 +255,7 @@ class _TritonFeedbackSolve(torch.autograd.Function):
 def feedback_solve_triton(q, k, gamma, f, scale: float, config: SolveConfig | None = None):
     """Triton feedback solve (see module docstring). ``config`` (default DEFAULT_CONFIG) sets the
     tile sizes, the path and the CUDA-graph policy (``graphs``, ``graph_max_T``, ``graph_max_T_gemm``,
-    ``graph_max_elements``)."""
+    ``graph_max_elements``, ``graph_max_elements_gemm``)."""
     if config is None:
         config = DEFAULT_CONFIG
     if q.device.type == "cuda" and any(t.dtype == torch.float64 for t in (q, k, gamma, f)):

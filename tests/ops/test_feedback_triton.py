@@ -224,9 +224,9 @@ def test_ds_blocks_cover_each_causal_pair_once_within_the_scratch_and_cut_the_di
         assert formed - pairs <= T * side // (2 * aspect) + side * side, (T, side, formed - pairs)
 
 
-def test_graph_policy_captures_the_gemm_path_up_to_16k_tokens_of_one_768_head():
-    """CUDA graphs: the GEMM path (launch-bound leaf chain) up to T = 16k, the fused path up to 4k,
-    both within graph_max_elements (1x768 at T = 32k is not captured: its static buffers)."""
+def test_graph_policy_captures_the_gemm_path_up_to_32k_tokens_of_one_768_head():
+    """CUDA graphs: the GEMM path (launch-bound leaf chain) up to T = 32k and 2^26 elements, the fused
+    path up to 4k and 2^25 (its graphs at 8k cost more memory than they save time)."""
     pytest.importorskip("triton")
     from sessa_scale.ops.feedback_triton import SolveConfig, _fit, graph_eligible
 
@@ -234,8 +234,8 @@ def test_graph_policy_captures_the_gemm_path_up_to_16k_tokens_of_one_768_head():
         return graph_eligible(B, T, H, D, D, _fit(SolveConfig(), T, D, D, 2))
 
     assert captured(8, 2048, 1, 768) and captured(2, 8192, 1, 768) and captured(1, 16384, 1, 768)
-    assert not captured(1, 32768, 1, 768)
-    assert captured(8, 2048, 6, 128) and not captured(2, 8192, 6, 128)
+    assert captured(1, 32768, 1, 768) and not captured(2, 32768, 1, 768) and not captured(1, 65536, 1, 768)
+    assert captured(8, 2048, 6, 128) and not captured(2, 8192, 6, 128) and not captured(16, 4096, 6, 128)
     assert not graph_eligible(2, 8192, 1, 768, 768, _fit(SolveConfig(graphs=0), 8192, 768, 768, 2))
 
 
