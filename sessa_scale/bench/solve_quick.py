@@ -10,7 +10,7 @@ B = batch_tokens // T; bf16 inputs; fwd+bwd median ms via triton.testing.do_benc
 three warm fwd+bwd calls (as ``sessa-scale bench solve``).  --configs: the Triton solve under each config
 (SolveConfig fields as in SESSA_TRITON_CFG, "default" = the defaults), in this process.  --profile: the
 GPU kernels of three Triton fwd+bwd calls by total time (torch.profiler), against their wall time, under
-each of --configs when given.
+each of --configs when given, with the host's time to issue a call beside the call's synchronized time.
 Markdown tables go to stdout and, with --out, to a file.  The committed benchmark tables come from
 `sessa-scale bench solve` / `bench layer`.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -46,13 +47,30 @@ def point(fn) -> tuple[float, int]:
     return triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median"), peak
 
 
+def host_and_synchronized_ms(fn, calls: int = 7) -> tuple[float, float]:
+    """Medians over `calls` fwd+bwd calls, each begun on an idle GPU: the host's time to issue the call
+    (until fn returns) and the call's synchronized time.  Close together: the host sets the pace."""
+    host, synchronized = [], []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        host.append(t1 - t0)
+        synchronized.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(host), 1e3 * statistics.median(synchronized)
+
+
 def profile(fn, calls: int = 3, top: int = 14) -> list[str]:
-    """Markdown rows: the GPU kernels of `calls` fwd+bwd calls by total time, the wall time, and how
-    the solve's forwards and backwards ran (graph_cache.GRAPHS.counts over the 2 + `calls` calls)."""
+    """Markdown rows: the host's issue time and the synchronized time of a call
+    (host_and_synchronized_ms), the GPU kernels of `calls` fwd+bwd calls by total time, the wall
+    time under the profiler, and how the solve's forwards and backwards ran (graph_cache.GRAPHS.counts
+    over all 9 + `calls` calls)."""
     clear_graphs()
     fn()
     fn()  # compiled, and captured where CUDA graphs apply
-    torch.cuda.synchronize()
+    host, synchronized = host_and_synchronized_ms(fn)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(calls):
@@ -67,7 +85,8 @@ def profile(fn, calls: int = 3, top: int = 14) -> list[str]:
             launches[name] += 1
     total = sum(per_kernel.values())
     graph_calls = ", ".join(f"{k} {v}" for k, v in sorted(GRAPHS.counts.items())) or "none"
-    rows = [f"| wall per call | {1e3 * wall:.2f} ms | GPU busy {total / 1e3:.2f} ms |",
+    rows = [f"| host issue per call (no profiler) | {host:.2f} ms | synchronized {synchronized:.2f} ms |",
+            f"| wall per call (profiled) | {1e3 * wall:.2f} ms | GPU busy {total / 1e3:.2f} ms |",
             f"| forwards and backwards by graph mode | {graph_calls} | |"]
     for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]:
         rows.append(f"| `{name}` | {us / 1e3:.3f} ms | {launches[name] // calls} per call |")
