@@ -153,7 +153,7 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         FWD_BM=max(fwd_bn, cfg.FWD_BM // h), FWD_BN=fwd_bn, DQ_BM=max(dq_bn, cfg.DQ_BM // h), DQ_BN=dq_bn,
         BWD_BM=bwd_bm, BWD_BN=max(16, min(cfg.BWD_BN // h, bwd_bm)),
         STAGES=cfg.STAGES if h == 1 else min(cfg.STAGES, 2),
-        MERGE_GEMM_MIN=cfg.MERGE_GEMM_MIN if gemm else 0,  # the fused path's leaves merge in the kernels
+        MERGE_GEMM_MIN=cfg.MERGE_GEMM_MIN if gemm else 0,  # fused path (L <= 512): cuBLAS levels measured no faster
         # fp32 / fp64 inputs (FMA dots): logit tiles of half the keys and head width, at most 2 stages
         LOGIT_BN=cfg.LOGIT_BN if elem_bytes <= 2 else max(16, cfg.LOGIT_BN // 2),
         DS_BN=cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2),

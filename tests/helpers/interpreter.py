@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import repo_first_pythonpath
 
 
 def run_interpreter_worker(test_file: str, *args: str, timeout: int = 900) -> str:
     """The worker's stdout; fails the calling test with the worker's output when it exits non-zero."""
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": repo_first_pythonpath()}
     proc = subprocess.run([sys.executable, str(Path(test_file).resolve()), "--interp-worker", *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import repo_first_pythonpath
 
 SHORT_RUN = [
     "data.seq_len=32",
@@ -42,7 +42,7 @@ def start_cli_train(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     """`python -m sessa_scale train OVERRIDES run.dir=RUN_DIR` in a fresh process (this checkout first on
     PYTHONPATH, its own one-process group), output captured; finish_cli_train waits for it."""
     args = [sys.executable, "-m", "sessa_scale", "train", *overrides, f"run.dir={run_dir}"]
-    env = single_process_env(PYTHONPATH=f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = single_process_env(PYTHONPATH=repo_first_pythonpath())
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
 
 

@@ -468,9 +468,9 @@ def test_gpu_gemm_backward_first_on_the_autograd_thread():
     logit launch failed there ("invalid device context")."""
     import subprocess
 
-    from tests.helpers import REPO_ROOT
+    from tests.helpers import repo_first_pythonpath
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": repo_first_pythonpath()}
     proc = subprocess.run([sys.executable, "-c", _BACKWARD_FIRST_ON_ITS_THREAD], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0 and "finite True" in proc.stdout, proc.stderr[-3000:]
