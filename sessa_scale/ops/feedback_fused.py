@@ -5,8 +5,9 @@ size T x T is ever written (``kernels/feedback.py``).
 Layouts as the op (``sessa_scale/ops/feedback_triton.py``): q, k (B, T, H, Dk) in the product
 dtype with head stride Dk and unit last stride, gamma (B, T, H) contiguous, f (B, T, H, Dv) with
 head stride Dv and unit last stride.  Work buffers (B, T, H, Dv) contiguous.  Memory per call:
-forward X (ACC) + S (product dtype) + W (B*H*T*L ACC, freed on return), backward Y (ACC) + Lam +
-W again (recomputed, not kept between the passes) + an ACC dk accumulator with ``fuse_dk``.
+forward X (ACC) + S (product dtype) + W (B*H*T*L ACC: the caller's buffer when it keeps W for the
+backward, else freed on return), backward Y (ACC) + Lam + W (the forward's, or recomputed) + an ACC dk
+accumulator with ``fuse_dk``.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ def solution_view(S: torch.Tensor, shape) -> torch.Tensor:
     return S
 
 
-def forward(q, k, gamma, f, outs, scale: float, cfg) -> None:
+def forward(q, k, gamma, f, outs, scale: float, cfg, W=None) -> None:
     """Writes outs = (S, lse) or (S, lse, S2): the solution S in q's (product) dtype, what the
     backward reads, the row statistics lse (B*H, T) in ACC, base 2, and S2, the solution in f's
-    dtype when that differs (head_layout buffers)."""
+    dtype when that differs (head_layout buffers); and the leaf inverses into W when given."""
     B, T, H, Dk = q.shape
     Dv = f.shape[-1]
     S, lse, S2 = outs if len(outs) == 3 else (*outs, None)
@@ -59,7 +60,7 @@ def forward(q, k, gamma, f, outs, scale: float, cfg) -> None:
     K.lse_kernel[(triton.cdiv(T, cfg.FWD_BM), BH)](
         q, k, lse, T, H, Dk, qk_scale, *_rows(q), *_rows(k),
         BM=cfg.FWD_BM, BN=cfg.FWD_BN, BK=cfg.BK, PREC="ieee", **launch_options(cfg.FWD_WARPS, cfg.STAGES))
-    W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale)
+    W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale, W=W)
     X = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
     X.copy_(f)
     sx, L = _rows(X), cfg.L
@@ -73,15 +74,17 @@ def forward(q, k, gamma, f, outs, scale: float, cfg) -> None:
     schedule(T, L, lambda a: _leaf(W, X, S, S2, a, cfg, False), apply, False, 0, triton.cdiv(T, L))
 
 
-def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
+def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg, W=None) -> None:
     """Writes outs = (dq, dk, dgamma, Lam) or (..., Lam, Lam2) in their dtypes: Lam, the solution of
-    the transposed system (df), in the product dtype, and Lam2, df in f's dtype when that differs."""
+    the transposed system (df), in the product dtype, and Lam2, df in f's dtype when that differs.
+    W: the forward's leaf inverses (None: recomputed here)."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
     dq, dk, dgamma, Lam, Lam2 = outs if len(outs) == 5 else (*outs, None)
     acc, BH = lse.dtype, B * H
     qk_scale = scale * LOG2E
-    W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale)  # recomputed: cheaper than keeping it
+    if W is None:
+        W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale)
     Y = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
     Y.copy_(ds)
     delta = new_buffer((BH, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t), from each leaf product

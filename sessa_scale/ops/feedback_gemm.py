@@ -9,8 +9,8 @@ Rows go in chunks that keep the scratch within ``scratch_mib``.  Value-width buf
 head-major (B*H, T, Dv) so that every product is one batched GEMM; the op's (B, T, H, .) results
 are views of them.  The logit kernels read q, k, Lam, S through TMA descriptors (``tma_slab``:
 copies only for H > 1 or rows a descriptor cannot address).  Memory per call: X or Y (ACC), S,
-Lam (product dtype), W (B*H*T*L ACC, freed after each pass), the scratch, and ACC dq, dk
-accumulators in the backward.
+Lam (product dtype), W (B*H*T*L ACC: kept from the forward by the caller, or freed after each
+pass and recomputed), the scratch, and ACC dq, dk accumulators in the backward.
 
 CUDA context: Triton encodes a TMA descriptor at each launch with the CUDA driver, in the thread's
 current context.  A thread that has made no CUDA runtime call yet has none (the autograd engine's
@@ -217,8 +217,8 @@ def _lse(blocks: _Blocks, later_bytes: int) -> None:
         G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
 
 
-def forward(q, k, gamma, f, outs, scale: float, cfg) -> None:
-    """Writes outs as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv)."""
+def forward(q, k, gamma, f, outs, scale: float, cfg, W=None) -> None:
+    """Writes outs (and W) as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv)."""
     B, T, H, Dk = q.shape
     Dv = f.shape[-1]
     lse = outs[1]
@@ -228,8 +228,8 @@ def forward(q, k, gamma, f, outs, scale: float, cfg) -> None:
     # a torch launch first (see "CUDA context" in the module docstring)
     X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
-    _lse(blocks, B * H * NL * cfg.L * cfg.L * blocks.acc_bytes)  # the memory of W
-    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)
+    _lse(blocks, 0 if W is not None else B * H * NL * cfg.L * cfg.L * blocks.acc_bytes)  # the memory of W
+    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below, W)
     solutions = [outs[0], *outs[2:]]
     schedule(T, cfg.L, lambda a: _leaf(W, X, solutions, a, cfg.L, False),
              lambda *blk: blocks.apply(*blk, outs[0], X, False), False, 0, triton.cdiv(T, cfg.L))
@@ -247,8 +247,9 @@ def ds_blocks(T: int, side: int, min_rows: int, aspect: int) -> list[tuple[int, 
             for r0 in range(0, T, R)]
 
 
-def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
-    """Writes outs as ``feedback_fused.backward``: dq, dk, Lam (and Lam2) head-major, dgamma (B, T, H)."""
+def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg, W=None) -> None:
+    """Writes outs as ``feedback_fused.backward``: dq, dk, Lam (and Lam2) head-major, dgamma (B, T, H);
+    W: the forward's leaf inverses (None: recomputed here)."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
     acc, pdt = lse.dtype, S.dtype
@@ -256,7 +257,8 @@ def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg) -> None:
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
     Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)  # first: a torch launch ("CUDA context")
     Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
-    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)  # recomputed: cheaper than keeping it
+    if W is None:
+        W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)
     schedule(T, cfg.L, lambda a: _leaf(W, Y, outs[3:], a, cfg.L, True),
              lambda *blk: blocks.apply(*blk, Lam, Y, True), True, 0, triton.cdiv(T, cfg.L))
     del W, Y

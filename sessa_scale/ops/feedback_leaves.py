@@ -37,17 +37,24 @@ def fp32_matmul(prec: str = "ieee"):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float, fill_below=None) -> torch.Tensor:
+def leaf_inverse_shape(B: int, T: int, H: int, L: int) -> tuple[int, int, int]:
+    """Shape of the leaf inverses W of leaf_inverses: (B*H, NL*L, L), NL = cdiv(T, L) leaves."""
+    return B * H, triton.cdiv(T, L) * L, L
+
+
+def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float, fill_below=None, W=None) -> torch.Tensor:
     """W (B*H, NL*L, L) in lse's dtype: per leaf of cfg.L rows the inverse N of (I - gamma*P_leaf),
     lower triangular (rows past T padded with identity), its fp32 products in TF32 for half-precision
     inputs (as the leaf products).  q, k (B, T, H, Dk) (head stride Dk,
     unit last stride), gamma (B, T, H) contiguous, lse (B*H, T) in base 2.  fill_below(W), when
     given, writes each leaf's gamma*P strictly below the diagonal and zeros elsewhere (the GEMM path,
-    on the tensor cores); leaf_prep_kernel then writes only the diagonal blocks' inverses."""
+    on the tensor cores); leaf_prep_kernel then writes only the diagonal blocks' inverses.  W, when
+    given (leaf_inverse_shape, lse's dtype, contiguous), is written instead of a new buffer."""
     B, T, H, Dk = q.shape
     C, L = cfg.C, cfg.L
     NL = triton.cdiv(T, L)
-    W = new_buffer((B * H, NL * L, L), lse.dtype, q.device)
+    if W is None:
+        W = new_buffer(leaf_inverse_shape(B, T, H, L), lse.dtype, q.device)
     if fill_below is not None:
         fill_below(W)
     K.leaf_prep_kernel[(NL * L // C, B * H)](

@@ -18,8 +18,9 @@ Two paths compute the products:
 * GEMM (``feedback_gemm.py``; wider heads): cuBLAS for the logits and products of row blocks,
   memory-bound Triton epilogues for the softmax parts; a bounded scratch (``scratch_mib``).
 
-Memory per call: O(B*H*T*(Dk + Dv)) work buffers plus the leaf inverses (B*H*T*L, freed after
-each pass); between forward and backward only the solution and the row statistics are kept.
+Memory per call: O(B*H*T*(Dk + Dv)) work buffers plus the leaf inverses W (B*H*T*L in ACC);
+between forward and backward the solution, the row statistics and (``keep_leaf_inverses``, the
+default) W are kept; with keep_leaf_inverses = 0 the backward recomputes W instead.
 
 CUDA graphs: a call issues tens to hundreds of kernels, and at short sequences their CPU launch
 cost, not the GPU, sets the time; on the GEMM path (a sequential chain of leaf products and small
@@ -45,6 +46,7 @@ import torch
 import triton
 
 from sessa_scale.ops import feedback_fused, feedback_gemm
+from sessa_scale.ops.feedback_leaves import leaf_inverse_shape
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 from sessa_scale.ops.feedback_reference import acc_dtype
 from sessa_scale.ops.graph_cache import GRAPHS
@@ -91,8 +93,12 @@ class SolveConfig:
     # GEMM backward: dS blocks of side / ds_aspect rows x side * ds_aspect keys (side^2 fills the scratch;
     # 1: square; larger: less of the diagonal squares formed in vain, thinner dq products)
     ds_aspect: int = 2
+    # the forward's leaf inverses W are saved for the backward (1) or recomputed there (0): the backward
+    # skips their products and merges (6x128 at 2k: ~10% of a call) for B*H*T*L*4 bytes held between the
+    # passes (per token and layer: H*L*4 bytes, 12 KiB for 6x128 at L = 512, 4 KiB for 1x768 at L_gemm = 1024)
+    keep_leaf_inverses: int = 1
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
-    graph_max_T: int = 4096  # ... fused path: only for sequences this short (launch-bound; longer ones hide their launches)
+    graph_max_T: int = 16384  # ... fused path: up to this length (141 launches per call at 16k, tens of us of host each)
     graph_max_T_gemm: int = 32768  # ... GEMM path: up to this length (its leaf chain's launches, ~360 at 32k, cost the
     # host more than the GPU needs for them: 1x768 at 32k 19.7 ms eager, 16.2 ms replayed, +64 MiB)
     graph_max_elements: int = 1 << 25  # ... fused path: and B*T*H*(Dk+Dv) at most this (a graph's buffers cost memory)
@@ -186,12 +192,12 @@ def graph_eligible(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig) -
     return cfg.graphs == 1 and T <= max_T and B * T * H * (Dk + Dv) <= max_elements
 
 
-def _backward_input_bytes(q, k, gamma, f) -> int:
-    """An upper bound of the backward's input bytes (ds, q, k, gamma, f, the solution, lse), which
-    the forward's graph reserves in the shared input arena."""
+def _backward_input_bytes(q, k, gamma, f, kept: list[torch.Tensor]) -> int:
+    """An upper bound of the backward's input bytes (ds, q, k, gamma, f, the solution, lse and the
+    kept leaf inverses), which the forward's graph reserves in the shared input arena."""
     B, T, H, _ = q.shape
     ds_and_solution = f.numel() * (f.element_size() + max(f.element_size(), q.element_size()))
-    return sum(t.nbytes for t in (q, k, gamma, f)) + ds_and_solution + B * H * T * 8 + 8 * 256
+    return sum(t.nbytes for t in (q, k, gamma, f, *kept)) + ds_and_solution + B * H * T * 8 + 9 * 256
 
 
 def forward_outputs(path, q, k, gamma, f) -> tuple[torch.Tensor, ...]:
@@ -219,6 +225,15 @@ def backward_outputs(path, q, k, f, S, dtypes) -> list[torch.Tensor]:
     return outs
 
 
+def kept_leaf_inverses(q, lse, cfg: SolveConfig) -> list[torch.Tensor]:
+    """[W]: the buffer (in lse's dtype) the forward writes its leaf inverses into for the backward
+    (cfg resolved by _fit), or [] when cfg.keep_leaf_inverses is 0 (the backward recomputes them)."""
+    if not cfg.keep_leaf_inverses:
+        return []
+    B, T, H, _ = q.shape
+    return [new_buffer(leaf_inverse_shape(B, T, H, cfg.L), lse.dtype, q.device)]
+
+
 class _TritonFeedbackSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, gamma, f, scale, cfg):
@@ -231,9 +246,11 @@ class _TritonFeedbackSolve(torch.autograd.Function):
             ctx.graphed = q.is_cuda and not INTERPRET and graph_eligible(B, T, H, Dk, Dv, cfg)
             outs = forward_outputs(path, qc, kc, gc, fc)
             S, lse = outs[:2]
-            GRAPHS(("fwd", scale, cfg), lambda *a: path.forward(*a[:4], a[4:], scale, cfg), (qc, kc, gc, fc), outs,
-                   ctx.graphed, _backward_input_bytes(qc, kc, gc, fc))
-        ctx.save_for_backward(qc, kc, gc, fc, S, lse)
+            kept = kept_leaf_inverses(qc, lse, cfg)  # outputs of the forward's graph, inputs of the backward's
+            n = len(outs)
+            GRAPHS(("fwd", scale, cfg), lambda *a: path.forward(*a[:4], a[4:4 + n], scale, cfg, *a[4 + n:]),
+                   (qc, kc, gc, fc), (*outs, *kept), ctx.graphed, _backward_input_bytes(qc, kc, gc, fc, kept))
+        ctx.save_for_backward(qc, kc, gc, fc, S, lse, *kept)
         ctx.scale, ctx.cfg, ctx.path = scale, cfg, path
         ctx.dtypes = (q.dtype, k.dtype, gamma.dtype, f.dtype)
         # the solution in f's dtype: S itself where the dtypes agree (saved, not modified)
@@ -241,12 +258,14 @@ class _TritonFeedbackSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ds):
-        qc, kc, gc, fc, S, lse = ctx.saved_tensors
+        qc, kc, gc, fc, S, lse, *kept = ctx.saved_tensors
         path = ctx.path
         outs = backward_outputs(path, qc, kc, fc, S, ctx.dtypes)
+        w = len(kept)
         with torch.autocast(qc.device.type, enabled=False):
-            GRAPHS(("bwd", ctx.scale, ctx.cfg), lambda *a: path.backward(*a[:7], a[7:], ctx.scale, ctx.cfg),
-                   (ds, qc, kc, gc, fc, S, lse), outs, ctx.graphed)
+            GRAPHS(("bwd", ctx.scale, ctx.cfg),
+                   lambda *a: path.backward(*a[:7], a[7 + w:], ctx.scale, ctx.cfg, *a[7:7 + w]),
+                   (ds, qc, kc, gc, fc, S, lse, *kept), outs, ctx.graphed)
         dq, dk, dgamma = path.solution_view(outs[0], qc.shape), path.solution_view(outs[1], kc.shape), outs[2]
         return dq, dk, dgamma, path.solution_view(outs[-1], fc.shape), None, None
 

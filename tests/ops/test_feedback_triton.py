@@ -106,6 +106,12 @@ def _interp_worker(dtype_name: str) -> None:
             print(f"ok {dtype_name} {path} Dk=Dv=16 scale=0.3", flush=True)
         _check_against_dense(with_config(fuse_dk=0), 2, 70, 1, 24, 40, dtype, "cpu", seed=8, tol_s=tol, tol_g=tol)
         print(f"ok {dtype_name} fused fuse_dk=0", flush=True)
+        # The backward recomputing the leaf inverses (the default keeps the forward's: NaN-poisoned
+        # buffers show one the forward did not write or that changed before the backward read it).
+        for path, fields in (("fused", {}), ("gemm", {"gemm": 1})):
+            _check_against_dense(with_config(keep_leaf_inverses=0, **fields), 2, 70, 1, 24, 40, dtype, "cpu", seed=10,
+                                 tol_s=tol, tol_g=tol)
+            print(f"ok {dtype_name} {path} keep_leaf_inverses=0", flush=True)
 
         # The GEMM path's TMA reads where it must copy (feedback_gemm.tma_slab): q, k as views whose
         # batches are not T rows apart, and an odd value width (Lam's and S's rows not 16-byte aligned).
@@ -118,7 +124,7 @@ def _interp_worker(dtype_name: str) -> None:
 
 
 def _interp_expected(dtype_name: str) -> int:
-    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 4
+    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 6
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -226,7 +232,7 @@ def test_ds_blocks_cover_each_causal_pair_once_within_the_scratch_and_cut_the_di
 
 def test_graph_policy_captures_the_gemm_path_up_to_32k_tokens_of_one_768_head():
     """CUDA graphs: the GEMM path (launch-bound leaf chain) up to T = 32k and 2^26 elements, the fused
-    path up to 4k and 2^25 (its graphs at 8k cost more memory than they save time)."""
+    path up to 16k and 2^25."""
     pytest.importorskip("triton")
     from sessa_scale.ops.feedback_triton import SolveConfig, _fit, graph_eligible
 
@@ -235,7 +241,8 @@ def test_graph_policy_captures_the_gemm_path_up_to_32k_tokens_of_one_768_head():
 
     assert captured(8, 2048, 1, 768) and captured(2, 8192, 1, 768) and captured(1, 16384, 1, 768)
     assert captured(1, 32768, 1, 768) and not captured(2, 32768, 1, 768) and not captured(1, 65536, 1, 768)
-    assert captured(8, 2048, 6, 128) and not captured(2, 8192, 6, 128) and not captured(16, 4096, 6, 128)
+    assert captured(8, 2048, 6, 128) and captured(2, 8192, 6, 128) and captured(1, 16384, 6, 128)
+    assert not captured(1, 32768, 6, 128) and not captured(16, 4096, 6, 128)
     assert not graph_eligible(2, 8192, 1, 768, 768, _fit(SolveConfig(graphs=0), 8192, 768, 768, 2))
 
 
