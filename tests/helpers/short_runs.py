@@ -3,8 +3,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tests.helpers import repo_first_pythonpath
@@ -40,14 +42,36 @@ def single_process_env(**extra: str) -> dict:
 
 def start_cli_train(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
     """`python -m sessa_scale train OVERRIDES run.dir=RUN_DIR` in a fresh process (this checkout first on
-    PYTHONPATH, its own one-process group), output captured; finish_cli_train waits for it."""
+    PYTHONPATH, its own one-process group); finish_cli_train waits for it.  Its output goes to a log file
+    beside RUN_DIR, not a pipe (a child never blocks on output the test has not read yet), and
+    PYTHONFAULTHANDLER is set, so that a child still running at finish_cli_train's time limit prints
+    every thread's Python stack when it is aborted."""
     args = [sys.executable, "-m", "sessa_scale", "train", *overrides, f"run.dir={run_dir}"]
-    env = single_process_env(PYTHONPATH=repo_first_pythonpath())
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir.parent)
+    env = single_process_env(PYTHONPATH=repo_first_pythonpath(), PYTHONFAULTHANDLER="1")
+    fd, log = tempfile.mkstemp(dir=run_dir.parent, prefix=f"{run_dir.name}-", suffix=".log")
+    with os.fdopen(fd, "w") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=run_dir.parent)
+    proc.log_path = Path(log)
+    return proc
 
 
-def finish_cli_train(proc: subprocess.Popen) -> str:
-    """The output of a start_cli_train run, asserting it exited 0 (its last 3,000 characters otherwise)."""
-    out, _ = proc.communicate(timeout=600)
+def finish_cli_train(proc: subprocess.Popen, timeout: float = 150.0) -> str:
+    """The output of a start_cli_train run, asserting it exited 0 within `timeout` seconds of this call
+    (its last 3,000 characters otherwise).  A run still going then is aborted (SIGABRT: its Python
+    stacks go to its output) and the assertion shows them."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        out = proc.log_path.read_text(errors="replace")
+        stacks = out.find("Fatal Python error")  # faulthandler's dump; worker processes may print after it
+        raise AssertionError(f"`sessa-scale train` still running after {timeout:.0f} s; its output before the abort, "
+                             f"then its Python stacks:\n{out[:stacks][-2000:]}\n{out[stacks:][:6000]}") from None
+    out = proc.log_path.read_text(errors="replace")
     assert proc.returncode == 0, out[-3000:]
     return out
