@@ -9,10 +9,11 @@ with --d-model and --heads overriding the width and the forward heads (default D
 (--precision bf16: bf16 autocast, as train.precision=bf16); x and the upstream gradient are fp32
 (B, T, D) with B = batch_tokens // T, as a block sees them inside the model.
 
-Time: median of --repeats fwd+bwd calls (CUDA-synchronized wall clock, after warm-up); memory:
-max_memory_allocated over three warm fwd+bwd calls minus what was allocated before the first call
-(parameters and inputs excluded; parameter gradients and the feedback solve's cached CUDA graphs
-count).
+Time: median of --repeats fwd+bwd calls of each block (CUDA-synchronized wall clock), the two blocks
+taking turns call by call after warm-up rounds, so that both see the same clocks and host load;
+memory: max_memory_allocated over three warm fwd+bwd calls of one block minus what was allocated
+before the first call (parameters and inputs excluded; parameter gradients and the feedback
+solve's cached CUDA graphs count).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from sessa_scale.training.precision import autocast
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRECISIONS = ("bf16", "fp32")
+ARCHS = ("transformer", "sessa")
 
 
 def build_block(arch: str, size: str, D: int, heads: int, solver: str) -> nn.Module:
@@ -47,7 +49,11 @@ def build_block(arch: str, size: str, D: int, heads: int, solver: str) -> nn.Mod
     return ARCHITECTURES[cfg.model.arch].build_block(cfg.model, 0)
 
 
-def measure(module: nn.Module, B: int, T: int, D: int, precision: str, device: str, repeats: int) -> dict:
+WARMUP_ROUNDS = 3  # untimed rounds of both blocks before the timed ones (the solve's graphs settle on their addresses)
+
+
+def fwd_bwd_step(module: nn.Module, B: int, T: int, D: int, precision: str, device: str):
+    """A closure running one fwd+bwd of `module` on fixed random fp32 (B, T, D) inputs under `precision`."""
     gen = torch.Generator(device).manual_seed(0)
     x = torch.randn(B, T, D, generator=gen, device=device).requires_grad_()
     dy = torch.randn(B, T, D, generator=gen, device=device)
@@ -59,15 +65,22 @@ def measure(module: nn.Module, B: int, T: int, D: int, precision: str, device: s
             y = module(x)
         y.backward(dy)
 
-    peak = cuda_peak_bytes(step, warm=True)
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return {"ms": 1e3 * statistics.median(times), "peak_bytes": peak}
+    return step
+
+
+def interleaved_ms(steps: dict, repeats: int, sync, warmup: int = WARMUP_ROUNDS) -> dict:
+    """{name: median ms} of `repeats` timed calls of each step, the steps taking turns within each round
+    after `warmup` untimed rounds; sync() waits for the device before and after each timed call."""
+    times = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for T in (int(t) for t in args.seq_lens.split(",")):
         B = max(1, args.batch_tokens // T)
-        res = {}
-        for arch in ("transformer", "sessa"):
-            mod = build_block(arch, args.size, D, H, args.solver).to(args.device)
-            res[arch] = measure(mod, B, T, D, args.precision, args.device, args.repeats)
-            solve_calls = dict(GRAPHS.counts)  # the feedback solve's forwards and backwards by graph mode
-            print(f"T={T} B={B} {arch}: {res[arch]} solve calls {solve_calls}", file=sys.stderr, flush=True)
-            del mod
-            torch.cuda.empty_cache()
+        blocks = {arch: build_block(arch, args.size, D, H, args.solver).to(args.device) for arch in ARCHS}
+        steps = {arch: fwd_bwd_step(blocks[arch], B, T, D, args.precision, args.device) for arch in ARCHS}
+        peaks = {arch: cuda_peak_bytes(steps[arch], args.device, warm=True) for arch in ARCHS}
+        ms = interleaved_ms(steps, args.repeats, lambda: torch.cuda.synchronize(args.device))
+        res = {arch: {"ms": ms[arch], "peak_bytes": peaks[arch]} for arch in ARCHS}
+        solve_calls = dict(GRAPHS.counts)  # the feedback solve's forwards and backwards by graph mode
+        print(f"T={T} B={B}: {res} solve calls {solve_calls}", file=sys.stderr, flush=True)
+        del blocks, steps
+        torch.cuda.empty_cache()
         rows.append((T, B, res))
     lines = [
         "# SessaLayer vs the project's Transformer block: fwd+bwd time and peak memory",
@@ -108,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- Blocks of configs/{{transformer,sessa}}/{args.size}.yaml (model.d_model={D}, model.n_heads={H};"
         f" Sessa: one feedback head of width {D}, solver={args.solver}), fp32 parameters, precision {args.precision}"
         f" ({'bf16 autocast, as training' if args.precision == 'bf16' else 'fp32'}), {args.batch_tokens} tokens per"
-        f" step; time = median of {args.repeats} fwd+bwd calls; memory = max_memory_allocated over {WARM_CALLS} warm calls minus"
+        f" step; time = median of {args.repeats} fwd+bwd calls of each block, the blocks taking turns after"
+        f" {WARMUP_ROUNDS} untimed rounds; memory = max_memory_allocated over {WARM_CALLS} warm calls of one block minus"
         " what was allocated before the first one (parameter gradients and cached CUDA graphs count)",
         "",
         "| T | B | Transformer ms | Sessa ms | Sessa/Transformer time | Transformer peak MiB | Sessa peak MiB"

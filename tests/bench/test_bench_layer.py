@@ -34,3 +34,24 @@ def test_training_autocast_runs_the_blocks_in_bf16_over_fp32_parameters():
     assert x.grad.dtype == torch.float32 and block.attn.q_proj.weight.grad.dtype == torch.float32
     with autocast("fp32", x.device):
         assert block.attn.q_proj(x).dtype == torch.float32
+
+
+def test_interleaved_timing_alternates_the_blocks_and_times_each_after_the_warmup_rounds():
+    """The blocks take turns call by call (both see the same clocks and host load); warm-up rounds are
+    not timed; each block's median is of its own calls."""
+    import time
+
+    from sessa_scale.bench.layer import interleaved_ms
+
+    calls, syncs = [], []
+
+    def step(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds if len(calls) > 6 else 0.2)  # the three warm-up rounds are slow
+        return run
+
+    ms = interleaved_ms({"transformer": step("transformer", 0.0), "sessa": step("sessa", 0.02)}, repeats=3,
+                        sync=lambda: syncs.append(1), warmup=3)
+    assert calls == ["transformer", "sessa"] * 6 and len(syncs) == 2 * len(calls)
+    assert ms["transformer"] < 10 and 15 < ms["sessa"] < 100, ms
