@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import statistics
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -47,3 +49,20 @@ def emit_report(report: str, out: Path | str | None) -> None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report if report.endswith("\n") else report + "\n")
+
+
+def interleaved_ms(steps: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], object],
+                   warmup: int = 0) -> dict[str, float]:
+    """{name: median ms} of `repeats` timed calls of each step, the steps taking turns within each round
+    after `warmup` untimed rounds; sync() waits for the device before and after each timed call (one
+    step: `repeats` synchronized calls in a row)."""
+    times = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from sessa_scale.bench import WARM_CALLS, cuda_peak_bytes, emit_report
+from sessa_scale.bench import WARM_CALLS, cuda_peak_bytes, emit_report, interleaved_ms
 from sessa_scale.config import load_config
 from sessa_scale.models.registry import ARCHITECTURES
 from sessa_scale.ops.graph_cache import GRAPHS
@@ -68,21 +66,6 @@ def fwd_bwd_step(module: nn.Module, B: int, T: int, D: int, precision: str, devi
     return step
 
 
-def interleaved_ms(steps: dict, repeats: int, sync, warmup: int = WARMUP_ROUNDS) -> dict:
-    """{name: median ms} of `repeats` timed calls of each step, the steps taking turns within each round
-    after `warmup` untimed rounds; sync() waits for the device before and after each timed call."""
-    times = {name: [] for name in steps}
-    for round_ in range(warmup + repeats):
-        for name, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sessa-scale bench layer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="350m", help="configs/<arch>/<size>.yaml the blocks are built from")
@@ -105,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks = {arch: build_block(arch, args.size, D, H, args.solver).to(args.device) for arch in ARCHS}
         steps = {arch: fwd_bwd_step(blocks[arch], B, T, D, args.precision, args.device) for arch in ARCHS}
         peaks = {arch: cuda_peak_bytes(steps[arch], args.device, warm=True) for arch in ARCHS}
-        ms = interleaved_ms(steps, args.repeats, lambda: torch.cuda.synchronize(args.device))
+        ms = interleaved_ms(steps, args.repeats, lambda: torch.cuda.synchronize(args.device), WARMUP_ROUNDS)
         res = {arch: {"ms": ms[arch], "peak_bytes": peaks[arch]} for arch in ARCHS}
         solve_calls = dict(GRAPHS.counts)  # the feedback solve's forwards and backwards by graph mode
         print(f"T={T} B={B}: {res} solve calls {solve_calls}", file=sys.stderr, flush=True)

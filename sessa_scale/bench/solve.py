@@ -31,16 +31,14 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from sessa_scale.bench import WARM_CALLS, cuda_peak_bytes, emit_report
+from sessa_scale.bench import WARM_CALLS, cuda_peak_bytes, emit_report, interleaved_ms
 from sessa_scale.bench.baselines import fla_deltaformer_solve, sdpa_flash_same_shape
 from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS
 from sessa_scale.ops.ssd import fla_available
@@ -109,14 +107,9 @@ def measure(impl: str, B: int, T: int, H: int, D: int, dtype: str, device: str, 
         base = _peak_rss_bytes()
         fwd_bwd(IMPLS[impl], inputs, upstream)
         peak = _peak_rss_bytes() - base
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fwd_bwd(IMPLS[impl], inputs, upstream)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return {"ms": 1e3 * statistics.median(times) if times else None, "peak_bytes": peak}
+    step = {impl: lambda: fwd_bwd(IMPLS[impl], inputs, upstream)}
+    ms = interleaved_ms(step, repeats, lambda: _sync(device))[impl] if repeats else None
+    return {"ms": ms, "peak_bytes": peak}
 
 
 def _measure_point(**point) -> dict:

@@ -41,7 +41,7 @@ def test_interleaved_timing_alternates_the_blocks_and_times_each_after_the_warmu
     not timed; each block's median is of its own calls."""
     import time
 
-    from sessa_scale.bench.layer import interleaved_ms
+    from sessa_scale.bench import interleaved_ms
 
     calls, syncs = [], []
 

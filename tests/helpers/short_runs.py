@@ -70,6 +70,7 @@ def finish_cli_train(proc: subprocess.Popen, timeout: float = 150.0) -> str:
             proc.wait()
         out = proc.log_path.read_text(errors="replace")
         stacks = out.find("Fatal Python error")  # faulthandler's dump; worker processes may print after it
+        stacks = len(out) if stacks < 0 else stacks
         raise AssertionError(f"`sessa-scale train` still running after {timeout:.0f} s; its output before the abort, "
                              f"then its Python stacks:\n{out[:stacks][-2000:]}\n{out[stacks:][:6000]}") from None
     out = proc.log_path.read_text(errors="replace")
