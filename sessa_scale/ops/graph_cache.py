@@ -20,7 +20,8 @@ are serialized on the caller's stream and no graph reads memory another graph wr
 own inputs, which are in place (direct) or copied in right before it replays (copying).  What
 stays allocated per copying graph is its static outputs; a direct graph keeps nothing.  Captures
 begin without torch.cuda.graph's empty_cache(), so that a capture does not move later calls'
-tensors to new addresses.
+tensors to new addresses, and in ``CAPTURE_MODE`` "thread_local", so that other threads' CUDA calls
+(a data loader pinning host memory) cannot invalidate them.
 
 ``GRAPHS`` is the process's cache, used by the Triton feedback solve; ``clear_graphs()`` frees it
 (benchmarks measure an op's memory from a cold cache); ``GRAPHS.counts`` tallies how calls ran.
@@ -33,6 +34,10 @@ from collections import Counter, OrderedDict
 import torch
 
 _ALIGN = 256  # bytes between the static inputs in the arena
+# cudaStreamCaptureMode of every capture: only the capturing thread is held to capture-safe CUDA calls.
+# Under "global" (torch's default) a call such as cudaHostAlloc from any other thread (the data loader's
+# pin-memory thread) invalidates the capture, which then fails the training step.
+CAPTURE_MODE = "thread_local"
 COPYING_AFTER = 3  # a shape's copying graph is captured once it has come with this many address sets
 
 
@@ -58,7 +63,7 @@ class _Graph:
         caller, stream = torch.cuda.current_stream(), torch.cuda.Stream()
         stream.wait_stream(caller)  # the inputs were written on the caller's stream
         with torch.cuda.stream(stream):
-            self.graph.capture_begin(pool=pool)
+            self.graph.capture_begin(pool=pool, capture_error_mode=CAPTURE_MODE)
             try:
                 fn(*self.inputs, *self.outputs)
             finally:

@@ -33,11 +33,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sessa_scale.ops.graph_cache import CAPTURE_MODE  # other threads may call CUDA during a capture
 from sessa_scale.training.precision import autocast
 
 WARMUP_CALLS = 1  # eager forward + backward per block before capture: compiles Triton kernels, creates library
 # handles (one call: the feedback solve's own graph cache captures on a second call of a shape)
-CAPTURE_MODE = "thread_local"  # other threads (the data loader's pinning thread) may call CUDA during a capture
 
 
 def config_problems(cfg) -> list[tuple[str, bool, str]]:

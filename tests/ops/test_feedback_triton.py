@@ -400,6 +400,52 @@ def test_gpu_direct_graphs_read_and_write_the_calls_own_tensors(H, D):
 
 @gpu
 @needs_cuda
+def test_gpu_graph_captures_beside_a_thread_pinning_host_memory():
+    """A training loop's data loader pins host memory in its own thread (DataLoader(pin_memory=True):
+    cudaHostAlloc) while the training thread runs the solve.  Captures made meanwhile, copying and
+    direct, succeed and replay bitwise the eager results: a capture in CUDA's "global" mode is
+    invalidated by such a call from any thread, and the training step fails."""
+    import threading
+
+    import sessa_scale.ops.feedback_triton as ft
+    from sessa_scale.ops import graph_cache
+
+    empty_host_cache = getattr(torch._C, "_host_emptyCache", None) or torch._C._accelerator_emptyHostCache
+    stop, pinned = threading.Event(), []
+
+    def pin_batches():  # fresh page-locked buffers; the host cache emptied so that each one calls cudaHostAlloc
+        while not stop.is_set():
+            torch.empty(1 << 20, dtype=torch.uint8).pin_memory()
+            empty_host_cache()
+            pinned.append(1)
+
+    fresh = [_inputs(2, 300, 1, 768, 768, torch.bfloat16, "cuda", seed=seed) for seed in range(4)]
+    calls = fresh + [fresh[0]] * 3  # new tensors (copying graph from the third), then the same ones (direct)
+
+    def run(cfg, i):
+        (q, k, g, f), ds = calls[i]
+        s = ft.feedback_solve_triton(q, k, g, f, 768 ** -0.5, config=cfg)
+        return [t.cpu() for t in (s, *torch.autograd.grad(s, (q, k, g, f), ds))]
+
+    graph_cache.clear_graphs()
+    want = [run(ft.SolveConfig(graphs=0), i) for i in range(len(calls))]
+    thread = threading.Thread(target=pin_batches, daemon=True)
+    thread.start()
+    try:
+        got = [run(ft.SolveConfig(), i) for i in range(len(calls))]
+    finally:
+        stop.set()
+        thread.join()
+    counts = dict(graph_cache.GRAPHS.counts)
+    graph_cache.clear_graphs()
+    assert len(pinned) > 0 and counts.get("captures", 0) >= 4 and counts.get("direct", 0) >= 2, (len(pinned), counts)
+    for i in range(len(calls)):
+        for name, a, b in zip(("s", "dq", "dk", "dgamma", "df"), got[i], want[i]):
+            assert torch.equal(a, b), f"call {i}: {name} differs from eager"
+
+
+@gpu
+@needs_cuda
 def test_gpu_power_law_tail():
     """Uniform routing (q = 0) and constant gamma: ds_t/df_0 has the closed form of docs/sessa_math.md."""
     T, gam = 300, 0.9
