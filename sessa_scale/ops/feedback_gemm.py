@@ -20,6 +20,7 @@ forward and backward begin with a torch launch on the device, which makes its co
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -108,6 +109,12 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.add_(torch.bmm(a, b, out_dtype=out.dtype))
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """The device's SM count (CUDA), or 1 (the CPU interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 class _Blocks:
     """The pieces one call's blocks share: head-major q, k (and their TMA descriptors), the scratch,
     the epilogue launches."""
@@ -126,6 +133,8 @@ class _Blocks:
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
         self.logit = dict(BM=cfg.LOGIT_BM, BK=cfg.LOGIT_BK, PREC="ieee",
                           **launch_options(cfg.LOGIT_WARPS, cfg.LOGIT_STAGES))
+        self.small_grid = cfg.SMALL_GRID if cfg.SMALL_GRID >= 0 else _multiprocessors(q.device) // 2
+        self._small_tiles = None  # (q, k descriptors, launch options) of the small gamma*P tiles, made on first use
 
     def lines_per_chunk(self, length: int, bytes_per_entry: int, extra_bytes: int = 0) -> int:
         """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch
@@ -167,13 +176,29 @@ class _Blocks:
             self.q_rows, self.k_keys, W, self.gamma, self.lse, self.T, self.H, L, NL, self.Dk,
             self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, BN=BN, **self.logit)
 
+    def probs_tiles(self, R: int, NC: int):
+        """(grid, q and k descriptors, launch options) of probs_kernel on an (R, NC) block: the
+        (LOGIT_BM, LOGIT_BN) tiles, or the (SMALL_BM, SMALL_BN) ones where those give fewer than
+        small_grid programs."""
+        grid = self.grid(R, NC, self.cfg.LOGIT_BN)
+        if grid[0] * grid[1] * grid[2] >= self.small_grid:
+            return grid, self.q_rows, self.k_keys, dict(BN=self.cfg.LOGIT_BN, **self.logit)
+        cfg = self.cfg
+        if self._small_tiles is None:
+            self._small_tiles = (slab_descriptor(self.qh, cfg.SMALL_BM, cfg.LOGIT_BK),
+                                 slab_descriptor(self.kh, cfg.SMALL_BN, cfg.LOGIT_BK),
+                                 dict(BM=cfg.SMALL_BM, BN=cfg.SMALL_BN, BK=cfg.LOGIT_BK, PREC="ieee",
+                                      **launch_options(cfg.SMALL_WARPS, cfg.LOGIT_STAGES)))
+        q_rows, k_keys, options = self._small_tiles
+        return (triton.cdiv(R, cfg.SMALL_BM), triton.cdiv(NC, cfg.SMALL_BN), self.BH), q_rows, k_keys, options
+
     def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
         """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0), in the scratch."""
-        R, NC, BN = r1 - r0, e1 - e0, self.cfg.LOGIT_BN
+        R, NC = r1 - r0, e1 - e0
         (P,) = self.views(R, NC, self.pdt)
-        G.probs_kernel[self.grid(R, NC, BN)](
-            self.q_rows, self.k_keys, P, self.gamma, self.lse, self.T, self.H, r0, R, e0, NC, self.Dk,
-            self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, BN=BN, **self.logit)
+        grid, q_rows, k_keys, options = self.probs_tiles(R, NC)
+        G.probs_kernel[grid](q_rows, k_keys, P, self.gamma, self.lse, self.T, self.H, r0, R, e0, NC, self.Dk,
+                             self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, **options)
         return P
 
     def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst, rev: bool) -> None:

@@ -86,6 +86,12 @@ class SolveConfig:
     LOGIT_BK: int = 64  # ... head-width chunk per step (halved for fp32 inputs)
     LOGIT_WARPS: int = 8
     LOGIT_STAGES: int = 3  # ... software-pipelining stages (at most 2 for fp32 inputs)
+    # gamma*P of blocks whose (LOGIT_BM, LOGIT_BN) grid has fewer programs than SMALL_GRID (-1: half the
+    # device's SMs) in smaller tiles: the leaf chain's 1024 x 1024 blocks at B*H = 1 fill 32 of 132 SMs
+    SMALL_BM: int = 64  # ... rows per program
+    SMALL_BN: int = 128  # ... keys per program
+    SMALL_WARPS: int = 4
+    SMALL_GRID: int = -1
     EPI_BM: int = 32  # row reductions (lse, dgamma, delta): rows per program
     EPI_BN: int = 128  # ... columns per step
     EPI_WARPS: int = 4
@@ -114,7 +120,7 @@ class SolveConfig:
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_gemm=32, min_leaves=1, FWD_BM=16, FWD_BN=16, FWD_WARPS=1, BWD_BM=16,
                                BWD_BN=16, BWD_WARPS=1, DQ_BM=16, DQ_BN=16, DQ_WARPS=1, STAGES=1, BML=16, BNL=16,
                                LEAF_WARPS=1, MERGE_TILE=16, MERGE_GEMM_MIN=0, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16,
-                               LOGIT_WARPS=1, LOGIT_STAGES=1, EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
+                               LOGIT_WARPS=1, LOGIT_STAGES=1, SMALL_BM=16, SMALL_BN=16, SMALL_WARPS=1, SMALL_GRID=0, EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
 
 
 def parse_config(text: str, base: SolveConfig) -> SolveConfig:
@@ -165,6 +171,7 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         DS_BN=cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2),
         LOGIT_BK=cfg.LOGIT_BK if elem_bytes <= 2 else max(16, cfg.LOGIT_BK // 2),
         LOGIT_STAGES=cfg.LOGIT_STAGES if elem_bytes <= 2 else min(cfg.LOGIT_STAGES, 2),
+        SMALL_BN=cfg.SMALL_BN if elem_bytes <= 2 else max(16, cfg.SMALL_BN // 2),
     )
 
 

@@ -121,10 +121,15 @@ def _interp_worker(dtype_name: str) -> None:
 
         _check_against_dense(gemm_on_strided_views, 2, 33, 1, 24, 19, dtype, "cpu", seed=9, tol_s=tol, tol_g=tol)
         print(f"ok {dtype_name} gemm odd widths, strided q and k", flush=True)
+        # gamma*P of the smaller blocks in the small tiles (probs_tiles), of the others in the large ones.
+        # (fp32 / fp64 halve the key tiles: 32 x 32 large, 16 x 16 small; 32-row blocks are small, 64-row ones not)
+        small_tiles = with_config(gemm=1, LOGIT_BM=32, LOGIT_BN=64, DS_BN=32, SMALL_BN=32, SMALL_GRID=5)
+        _check_against_dense(small_tiles, 2, 130, 1, 24, 40, dtype, "cpu", seed=11, tol_s=tol, tol_g=tol)
+        print(f"ok {dtype_name} gemm small gamma*P tiles", flush=True)
 
 
 def _interp_expected(dtype_name: str) -> int:
-    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 6
+    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 7
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
