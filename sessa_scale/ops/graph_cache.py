@@ -6,9 +6,12 @@ into ``outputs`` (tensors the caller allocates for every call).  A shape's first
 (compiling its kernels; one-off shapes are never captured).  Later calls replay a CUDA graph:
 
 * a direct graph, keyed by the addresses of the inputs and outputs as well as their shapes: it
-  reads and writes the call's own tensors, nothing is copied.  Captured the second time a shape
-  comes with the same addresses: the steady state of a training or benchmark loop, where the
-  caching allocator hands each step's tensors the blocks of the step before.
+  reads and writes the call's own tensors in place.  Captured the second time a shape comes with
+  the same addresses: the steady state of a training or benchmark loop, where the caching allocator
+  hands each step's tensors the blocks of the step before.  Tensors under ``STAGED_BYTES`` are the
+  exception: they are not part of the key, and the graph reads and writes copies of its own (a few
+  KiB copied per call).  The allocator serves them from its small-block pool, where whatever else
+  the process runs between two calls (another model's step in ``bench layer``) moves them.
 * otherwise the shape's copying graph: the call's inputs are copied into its static inputs, it
   replays, and its static outputs are copied into the call's outputs.  Captured only once the
   shape has come with ``COPYING_AFTER`` different address sets (until then such calls run
@@ -18,10 +21,10 @@ Memory: all graphs of a device share one private memory pool (their intermediate
 the copying graphs one input arena (their static inputs overlap).  Both are safe because replays
 are serialized on the caller's stream and no graph reads memory another graph wrote except its
 own inputs, which are in place (direct) or copied in right before it replays (copying).  What
-stays allocated per copying graph is its static outputs; a direct graph keeps nothing.  Captures
-begin without torch.cuda.graph's empty_cache(), so that a capture does not move later calls'
-tensors to new addresses, and in ``CAPTURE_MODE`` "thread_local", so that other threads' CUDA calls
-(a data loader pinning host memory) cannot invalidate them.
+stays allocated per copying graph is its static outputs; per direct graph, its copies of the
+call's small tensors.  Captures begin without torch.cuda.graph's empty_cache(), so that a capture
+does not move later calls' tensors to new addresses, and in ``CAPTURE_MODE`` "thread_local", so
+that other threads' CUDA calls (a data loader pinning host memory) cannot invalidate them.
 
 ``GRAPHS`` is the process's cache, used by the Triton feedback solve; ``clear_graphs()`` frees it
 (benchmarks measure an op's memory from a cold cache); ``GRAPHS.counts`` tallies how calls ran.
@@ -39,6 +42,7 @@ _ALIGN = 256  # bytes between the static inputs in the arena
 # pin-memory thread) invalidates the capture, which then fails the training step.
 CAPTURE_MODE = "thread_local"
 COPYING_AFTER = 3  # a shape's copying graph is captured once it has come with this many address sets
+STAGED_BYTES = 1 << 20  # a direct graph copies tensors smaller than this in and out (the allocator's small blocks)
 
 
 def _nbytes(shape, dtype) -> int:
@@ -46,41 +50,49 @@ def _nbytes(shape, dtype) -> int:
 
 
 class _Graph:
-    """One captured call: the CUDA graph and, for a copying graph (arena given), its static inputs
-    (views of the arena) and static outputs; a direct graph holds no tensors, only their addresses."""
+    """One captured call: the CUDA graph and the static tensors it reads and writes in place of the
+    call's own, by position among the inputs and among the outputs.  A copying graph (arena given)
+    has static copies of every input (views of the arena) and output; a direct graph of the staged
+    ones only (``staged``: per input, then per output, whether to copy it) and otherwise keeps no
+    tensors, only their addresses."""
 
-    def __init__(self, fn, inputs, outputs, pool, arena: torch.Tensor | None = None):
-        self.arena, self.inputs, self.outputs = arena, list(inputs), list(outputs)
-        if arena is not None:
-            self.inputs, off = [], 0
-            for t in inputs:
-                static = arena[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    def __init__(self, fn, inputs, outputs, pool, arena: torch.Tensor | None = None, staged=None):
+        n = len(inputs)
+        staged = [True] * (n + len(outputs)) if arena is not None else staged
+        inputs, outputs = list(inputs), list(outputs)
+        self.arena, self.static_inputs, self.static_outputs, off = arena, [], [], 0
+        for i, t in enumerate(inputs):
+            if staged[i]:
+                if arena is not None:
+                    static = arena[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                    off += _nbytes(t.shape, t.dtype)
+                else:
+                    static = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
                 static.copy_(t)
-                self.inputs.append(static)
-                off += _nbytes(t.shape, t.dtype)
-            self.outputs = [torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device) for o in outputs]
+                self.static_inputs.append((i, static))
+                inputs[i] = static
+        for i, o in enumerate(outputs):
+            if staged[n + i]:
+                outputs[i] = torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device)
+                self.static_outputs.append((i, outputs[i]))
         self.graph = torch.cuda.CUDAGraph()
         caller, stream = torch.cuda.current_stream(), torch.cuda.Stream()
         stream.wait_stream(caller)  # the inputs were written on the caller's stream
         with torch.cuda.stream(stream):
             self.graph.capture_begin(pool=pool, capture_error_mode=CAPTURE_MODE)
             try:
-                fn(*self.inputs, *self.outputs)
+                fn(*inputs, *outputs)
             finally:
                 self.graph.capture_end()
         caller.wait_stream(stream)
-        if arena is None:
-            self.inputs = self.outputs = None  # holding them would keep their addresses from the next calls
         self.last_call = 0
 
     def __call__(self, inputs, outputs) -> None:
-        if self.arena is not None:
-            for static, t in zip(self.inputs, inputs):
-                static.copy_(t)
+        for i, static in self.static_inputs:
+            static.copy_(inputs[i])
         self.graph.replay()
-        if self.arena is not None:
-            for out, static in zip(outputs, self.outputs):
-                out.copy_(static)
+        for i, static in self.static_outputs:
+            outputs[i].copy_(static)
 
 
 class GraphCache:
@@ -112,12 +124,14 @@ class GraphCache:
         tensors = (*inputs, *outputs)
         device = tensors[0].device
         shape_key = (key, tuple((t.shape, t.stride(), t.dtype) for t in tensors), device)
-        addresses = tuple(t.data_ptr() for t in tensors)
+        staged = [t.nbytes < STAGED_BYTES for t in tensors]
+        addresses = tuple(t.data_ptr() for t, small in zip(tensors, staged) if not small)
         self._calls += 1
         graph = self._direct.get((shape_key, addresses))
         if graph is None:
             if addresses in self._seen.get(shape_key, ()) and self._room_for_direct():
-                graph = self._direct[(shape_key, addresses)] = _Graph(fn, inputs, outputs, self._pool(device))
+                graph = _Graph(fn, inputs, outputs, self._pool(device), staged=staged)
+                self._direct[(shape_key, addresses)] = graph
                 self.counts["captures"] += 1
             else:
                 graph = self._copying_graph(shape_key, addresses, fn, inputs, outputs, arena_bytes)

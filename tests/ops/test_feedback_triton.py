@@ -337,7 +337,7 @@ def test_gpu_graph_replays_equal_eager_and_keep_each_calls_results(dtype, H, D):
 
     graph_cache.clear_graphs()
     eager, graphed = ft.SolveConfig(graphs=0), ft.SolveConfig()
-    lengths = (300, 200, 300, 300, 300, 300, 200, 200, 200, 200, 300)
+    lengths = (3000, 2000, 3000, 3000, 3000, 3000, 2000, 2000, 2000, 2000, 3000)  # q, k, f above STAGED_BYTES
     inputs = [_inputs(2, T, H, D, D, dtype, "cuda", seed=seed) for seed, T in enumerate(lengths)]
 
     def forward(cfg, i):
@@ -376,18 +376,25 @@ def test_gpu_graph_replays_equal_eager_and_keep_each_calls_results(dtype, H, D):
 def test_gpu_direct_graphs_read_and_write_the_calls_own_tensors(H, D):
     """Calls on the same tensors, changed in place between calls (a training loop's steady state),
     replay a direct graph that reads and writes those tensors in place: every call gives bitwise the
-    eager results on its inputs' current contents, and the graph is not a copying one."""
+    eager results on its inputs' current contents, and the graph is not a copying one.  gamma, a
+    small tensor (graph_cache.STAGED_BYTES), comes at a new address every call, as the allocator's
+    small blocks do when other work runs between the calls: the direct graph copies it in."""
     import sessa_scale.ops.feedback_triton as ft
     from sessa_scale.ops import graph_cache
 
     steps = 5
-    contents = [_inputs(2, 300, H, D, D, torch.bfloat16, "cuda", seed=seed) for seed in range(steps)]
+    contents = [_inputs(2, 1400, H, D, D, torch.bfloat16, "cuda", seed=seed) for seed in range(steps)]
     (q, k, g, f), ds = (t.detach().clone().requires_grad_() for t in contents[0][0]), contents[0][1].clone()
+    assert g.nbytes < graph_cache.STAGED_BYTES <= q.nbytes
+    gammas = []  # every call's gamma, kept: no two at one address
 
     def run(cfg, step):
         with torch.no_grad():
-            for t, new in zip((q, k, g, f, ds), (*contents[step][0], contents[step][1])):
+            for t, new in zip((q, k, f, ds), (contents[step][0][0], contents[step][0][1], contents[step][0][3],
+                                              contents[step][1])):
                 t.copy_(new)
+        gammas.append(contents[step][0][2].detach().clone().requires_grad_())
+        g = gammas[-1]
         s = ft.feedback_solve_triton(q, k, g, f, D ** -0.5, config=cfg)
         return [t.cpu() for t in (s, *torch.autograd.grad(s, (q, k, g, f), ds))]
 
@@ -424,7 +431,7 @@ def test_gpu_graph_captures_beside_a_thread_pinning_host_memory():
             empty_host_cache()
             pinned.append(1)
 
-    fresh = [_inputs(2, 300, 1, 768, 768, torch.bfloat16, "cuda", seed=seed) for seed in range(4)]
+    fresh = [_inputs(2, 700, 1, 768, 768, torch.bfloat16, "cuda", seed=seed) for seed in range(4)]
     calls = fresh + [fresh[0]] * 3  # new tensors (copying graph from the third), then the same ones (direct)
 
     def run(cfg, i):
