@@ -91,7 +91,7 @@ class SolveConfig:
     SMALL_BM: int = 64  # ... rows per program
     SMALL_BN: int = 128  # ... keys per program
     SMALL_WARPS: int = 4
-    SMALL_GRID: int = -1
+    SMALL_GRID: int = -1  # ... (0: the large tiles everywhere)
     EPI_BM: int = 32  # row reductions (lse, dgamma, delta): rows per program
     EPI_BN: int = 128  # ... columns per step
     EPI_WARPS: int = 4
@@ -120,7 +120,8 @@ class SolveConfig:
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_gemm=32, min_leaves=1, FWD_BM=16, FWD_BN=16, FWD_WARPS=1, BWD_BM=16,
                                BWD_BN=16, BWD_WARPS=1, DQ_BM=16, DQ_BN=16, DQ_WARPS=1, STAGES=1, BML=16, BNL=16,
                                LEAF_WARPS=1, MERGE_TILE=16, MERGE_GEMM_MIN=0, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16,
-                               LOGIT_WARPS=1, LOGIT_STAGES=1, SMALL_BM=16, SMALL_BN=16, SMALL_WARPS=1, SMALL_GRID=0, EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
+                               LOGIT_WARPS=1, LOGIT_STAGES=1, SMALL_BM=16, SMALL_BN=16, SMALL_WARPS=1, SMALL_GRID=0,
+                               EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
 
 
 def parse_config(text: str, base: SolveConfig) -> SolveConfig:
