@@ -20,7 +20,6 @@ forward and backward begin with a torch launch on the device, which makes its co
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 
@@ -32,6 +31,7 @@ from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops.feedback_leaves import (
     LOG2E, fp32_matmul, launch_options, leaf_inverses, leaf_precision, schedule,
 )
+from sessa_scale.ops.launch_math import sm_count
 from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
 
 _MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
@@ -109,12 +109,6 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.add_(torch.bmm(a, b, out_dtype=out.dtype))
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    """The device's SM count (CUDA), or 1 (the CPU interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 class _Blocks:
     """The pieces one call's blocks share: head-major q, k (and their TMA descriptors), the scratch,
     the epilogue launches."""
@@ -133,7 +127,9 @@ class _Blocks:
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
         self.logit = dict(BM=cfg.LOGIT_BM, BK=cfg.LOGIT_BK, PREC="ieee",
                           **launch_options(cfg.LOGIT_WARPS, cfg.LOGIT_STAGES))
-        self.small_grid = cfg.SMALL_GRID if cfg.SMALL_GRID >= 0 else _multiprocessors(q.device) // 2
+        self.small_grid = cfg.SMALL_GRID  # -1: half the SMs (the CPU interpreter: 0, never the small tiles)
+        if self.small_grid < 0:
+            self.small_grid = sm_count(q.device.index) // 2 if q.device.type == "cuda" else 0
         self._small_tiles = None  # (q, k descriptors, launch options) of the small gamma*P tiles, made on first use
 
     def lines_per_chunk(self, length: int, bytes_per_entry: int, extra_bytes: int = 0) -> int:

@@ -20,8 +20,7 @@ import torch
 from sessa_scale.kernels import mamba2_fused as K
 from sessa_scale.models.mamba2 import TRITON_CONV_MAX_WIDTH
 from sessa_scale.ops.joint_gradient import GradientSlot
-from sessa_scale.ops.launch_math import cdiv, next_power_of_2
-from sessa_scale.ops.ssd_triton import sm_count
+from sessa_scale.ops.launch_math import cdiv, next_power_of_2, sm_count
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
 CONV_BC, CONV_WARPS = 256, 2  # conv programs: channels (4 per thread: 8-byte bf16 rows) and warps

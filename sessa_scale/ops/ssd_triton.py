@@ -55,7 +55,7 @@ import torch
 import triton.language as tl
 
 from sessa_scale.kernels import ssd as K
-from sessa_scale.ops.launch_math import cdiv, next_power_of_2
+from sessa_scale.ops.launch_math import cdiv, next_power_of_2, sm_count
 from sessa_scale.ops.ssd import check_shapes, split_xbc, ssd_scan
 from sessa_scale.ops.work_buffers import INTERPRET, new_buffer
 
@@ -144,12 +144,6 @@ def _field_value(name: str, kind: str, text: str):
 
 def _p2(n: int) -> int:
     return max(16, next_power_of_2(int(n)))
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of CUDA device device_index (cached)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @dataclass(frozen=True)
