@@ -63,8 +63,10 @@ def test_repeated_addresses_capture_a_direct_graph_on_the_second_call(cache):
 
 
 def test_new_addresses_run_eagerly_until_the_third_set_then_share_one_copying_graph(cache):
+    held = []  # every call's tensors stay alive: the allocator cannot hand a later call the same addresses
     for i in range(5):
-        _call(cache, torch.randn(_LARGE), torch.empty(_LARGE))
+        held.append((torch.randn(_LARGE), torch.empty(_LARGE)))
+        _call(cache, *held[-1])
     assert dict(cache.counts) == {"eager": graph_cache.COPYING_AFTER - 1, "captures": 1,
                                   "copying": 5 - (graph_cache.COPYING_AFTER - 1)}
     assert len(cache) == 1
