@@ -134,41 +134,55 @@ def leaf_probs_kernel(q_desc, k_desc, w_ptr, g_ptr, lse_ptr, T, H, L, NL, Dk, sg
     tl.store(w_ptr + (bh * NL * L + t[:, None]) * L + c[None, :], w, mask=(i < L)[:, None] & (c < L)[None, :])
 
 
-@triton.jit(do_not_specialize=['T'])
-def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, H, Dv, sx_bh, sx_t, sf_b, sf_t, BM: tl.constexpr, BV: tl.constexpr):
-    """delta[bh, t] = lam_t . (s_t - f_t) in ACC (the softmax-backward row term)."""
+@triton.jit(do_not_specialize=['T', 't0', 'R'])
+def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, t0, R, H, Dv, sl_bh, sl_t, sx_bh, sx_t, sf_b, sf_t,
+                 BM: tl.constexpr, BV: tl.constexpr):
+    """delta[bh, t] = lam_t . (s_t - f_t) in ACC (the softmax-backward row term), rows t0 <= t < t0 + R;
+    lam head-major with strides (sl_bh, sl_t), s with (sx_bh, sx_t)."""
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    t = tl.program_id(0) * BM + tl.arange(0, BM)
-    tmask = t < T
+    t = t0 + tl.program_id(0) * BM + tl.arange(0, BM)
+    tmask = t < t0 + R
     ACC = dl_ptr.dtype.element_ty
     dl = tl.zeros((BM,), dtype=ACC)
     for v0 in range(0, Dv, BV):
         vv = v0 + tl.arange(0, BV)
         mv = tmask[:, None] & (vv < Dv)[None, :]
-        xo = bh * sx_bh + t[:, None] * sx_t + vv[None, :]
-        lam = tl.load(lam_ptr + xo, mask=mv, other=0.0).to(ACC)
-        sv = tl.load(s_ptr + xo, mask=mv, other=0.0).to(ACC)
+        lam = tl.load(lam_ptr + bh * sl_bh + t[:, None] * sl_t + vv[None, :], mask=mv, other=0.0).to(ACC)
+        sv = tl.load(s_ptr + bh * sx_bh + t[:, None] * sx_t + vv[None, :], mask=mv, other=0.0).to(ACC)
         fv = tl.load(f_ptr + b * sf_b + h * Dv + t[:, None] * sf_t + vv[None, :], mask=mv, other=0.0).to(ACC)
         dl += tl.sum(lam * (sv - fv), 1)
     tl.store(dl_ptr + bh * T + t, dl, mask=tmask)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'nb0', 'sg_b', 'sg_t'])
-def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC, NCB,
-              nb0, Dk, Dv, sg_b, sg_t, qk_scale, scale,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """Rows t = r0 + i, keys j = c0 + c of the softmax backward, forming here the logits q_t.k_j and
-    D = lam_t.s_j (q, k, lam, s through slab descriptors): dS_scaled = scale P
-    (gamma_t D - delta_t) into ds (B*H, R, NC) (zero for j >= t; its dtype) and the tile's partial
-    dgamma sum_j P D into column nb0 + pid_n of dgp (B*H, R, NCB), the partials of a whole strip of
-    rows (its blocks at column offsets nb0, one rowsum per strip).  Tiles with no earlier key skip
-    both products."""
-    bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'n', 'step', 'sg_b', 'sg_t'])
+def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, p_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC,
+              NCB, n, step, Dk, Dv, sg_b, sg_t, qk_scale, scale,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, WRITE_P: tl.constexpr):
+    """The softmax backward of n blocks per head: program (pid_m, pid_n, z) takes head bh = z // n,
+    rows t = r0' + i, keys j = c0' + c with r0' = r0 + (z % n) * step, c0' = c0 + (z % n) * step (n = 1:
+    one block; n > 1: blocks `step` rows apart along the diagonal, e.g. adjacent bands).  It forms the
+    logits q_t.k_j and D = lam_t.s_j (q, k, lam, s through slab descriptors) and writes dS_scaled =
+    scale P (gamma_t D - delta_t) into ds (n * B*H, R, NC) at block z (zero for j >= t; its dtype),
+    WRITE_P: also gamma_t P into p (same layout), and the tile's partial dgamma sum_j P D into dgp
+    (B*H, T, NCB) at column c0' / BN + pid_n (c0' a multiple of BN: each (row, key tile) has its own
+    slot, one rowsum at the end).  Tiles with no earlier key skip both products."""
+    z = tl.program_id(2)
+    bh = z // n
+    r0 = r0 + (z % n) * step
+    c0 = c0 + (z % n) * step
+    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    t = r0 + i
+    imask = i < R
+    m2 = imask[:, None] & (cols < NC)[None, :]
+    off = z * R * NC + i[:, None] * NC + cols[None, :]
     ACC = lse_ptr.dtype.element_ty
     ds = tl.zeros((BM, BN), dtype=ACC)
+    p = tl.zeros((BM, BN), dtype=ACC)
     dg = tl.zeros((BM,), dtype=ACC)
+    g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
     if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
         j = c0 + cols
         row, key = bh * T + r0 + tl.program_id(0) * BM, bh * T + c0 + tl.program_id(1) * BN
@@ -177,11 +191,12 @@ def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, dgp_ptr, g_ptr, lse_ptr,
         p = tl.where((j[None, :] < t[:, None]) & m2, tl.exp2(a * qk_scale - lse[:, None]), 0.0)
         d = _logits(lam_desc, s_desc, row, key, Dv, BM, BN, BK, ACC, PREC)
         dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
-        g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
         dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])
     tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
-    tl.store(dgp_ptr + bh * R * NCB + i * NCB + nb0 + tl.program_id(1), dg, mask=imask)
+    if WRITE_P:
+        tl.store(p_ptr + off, (g[:, None] * p).to(p_ptr.dtype.element_ty), mask=m2)
+    tl.store(dgp_ptr + (bh * T + t) * NCB + c0 // BN + tl.program_id(1), dg, mask=imask)
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'NCB'])

@@ -87,7 +87,7 @@ def count_launches(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig | 
     fwd, bwd = Counter(), Counter()
     with _counted_kernels(fwd), _CountLaunches(fwd):
         outs = forward_outputs(path, q, k, gamma, f)
-        kept = kept_leaf_inverses(q, outs[1], cfg)
+        kept = kept_leaf_inverses(path, q, outs[1], cfg)
         path.forward(q, k, gamma, f, outs, scale, cfg, *kept)
     with _counted_kernels(bwd), _CountLaunches(bwd):
         S, lse = outs[:2]

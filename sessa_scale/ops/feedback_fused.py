@@ -38,6 +38,11 @@ def _leaf(W, x, out, out2, a: int, cfg, rev: bool, S=None, f=None, delta=None) -
         PREC=leaf_precision(out.dtype), **launch_options(cfg.LEAF_WARPS, cfg.LEAF_STAGES))
 
 
+def leaf_inverse_dtype(q_dtype: torch.dtype, acc: torch.dtype) -> torch.dtype:
+    """dtype of the leaf inverses W: ACC (leaf_kernel reads them in fp32)."""
+    return acc
+
+
 def head_layout(B: int, T: int, H: int, D: int) -> tuple[int, ...]:
     """Shape of this path's (B, T, H, D) work and result buffers: the op's layout itself."""
     return B, T, H, D

@@ -8,9 +8,12 @@ takes its product with S / Lam / k / q.  The row statistics need no scratch (per
 Rows go in chunks that keep the scratch within ``scratch_mib``.  Value-width buffers are
 head-major (B*H, T, Dv) so that every product is one batched GEMM; the op's (B, T, H, .) results
 are views of them.  The logit kernels read q, k, Lam, S through TMA descriptors (``tma_slab``:
-copies only for H > 1 or rows a descriptor cannot address).  Memory per call: X or Y (ACC), S,
-Lam (product dtype), W (B*H*T*L ACC: kept from the forward by the caller, or freed after each
-pass and recomputed), the scratch, and ACC dq, dk accumulators in the backward.
+copies only for H > 1 or rows a descriptor cannot address).  The leaf products run in the
+product dtype (half inputs: bf16 / fp16 leaf inverses and right-hand sides, fp32 accumulation,
+the rounding of the off-diagonal products' operands).  Memory per call: X or Y (ACC), S, Lam
+(product dtype), W (B*H*T*L in the product dtype: kept from the forward by the caller, or freed
+after each pass and recomputed), the scratch, and in the backward ACC dq, dk accumulators and the
+dgamma partials (B*H*T*T/DS_BN ACC).
 
 CUDA context: Triton encodes a TMA descriptor at each launch with the CUDA driver, in the thread's
 current context.  A thread that has made no CUDA runtime call yet has none (the autograd engine's
@@ -20,7 +23,7 @@ forward and backward begin with a torch launch on the device, which makes its co
 
 from __future__ import annotations
 
-import itertools
+import bisect
 import math
 
 import torch
@@ -29,7 +32,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops.feedback_leaves import (
-    LOG2E, fp32_matmul, launch_options, leaf_inverses, leaf_precision, schedule,
+    LOG2E, fp32_matmul, launch_options, leaf_inverses, schedule,
 )
 from sessa_scale.ops.launch_math import sm_count
 from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
@@ -50,11 +53,14 @@ def tma_slab(x: torch.Tensor) -> torch.Tensor:
     aligned = (x.stride(1) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
     if x.stride(2) == 1 and (BH == 1 or x.stride(0) == T * x.stride(1)) and aligned:
         return x
-    per_16_bytes = 16 // x.element_size()
-    padded = torch.empty((BH, T, triton.cdiv(D, per_16_bytes) * per_16_bytes), dtype=x.dtype, device=x.device)
-    padded = padded[..., :D]
-    padded.copy_(x)
-    return padded
+    return tma_buffer(x.shape, x.dtype, x.device).copy_(x)
+
+
+def tma_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An empty (B*H, T, D) buffer that tma_slab takes as it is: rows padded to 16 bytes (a view)."""
+    BH, T, D = shape
+    per_16_bytes = 128 // torch.finfo(dtype).bits
+    return torch.empty((BH, T, triton.cdiv(D, per_16_bytes) * per_16_bytes), dtype=dtype, device=device)[..., :D]
 
 
 def slab_descriptor(x: torch.Tensor, block_rows: int, block_cols: int) -> TensorDescriptor:
@@ -197,30 +203,41 @@ class _Blocks:
                              self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, **options)
         return P
 
-    def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst, rev: bool) -> None:
-        """dst[l] += gamma*P[l, e] src[e] (forward) or dst[e] += (gamma*P[l, e])^T src[l] (rev), for
-        later rows l in [l0, l1) and earlier rows e in [e0, e1); src, dst head-major.  Chunks split
-        the rows the product writes (forward: l, rev: e), so each chunk's output is final."""
-        if rev:
-            step = self.lines_per_chunk(l1 - l0, self.pdt_bytes)
-            for c0 in range(e0, e1, step):
-                c1 = min(c0 + step, e1)
-                _accumulate(dst[:, c0:c1], self.probs(l0, l1, c0, c1).transpose(1, 2), src[:, l0:l1])
-        else:
-            step = self.lines_per_chunk(e1 - e0, self.pdt_bytes)
-            for r0 in range(l0, l1, step):
-                r1 = min(r0 + step, l1)
-                _accumulate(dst[:, r0:r1], self.probs(r0, r1, e0, e1), src[:, e0:e1])
+    def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst) -> None:
+        """dst[l] += gamma*P[l, e] src[e] for later rows l in [l0, l1) and earlier rows e in [e0, e1)
+        (src, dst head-major), in chunks of rows that fit the scratch."""
+        step = self.lines_per_chunk(e1 - e0, self.pdt_bytes)
+        for r0 in range(l0, l1, step):
+            r1 = min(r0 + step, l1)
+            _accumulate(dst[:, r0:r1], self.probs(r0, r1, e0, e1), src[:, e0:e1])
+
+
+def leaf_inverse_dtype(q_dtype: torch.dtype, acc: torch.dtype) -> torch.dtype:
+    """dtype of the leaf inverses W the leaf products read: the inputs' half dtype (bf16 / fp16, as
+    the off-diagonal products' operands; the inverses themselves are formed in ACC), else ACC."""
+    return q_dtype if q_dtype in (torch.float16, torch.bfloat16) else acc
+
+
+def _leaf_inverses(q, k, gamma, lse, cfg, blocks: _Blocks, W=None) -> torch.Tensor:
+    """leaf_inverses in ACC, then (half inputs) rounded to leaf_inverse_dtype, into W when given."""
+    dtype = leaf_inverse_dtype(q.dtype, lse.dtype)
+    if dtype == lse.dtype:
+        return leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below, W)
+    inverses = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)
+    return inverses.to(dtype) if W is None else W.copy_(inverses)
 
 
 def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
-    """outs[i][:, a:a+L] = N x[:, a:a+L] (rev: N^T x) with the leaf inverse N; one cuBLAS product."""
+    """outs[i][:, a:a+L] = N x[:, a:a+L] (rev: N^T x) with the leaf inverse N: one cuBLAS product in
+    W's dtype, the product dtype of outs[0] (half inputs: x rounded to it, fp32 accumulation), into
+    outs[0]; the others (f's dtype) copy it."""
     rows = min(L, x.shape[1] - a)
     N = W[:, a:a + rows, :rows]
-    with fp32_matmul(leaf_precision(outs[0].dtype)):
-        prod = torch.bmm(N.transpose(1, 2) if rev else N, x[:, a:a + rows])
-    for out in outs:
-        out[:, a:a + rows] = prod
+    first = outs[0][:, a:a + rows]
+    with fp32_matmul("ieee"):  # fp32 leaves (fp32 inputs) in full fp32
+        torch.bmm(N.transpose(1, 2) if rev else N, x[:, a:a + rows].to(W.dtype), out=first)
+    for out in outs[1:]:
+        out[:, a:a + rows] = first
 
 
 def _lse(blocks: _Blocks, later_bytes: int) -> None:
@@ -250,84 +267,165 @@ def forward(q, k, gamma, f, outs, scale: float, cfg, W=None) -> None:
     X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
     X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
     _lse(blocks, 0 if W is not None else B * H * NL * cfg.L * cfg.L * blocks.acc_bytes)  # the memory of W
-    W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below, W)
+    W = _leaf_inverses(q, k, gamma, lse, cfg, blocks, W)
     solutions = [outs[0], *outs[2:]]
     schedule(T, cfg.L, lambda a: _leaf(W, X, solutions, a, cfg.L, False),
-             lambda *blk: blocks.apply(*blk, outs[0], X, False), False, 0, triton.cdiv(T, cfg.L))
+             lambda *blk: blocks.apply(*blk, outs[0], X), False, 0, NL)
 
 
-def ds_blocks(T: int, side: int, min_rows: int, aspect: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """The backward's dS blocks for a scratch of side^2 entries: strips [r0, r1) of R = side / aspect
-    rows (at least min_rows), each against keys [0, r1) in blocks [c0, c1) of side^2 / R keys.
-    cuBLAS forms whole blocks, so the strips' diagonal R x R squares are half waste: T * R / 2 entries
-    per pass (R / T of the T^2 / 2 useful ones), 1 / aspect of what square blocks waste; thinner
-    strips give dq's product (R x Dk per strip) fewer output tiles."""
-    R = max(min_rows, side // aspect)
-    NC = max(1, side * side // R)
-    return [(r0, min(r0 + R, T), [(c0, min(c0 + NC, r0 + R, T)) for c0 in range(0, min(r0 + R, T), NC)])
-            for r0 in range(0, T, R)]
+def bands(T: int, L: int, band: int) -> list[tuple[int, int]]:
+    """The ranges [a, b) of the schedule's recursion over the leaves of [0, T) that span at most
+    `band` rows (or one leaf), in time order.  The backward forms dS inside them after the chain;
+    every block the recursion applies between two of them forms its dS in the chain."""
+    def split(a: int, n: int) -> list[tuple[int, int]]:
+        if n == 1 or n * L <= band:
+            return [(a, min(a + n * L, T))]
+        return split(a, n // 2) + split(a + n // 2 * L, n - n // 2)
+
+    return split(0, triton.cdiv(T, L))
 
 
-def _ds_products(dq, dk, dS, blocks, r0: int, r1: int, c0: int, c1: int) -> None:
-    """dq[r0:r1] += dS k[c0:c1] and dk[c0:c1] += dS^T q[r0:r1] for the dS block (B*H, r1 - r0, c1 - c0)
-    of rows [r0, r1) and keys [c0, c1).  Its entries with key >= row are zeros: where the block holds
-    the diagonal square, its rows and keys are split at the square's middle m, and the products skip
-    the zero quadrant (rows < m against keys >= m): a quarter of the square instead of half wasted.
-    m is a multiple of LOGIT_BM past r0 (aligned operands for cuBLAS)."""
-    bm = blocks.cfg.LOGIT_BM
+def _ds_products(dq, dk, dS, q, k, r0: int, r1: int, c0: int, c1: int, bm: int) -> None:
+    """dq[r0:r1] += dS k[c0:c1] and dk[c0:c1] += dS^T q[r0:r1] for the dS block (batch, r1 - r0, c1 - c0)
+    of rows [r0, r1) and keys [c0, c1) (q, k, dq, dk: (batch, rows, D)).  Its entries with key >= row
+    are zeros: where the block holds the diagonal square, its rows and keys are split at the square's
+    middle m, and the products skip the zero quadrant (rows < m against keys >= m): a quarter of the
+    square instead of half wasted.  m is a multiple of bm past r0 (aligned operands for cuBLAS)."""
     m = r0 + (r1 - r0) // 2 // bm * bm
     if not c0 < m < c1 or m <= r0:
-        _accumulate(dq[:, r0:r1], dS, blocks.kh[:, c0:c1])
-        _accumulate(dk[:, c0:c1], dS.transpose(1, 2), blocks.qh[:, r0:r1])
+        _accumulate(dq[:, r0:r1], dS, k[:, c0:c1])
+        _accumulate(dk[:, c0:c1], dS.transpose(1, 2), q[:, r0:r1])
         return
     early, late = dS[:, :m - r0], dS[:, m - r0:]  # rows before m and from m on
-    _accumulate(dq[:, r0:m], early[..., :m - c0], blocks.kh[:, c0:m])
-    _accumulate(dq[:, m:r1], late, blocks.kh[:, c0:c1])
-    _accumulate(dk[:, c0:m], dS[..., :m - c0].transpose(1, 2), blocks.qh[:, r0:r1])
-    _accumulate(dk[:, m:c1], late[..., m - c0:].transpose(1, 2), blocks.qh[:, m:r1])
+    _accumulate(dq[:, r0:m], early[..., :m - c0], k[:, c0:m])
+    _accumulate(dq[:, m:r1], late, k[:, c0:c1])
+    _accumulate(dk[:, c0:m], dS[..., :m - c0].transpose(1, 2), q[:, r0:r1])
+    _accumulate(dk[:, m:c1], late[..., m - c0:].transpose(1, 2), q[:, m:r1])
+
+
+class _Gradients:
+    """The backward's pieces besides the transposed solve: delta, dS and its products dq, dk (ACC
+    accumulators), the dgamma partials (B*H, T, cdiv(T, DS_BN)) (one slot per row and key tile)."""
+
+    def __init__(self, blocks: _Blocks, lam, S, f, dq_out, dk_out):
+        cfg, BH, T, dev = blocks.cfg, blocks.BH, blocks.T, lam.device
+        self.blocks, self.lam, self.S, self.f, self.BN = blocks, lam, S, f, cfg.DS_BN
+        self.dq, self.dk = (out.zero_() if out.dtype == blocks.acc else torch.zeros(out.shape, dtype=blocks.acc, device=dev)
+                            for out in (dq_out, dk_out))
+        self.NCB = triton.cdiv(T, self.BN)
+        self.dgp = torch.zeros((BH, T, self.NCB), dtype=blocks.acc, device=dev)
+        self.delta = new_buffer((BH, T), blocks.acc, dev)  # delta_t = lam_t . (s_t - f_t), rows as they become final
+        self.delta_from = T
+        self.k_keys = slab_descriptor(blocks.kh, self.BN, cfg.LOGIT_BK)  # dS tiles are DS_BN keys wide
+        self.lam_rows = slab_descriptor(lam, cfg.LOGIT_BM, cfg.LOGIT_BK)  # lam itself: read as the chain writes it
+        self.s_keys = slab_descriptor(tma_slab(S), self.BN, cfg.LOGIT_BK)
+        # bands: a power-of-two number of leaves, at most bwd_band rows, whose dS (B*H, band, band) fits the scratch
+        side, band = blocks.block_side(blocks.pdt_bytes), cfg.L
+        while band * 2 <= min(cfg.bwd_band, side):
+            band *= 2
+        self.bands = bands(T, cfg.L, band)
+        self.band_starts = [a for a, _ in self.bands]
+
+    def _band(self, row: int) -> int:
+        """Index of the band holding row."""
+        return bisect.bisect_right(self.band_starts, row) - 1
+
+    def finish_delta(self, r0: int) -> None:
+        """delta of the rows from r0 on (final by then) that have none yet (the chain finalizes rows from
+        the last one back)."""
+        if r0 < self.delta_from:
+            cfg, Dv = self.blocks.cfg, self.lam.shape[-1]
+            G.delta_kernel[(triton.cdiv(self.delta_from - r0, cfg.EPI_BM), self.blocks.BH)](
+                self.lam, self.S, self.f, self.delta, self.blocks.T, r0, self.delta_from - r0, self.blocks.H, Dv,
+                self.lam.stride(0), self.lam.stride(1), self.S.stride(0), self.S.stride(1), self.f.stride(0),
+                self.f.stride(1), BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)),
+                **launch_options(cfg.EPI_WARPS, 2))
+            self.delta_from = r0
+
+    def _ds(self, dS, P, r0: int, R: int, c0: int, NC: int, n: int = 1) -> None:
+        """ds_kernel on n blocks per head of R rows x NC keys from (r0, c0), NC rows apart (n > 1);
+        P: gamma*P too."""
+        b = self.blocks
+        grid = (triton.cdiv(R, b.cfg.LOGIT_BM), triton.cdiv(NC, self.BN), b.BH * n)
+        G.ds_kernel[grid](
+            b.q_rows, self.k_keys, self.lam_rows, self.s_keys, dS, dS if P is None else P, self.dgp, b.gamma, b.lse,
+            self.delta, b.T, b.H, r0, R, c0, NC, self.NCB, n, NC, b.Dk, self.lam.shape[-1], b.gamma.stride(0),
+            b.gamma.stride(1), b.qk_scale, b.scale, BN=self.BN, WRITE_P=P is not None, **b.logit)
+
+    def apply(self, l0: int, l1: int, e0: int, e1: int, Y) -> None:
+        """Y[e] += (gamma*P[l, e])^T lam[l] for later rows l in [l0, l1), earlier rows e in [e0, e1), in
+        chunks of e.  A block between two bands also forms its dS there (lam[l] is final):
+        dq[l] += dS k[e], dk[e] += dS^T q[l]."""
+        b = self.blocks
+        R = l1 - l0
+        if self._band(e0) == self._band(l0):
+            step = b.lines_per_chunk(R, b.pdt_bytes)
+            for c0 in range(e0, e1, step):
+                c1 = min(c0 + step, e1)
+                _accumulate(Y[:, c0:c1], b.probs(l0, l1, c0, c1).transpose(1, 2), self.lam[:, l0:l1])
+            return
+        self.finish_delta(l0)
+        step = max(self.BN, b.lines_per_chunk(R, 2 * b.pdt_bytes) // self.BN * self.BN)
+        for c0 in range(e0, e1, step):
+            c1 = min(c0 + step, e1)
+            dS, P = b.views(R, c1 - c0, b.pdt, b.pdt)
+            self._ds(dS, P, l0, R, c0, c1 - c0)
+            _accumulate(Y[:, c0:c1], P.transpose(1, 2), self.lam[:, l0:l1])
+            _ds_products(self.dq, self.dk, dS, b.qh, b.kh, l0, l1, c0, c1, b.cfg.LOGIT_BM)
+
+    def band_pass(self) -> None:
+        """dS of the pairs inside each band, after the chain: adjacent bands of one size together (one
+        head: as many as the scratch holds; several heads: one band per launch, over the heads)."""
+        b = self.blocks
+        self.finish_delta(0)
+        runs: list[list[int]] = []  # [first row, rows per band, bands]
+        for a, e in self.bands:
+            size = e - a
+            if (runs and b.BH == 1 and runs[-1][1] == size and runs[-1][0] + runs[-1][1] * runs[-1][2] == a
+                    and (runs[-1][2] + 1) * size * size * b.pdt_bytes <= b.budget):
+                runs[-1][2] += 1
+            else:
+                runs.append([a, size, 1])
+        for a, size, n in runs:
+            (dS,) = b.views(n * size, size, b.pdt)
+            dS = dS.view(b.BH * n, size, size)
+            self._ds(dS, None, a, size, a, size, n)
+            if n == 1:
+                view = lambda x: x[:, a:a + size]  # noqa: E731
+            else:  # one head: the bands as a batch
+                view = lambda x: x[0, a:a + n * size].view(n, size, x.shape[-1])  # noqa: E731
+            _ds_products(view(self.dq), view(self.dk), dS, view(b.qh), view(b.kh), 0, size, 0, size, b.cfg.LOGIT_BM)
+
+    def dgamma(self) -> torch.Tensor:
+        """dgamma (B*H, T) from the partials: one rowsum."""
+        b = self.blocks
+        dg = new_buffer((b.BH, b.T), b.acc, self.lam.device)
+        G.rowsum_kernel[(triton.cdiv(b.T, b.cfg.EPI_BM), b.BH)](self.dgp, dg, b.T, 0, b.T, self.NCB, **b.epi)
+        return dg
 
 
 def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg, W=None) -> None:
     """Writes outs as ``feedback_fused.backward``: dq, dk, Lam (and Lam2) head-major, dgamma (B, T, H);
-    W: the forward's leaf inverses (None: recomputed here)."""
+    W: the forward's leaf inverses (None: recomputed here).  The transposed solve's applies between
+    bands (``bands``) form dS with gamma*P (one logit pass for both) and take dS's products at once;
+    the pairs inside bands get dS after the chain."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
-    acc, pdt = lse.dtype, S.dtype
     dq_out, dk_out, dgamma, Lam = outs[:4]
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
-    Y = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)  # first: a torch launch ("CUDA context")
+    Y = torch.empty((B * H, T, Dv), dtype=lse.dtype, device=q.device)  # first: a torch launch ("CUDA context")
     Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
     if W is None:
-        W = leaf_inverses(q, k, gamma, lse, cfg, blocks.qk_scale, blocks.leaf_below)
-    schedule(T, cfg.L, lambda a: _leaf(W, Y, outs[3:], a, cfg.L, True),
-             lambda *blk: blocks.apply(*blk, Lam, Y, True), True, 0, triton.cdiv(T, cfg.L))
+        W = _leaf_inverses(q, k, gamma, lse, cfg, blocks)
+    # the dS tiles read lam through a TMA descriptor while the chain writes it: Lam itself where it can be one
+    lam = Lam if tma_slab(Lam) is Lam else tma_buffer(Lam.shape, Lam.dtype, Lam.device)
+    grads = _Gradients(blocks, lam, S, f, dq_out, dk_out)
+    schedule(T, cfg.L, lambda a: _leaf(W, Y, [lam, *outs[4:]], a, cfg.L, True),
+             lambda *blk: grads.apply(*blk, Y), True, 0, triton.cdiv(T, cfg.L))
     del W, Y
-    delta = new_buffer((B * H, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t)
-    G.delta_kernel[(triton.cdiv(T, cfg.EPI_BM), B * H)](
-        Lam, S, f, delta, T, H, Dv, Lam.stride(0), Lam.stride(1), f.stride(0), f.stride(1),
-        BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)), **launch_options(cfg.EPI_WARPS, 2))
-    # dS over causal blocks (rows r x keys c, ds_blocks): dq and dk accumulate in ACC (in the outputs
-    # themselves when those are ACC) across them, dgamma is summed once per strip of rows
-    dq, dk = (out.zero_() if out.dtype == acc else torch.zeros(out.shape, dtype=acc, device=q.device)
-              for out in (dq_out, dk_out))
-    dg = new_buffer((B * H, T), acc, q.device)
-    side, BN = blocks.block_side(blocks.pdt_bytes), cfg.DS_BN
-    k_keys = slab_descriptor(blocks.kh, BN, cfg.LOGIT_BK)  # dS tiles are DS_BN keys wide
-    lam_rows = slab_descriptor(tma_slab(Lam), cfg.LOGIT_BM, cfg.LOGIT_BK)
-    s_keys = slab_descriptor(tma_slab(S), BN, cfg.LOGIT_BK)
-    for r0, r1, col_blocks in ds_blocks(T, side, cfg.LOGIT_BM, cfg.ds_aspect):
-        R = r1 - r0
-        # dgamma partials of the whole strip (every block's tiles side by side): one rowsum per strip
-        nb0 = [0, *itertools.accumulate(triton.cdiv(c1 - c0, BN) for c0, c1 in col_blocks)]
-        dgp = new_buffer((B * H, R, nb0[-1]), acc, q.device)
-        for (c0, c1), nb in zip(col_blocks, nb0):
-            NC = c1 - c0
-            (dS,) = blocks.views(R, NC, pdt)
-            G.ds_kernel[blocks.grid(R, NC, BN)](
-                blocks.q_rows, k_keys, lam_rows, s_keys, dS, dgp, gamma, lse, delta, T, H, r0, R, c0, NC, nb0[-1],
-                nb, Dk, Dv, gamma.stride(0), gamma.stride(1), blocks.qk_scale, scale, BN=BN, **blocks.logit)
-            _ds_products(dq, dk, dS, blocks, r0, r1, c0, c1)
-        G.rowsum_kernel[(triton.cdiv(R, cfg.EPI_BM), B * H)](dgp, dg, T, r0, R, nb0[-1], **blocks.epi)
-    for out, result in ((dq_out, dq), (dk_out, dk), (dgamma, dg.view(B, H, T).transpose(1, 2))):
+    grads.band_pass()
+    dg = grads.dgamma()
+    for out, result in ((dq_out, grads.dq), (dk_out, grads.dk), (dgamma, dg.view(B, H, T).transpose(1, 2)),
+                        (Lam, lam)):
         if out is not result:
             out.copy_(result)

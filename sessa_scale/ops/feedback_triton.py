@@ -18,7 +18,8 @@ Two paths compute the products:
 * GEMM (``feedback_gemm.py``; wider heads): cuBLAS for the logits and products of row blocks,
   memory-bound Triton epilogues for the softmax parts; a bounded scratch (``scratch_mib``).
 
-Memory per call: O(B*H*T*(Dk + Dv)) work buffers plus the leaf inverses W (B*H*T*L in ACC);
+Memory per call: O(B*H*T*(Dk + Dv)) work buffers plus the leaf inverses W (B*H*T*L: ACC on the fused
+path, the product dtype on the GEMM path);
 between forward and backward the solution, the row statistics and (``keep_leaf_inverses``, the
 default) W are kept; with keep_leaf_inverses = 0 the backward recomputes W instead.
 
@@ -96,12 +97,14 @@ class SolveConfig:
     EPI_BN: int = 128  # ... columns per step
     EPI_WARPS: int = 4
     scratch_mib: int = 128  # bound on the GEMM path's scratch (gamma*P or dS of row blocks, product dtype)
-    # GEMM backward: dS blocks of side / ds_aspect rows x side * ds_aspect keys (side^2 fills the scratch;
-    # 1: square; larger: less of the diagonal squares formed in vain, thinner dq products)
-    ds_aspect: int = 2
+    # GEMM backward: the transposed solve's applies between ranges of the recursion of at most bwd_band rows
+    # (a power-of-two number of leaves whose dS fits the scratch) form dS together with gamma*P in one logit
+    # pass; the pairs inside those ranges get dS after the chain, in batched launches
+    bwd_band: int = 4096
     # the forward's leaf inverses W are saved for the backward (1) or recomputed there (0): the backward
     # skips their products and merges (6x128 at 2k: ~10% of a call) for B*H*T*L*4 bytes held between the
-    # passes (per token and layer: H*L*4 bytes, 12 KiB for 6x128 at L = 512, 4 KiB for 1x768 at L_gemm = 1024)
+    # passes (per token and layer: H*L*4 bytes on the fused path, 12 KiB for 6x128 at L = 512; H*L*2 on the GEMM
+    # path with half inputs, 2 KiB for 1x768 at L_gemm = 1024)
     keep_leaf_inverses: int = 1
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
     graph_max_T: int = 16384  # ... fused path: up to this length (141 launches per call at 16k, tens of us of host each)
@@ -121,7 +124,7 @@ INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_gemm=32, min_leaves=1, FWD_BM=16, F
                                BWD_BN=16, BWD_WARPS=1, DQ_BM=16, DQ_BN=16, DQ_WARPS=1, STAGES=1, BML=16, BNL=16,
                                LEAF_WARPS=1, MERGE_TILE=16, MERGE_GEMM_MIN=0, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16,
                                LOGIT_WARPS=1, LOGIT_STAGES=1, SMALL_BM=16, SMALL_BN=16, SMALL_WARPS=1, SMALL_GRID=0,
-                               EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, graphs=0)
+                               EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, bwd_band=64, graphs=0)
 
 
 def parse_config(text: str, base: SolveConfig) -> SolveConfig:
@@ -169,7 +172,7 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         MERGE_GEMM_MIN=cfg.MERGE_GEMM_MIN if gemm else 0,  # fused path (L <= 512): cuBLAS levels measured no faster
         # fp32 / fp64 inputs (FMA dots): logit tiles of half the keys and head width, at most 2 stages
         LOGIT_BN=cfg.LOGIT_BN if elem_bytes <= 2 else max(16, cfg.LOGIT_BN // 2),
-        DS_BN=cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2),
+        DS_BN=min(L, cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2)),  # dgamma slots: L % DS_BN == 0
         LOGIT_BK=cfg.LOGIT_BK if elem_bytes <= 2 else max(16, cfg.LOGIT_BK // 2),
         LOGIT_STAGES=cfg.LOGIT_STAGES if elem_bytes <= 2 else min(cfg.LOGIT_STAGES, 2),
         SMALL_BN=cfg.SMALL_BN if elem_bytes <= 2 else max(16, cfg.SMALL_BN // 2),
@@ -233,13 +236,13 @@ def backward_outputs(path, q, k, f, S, dtypes) -> list[torch.Tensor]:
     return outs
 
 
-def kept_leaf_inverses(q, lse, cfg: SolveConfig) -> list[torch.Tensor]:
-    """[W]: the buffer (in lse's dtype) the forward writes its leaf inverses into for the backward
-    (cfg resolved by _fit), or [] when cfg.keep_leaf_inverses is 0 (the backward recomputes them)."""
+def kept_leaf_inverses(path, q, lse, cfg: SolveConfig) -> list[torch.Tensor]:
+    """[W]: the buffer (in path.leaf_inverse_dtype) the forward writes its leaf inverses into for the
+    backward (cfg resolved by _fit), or [] when cfg.keep_leaf_inverses is 0 (the backward recomputes them)."""
     if not cfg.keep_leaf_inverses:
         return []
     B, T, H, _ = q.shape
-    return [new_buffer(leaf_inverse_shape(B, T, H, cfg.L), lse.dtype, q.device)]
+    return [new_buffer(leaf_inverse_shape(B, T, H, cfg.L), path.leaf_inverse_dtype(q.dtype, lse.dtype), q.device)]
 
 
 class _TritonFeedbackSolve(torch.autograd.Function):
@@ -254,7 +257,7 @@ class _TritonFeedbackSolve(torch.autograd.Function):
             ctx.graphed = q.is_cuda and not INTERPRET and graph_eligible(B, T, H, Dk, Dv, cfg)
             outs = forward_outputs(path, qc, kc, gc, fc)
             S, lse = outs[:2]
-            kept = kept_leaf_inverses(qc, lse, cfg)  # outputs of the forward's graph, inputs of the backward's
+            kept = kept_leaf_inverses(path, qc, lse, cfg)  # outputs of the forward's graph, inputs of the backward's
             n = len(outs)
             GRAPHS(("fwd", scale, cfg), lambda *a: path.forward(*a[:4], a[4:4 + n], scale, cfg, *a[4 + n:]),
                    (qc, kc, gc, fc), (*outs, *kept), ctx.graphed, _backward_input_bytes(qc, kc, gc, fc, kept))

@@ -126,10 +126,15 @@ def _interp_worker(dtype_name: str) -> None:
         small_tiles = with_config(gemm=1, LOGIT_BM=32, LOGIT_BN=64, DS_BN=32, SMALL_BN=32, SMALL_GRID=5)
         _check_against_dense(small_tiles, 2, 130, 1, 24, 40, dtype, "cpu", seed=11, tol_s=tol, tol_g=tol)
         print(f"ok {dtype_name} gemm small gamma*P tiles", flush=True)
+        # The backward with bands of one leaf at one head: every apply forms dS with gamma*P in the chain, and
+        # the leaves' dS goes in one batched launch (four bands of 32 rows, then the last 2 rows on their own).
+        _check_against_dense(with_config(gemm=1, bwd_band=32), 1, 130, 1, 24, 40, dtype, "cpu", seed=12, tol_s=tol,
+                             tol_g=tol)
+        print(f"ok {dtype_name} gemm bands of one leaf", flush=True)
 
 
 def _interp_expected(dtype_name: str) -> int:
-    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 7
+    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 8
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -190,49 +195,56 @@ def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():
         assert covered == {(t, j) for t in range(37) for j in range(t) if t // 8 != j // 8}
 
 
-def test_launch_counter_sees_one_epilogue_per_apply_and_one_dgamma_sum_per_strip():
+def test_launch_counter_sees_one_logit_pass_per_apply_and_one_dgamma_sum():
     """bench/solve_launches counts the GEMM path's launches on the meta device: with a scratch that
-    holds every block whole, one probs epilogue per apply of the schedule in each direction and one
-    lse strip; at 1x768, T = 32k (128 MiB scratch) the backward's dS blocks sum their dgamma partials
-    once per strip of rows, not once per block."""
+    holds every block whole, one probs epilogue per apply of the forward's schedule and one lse
+    strip; the backward forms gamma*P with probs_kernel only inside bands, with ds_kernel (dS and
+    gamma*P in one pass) between them, then dS of the bands (adjacent bands of one head in one
+    launch), and sums dgamma once."""
     pytest.importorskip("triton")
     from sessa_scale.bench.solve_launches import count_launches
+    from sessa_scale.ops.feedback_gemm import bands
     from sessa_scale.ops.feedback_leaves import schedule
     from sessa_scale.ops.feedback_triton import SolveConfig
 
-    T, L = 8192, SolveConfig().L_gemm
+    T, L, band = 8192, SolveConfig().L_gemm, SolveConfig().bwd_band
     applies = []
     schedule(T, L, lambda a: None, lambda *blk: applies.append(blk), False, 0, T // L)
+    starts = [a for a, _ in bands(T, L, band)]
+    assert starts == list(range(0, T, band))
+    between = [blk for blk in applies if blk[0] // band != blk[2] // band]
+    assert len(between) == 1  # the top-level block
     fwd, bwd = count_launches(1, T, 1, 768, 768, SolveConfig(scratch_mib=4096))
-    assert fwd["triton.probs_kernel"] == bwd["triton.probs_kernel"] == len(applies) == T // L - 1
+    assert fwd["triton.probs_kernel"] == len(applies) == T // L - 1
     assert fwd["triton.lse_partial_kernel"] == fwd["triton.lse_reduce_kernel"] == 1
     assert fwd["torch.bmm"] >= T // L  # the leaf products
-
-    _, bwd32 = count_launches(1, 32768, 1, 768, 768, SolveConfig())
-    strips, blocks = bwd32["triton.rowsum_kernel"], bwd32["triton.ds_kernel"]
-    assert 1 < strips < blocks
+    assert bwd["triton.probs_kernel"] == len(applies) - len(between)
+    assert len(starts) == 2 and bwd["triton.ds_kernel"] == len(between) + 1 and bwd["triton.rowsum_kernel"] == 1
 
 
-def test_ds_blocks_cover_each_causal_pair_once_within_the_scratch_and_cut_the_diagonal_waste():
-    """The GEMM backward's dS blocks: every pair (t, j < t) in exactly one block (keys [0, r1) of its
-    strip tiled without gaps), each block within the scratch's side^2 entries, and what cuBLAS forms
-    beyond the T^2 / 2 causal pairs at most T * side / (2 * aspect) (+ rounding): square blocks
-    (aspect 1) waste T * side / 2."""
+def test_bands_split_the_schedule_so_each_pair_is_formed_once():
+    """The backward's bands: ranges of the recursion, in order, covering [0, T), each a single leaf or
+    at most `band` rows; every apply of the schedule lies inside one band or between two (its rows and
+    keys in different bands); the pairs inside bands and those of the applies between them are all
+    causal pairs, each once."""
     pytest.importorskip("triton")
-    from sessa_scale.ops.feedback_gemm import ds_blocks
+    from sessa_scale.ops.feedback_gemm import bands
+    from sessa_scale.ops.feedback_leaves import schedule
 
-    for T, side, min_rows, aspect in ((130, 32, 16, 2), (131, 48, 16, 2), (1, 32, 16, 2), (32768, 3584, 32, 2),
-                                      (16384, 3584, 32, 4)):
-        rows, formed, pairs = 0, 0, 0
-        for r0, r1, cols in ds_blocks(T, side, min_rows, aspect):
-            assert r0 == rows and r0 < r1 <= T
-            rows = r1
-            assert cols[0][0] == 0 and cols[-1][1] == r1 and all(a[1] == b[0] for a, b in zip(cols, cols[1:]))
-            assert all((r1 - r0) * (c1 - c0) <= side * side for c0, c1 in cols)
-            formed += sum((r1 - r0) * (c1 - c0) for c0, c1 in cols)
-            pairs += sum(range(r0, r1))  # keys j < t of each row t
-        assert rows == T and pairs == T * (T - 1) // 2
-        assert formed - pairs <= T * side // (2 * aspect) + side * side, (T, side, formed - pairs)
+    for T, L, band in ((130, 32, 64), (37, 8, 16), (16384, 1024, 4096), (5000, 1024, 4096), (1, 32, 64), (96, 32, 32)):
+        ranges = bands(T, L, band)
+        assert ranges[0][0] == 0 and ranges[-1][1] == T and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert all(b - a <= max(band, L) for a, b in ranges)
+        band_of = [n for n, (a, b) in enumerate(ranges) for _ in range(a, b)]
+        inside = sum((b - a) * (b - a - 1) // 2 for a, b in ranges)
+        applies = []
+        schedule(T, L, lambda a: None, lambda *blk: applies.append(blk), True, 0, -(-T // L))
+        between = 0
+        for l0, l1, e0, e1 in applies:
+            rows, keys = set(band_of[l0:l1]), set(band_of[e0:e1])
+            assert (len(rows) == 1 and rows == keys) or not rows & keys, (T, L, band, l0, l1, e0, e1)
+            between += (l1 - l0) * (e1 - e0) if rows != keys else 0
+        assert inside + between == T * (T - 1) // 2
 
 
 def test_graph_policy_captures_the_gemm_path_up_to_32k_tokens_of_one_768_head():
@@ -304,7 +316,8 @@ BF16_TOL_S, BF16_TOL_G = 1e-2, 2e-2
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype,B,T,H,D", [(torch.bfloat16, 2, 1000, 3, 64), (torch.bfloat16, 1, 2048, 2, 128),
-                                           (torch.bfloat16, 1, 777, 1, 768), (torch.float16, 1, 1500, 2, 128)])
+                                           (torch.bfloat16, 1, 777, 1, 768), (torch.bfloat16, 1, 5000, 1, 768),
+                                           (torch.float16, 1, 1500, 2, 128)])
 def test_gpu_half_against_dense(dtype, B, T, H, D):
     _check_against_dense(_triton_impl(), B, T, H, D, D, dtype, "cuda", seed=T + D, tol_s=BF16_TOL_S, tol_g=BF16_TOL_G)
 
@@ -315,13 +328,15 @@ def test_gpu_deterministic_and_auto():
     from sessa_scale.ops.feedback_solve import feedback_solve, resolve_impl
 
     assert resolve_impl("auto", torch.device("cuda")) == "triton"
-    (q, k, g, f), ds = _inputs(2, 1500, 3, 64, 64, torch.bfloat16, "cuda", seed=3)
-    outs = []
-    for _ in range(2):
-        s = feedback_solve(q, k, g, f)
-        outs.append([s, *torch.autograd.grad(s, (q, k, g, f), ds)])
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    # the fused path; the GEMM path with two bands and an apply between them
+    for B, T, H, D in ((2, 1500, 3, 64), (1, 5000, 1, 768)):
+        (q, k, g, f), ds = _inputs(B, T, H, D, D, torch.bfloat16, "cuda", seed=3)
+        outs = []
+        for _ in range(2):
+            s = feedback_solve(q, k, g, f)
+            outs.append([s, *torch.autograd.grad(s, (q, k, g, f), ds)])
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
 
 
 @gpu
