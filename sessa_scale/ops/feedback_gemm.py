@@ -310,7 +310,8 @@ class _Gradients:
     def __init__(self, blocks: _Blocks, lam, S, f, dq_out, dk_out):
         cfg, BH, T, dev = blocks.cfg, blocks.BH, blocks.T, lam.device
         self.blocks, self.lam, self.S, self.f, self.BN = blocks, lam, S, f, cfg.DS_BN
-        self.dq, self.dk = (out.zero_() if out.dtype == blocks.acc else torch.zeros(out.shape, dtype=blocks.acc, device=dev)
+        self.dq, self.dk = (out.zero_() if out.dtype == blocks.acc else torch.zeros(out.shape, dtype=blocks.acc,
+                                                                                     device=dev)
                             for out in (dq_out, dk_out))
         self.NCB = triton.cdiv(T, self.BN)
         self.dgp = torch.zeros((BH, T, self.NCB), dtype=blocks.acc, device=dev)

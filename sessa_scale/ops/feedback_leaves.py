@@ -21,8 +21,8 @@ def launch_options(num_warps: int, num_stages: int) -> dict:
 
 
 def leaf_precision(product_dtype: torch.dtype) -> str:
-    """Precision of the fp32 leaf products: TF32 when the inputs are half precision (their own
-    products are bf16/fp16), full fp32 otherwise."""
+    """Precision of fp32 leaf work (the fused path's leaf products, both paths' leaf-inverse merges):
+    TF32 when the inputs are half precision (their own products are bf16/fp16), full fp32 otherwise."""
     return "tf32" if product_dtype in (torch.float16, torch.bfloat16) else "ieee"
 
 
@@ -45,7 +45,7 @@ def leaf_inverse_shape(B: int, T: int, H: int, L: int) -> tuple[int, int, int]:
 def leaf_inverses(q, k, gamma, lse, cfg, qk_scale: float, fill_below=None, W=None) -> torch.Tensor:
     """W (B*H, NL*L, L) in lse's dtype: per leaf of cfg.L rows the inverse N of (I - gamma*P_leaf),
     lower triangular (rows past T padded with identity), its fp32 products in TF32 for half-precision
-    inputs (as the leaf products).  q, k (B, T, H, Dk) (head stride Dk,
+    inputs (as the fused path's leaf products).  q, k (B, T, H, Dk) (head stride Dk,
     unit last stride), gamma (B, T, H) contiguous, lse (B*H, T) in base 2.  fill_below(W), when
     given, writes each leaf's gamma*P strictly below the diagonal and zeros elsewhere (the GEMM path,
     on the tensor cores); leaf_prep_kernel then writes only the diagonal blocks' inverses.  W, when
