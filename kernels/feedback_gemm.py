@@ -168,16 +168,10 @@ def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, p_ptr, dgp_ptr, g_ptr, l
     WRITE_P: also gamma_t P into p (same layout), and the tile's partial dgamma sum_j P D into dgp
     (B*H, T, NCB) at column c0' / BN + pid_n (c0' a multiple of BN: each (row, key tile) has its own
     slot, one rowsum at the end).  Tiles with no earlier key skip both products."""
-    z = tl.program_id(2)
+    r0 = r0 + (tl.program_id(2) % n) * step
+    c0 = c0 + (tl.program_id(2) % n) * step
+    z, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)  # z: the block's index in ds (and p)
     bh = z // n
-    r0 = r0 + (z % n) * step
-    c0 = c0 + (z % n) * step
-    i = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    t = r0 + i
-    imask = i < R
-    m2 = imask[:, None] & (cols < NC)[None, :]
-    off = z * R * NC + i[:, None] * NC + cols[None, :]
     ACC = lse_ptr.dtype.element_ty
     ds = tl.zeros((BM, BN), dtype=ACC)
     p = tl.zeros((BM, BN), dtype=ACC)
