@@ -51,6 +51,19 @@ def _logits(a_desc, b_desc, ra, rb, D, BM: tl.constexpr, BN: tl.constexpr, BK: t
     return acc
 
 
+@triton.jit
+def _logits_pair(a_desc, b_desc, c_desc, d_desc, ra, rb, D, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """The (BM, BN) tiles a[ra:] . b[rb:]^T and c[ra:] . d[rb:]^T (as _logits) of slabs of the same width
+    D, in one loop over D: both products of a chunk issued together."""
+    acc = tl.zeros((BM, BN), dtype=ACC)
+    acc2 = tl.zeros((BM, BN), dtype=ACC)
+    for d0 in range(0, D, BK):
+        acc += _dot(a_desc.load([ra, d0]), b_desc.load([rb, d0]).T, PREC)
+        acc2 += _dot(c_desc.load([ra, d0]), d_desc.load([rb, d0]).T, PREC)
+    return acc, acc2
+
+
 @triton.jit(do_not_specialize=['T', 'r0', 'R'])
 def lse_partial_kernel(q_desc, k_desc, m_ptr, l_ptr, T, r0, R, NC, NCB, Dk, qk_scale,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
@@ -159,7 +172,8 @@ def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, t0, R, H, Dv, sl_bh, sl_t, sx
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'n', 'step', 'sg_b', 'sg_t'])
 def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, p_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC,
               NCB, n, step, Dk, Dv, sg_b, sg_t, qk_scale, scale,
-              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, WRITE_P: tl.constexpr):
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, WRITE_P: tl.constexpr,
+              ONE_LOOP: tl.constexpr):
     """The softmax backward of n blocks per head: program (pid_m, pid_n, z) takes head bh = z // n,
     rows t = r0' + i, keys j = c0' + c with r0' = r0 + (z % n) * step, c0' = c0 + (z % n) * step (n = 1:
     one block; n > 1: blocks `step` rows apart along the diagonal, e.g. adjacent bands).  It forms the
@@ -167,7 +181,8 @@ def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, p_ptr, dgp_ptr, g_ptr, l
     scale P (gamma_t D - delta_t) into ds (n * B*H, R, NC) at block z (zero for j >= t; its dtype),
     WRITE_P: also gamma_t P into p (same layout), and the tile's partial dgamma sum_j P D into dgp
     (B*H, T, NCB) at column c0' / BN + pid_n (c0' a multiple of BN: each (row, key tile) has its own
-    slot, one rowsum at the end).  Tiles with no earlier key skip both products."""
+    slot, one rowsum at the end).  Tiles with no earlier key skip both products.  ONE_LOOP (Dk == Dv):
+    both products in one loop over the width."""
     r0 = r0 + (tl.program_id(2) % n) * step
     c0 = c0 + (tl.program_id(2) % n) * step
     z, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)  # z: the block's index in ds (and p)
@@ -180,10 +195,13 @@ def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, p_ptr, dgp_ptr, g_ptr, l
     if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
         j = c0 + cols
         row, key = bh * T + r0 + tl.program_id(0) * BM, bh * T + c0 + tl.program_id(1) * BN
-        a = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
+        if ONE_LOOP:  # Dk == Dv
+            a, d = _logits_pair(q_desc, k_desc, lam_desc, s_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
+        else:
+            a = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
+            d = _logits(lam_desc, s_desc, row, key, Dv, BM, BN, BK, ACC, PREC)
         lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
         p = tl.where((j[None, :] < t[:, None]) & m2, tl.exp2(a * qk_scale - lse[:, None]), 0.0)
-        d = _logits(lam_desc, s_desc, row, key, Dv, BM, BN, BK, ACC, PREC)
         dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
         dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from sessa_scale.config.schema import ModelConfig
 from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Replicated, Row, RowToHidden, Shard, Style, indivisible
 from sessa_scale.models.attention import (
-    apply_rope, causal_attention, decode_attention, kv_heads, project, rope_inv_freq,
+    apply_rope, causal_attention, decode_attention, kv_heads, project, rope_inv_freq, split_projection,
 )
 from sessa_scale.models.flops import attention_projection_flops, causal_attention_flops
 from sessa_scale.models.spec import ArchSpec, Problem
@@ -82,7 +82,7 @@ class SessaMixer(nn.Module):
 
     def _project(self, a_bar: torch.Tensor, positions: torch.Tensor):
         """a_bar (B, T, D), positions (T,) -> q (B, T, H, d) and k, v (B, T, H_kv, d) (RoPE applied),
-        q_b, k_b (B, T, H_b, D/H_b), gamma (B, T, H_b)."""
+        q_b, k_b (B, T, H_b, D/H_b)."""
         B, T, _ = a_bar.shape
         # gamma_ctx stays its own product: its H_b columns would make the fused width (5 D + H_b) a
         # shape cuBLAS runs on a slow pre-Hopper kernel (H200: 4.6x slower layer at D = 1024).
@@ -94,16 +94,23 @@ class SessaMixer(nn.Module):
             k = apply_rope(k, positions, self.rope_inv_freq)
         # q_b is the FIRST half of proj_fb; feedback head h owns columns [h*D/H_b, (h+1)*D/H_b).
         q_b, k_b = qk_b.reshape(B, T, 2, self.n_fb_heads, self.fb_head_dim).unbind(2)
-        gamma = self.gamma_max * torch.tanh(self.gamma_bias + self.gamma_ctx(a_bar))
-        return q, k, v, q_b, k_b, gamma
+        return q, k, v, q_b, k_b
+
+    def _gamma(self, a_bar: torch.Tensor) -> torch.Tensor:
+        """a_bar (B, T, D) -> the feedback gate gamma (B, T, H_b) in (-gamma_max, gamma_max)."""
+        return self.gamma_max * torch.tanh(self.gamma_bias + self.gamma_ctx(a_bar))
 
     def _forward(self, a_bar: torch.Tensor):
         """a_bar (B, T, D) -> s (B, T, D) and what a cache keeps: k, v (B, T, H_kv, d), k_b (B, T, D)."""
         B, T, _ = a_bar.shape
-        q, k, v, q_b, k_b, gamma = self._project(a_bar, torch.arange(T, device=a_bar.device))
+        q, k, v, q_b, k_b = self._project(a_bar, torch.arange(T, device=a_bar.device))
+        attention = causal_attention(q, k, v, self.attention)
+        # Issued after the attention: the host forms the gate while the GPU runs the attention (before it,
+        # the GPU waits on the host's launches of the layer's short kernels).
+        gamma = self._gamma(a_bar)
         # Widths are inferred (-1): under tensor parallelism this rank holds a subset of the heads
         # and of f's columns (sessa_plan below).
-        f = self.out_proj(causal_attention(q, k, v, self.attention).reshape(B, T, -1))
+        f = self.out_proj(attention.reshape(B, T, -1))
         f = f.view(B, T, self.n_fb_heads, -1)
         s = feedback_solve(q_b, k_b, gamma, f, scale=self.fb_scale, impl=self.solver)
         return s.reshape(B, T, -1), k, v, k_b.reshape(B, T, -1)
@@ -148,7 +155,8 @@ class SessaMixer(nn.Module):
         t, capacity = cache["t"], cache["s"].shape[1]
         if t >= capacity:
             raise ValueError(f"the cache is full ({capacity} positions); init_cache with a larger max_len")
-        q, k, v, q_b, k_b, gamma = self._project(x, torch.tensor([t], device=x.device))
+        q, k, v, q_b, k_b = self._project(x, torch.tensor([t], device=x.device))
+        gamma = self._gamma(x)
         cache["k_f"][:, t : t + 1] = k
         cache["v_f"][:, t : t + 1] = v
         f = self.out_proj(decode_attention(q, cache["k_f"][:, : t + 1], cache["v_f"][:, : t + 1]).reshape(B, 1, D))
@@ -192,7 +200,7 @@ class SessaLayer(nn.Module):
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., D) -> a_bar = gelu(a) (exact), g (raw): the two halves of W_in(ln(x)), a first."""
-        a, g = self.W_in(self.ln(x)).chunk(2, dim=-1)
+        a, g = split_projection(self.ln(x), self.W_in, 2)
         return F.gelu(a), g
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -303,6 +303,11 @@ def _ds_products(dq, dk, dS, q, k, r0: int, r1: int, c0: int, c1: int, bm: int) 
     _accumulate(dk[:, m:c1], late[..., m - c0:].transpose(1, 2), q[:, m:r1])
 
 
+# delta_kernel's tiles: whole rows (up to _DELTA_MAX_BV wide) of _DELTA_TILE entries per operand, many
+# programs per SM (one head of 768 at 16k: 32-row tiles of 128 columns ran at a third of the bandwidth)
+_DELTA_TILE, _DELTA_MAX_BV = 4096, 2048
+
+
 class _Gradients:
     """The backward's pieces besides the transposed solve: delta, dS and its products dq, dk (ACC
     accumulators), the dgamma partials (B*H, T, cdiv(T, DS_BN)) (one slot per row and key tile)."""
@@ -336,11 +341,12 @@ class _Gradients:
         the last one back)."""
         if r0 < self.delta_from:
             cfg, Dv = self.blocks.cfg, self.lam.shape[-1]
-            G.delta_kernel[(triton.cdiv(self.delta_from - r0, cfg.EPI_BM), self.blocks.BH)](
+            BV = min(_DELTA_MAX_BV, triton.next_power_of_2(Dv))
+            BM = max(1, _DELTA_TILE // BV)
+            G.delta_kernel[(triton.cdiv(self.delta_from - r0, BM), self.blocks.BH)](
                 self.lam, self.S, self.f, self.delta, self.blocks.T, r0, self.delta_from - r0, self.blocks.H, Dv,
                 self.lam.stride(0), self.lam.stride(1), self.S.stride(0), self.S.stride(1), self.f.stride(0),
-                self.f.stride(1), BM=cfg.EPI_BM, BV=min(128, triton.next_power_of_2(Dv)),
-                **launch_options(cfg.EPI_WARPS, 2))
+                self.f.stride(1), BM=BM, BV=BV, **launch_options(cfg.EPI_WARPS, 2))
             self.delta_from = r0
 
     def _ds(self, dS, P, r0: int, R: int, c0: int, NC: int, n: int = 1) -> None:
@@ -351,7 +357,8 @@ class _Gradients:
         G.ds_kernel[grid](
             b.q_rows, self.k_keys, self.lam_rows, self.s_keys, dS, dS if P is None else P, self.dgp, b.gamma, b.lse,
             self.delta, b.T, b.H, r0, R, c0, NC, self.NCB, n, NC, b.Dk, self.lam.shape[-1], b.gamma.stride(0),
-            b.gamma.stride(1), b.qk_scale, b.scale, BN=self.BN, WRITE_P=P is not None, **b.logit)
+            b.gamma.stride(1), b.qk_scale, b.scale, BN=self.BN, WRITE_P=P is not None,
+            ONE_LOOP=b.Dk == self.lam.shape[-1], **b.logit)
 
     def apply(self, l0: int, l1: int, e0: int, e1: int, Y) -> None:
         """Y[e] += (gamma*P[l, e])^T lam[l] for later rows l in [l0, l1), earlier rows e in [e0, e1), in

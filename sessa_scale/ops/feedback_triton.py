@@ -83,7 +83,7 @@ class SolveConfig:
     # GEMM path.
     LOGIT_BM: int = 128  # logit kernels (lse partials, gamma*P, dS): rows per program
     LOGIT_BN: int = 256  # ... keys per program (lse partials, gamma*P)
-    DS_BN: int = 128  # ... keys per program of the dS kernel (two accumulators: q k^T and lam s^T)
+    DS_BN: int = 128  # ... keys per program of the dS kernel (q k^T and lam s^T: one loop where Dk == Dv)
     LOGIT_BK: int = 64  # ... head-width chunk per step (halved for fp32 inputs)
     LOGIT_WARPS: int = 8
     LOGIT_STAGES: int = 3  # ... software-pipelining stages (at most 2 for fp32 inputs)
