@@ -46,16 +46,10 @@ def project(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequence[int] 
     return list(joined.split(widths, dim=-1))
 
 
-def _plain(linears: Sequence[nn.Linear]) -> bool:
-    """Whether products over the weights of linears may be formed outside their forwards (see project())."""
-    return not torch.compiler.is_compiling() and all(
-        type(m) is nn.Linear and not hasattr(m.weight, "ds_id") for m in linears)
-
-
 def joint_projection(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Tensor | None:
     """x (..., D) -> the concatenated outputs of linears (..., sum out_features) as one matrix product
     over their concatenated weights, or None where project() runs them one by one (see there)."""
-    if not _plain(linears):
+    if torch.compiler.is_compiling() or any(type(m) is not nn.Linear or hasattr(m.weight, "ds_id") for m in linears):
         return None
     weight = torch.cat([m.weight for m in linears])
     if all(m.bias is None for m in linears):
@@ -63,18 +57,6 @@ def joint_projection(x: torch.Tensor, linears: Sequence[nn.Linear]) -> torch.Ten
     else:
         bias = torch.cat([m.weight.new_zeros(m.weight.shape[0]) if m.bias is None else m.bias for m in linears])
     return F.linear(x, weight, bias)
-
-
-def split_projection(x: torch.Tensor, linear: nn.Linear, chunks: int) -> list[torch.Tensor]:
-    """linear(x).chunk(chunks, dim=-1), each part its own matrix product over its block of the weight's
-    rows where project() would form products outside the module (else the chunks of one product).
-    The parts are then contiguous, and the elementwise ops that read them run torch's vectorized
-    kernels (on the strided halves of one product they run its generic, element-by-element ones:
-    Sessa's gelu(a), s * g and their backward)."""
-    if not _plain([linear]):
-        return list(linear(x).chunk(chunks, dim=-1))
-    biases = [None] * chunks if linear.bias is None else linear.bias.chunk(chunks)
-    return [F.linear(x, w, b) for w, b in zip(linear.weight.chunk(chunks), biases)]
 
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from sessa_scale.config.schema import ModelConfig
 from sessa_scale.distributed.tp_styles import Column, Heads, Norm, Replicated, Row, RowToHidden, Shard, Style, indivisible
 from sessa_scale.models.attention import (
-    apply_rope, causal_attention, decode_attention, kv_heads, project, rope_inv_freq, split_projection,
+    apply_rope, causal_attention, decode_attention, kv_heads, project, rope_inv_freq,
 )
 from sessa_scale.models.flops import attention_projection_flops, causal_attention_flops
 from sessa_scale.models.spec import ArchSpec, Problem
@@ -200,7 +200,7 @@ class SessaLayer(nn.Module):
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (..., D) -> a_bar = gelu(a) (exact), g (raw): the two halves of W_in(ln(x)), a first."""
-        a, g = split_projection(self.ln(x), self.W_in, 2)
+        a, g = self.W_in(self.ln(x)).chunk(2, dim=-1)
         return F.gelu(a), g
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
