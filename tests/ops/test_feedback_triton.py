@@ -131,10 +131,14 @@ def _interp_worker(dtype_name: str) -> None:
         _check_against_dense(with_config(gemm=1, bwd_band=32), 1, 130, 1, 24, 40, dtype, "cpu", seed=12, tol_s=tol,
                              tol_g=tol)
         print(f"ok {dtype_name} gemm bands of one leaf", flush=True)
+        # The same with Dk == Dv: dS's two logit products in one loop (ds_kernel ONE_LOOP), between bands and batched.
+        _check_against_dense(with_config(gemm=1, bwd_band=32), 1, 130, 1, 24, 24, dtype, "cpu", seed=13, tol_s=tol,
+                             tol_g=tol)
+        print(f"ok {dtype_name} gemm one-loop dS across bands", flush=True)
 
 
 def _interp_expected(dtype_name: str) -> int:
-    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 8
+    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 9
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
