@@ -46,14 +46,17 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, 0] if H == 1 else x.transpose(1, 2).reshape(B * H, T, D)
 
 
-def tma_slab(x: torch.Tensor) -> torch.Tensor:
-    """x (B*H, T, D) itself where a TMA descriptor can read it as the slab (B*H*T, D): unit last
-    stride, heads T rows apart, rows and start 16-byte aligned; otherwise such a copy (rows padded)."""
+def tma_readable(x: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can read x (B*H, T, D) as the slab (B*H*T, D): unit last stride, heads
+    T rows apart, rows and start 16-byte aligned."""
     BH, T, D = x.shape
     aligned = (x.stride(1) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
-    if x.stride(2) == 1 and (BH == 1 or x.stride(0) == T * x.stride(1)) and aligned:
-        return x
-    return tma_buffer(x.shape, x.dtype, x.device).copy_(x)
+    return x.stride(2) == 1 and (BH == 1 or x.stride(0) == T * x.stride(1)) and aligned
+
+
+def tma_slab(x: torch.Tensor) -> torch.Tensor:
+    """x (B*H, T, D) itself where tma_readable, otherwise such a copy (rows padded)."""
+    return x if tma_readable(x) else tma_buffer(x.shape, x.dtype, x.device).copy_(x)
 
 
 def tma_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -426,7 +429,7 @@ def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg, W=None) -> Non
     if W is None:
         W = _leaf_inverses(q, k, gamma, lse, cfg, blocks)
     # the dS tiles read lam through a TMA descriptor while the chain writes it: Lam itself where it can be one
-    lam = Lam if tma_slab(Lam) is Lam else tma_buffer(Lam.shape, Lam.dtype, Lam.device)
+    lam = Lam if tma_readable(Lam) else tma_buffer(Lam.shape, Lam.dtype, Lam.device)
     grads = _Gradients(blocks, lam, S, f, dq_out, dk_out)
     schedule(T, cfg.L, lambda a: _leaf(W, Y, [lam, *outs[4:]], a, cfg.L, True),
              lambda *blk: grads.apply(*blk, Y), True, 0, triton.cdiv(T, cfg.L))
