@@ -82,11 +82,12 @@ class SessaMixer(nn.Module):
 
     def _project(self, a_bar: torch.Tensor, positions: torch.Tensor):
         """a_bar (B, T, D), positions (T,) -> q (B, T, H, d) and k, v (B, T, H_kv, d) (RoPE applied),
-        q_b, k_b (B, T, H_b, D/H_b)."""
+        q_b, k_b (B, T, H_b, D/H_b), the gate's logits gamma_ctx(a_bar) (B, T, H_b) (see _gamma)."""
         B, T, _ = a_bar.shape
-        # gamma_ctx stays its own product: its H_b columns would make the fused width (5 D + H_b) a
-        # shape cuBLAS runs on a slow pre-Hopper kernel (H200: 4.6x slower layer at D = 1024).
-        q, k, v, qk_b = project(a_bar, (self.q_proj, self.k_proj, self.v_proj, self.proj_fb))
+        # One product for all five (project() pads the odd width 5 D + H_b to aligned rows): gamma_ctx
+        # as its own product of H_b columns cost more than the padding, in both directions.
+        q, k, v, qk_b, gamma_logits = project(
+            a_bar, (self.q_proj, self.k_proj, self.v_proj, self.proj_fb, self.gamma_ctx))
         q = q.view(B, T, self.n_heads, self.head_dim)
         k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_forward_rope:
@@ -94,20 +95,20 @@ class SessaMixer(nn.Module):
             k = apply_rope(k, positions, self.rope_inv_freq)
         # q_b is the FIRST half of proj_fb; feedback head h owns columns [h*D/H_b, (h+1)*D/H_b).
         q_b, k_b = qk_b.reshape(B, T, 2, self.n_fb_heads, self.fb_head_dim).unbind(2)
-        return q, k, v, q_b, k_b
+        return q, k, v, q_b, k_b, gamma_logits
 
-    def _gamma(self, a_bar: torch.Tensor) -> torch.Tensor:
-        """a_bar (B, T, D) -> the feedback gate gamma (B, T, H_b) in (-gamma_max, gamma_max)."""
-        return self.gamma_max * torch.tanh(self.gamma_bias + self.gamma_ctx(a_bar))
+    def _gamma(self, gamma_logits: torch.Tensor) -> torch.Tensor:
+        """gamma_ctx(a_bar) (B, T, H_b) -> the feedback gate gamma (B, T, H_b) in (-gamma_max, gamma_max)."""
+        return self.gamma_max * torch.tanh(self.gamma_bias + gamma_logits)
 
     def _forward(self, a_bar: torch.Tensor):
         """a_bar (B, T, D) -> s (B, T, D) and what a cache keeps: k, v (B, T, H_kv, d), k_b (B, T, D)."""
         B, T, _ = a_bar.shape
-        q, k, v, q_b, k_b = self._project(a_bar, torch.arange(T, device=a_bar.device))
+        q, k, v, q_b, k_b, gamma_logits = self._project(a_bar, torch.arange(T, device=a_bar.device))
         attention = causal_attention(q, k, v, self.attention)
         # Issued after the attention: the host forms the gate while the GPU runs the attention (before it,
         # the GPU waits on the host's launches of the layer's short kernels).
-        gamma = self._gamma(a_bar)
+        gamma = self._gamma(gamma_logits)
         # Widths are inferred (-1): under tensor parallelism this rank holds a subset of the heads
         # and of f's columns (sessa_plan below).
         f = self.out_proj(attention.reshape(B, T, -1))
@@ -155,8 +156,8 @@ class SessaMixer(nn.Module):
         t, capacity = cache["t"], cache["s"].shape[1]
         if t >= capacity:
             raise ValueError(f"the cache is full ({capacity} positions); init_cache with a larger max_len")
-        q, k, v, q_b, k_b = self._project(x, torch.tensor([t], device=x.device))
-        gamma = self._gamma(x)
+        q, k, v, q_b, k_b, gamma_logits = self._project(x, torch.tensor([t], device=x.device))
+        gamma = self._gamma(gamma_logits)
         cache["k_f"][:, t : t + 1] = k
         cache["v_f"][:, t : t + 1] = v
         f = self.out_proj(decode_attention(q, cache["k_f"][:, : t + 1], cache["v_f"][:, : t + 1]).reshape(B, 1, D))

@@ -293,15 +293,15 @@ def test_gated_rmsnorm_gradients_through_its_recomputation():
 
 @pytest.mark.parametrize("arch", ("transformer", "sessa"))
 def test_attention_input_projections_run_as_one_gemm_with_the_separate_modules_results(arch):
-    """q, k, v (and Sessa's proj_fb) read the same input: one GEMM forward and two
-    backward (before: one per module), equal to each module's own output. A ZeRO-3 partitioned
-    weight (attribute ds_id) falls back to one call per module."""
+    """q, k, v (and Sessa's proj_fb and gamma_ctx, an odd width padded to aligned rows) read the same
+    input: one GEMM forward and two backward (before: one per module), equal to each module's own
+    output. A ZeRO-3 partitioned weight (attribute ds_id) falls back to one call per module."""
     from sessa_scale.models.attention import project
 
     torch.manual_seed(0)
     block = build_model(tiny(arch=arch)).double().layers[0]
     mixer = block.attn if arch == "transformer" else block.mixer
-    linears = [mixer.q_proj, mixer.k_proj, mixer.v_proj] + ([mixer.proj_fb] if arch == "sessa" else [])
+    linears = [mixer.q_proj, mixer.k_proj, mixer.v_proj] + ([mixer.proj_fb, mixer.gamma_ctx] if arch == "sessa" else [])
     x = torch.randn(2, 17, 32, dtype=torch.float64, requires_grad=True)
     with OpCounter() as fwd:
         outputs = project(x, linears)
@@ -313,7 +313,7 @@ def test_attention_input_projections_run_as_one_gemm_with_the_separate_modules_r
             torch.testing.assert_close(out, linear(x), rtol=0, atol=1e-12)
     with OpCounter() as layer_fwd:
         mixer(torch.randn(2, 17, 32, dtype=torch.float64))
-    assert layer_fwd.ops["mm"] + layer_fwd.ops["addmm"] == 2 + (arch == "sessa"), layer_fwd.ops  # out_proj, gamma_ctx
+    assert layer_fwd.ops["mm"] + layer_fwd.ops["addmm"] == 2, layer_fwd.ops  # and out_proj
     mixer.k_proj.weight.ds_id = 0
     with OpCounter() as fallback:
         project(x, linears)

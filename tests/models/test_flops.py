@@ -80,6 +80,15 @@ def test_projection_terms_match_torch_flop_counter(arch):
         mixing = 2 * (mamba2_layer_flops(cfg, T) - projections)
         # the implementation's padded causal conv also computes K-1 outputs it then drops (not model work)
         mixing -= cfg.n_layers * 2 * cfg.ssm_conv * (E + 2 * N) * (cfg.ssm_conv - 1)
+    # the joint input projection's zero rows, which pad its width to ROW_ALIGN (not model work)
+    from sessa_scale.models.attention import ROW_ALIGN
+
+    block = model.layers[0]
+    mixer = block.attn if arch == "transformer" else block.mixer
+    joint = {"sessa": ("q_proj", "k_proj", "v_proj", "proj_fb", "gamma_ctx"), "transformer": ("q_proj", "k_proj", "v_proj"),
+             "mamba2": ("in_proj", "B_proj", "C_proj", "dt_proj")}[arch]
+    width = sum(getattr(mixer, name).weight.shape[0] for name in joint)
+    mixing -= cfg.n_layers * 2 * D * (-width % ROW_ALIGN) * T
     assert measured == forward_flops_per_token(cfg, T) * T - mixing, (measured, arch)
 
 
