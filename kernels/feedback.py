@@ -488,3 +488,20 @@ def dk_kernel(q_ptr, k_ptr, g_ptr, lse_ptr, lam_ptr, s_ptr, dl_ptr, acc_ptr, dk_
         dk += tl.load(acc_ptr + b * sa_b + h * Dk + js[:, None] * sa_t + kk[None, :], mask=mk, other=0.0)
     tl.store(dk_ptr + b * sdk_b + h * Dk + js[:, None] * sdk_t + kk[None, :], (dk * scale).to(dk_ptr.dtype.element_ty),
              mask=mk)
+
+
+@triton.jit(do_not_specialize=['T'])
+def widen_kernel(src_ptr, dst_ptr, T, H, Dv, ss_b, ss_t, ss_h, sd_b, sd_t, sd_h, BM: tl.constexpr, BV: tl.constexpr):
+    """dst = src in dst's dtype (the accumulators X / Y from f / ds: half to ACC) for one (batch, head)
+    per program column, BM rows per program; both (B, T, H, Dv) with the given strides, unit last stride
+    (int64 offsets)."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    t = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    for v0 in range(0, Dv, BV):
+        vv = v0 + tl.arange(0, BV)
+        mask = (t < T)[:, None] & (vv < Dv)[None, :]
+        x = tl.load(src_ptr + b * ss_b + h * ss_h + t[:, None] * ss_t + vv[None, :], mask=mask)
+        tl.store(dst_ptr + b * sd_b + h * sd_h + t[:, None] * sd_t + vv[None, :], x.to(dst_ptr.dtype.element_ty),
+                 mask=mask)

@@ -107,12 +107,17 @@ def lse_reduce_kernel(m_ptr, l_ptr, lse_ptr, T, r0, R, NCB, BM: tl.constexpr, BN
     tl.store(lse_ptr + bh * T + r0 + i, _lse_final(M, S), mask=imask)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'e0', 'sg_b', 'sg_t'])
-def probs_kernel(q_desc, k_desc, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, Dk, sg_b, sg_t, qk_scale,
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'e0', 'n', 'step', 'sg_b', 'sg_t'])
+def probs_kernel(q_desc, k_desc, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, n, step, Dk, sg_b, sg_t, qk_scale,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """P = gamma_t 2^(qk_scale q_t.k_j - lse_t) of an apply's block (rows t = r0 + i, keys j = e0 + c,
-    every key before every row: no mask), the logits formed here; -> p (B*H, R, NC) in its dtype."""
-    bh, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
+    """P = gamma_t 2^(qk_scale q_t.k_j - lse_t) of n apply blocks per head (every key before every row: no
+    mask), the logits formed here: program (pid_m, pid_n, z) takes head bh = z // n, rows t = r0' + i, keys
+    j = e0' + c with r0' = r0 + (z % n) * step, e0' = e0 + (z % n) * step (n = 1: one block; n > 1: blocks
+    `step` rows apart, e.g. the leaf pairs of the schedule) -> p (n * B*H, R, NC) at block z, in its dtype."""
+    r0 = r0 + (tl.program_id(2) % n) * step
+    e0 = e0 + (tl.program_id(2) % n) * step
+    z, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)
+    bh = z // n
     ACC = lse_ptr.dtype.element_ty
     row, key = bh * T + r0 + tl.program_id(0) * BM, bh * T + e0 + tl.program_id(1) * BN
     a = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC)

@@ -17,7 +17,7 @@ import triton
 
 from sessa_scale.kernels import feedback as K
 from sessa_scale.ops.feedback_leaves import (
-    LOG2E, launch_options, leaf_inverses, leaf_precision, schedule,
+    LOG2E, launch_options, leaf_inverses, leaf_precision, schedule, widen,
 )
 from sessa_scale.ops.work_buffers import new_buffer
 
@@ -66,8 +66,7 @@ def forward(q, k, gamma, f, outs, scale: float, cfg, W=None) -> None:
         q, k, lse, T, H, Dk, qk_scale, *_rows(q), *_rows(k),
         BM=cfg.FWD_BM, BN=cfg.FWD_BN, BK=cfg.BK, PREC="ieee", **launch_options(cfg.FWD_WARPS, cfg.STAGES))
     W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale, W=W)
-    X = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
-    X.copy_(f)
+    X = widen(torch.empty((B, T, H, Dv), dtype=acc, device=q.device), f)
     sx, L = _rows(X), cfg.L
 
     def apply(l0, l1, e0, e1):
@@ -90,8 +89,7 @@ def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg, W=None) -> Non
     qk_scale = scale * LOG2E
     if W is None:
         W = leaf_inverses(q, k, gamma, lse, cfg, qk_scale)
-    Y = torch.empty((B, T, H, Dv), dtype=acc, device=q.device)
-    Y.copy_(ds)
+    Y = widen(torch.empty((B, T, H, Dv), dtype=acc, device=q.device), ds)
     delta = new_buffer((BH, T), acc, q.device)  # delta_t = lam_t . (s_t - f_t), from each leaf product
     dk_acc = torch.zeros((B, T, H, Dk), dtype=acc, device=q.device) if cfg.fuse_dk else None
     sx, L = _rows(Y), cfg.L

@@ -32,7 +32,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops.feedback_leaves import (
-    LOG2E, fp32_matmul, launch_options, leaf_inverses, schedule,
+    LOG2E, fp32_matmul, launch_options, leaf_inverses, schedule, widen,
 )
 from sessa_scale.ops.launch_math import sm_count
 from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
@@ -140,6 +140,7 @@ class _Blocks:
         if self.small_grid < 0:
             self.small_grid = sm_count(q.device.index) // 2 if q.device.type == "cuda" else 0
         self._small_tiles = None  # (q, k descriptors, launch options) of the small gamma*P tiles, made on first use
+        self.pairs: dict[tuple[int, int, int, int], torch.Tensor] = {}  # form_leaf_pairs' blocks by (r0, r1, e0, e1)
 
     def lines_per_chunk(self, length: int, bytes_per_entry: int, extra_bytes: int = 0) -> int:
         """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch
@@ -181,11 +182,12 @@ class _Blocks:
             self.q_rows, self.k_keys, W, self.gamma, self.lse, self.T, self.H, L, NL, self.Dk,
             self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, BN=BN, **self.logit)
 
-    def probs_tiles(self, R: int, NC: int):
-        """(grid, q and k descriptors, launch options) of probs_kernel on an (R, NC) block: the
+    def probs_tiles(self, R: int, NC: int, n: int = 1):
+        """(grid, q and k descriptors, launch options) of probs_kernel on n (R, NC) blocks per head: the
         (LOGIT_BM, LOGIT_BN) tiles, or the (SMALL_BM, SMALL_BN) ones where those give fewer than
         small_grid programs."""
         grid = self.grid(R, NC, self.cfg.LOGIT_BN)
+        grid = (grid[0], grid[1], grid[2] * n)
         if grid[0] * grid[1] * grid[2] >= self.small_grid:
             return grid, self.q_rows, self.k_keys, dict(BN=self.cfg.LOGIT_BN, **self.logit)
         cfg = self.cfg
@@ -195,21 +197,41 @@ class _Blocks:
                                  dict(BM=cfg.SMALL_BM, BN=cfg.SMALL_BN, BK=cfg.LOGIT_BK, PREC="ieee",
                                       **launch_options(cfg.SMALL_WARPS, cfg.LOGIT_STAGES)))
         q_rows, k_keys, options = self._small_tiles
-        return (triton.cdiv(R, cfg.SMALL_BM), triton.cdiv(NC, cfg.SMALL_BN), self.BH), q_rows, k_keys, options
+        return (triton.cdiv(R, cfg.SMALL_BM), triton.cdiv(NC, cfg.SMALL_BN), self.BH * n), q_rows, k_keys, options
 
     def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
-        """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0), in the scratch."""
+        """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0): the block formed
+        by form_leaf_pairs, or formed now in the scratch."""
+        if (r0, r1, e0, e1) in self.pairs:
+            return self.pairs[r0, r1, e0, e1]
         R, NC = r1 - r0, e1 - e0
         (P,) = self.views(R, NC, self.pdt)
         grid, q_rows, k_keys, options = self.probs_tiles(R, NC)
-        G.probs_kernel[grid](q_rows, k_keys, P, self.gamma, self.lse, self.T, self.H, r0, R, e0, NC, self.Dk,
+        G.probs_kernel[grid](q_rows, k_keys, P, self.gamma, self.lse, self.T, self.H, r0, R, e0, NC, 1, 0, self.Dk,
                              self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, **options)
         return P
 
+    def form_leaf_pairs(self, starts: list[int]) -> None:
+        """gamma*P of the leaf pairs (rows [a + L, a + 2 L) against keys [a, a + L)) for the given a, in one
+        launch (several blocks per head) into a buffer of their own (B*H * len(starts) * L * L in the
+        product dtype), which probs() then hands out: the schedule's smallest applies, one leaf each,
+        each of whose own launches fills a fraction of the GPU (1x768 at 16k: 1024 x 1024 blocks at ~190
+        TFLOP/s, inside the chain).  starts: evenly spaced (a run of the schedule's pairs)."""
+        L, n = self.cfg.L, len(starts)
+        step = starts[1] - starts[0] if n > 1 else 0
+        if n == 0 or any(b - a != step for a, b in zip(starts, starts[1:])) or starts[-1] + 2 * L > self.T:
+            raise ValueError(f"leaf pairs must be evenly spaced and inside T = {self.T}; got starts {starts}")
+        P = new_buffer((self.BH * n, L, L), self.pdt, self.qh.device)
+        grid, q_rows, k_keys, options = self.probs_tiles(L, L, n)
+        G.probs_kernel[grid](q_rows, k_keys, P, self.gamma, self.lse, self.T, self.H, starts[0] + L, L, starts[0], L,
+                             n, step, self.Dk, self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, **options)
+        blocks = P.view(self.BH, n, L, L)
+        self.pairs.update({(a + L, a + 2 * L, a, a + L): blocks[:, j] for j, a in enumerate(starts)})
+
     def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst) -> None:
         """dst[l] += gamma*P[l, e] src[e] for later rows l in [l0, l1) and earlier rows e in [e0, e1)
-        (src, dst head-major), in chunks of rows that fit the scratch."""
-        step = self.lines_per_chunk(e1 - e0, self.pdt_bytes)
+        (src, dst head-major), in chunks of rows that fit the scratch (a leaf pair formed before: whole)."""
+        step = l1 - l0 if (l0, l1, e0, e1) in self.pairs else self.lines_per_chunk(e1 - e0, self.pdt_bytes)
         for r0 in range(l0, l1, step):
             r1 = min(r0 + step, l1)
             _accumulate(dst[:, r0:r1], self.probs(r0, r1, e0, e1), src[:, e0:e1])
@@ -258,19 +280,37 @@ def _lse(blocks: _Blocks, later_bytes: int) -> None:
         G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
 
 
+def leaf_pair_runs(T: int, L: int, keep=lambda a: True) -> list[list[int]]:
+    """The starts a of the schedule's applies of one whole leaf onto the next (rows [a + L, a + 2 L),
+    keys [a, a + L)) that keep(a) accepts, as runs of evenly spaced ones (two or more: each run is one
+    form_leaf_pairs launch)."""
+    starts: list[int] = []
+    record = lambda l0, l1, e0, e1: starts.append(e0) if l1 - l0 == L == e1 - e0 and keep(e0) else None  # noqa: E731
+    schedule(T, L, lambda a: None, record, False, 0, triton.cdiv(T, L))
+    runs: list[list[int]] = []
+    for a in sorted(starts):
+        if runs and (len(runs[-1]) == 1 or a - runs[-1][-1] == runs[-1][1] - runs[-1][0]):
+            runs[-1].append(a)
+        else:
+            runs.append([a])
+    return [run for run in runs if len(run) > 1]
+
+
 def forward(q, k, gamma, f, outs, scale: float, cfg, W=None) -> None:
     """Writes outs (and W) as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv)."""
     B, T, H, Dk = q.shape
     Dv = f.shape[-1]
     lse = outs[1]
     acc = lse.dtype
+    lse.zero_()  # a torch launch first (see "CUDA context" in the module docstring); _lse writes every row
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
     NL = triton.cdiv(T, cfg.L)
-    # a torch launch first (see "CUDA context" in the module docstring)
     X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
-    X.view(B, H, T, Dv).copy_(f.transpose(1, 2))
+    widen(X.view(B, H, T, Dv).transpose(1, 2), f)
     _lse(blocks, 0 if W is not None else B * H * NL * cfg.L * cfg.L * blocks.acc_bytes)  # the memory of W
     W = _leaf_inverses(q, k, gamma, lse, cfg, blocks, W)
+    for run in leaf_pair_runs(T, cfg.L):
+        blocks.form_leaf_pairs(run)
     solutions = [outs[0], *outs[2:]]
     schedule(T, cfg.L, lambda a: _leaf(W, X, solutions, a, cfg.L, False),
              lambda *blk: blocks.apply(*blk, outs[0], X), False, 0, NL)
@@ -370,7 +410,7 @@ class _Gradients:
         b = self.blocks
         R = l1 - l0
         if self._band(e0) == self._band(l0):
-            step = b.lines_per_chunk(R, b.pdt_bytes)
+            step = e1 - e0 if (l0, l1, e0, e1) in b.pairs else b.lines_per_chunk(R, b.pdt_bytes)
             for c0 in range(e0, e1, step):
                 c1 = min(c0 + step, e1)
                 _accumulate(Y[:, c0:c1], b.probs(l0, l1, c0, c1).transpose(1, 2), self.lam[:, l0:l1])
@@ -424,13 +464,15 @@ def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg, W=None) -> Non
     Dv = S.shape[-1]
     dq_out, dk_out, dgamma, Lam = outs[:4]
     blocks = _Blocks(q, k, gamma, lse, scale, cfg)
-    Y = torch.empty((B * H, T, Dv), dtype=lse.dtype, device=q.device)  # first: a torch launch ("CUDA context")
-    Y.view(B, H, T, Dv).copy_(ds.transpose(1, 2))
-    if W is None:
-        W = _leaf_inverses(q, k, gamma, lse, cfg, blocks)
     # the dS tiles read lam through a TMA descriptor while the chain writes it: Lam itself where it can be one
     lam = Lam if tma_readable(Lam) else tma_buffer(Lam.shape, Lam.dtype, Lam.device)
-    grads = _Gradients(blocks, lam, S, f, dq_out, dk_out)
+    grads = _Gradients(blocks, lam, S, f, dq_out, dk_out)  # first: torch launches (its zeros; "CUDA context")
+    Y = torch.empty((B * H, T, Dv), dtype=lse.dtype, device=q.device)
+    widen(Y.view(B, H, T, Dv).transpose(1, 2), ds)
+    if W is None:
+        W = _leaf_inverses(q, k, gamma, lse, cfg, blocks)
+    for run in leaf_pair_runs(T, cfg.L, lambda a: grads._band(a) == grads._band(a + cfg.L)):  # gamma*P (no dS)
+        blocks.form_leaf_pairs(run)
     schedule(T, cfg.L, lambda a: _leaf(W, Y, [lam, *outs[4:]], a, cfg.L, True),
              lambda *blk: grads.apply(*blk, Y), True, 0, triton.cdiv(T, cfg.L))
     del W, Y

@@ -135,10 +135,31 @@ def _interp_worker(dtype_name: str) -> None:
         _check_against_dense(with_config(gemm=1, bwd_band=32), 1, 130, 1, 24, 24, dtype, "cpu", seed=13, tol_s=tol,
                              tol_g=tol)
         print(f"ok {dtype_name} gemm one-loop dS across bands", flush=True)
+        # Leaves of 16 rows at T = 130: the pairs of leaves (starts 0, 32, 64) formed before the chain in one
+        # batched launch, by both passes (inside the backward's bands of 64 rows), at two batches.
+        _check_against_dense(with_config(gemm=1, L_gemm=16, bwd_band=64), 2, 130, 1, 24, 40, dtype, "cpu", seed=14,
+                             tol_s=tol, tol_g=tol)
+        print(f"ok {dtype_name} gemm leaf pairs batched", flush=True)
+        # widen (the accumulators X / Y from f / ds): half into ACC, into the GEMM path's head-major layout
+        # (a transposed view) and the fused path's, with whole-row tiles and with column steps narrower than Dv.
+        from sessa_scale.ops import feedback_leaves as fl
+
+        src = torch.randn(2, 130, 3, 40, dtype=torch.float64).to(torch.float16)
+        for max_bv in (fl._WIDEN_MAX_BV, 16):
+            fl._WIDEN_MAX_BV, saved = max_bv, fl._WIDEN_MAX_BV
+            try:
+                head_major = torch.full((2, 3, 130, 40), float("nan"), dtype=dtype)
+                fused = torch.full((2, 130, 3, 40), float("nan"), dtype=dtype)
+                fl.widen(head_major.transpose(1, 2), src)
+                fl.widen(fused, src)
+            finally:
+                fl._WIDEN_MAX_BV = saved
+            assert torch.equal(head_major.transpose(1, 2), src.to(dtype)) and torch.equal(fused, src.to(dtype)), max_bv
+        print(f"ok {dtype_name} widen", flush=True)
 
 
 def _interp_expected(dtype_name: str) -> int:
-    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 9
+    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 11
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -201,10 +222,11 @@ def test_schedule_visits_every_leaf_in_order_and_leaves_no_reference_cycle():
 
 def test_launch_counter_sees_one_logit_pass_per_apply_and_one_dgamma_sum():
     """bench/solve_launches counts the GEMM path's launches on the meta device: with a scratch that
-    holds every block whole, one probs epilogue per apply of the forward's schedule and one lse
-    strip; the backward forms gamma*P with probs_kernel only inside bands, with ds_kernel (dS and
-    gamma*P in one pass) between them, then dS of the bands (adjacent bands of one head in one
-    launch), and sums dgamma once."""
+    holds every block whole, one probs epilogue per apply of the forward's schedule, except the pairs
+    of single leaves, all formed in one launch before the chain, and one lse strip; the backward forms
+    gamma*P with probs_kernel only inside bands (the pairs of leaves there again in one launch), with
+    ds_kernel (dS and gamma*P in one pass) between them, then dS of the bands (adjacent bands of one
+    head in one launch), and sums dgamma once."""
     pytest.importorskip("triton")
     from sessa_scale.bench.solve_launches import count_launches
     from sessa_scale.ops.feedback_gemm import bands
@@ -219,10 +241,12 @@ def test_launch_counter_sees_one_logit_pass_per_apply_and_one_dgamma_sum():
     between = [blk for blk in applies if blk[0] // band != blk[2] // band]
     assert len(between) == 1  # the top-level block
     fwd, bwd = count_launches(1, T, 1, 768, 768, SolveConfig(scratch_mib=4096))
-    assert fwd["triton.probs_kernel"] == len(applies) == T // L - 1
+    pairs = [blk for blk in applies if blk[1] - blk[0] == blk[3] - blk[2] == L]
+    assert len(applies) == T // L - 1 and len(pairs) == T // L // 2
+    assert fwd["triton.probs_kernel"] == len(applies) - len(pairs) + 1
     assert fwd["triton.lse_partial_kernel"] == fwd["triton.lse_reduce_kernel"] == 1
     assert fwd["torch.bmm"] >= T // L  # the leaf products
-    assert bwd["triton.probs_kernel"] == len(applies) - len(between)
+    assert bwd["triton.probs_kernel"] == len(applies) - len(between) - len(pairs) + 1
     assert len(starts) == 2 and bwd["triton.ds_kernel"] == len(between) + 1 and bwd["triton.rowsum_kernel"] == 1
 
 
