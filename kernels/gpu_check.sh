@@ -9,7 +9,7 @@
 #   train-bench   `sessa-scale bench train`: the 350M trio through the trainer ($TRAIN_BENCH_ARGS)
 #   parallel-bench     `sessa-scale bench parallel` on 2 GPUs (nvidia-h200-x2): the 350M Sessa, every layout, T=2048
 #   parallel-bench-8k  the same, 1 GPU vs tp=2+SP at T=8192
-#   solve-tests   GPU tests of the Triton feedback solve and the Sessa gates ($GPU_TEST_K: a pytest -k filter)
+#   solve-tests   GPU tests of the Triton feedback solve ($GPU_TEST_K: a pytest -k filter)
 #   solve-bench   `bench layer` (SessaLayer vs the project's Transformer block) and `bench solve` tables
 #   solve-profile kernel profiles of the solve (bench/solve_quick.py --profile)
 #   solve-sweep   a small tile sweep of the solve ($SWEEP_CONFIGS: ";"-separated SolveConfig overrides, "default" for none)
@@ -67,7 +67,6 @@ for s in "${STEPS[@]}"; do
         --micro-batch-size 2 --layouts "1 GPU" "tp=2+SP" --out /tmp/bench_parallel_8k --report "$OUT/parallel_T8192.md" ;;
     solve-tests)
       step solve_tests python3 -m pytest -q -m gpu -p no:cacheprovider --durations=0 -rs -s tests/ops/test_feedback_triton.py \
-        tests/ops/test_sessa_gates.py \
         ${GPU_TEST_K:+-k "$GPU_TEST_K"} ;;
     solve-bench)
       step bench_layer python3 -m sessa_scale.bench.layer --seq-lens 2048,8192,16384 --out "$OUT/layer.md"

@@ -23,9 +23,6 @@ from sessa_scale.models.attention import (
 from sessa_scale.models.flops import attention_projection_flops, causal_attention_flops
 from sessa_scale.models.spec import ArchSpec, Problem
 from sessa_scale.ops.feedback_solve import FEEDBACK_SOLVE_IMPLS, feedback_solve
-from sessa_scale.ops.joint_gradient import split_with_joint_gradient
-from sessa_scale.ops.ssd import triton_available
-from sessa_scale.ops.work_buffers import INTERPRET
 
 # Derived constants the reference stores in its state dict when built with max_len; we drop them.
 _REFERENCE_MASK_BUFFERS = ("causal_mask_f_full", "causal_mask_fb_full")
@@ -179,14 +176,6 @@ class SessaMixer(nn.Module):
         return s.view_as(a_bar_t), cache
 
 
-def fused_gates(h: torch.Tensor) -> bool:
-    """Whether SessaLayer forms gelu(a) and s * g from W_in's output h (B, T, 2 D) in Triton: on CUDA (or the
-    CPU interpreter) with triton, not under torch.compile (which fuses the PyTorch path itself).  a and g are
-    h's column halves, rows 2 D apart, which torch's element-wise kernels read on their slow path (H200, 1x768
-    at 16k: four such kernels of ~40 us per fwd+bwd) and whose gradients its backward concatenates."""
-    return (h.is_cuda or INTERPRET) and triton_available() and not torch.compiler.is_compiling()
-
-
 def _adapt_reference_state(module, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook for reference state dicts: drop its (max_len x max_len) causal-mask
     buffers (derived constants) and view its 0-dim gamma_bias as shape (1,)."""
@@ -217,15 +206,8 @@ class SessaLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) -> y (B, T, D)."""
-        h = self.W_in(self.ln(x))
-        if fused_gates(h):  # the same as below, in Triton (ops/sessa_gates.py)
-            from sessa_scale.ops import sessa_gates
-
-            (a, g), joint = split_with_joint_gradient(h, (h.shape[-1] // 2,) * 2)
-            s = self.mixer(sessa_gates.gelu(a, joint.slot(0)))
-            return x + self.W_out(sessa_gates.gate(s, g, joint.slot(1)))
-        a, g = h.chunk(2, dim=-1)
-        return x + self.W_out(self.mixer(F.gelu(a)) * g)
+        a_bar, g = self._gates(x)
+        return x + self.W_out(self.mixer(a_bar) * g)
 
     def init_cache(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> Cache:
         """See SessaMixer.init_cache."""
