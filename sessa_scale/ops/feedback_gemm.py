@@ -12,8 +12,9 @@ copies only for H > 1 or rows a descriptor cannot address).  The leaf products r
 product dtype (half inputs: bf16 / fp16 leaf inverses and right-hand sides, fp32 accumulation,
 the rounding of the off-diagonal products' operands).  Memory per call: X or Y (ACC), S, Lam
 (product dtype), W (B*H*T*L in the product dtype: kept from the forward by the caller, or freed
-after each pass and recomputed), the scratch, and in the backward ACC dq, dk accumulators and the
-dgamma partials (B*H*T*T/DS_BN ACC).
+after each pass and recomputed), the scratch, gamma*P of the leaf pairs (``form_leaf_pairs``: B*H*T*L/2 in
+the product dtype, during a pass), and in the backward ACC dq, dk accumulators and the dgamma partials
+(B*H*T*T/DS_BN ACC).
 
 CUDA context: Triton encodes a TMA descriptor at each launch with the CUDA driver, in the thread's
 current context.  A thread that has made no CUDA runtime call yet has none (the autograd engine's
