@@ -33,7 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops.feedback_leaves import (
-    LOG2E, fp32_matmul, launch_options, leaf_inverses, schedule, widen,
+    LOG2E, fp32_matmul, launch_options, leaf_inverses, row_tiles, schedule, widen,
 )
 from sessa_scale.ops.launch_math import sm_count
 from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
@@ -347,11 +347,6 @@ def _ds_products(dq, dk, dS, q, k, r0: int, r1: int, c0: int, c1: int, bm: int) 
     _accumulate(dk[:, m:c1], late[..., m - c0:].transpose(1, 2), q[:, m:r1])
 
 
-# delta_kernel's tiles: whole rows (up to _DELTA_MAX_BV wide) of _DELTA_TILE entries per operand, many
-# programs per SM (one head of 768 at 16k: 32-row tiles of 128 columns ran at a third of the bandwidth)
-_DELTA_TILE, _DELTA_MAX_BV = 4096, 2048
-
-
 class _Gradients:
     """The backward's pieces besides the transposed solve: delta, dS and its products dq, dk (ACC
     accumulators), the dgamma partials (B*H, T, cdiv(T, DS_BN)) (one slot per row and key tile)."""
@@ -385,8 +380,7 @@ class _Gradients:
         the last one back)."""
         if r0 < self.delta_from:
             cfg, Dv = self.blocks.cfg, self.lam.shape[-1]
-            BV = min(_DELTA_MAX_BV, triton.next_power_of_2(Dv))
-            BM = max(1, _DELTA_TILE // BV)
+            BM, BV = row_tiles(Dv)
             G.delta_kernel[(triton.cdiv(self.delta_from - r0, BM), self.blocks.BH)](
                 self.lam, self.S, self.f, self.delta, self.blocks.T, r0, self.delta_from - r0, self.blocks.H, Dv,
                 self.lam.stride(0), self.lam.stride(1), self.S.stride(0), self.S.stride(1), self.f.stride(0),

@@ -37,20 +37,27 @@ def fp32_matmul(prec: str = "ieee"):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-# widen's tiles: whole rows (up to _WIDEN_MAX_BV wide) of _WIDEN_TILE entries (as delta_kernel's)
-_WIDEN_TILE, _WIDEN_MAX_BV = 4096, 2048
+# Tiles of the memory-bound row kernels (widen; the GEMM path's delta): whole rows, up to ROW_TILE_MAX_BV columns
+# wide, of ROW_TILE entries per operand: many programs per SM (one head of 768 at 16k: 32-row tiles of 128 columns
+# ran at a third of the bandwidth)
+ROW_TILE, ROW_TILE_MAX_BV = 4096, 2048
+
+
+def row_tiles(Dv: int) -> tuple[int, int]:
+    """(rows BM, columns BV) of a row kernel's tile over rows of Dv entries (BV a power of two; BV < Dv: column steps)."""
+    BV = min(ROW_TILE_MAX_BV, triton.next_power_of_2(Dv))
+    return max(1, ROW_TILE // BV), BV
 
 
 def widen(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """dst.copy_(src) for (B, T, H, Dv) views with unit last strides, src half and dst ACC (the
-    accumulators X / Y from f / ds) in one Triton pass: torch's casting copy reads and writes at
-    about half the bandwidth (one head of 768 at 16k: 38 us).  Returns dst."""
+    """dst.copy_(src) for (B, T, H, Dv) views with unit last strides, in dst's dtype (the accumulators X / Y
+    in ACC from f / ds, half on GPUs) in one Triton pass: torch's casting copy half -> fp32 reads and writes
+    at about half the bandwidth (one head of 768 at 16k: 38 us).  Returns dst."""
     B, T, H, Dv = dst.shape
     if src.shape != dst.shape or src.stride(-1) != 1 or dst.stride(-1) != 1:
         raise ValueError(f"widen needs equal (B, T, H, Dv) shapes with unit last strides; got "
                          f"{tuple(src.shape)} {src.stride()} and {tuple(dst.shape)} {dst.stride()}")
-    BV = min(_WIDEN_MAX_BV, triton.next_power_of_2(Dv))
-    BM = max(1, _WIDEN_TILE // BV)
+    BM, BV = row_tiles(Dv)
     K.widen_kernel[(triton.cdiv(T, BM), B * H)](
         src, dst, T, H, Dv, src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1),
         dst.stride(2), BM=BM, BV=BV, **launch_options(4, 2))

@@ -145,15 +145,15 @@ def _interp_worker(dtype_name: str) -> None:
         from sessa_scale.ops import feedback_leaves as fl
 
         src = torch.randn(2, 130, 3, 40, dtype=torch.float64).to(torch.float16)
-        for max_bv in (fl._WIDEN_MAX_BV, 16):
-            fl._WIDEN_MAX_BV, saved = max_bv, fl._WIDEN_MAX_BV
+        for max_bv in (fl.ROW_TILE_MAX_BV, 16):
+            fl.ROW_TILE_MAX_BV, saved = max_bv, fl.ROW_TILE_MAX_BV
             try:
                 head_major = torch.full((2, 3, 130, 40), float("nan"), dtype=dtype)
                 fused = torch.full((2, 130, 3, 40), float("nan"), dtype=dtype)
                 fl.widen(head_major.transpose(1, 2), src)
                 fl.widen(fused, src)
             finally:
-                fl._WIDEN_MAX_BV = saved
+                fl.ROW_TILE_MAX_BV = saved
             assert torch.equal(head_major.transpose(1, 2), src.to(dtype)) and torch.equal(fused, src.to(dtype)), max_bv
         print(f"ok {dtype_name} widen", flush=True)
 
