@@ -171,9 +171,9 @@ class _Blocks:
             off += (size + 255) // 256 * 256
         return out
 
-    def grid(self, R: int, NC: int, BN: int) -> tuple[int, int, int]:
-        """One logit-kernel program per (LOGIT_BM, BN) tile of a (B*H, R, NC) block."""
-        return triton.cdiv(R, self.cfg.LOGIT_BM), triton.cdiv(NC, BN), self.BH
+    def grid(self, R: int, NC: int, BN: int, n: int = 1) -> tuple[int, int, int]:
+        """One logit-kernel program per (LOGIT_BM, BN) tile of n (B*H, R, NC) blocks."""
+        return triton.cdiv(R, self.cfg.LOGIT_BM), triton.cdiv(NC, BN), self.BH * n
 
     def leaf_below(self, W: torch.Tensor) -> None:
         """Each leaf's gamma*P strictly below its diagonal into W (B*H, NL*L, L), zeros elsewhere: the
@@ -187,8 +187,7 @@ class _Blocks:
         """(grid, q and k descriptors, launch options) of probs_kernel on n (R, NC) blocks per head: the
         (LOGIT_BM, LOGIT_BN) tiles, or the (SMALL_BM, SMALL_BN) ones where those give fewer than
         small_grid programs."""
-        grid = self.grid(R, NC, self.cfg.LOGIT_BN)
-        grid = (grid[0], grid[1], grid[2] * n)
+        grid = self.grid(R, NC, self.cfg.LOGIT_BN, n)
         if grid[0] * grid[1] * grid[2] >= self.small_grid:
             return grid, self.q_rows, self.k_keys, dict(BN=self.cfg.LOGIT_BN, **self.logit)
         cfg = self.cfg
@@ -391,8 +390,7 @@ class _Gradients:
         """ds_kernel on n blocks per head of R rows x NC keys from (r0, c0), NC rows apart (n > 1);
         P: gamma*P too."""
         b = self.blocks
-        grid = (triton.cdiv(R, b.cfg.LOGIT_BM), triton.cdiv(NC, self.BN), b.BH * n)
-        G.ds_kernel[grid](
+        G.ds_kernel[b.grid(R, NC, self.BN, n)](
             b.q_rows, self.k_keys, self.lam_rows, self.s_keys, dS, dS if P is None else P, self.dgp, b.gamma, b.lse,
             self.delta, b.T, b.H, r0, R, c0, NC, self.NCB, n, NC, b.Dk, self.lam.shape[-1], b.gamma.stride(0),
             b.gamma.stride(1), b.qk_scale, b.scale, BN=self.BN, WRITE_P=P is not None,
