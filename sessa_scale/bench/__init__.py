@@ -66,3 +66,21 @@ def interleaved_ms(steps: dict[str, Callable[[], object]], repeats: int, sync: C
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def back_to_back_ms(steps: dict[str, Callable[[], object]], calls: int, rounds: int, sync: Callable[[], object]
+                    ) -> dict[str, float]:
+    """{name: median over `rounds` of the ms per call of `calls` calls issued back to back}: sync() only
+    before and after each run of calls, so the host issues a call while the device still runs the ones
+    before (as the layers of a model follow each other) and a call costs what the device spends on it,
+    not the host's latency; the steps take turns round by round."""
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                step()
+            sync()
+            times[name].append((time.perf_counter() - t0) / calls)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}

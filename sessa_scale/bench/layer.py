@@ -9,8 +9,11 @@ with --d-model and --heads overriding the width and the forward heads (default D
 (--precision bf16: bf16 autocast, as train.precision=bf16); x and the upstream gradient are fp32
 (B, T, D) with B = batch_tokens // T, as a block sees them inside the model.
 
-Time: median of --repeats fwd+bwd calls of each block (CUDA-synchronized wall clock), the two blocks
-taking turns call by call after warm-up rounds, so that both see the same clocks and host load;
+Time, two ways, the blocks taking turns after warm-up rounds (both see the same clocks and host load):
+per call, the median of --repeats fwd+bwd calls each synchronized before and after (CUDA-synchronized
+wall clock: the host's launch latency counts where the device waits on it, as in a lone layer); back
+to back, the median over BACK_TO_BACK_ROUNDS runs of --repeats calls issued without waiting, per call
+(the host runs ahead as it does between the layers of a model, so a call costs the device's time);
 memory: max_memory_allocated over three warm fwd+bwd calls of one block minus what was allocated
 before the first call (parameters and inputs excluded; parameter gradients and the feedback
 solve's cached CUDA graphs count).
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from sessa_scale.bench import WARM_CALLS, cuda_peak_bytes, emit_report, interleaved_ms
+from sessa_scale.bench import WARM_CALLS, back_to_back_ms, cuda_peak_bytes, emit_report, interleaved_ms
 from sessa_scale.config import load_config
 from sessa_scale.models.registry import ARCHITECTURES
 from sessa_scale.ops.graph_cache import GRAPHS
@@ -48,6 +51,7 @@ def build_block(arch: str, size: str, D: int, heads: int, solver: str) -> nn.Mod
 
 
 WARMUP_ROUNDS = 3  # untimed rounds of both blocks before the timed ones (the solve's graphs settle on their addresses)
+BACK_TO_BACK_ROUNDS = 5  # runs of --repeats calls issued back to back, per block (the median run counts)
 
 
 def fwd_bwd_step(module: nn.Module, B: int, T: int, D: int, precision: str, device: str):
@@ -88,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         blocks = {arch: build_block(arch, args.size, D, H, args.solver).to(args.device) for arch in ARCHS}
         steps = {arch: fwd_bwd_step(blocks[arch], B, T, D, args.precision, args.device) for arch in ARCHS}
         peaks = {arch: cuda_peak_bytes(steps[arch], args.device, warm=True) for arch in ARCHS}
-        ms = interleaved_ms(steps, args.repeats, lambda: torch.cuda.synchronize(args.device), WARMUP_ROUNDS)
-        res = {arch: {"ms": ms[arch], "peak_bytes": peaks[arch]} for arch in ARCHS}
+        sync = lambda: torch.cuda.synchronize(args.device)  # noqa: E731
+        ms = interleaved_ms(steps, args.repeats, sync, WARMUP_ROUNDS)
+        b2b = back_to_back_ms(steps, args.repeats, BACK_TO_BACK_ROUNDS, sync)
+        res = {arch: {"ms": ms[arch], "b2b_ms": b2b[arch], "peak_bytes": peaks[arch]} for arch in ARCHS}
         solve_calls = dict(GRAPHS.counts)  # the feedback solve's forwards and backwards by graph mode
         print(f"T={T} B={B}: {res} solve calls {solve_calls}", file=sys.stderr, flush=True)
         del blocks, steps
@@ -105,17 +111,21 @@ def main(argv: list[str] | None = None) -> int:
         f"- Blocks of configs/{{transformer,sessa}}/{args.size}.yaml (model.d_model={D}, model.n_heads={H};"
         f" Sessa: one feedback head of width {D}, solver={args.solver}), fp32 parameters, precision {args.precision}"
         f" ({'bf16 autocast, as training' if args.precision == 'bf16' else 'fp32'}), {args.batch_tokens} tokens per"
-        f" step; time = median of {args.repeats} fwd+bwd calls of each block, the blocks taking turns after"
-        f" {WARMUP_ROUNDS} untimed rounds; memory = max_memory_allocated over {WARM_CALLS} warm calls of one block minus"
+        f" step; time per call = median of {args.repeats} synchronized fwd+bwd calls of each block, the blocks taking"
+        f" turns after {WARMUP_ROUNDS} untimed rounds; back to back = median over {BACK_TO_BACK_ROUNDS} runs of"
+        f" {args.repeats} calls issued without waiting, per call (the host runs ahead, as between a model's"
+        f" layers: the device's time); memory = max_memory_allocated over {WARM_CALLS} warm calls of one block minus"
         " what was allocated before the first one (parameter gradients and cached CUDA graphs count)",
         "",
-        "| T | B | Transformer ms | Sessa ms | Sessa/Transformer time | Transformer peak MiB | Sessa peak MiB"
+        "| T | B | Transformer ms | Sessa ms | Sessa/Transformer time | Transformer ms back to back"
+        " | Sessa ms back to back | Sessa/Transformer back to back | Transformer peak MiB | Sessa peak MiB"
         " | Sessa/Transformer memory |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for T, B, r in rows:
         t, s = r["transformer"], r["sessa"]
         lines.append(f"| {T} | {B} | {t['ms']:.2f} | {s['ms']:.2f} | {s['ms'] / t['ms']:.2f} | "
+                     f"{t['b2b_ms']:.2f} | {s['b2b_ms']:.2f} | {s['b2b_ms'] / t['b2b_ms']:.2f} | "
                      f"{t['peak_bytes'] / 2**20:.0f} | {s['peak_bytes'] / 2**20:.0f} | "
                      f"{s['peak_bytes'] / t['peak_bytes']:.2f} |")
     emit_report("\n".join(lines) + "\n", args.out)

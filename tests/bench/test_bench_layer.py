@@ -55,3 +55,25 @@ def test_interleaved_timing_alternates_the_blocks_and_times_each_after_the_warmu
                         sync=lambda: syncs.append(1), warmup=3)
     assert calls == ["transformer", "sessa"] * 6 and len(syncs) == 2 * len(calls)
     assert ms["transformer"] < 10 and 15 < ms["sessa"] < 100, ms
+
+
+def test_back_to_back_timing_syncs_only_around_each_run_and_divides_by_its_calls():
+    """Each round runs every step `calls` times between two syncs (the host does not wait for the device
+    inside a run) and reports the time per call, not per run."""
+    import time
+
+    from sessa_scale.bench import back_to_back_ms
+
+    events = []
+
+    def step(name, seconds):
+        def run():
+            events.append(name)
+            time.sleep(seconds)
+        return run
+
+    ms = back_to_back_ms({"transformer": step("transformer", 0.0), "sessa": step("sessa", 0.01)}, calls=4, rounds=3,
+                         sync=lambda: events.append("sync"))
+    run = ["sync"] + ["transformer"] * 4 + ["sync", "sync"] + ["sessa"] * 4 + ["sync"]
+    assert events == run * 3
+    assert ms["transformer"] < 5 and 9 < ms["sessa"] < 30, ms
