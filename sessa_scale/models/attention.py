@@ -28,7 +28,8 @@ def kv_heads(cfg: ModelConfig) -> int:
 def project(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequence[int] | None = None) -> list[torch.Tensor]:
     """The outputs of several Linears reading the same x (..., D), as one matrix product over their
     concatenated weights where that is exact -> [linear(x) for linear in linears], or, given sizes,
-    their concatenation (..., sum out_features) split into parts of those widths.
+    their concatenation (..., sum out_features) split into parts of those widths (one split of the joint
+    product: its backward assembles the parts' gradients in one concatenation).
 
     One wide product (e.g. q, k, v: N = 3 D instead of three of N = D) runs faster in both directions,
     and the parameters stay separate (checkpoints, tensor-parallel plans and init see no change).
@@ -38,7 +39,8 @@ def project(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequence[int] 
     15-20% (H200, D = 768) against 128-byte aligned ones.  The padding's columns go with the last
     output's split (then narrowed), so that the backward concatenates aligned widths (odd ones put
     the concatenation on a slower kernel).
-    Falls back to one call per module when any is not a plain nn.Linear (a tensor-parallel layer,
+    Falls back to one call per module (sizes: each output split where sizes only subdivide the outputs,
+    else their concatenation split) when any is not a plain nn.Linear (a tensor-parallel layer,
     whose forward communicates) or holds a ZeRO-3 partitioned weight (gathered only by its own forward),
     and under torch.compile: there inductor fuses the RoPE backward into the gradient's concatenation
     as one slow kernel (H200, Transformer 350M, T = 2048: 0.78 ms instead of 0.10 ms per layer; the
@@ -48,12 +50,30 @@ def project(x: torch.Tensor, linears: Sequence[nn.Linear], sizes: Sequence[int] 
     joined = joint_projection(x, linears, align=ROW_ALIGN)
     if joined is None:
         outputs = [m(x) for m in linears]
-        return outputs if sizes is None else list(torch.cat(outputs, dim=-1).split(widths, dim=-1))
+        if sizes is None:
+            return outputs
+        parts = _split_each(outputs, widths)
+        return parts if parts is not None else list(torch.cat(outputs, dim=-1).split(widths, dim=-1))
     pad = joined.shape[-1] - sum(widths)
     outputs = list(joined.split(widths[:-1] + [widths[-1] + pad], dim=-1))
     if pad:
         outputs[-1] = outputs[-1][..., :widths[-1]]
     return outputs
+
+
+def _split_each(outputs: Sequence[torch.Tensor], widths: Sequence[int]) -> list[torch.Tensor] | None:
+    """The outputs split into parts of `widths` (views) where those only subdivide each output, else None
+    (a part spans two outputs: they must be concatenated first)."""
+    parts, i = [], 0
+    for out in outputs:
+        n, total = 0, 0
+        while total < out.shape[-1] and i + n < len(widths):
+            total, n = total + widths[i + n], n + 1
+        if total != out.shape[-1]:
+            return None
+        parts += out.split(widths[i:i + n], dim=-1)
+        i += n
+    return parts if i == len(widths) else None
 
 
 ROW_ALIGN = 64  # project(): joint widths padded to a multiple of this many columns (128-byte rows in bf16)

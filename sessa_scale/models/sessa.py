@@ -85,17 +85,21 @@ class SessaMixer(nn.Module):
         q_b, k_b (B, T, H_b, D/H_b), the gate's logits gamma_ctx(a_bar) (B, T, H_b) (see _gamma)."""
         B, T, _ = a_bar.shape
         # One product for all five (project() pads the odd width 5 D + H_b to aligned rows): gamma_ctx
-        # as its own product of H_b columns cost more than the padding, in both directions.
-        q, k, v, qk_b, gamma_logits = project(
-            a_bar, (self.q_proj, self.k_proj, self.v_proj, self.proj_fb, self.gamma_ctx))
+        # as its own product of H_b columns cost more than the padding, in both directions.  proj_fb's
+        # output is split there into q_b, its FIRST half, and k_b (feedback head h owns columns
+        # [h*D/H_b, (h+1)*D/H_b) of each), so that the backward assembles their gradients in the joint
+        # product's one concatenation (split apart here, they were stacked first: one more copy).
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.proj_fb, self.gamma_ctx)
+        widths = [m.weight.shape[0] for m in linears]  # this rank's widths under tensor parallelism
+        sizes = widths[:3] + [widths[3] // 2] * 2 + widths[4:]
+        q, k, v, q_b, k_b, gamma_logits = project(a_bar, linears, sizes=sizes)
         q = q.view(B, T, self.n_heads, self.head_dim)
         k, v = k.view(B, T, self.n_kv_heads, self.head_dim), v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.use_forward_rope:
             q = apply_rope(q, positions, self.rope_inv_freq)
             k = apply_rope(k, positions, self.rope_inv_freq)
-        # q_b is the FIRST half of proj_fb; feedback head h owns columns [h*D/H_b, (h+1)*D/H_b).
-        q_b, k_b = qk_b.reshape(B, T, 2, self.n_fb_heads, self.fb_head_dim).unbind(2)
-        return q, k, v, q_b, k_b, gamma_logits
+        fb_heads = (B, T, -1, self.fb_head_dim)  # this rank's feedback heads
+        return q, k, v, q_b.view(fb_heads), k_b.view(fb_heads), gamma_logits
 
     def _gamma(self, gamma_logits: torch.Tensor) -> torch.Tensor:
         """gamma_ctx(a_bar) (B, T, H_b) -> the feedback gate gamma (B, T, H_b) in (-gamma_max, gamma_max)."""

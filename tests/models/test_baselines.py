@@ -320,6 +320,37 @@ def test_attention_input_projections_run_as_one_gemm_with_the_separate_modules_r
     assert fallback.ops["mm"] + fallback.ops["addmm"] == len(linears), fallback.ops
 
 
+def test_sessa_feedback_projections_split_from_the_joint_product_without_a_stack_in_the_backward():
+    """q_b and k_b are parts of the joint product's one split: the mixer's backward assembles their
+    gradients in its one concatenation (split from proj_fb's output instead, they were stacked first),
+    and they equal proj_fb's halves.  Under a fallback (ZeRO-3 weight) each output is split, not
+    concatenated first."""
+    from sessa_scale.models.attention import project
+
+    torch.manual_seed(0)
+    mixer = build_model(tiny(arch="sessa")).double().layers[0].mixer
+    x = torch.randn(2, 17, 32, dtype=torch.float64, requires_grad=True)
+    y = mixer(x)
+    with OpCounter() as bwd:
+        y.square().sum().backward()
+    assert bwd.ops["cat"] == 1 and bwd.ops["stack"] == 0, bwd.ops
+    _, _, _, q_b, k_b, _ = mixer._project(x, torch.arange(17))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([q_b.flatten(-2), k_b.flatten(-2)], -1), mixer.proj_fb(x), rtol=0,
+                                   atol=1e-12)
+    linears = [mixer.q_proj, mixer.k_proj, mixer.v_proj, mixer.proj_fb, mixer.gamma_ctx]
+    widths = [m.weight.shape[0] for m in linears]
+    sizes = widths[:3] + [widths[3] // 2] * 2 + widths[4:]
+    mixer.k_proj.weight.ds_id = 0
+    with OpCounter() as fallback:
+        parts = project(x, linears, sizes=sizes)
+    assert fallback.ops["cat"] == 0 and [p.shape[-1] for p in parts] == sizes, fallback.ops
+    with torch.no_grad():
+        torch.testing.assert_close(parts[4], mixer.proj_fb(x)[..., sizes[3]:], rtol=0, atol=1e-12)
+        crossing = project(x, linears[:2], sizes=[16, sum(widths[:2]) - 16])  # a part across two: concatenated first
+        torch.testing.assert_close(crossing[1], torch.cat([mixer.q_proj(x)[..., 16:], mixer.k_proj(x)], -1))
+
+
 def test_attention_input_projections_stay_separate_under_torch_compile():
     """Inductor turns the fused projection's gradient into a slow kernel: compiled graphs keep one
     product per module (eager fuses them, the test above)."""
