@@ -269,15 +269,14 @@ def _lse(blocks: _Blocks, later_bytes: int) -> None:
     """The row statistics, strip by strip of rows against every earlier key: per-tile partials
     (max and sum, ACC) within the scratch's budget, which may also take later_bytes (the buffers the
     forward allocates only after it: fewer, taller strips at the same peak memory)."""
-    T, BH, cfg, BN = blocks.T, blocks.BH, blocks.cfg, blocks.cfg.LSE_BN
-    k_keys = slab_descriptor(blocks.kh, BN, cfg.LOGIT_BK)
+    T, BH, cfg, BN = blocks.T, blocks.BH, blocks.cfg, blocks.cfg.LOGIT_BN
     step = blocks.lines_per_chunk(triton.cdiv(T, BN), 2 * blocks.acc_bytes, later_bytes)
     for r0 in range(0, T, step):
         r1 = min(r0 + step, T)
         R, NCB = r1 - r0, triton.cdiv(r1, BN)
         m, l = (new_buffer((BH, R, NCB), blocks.acc, blocks.qh.device) for _ in range(2))
         G.lse_partial_kernel[blocks.grid(R, r1, BN)](
-            blocks.q_rows, k_keys, m, l, T, r0, R, r1, NCB, blocks.Dk, blocks.qk_scale, BN=BN, **blocks.logit)
+            blocks.q_rows, blocks.k_keys, m, l, T, r0, R, r1, NCB, blocks.Dk, blocks.qk_scale, BN=BN, **blocks.logit)
         G.lse_reduce_kernel[(triton.cdiv(R, cfg.EPI_BM), BH)](m, l, blocks.lse, T, r0, R, NCB, **blocks.epi)
 
 

@@ -82,8 +82,7 @@ class SolveConfig:
     MERGE_GEMM_MIN: int = 256  # ... GEMM path: levels of blocks this large or larger through cuBLAS instead (0: none)
     # GEMM path.
     LOGIT_BM: int = 128  # logit kernels (lse partials, gamma*P, dS): rows per program
-    LOGIT_BN: int = 256  # ... keys per program (gamma*P)
-    LSE_BN: int = 128  # ... keys per program of the lse partials (H200, 1x768, T = 16k: 0.342 ms against 0.367 at 256)
+    LOGIT_BN: int = 256  # ... keys per program (lse partials, gamma*P)
     DS_BN: int = 128  # ... keys per program of the dS kernel (q k^T and lam s^T: one loop where Dk == Dv)
     LOGIT_BK: int = 64  # ... head-width chunk per step (halved for fp32 inputs)
     LOGIT_WARPS: int = 8
@@ -123,7 +122,7 @@ class SolveConfig:
 # scratch chunks).
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_gemm=32, min_leaves=1, FWD_BM=16, FWD_BN=16, FWD_WARPS=1, BWD_BM=16,
                                BWD_BN=16, BWD_WARPS=1, DQ_BM=16, DQ_BN=16, DQ_WARPS=1, STAGES=1, BML=16, BNL=16,
-                               LEAF_WARPS=1, MERGE_TILE=16, MERGE_GEMM_MIN=0, LOGIT_BM=16, LOGIT_BN=16, LSE_BN=16, DS_BN=16, LOGIT_BK=16,
+                               LEAF_WARPS=1, MERGE_TILE=16, MERGE_GEMM_MIN=0, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16,
                                LOGIT_WARPS=1, LOGIT_STAGES=1, SMALL_BM=16, SMALL_BN=16, SMALL_WARPS=1, SMALL_GRID=0,
                                EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, bwd_band=64, graphs=0)
 
@@ -173,7 +172,6 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         MERGE_GEMM_MIN=cfg.MERGE_GEMM_MIN if gemm else 0,  # fused path (L <= 512): cuBLAS levels measured no faster
         # fp32 / fp64 inputs (FMA dots): logit tiles of half the keys and head width, at most 2 stages
         LOGIT_BN=cfg.LOGIT_BN if elem_bytes <= 2 else max(16, cfg.LOGIT_BN // 2),
-        LSE_BN=cfg.LSE_BN if elem_bytes <= 2 else max(16, cfg.LSE_BN // 2),
         DS_BN=min(L, cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2)),  # dgamma slots: L % DS_BN == 0
         LOGIT_BK=cfg.LOGIT_BK if elem_bytes <= 2 else max(16, cfg.LOGIT_BK // 2),
         LOGIT_STAGES=cfg.LOGIT_STAGES if elem_bytes <= 2 else min(cfg.LOGIT_STAGES, 2),
