@@ -52,35 +52,21 @@ def emit_report(report: str, out: Path | str | None) -> None:
 
 
 def interleaved_ms(steps: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], object],
-                   warmup: int = 0) -> dict[str, float]:
-    """{name: median ms} of `repeats` timed calls of each step, the steps taking turns within each round
-    after `warmup` untimed rounds; sync() waits for the device before and after each timed call (one
-    step: `repeats` synchronized calls in a row)."""
+                   warmup: int = 0, calls: int = 1) -> dict[str, float]:
+    """{name: median ms per call} over `repeats` timed runs of `calls` calls of each step, the steps taking
+    turns within each round after `warmup` untimed rounds; sync() waits for the device before and after
+    each run only (one step: `repeats` synchronized runs in a row).  calls = 1: each call synchronized;
+    calls > 1: back to back, the host issuing a call while the device still runs the ones before (as the
+    layers of a model follow each other), so a call costs what the device spends on it."""
     times = {name: [] for name in steps}
     for round_ in range(warmup + repeats):
-        for name, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
-
-
-def back_to_back_ms(steps: dict[str, Callable[[], object]], calls: int, rounds: int, sync: Callable[[], object]
-                    ) -> dict[str, float]:
-    """{name: median over `rounds` of the ms per call of `calls` calls issued back to back}: sync() only
-    before and after each run of calls, so the host issues a call while the device still runs the ones
-    before (as the layers of a model follow each other) and a call costs what the device spends on it,
-    not the host's latency; the steps take turns round by round."""
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
         for name, step in steps.items():
             sync()
             t0 = time.perf_counter()
             for _ in range(calls):
                 step()
             sync()
-            times[name].append((time.perf_counter() - t0) / calls)
+            if round_ >= warmup:
+                times[name].append((time.perf_counter() - t0) / calls)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from sessa_scale.bench import WARM_CALLS, back_to_back_ms, cuda_peak_bytes, emit_report, interleaved_ms
+from sessa_scale.bench import WARM_CALLS, cuda_peak_bytes, emit_report, interleaved_ms
 from sessa_scale.config import load_config
 from sessa_scale.models.registry import ARCHITECTURES
 from sessa_scale.ops.graph_cache import GRAPHS
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         peaks = {arch: cuda_peak_bytes(steps[arch], args.device, warm=True) for arch in ARCHS}
         sync = lambda: torch.cuda.synchronize(args.device)  # noqa: E731
         ms = interleaved_ms(steps, args.repeats, sync, WARMUP_ROUNDS)
-        b2b = back_to_back_ms(steps, args.repeats, BACK_TO_BACK_ROUNDS, sync)
+        b2b = interleaved_ms(steps, BACK_TO_BACK_ROUNDS, sync, calls=args.repeats)
         res = {arch: {"ms": ms[arch], "b2b_ms": b2b[arch], "peak_bytes": peaks[arch]} for arch in ARCHS}
         solve_calls = dict(GRAPHS.counts)  # the feedback solve's forwards and backwards by graph mode
         print(f"T={T} B={B}: {res} solve calls {solve_calls}", file=sys.stderr, flush=True)

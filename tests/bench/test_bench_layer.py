@@ -62,7 +62,7 @@ def test_back_to_back_timing_syncs_only_around_each_run_and_divides_by_its_calls
     inside a run) and reports the time per call, not per run."""
     import time
 
-    from sessa_scale.bench import back_to_back_ms
+    from sessa_scale.bench import interleaved_ms
 
     events = []
 
@@ -72,8 +72,8 @@ def test_back_to_back_timing_syncs_only_around_each_run_and_divides_by_its_calls
             time.sleep(seconds)
         return run
 
-    ms = back_to_back_ms({"transformer": step("transformer", 0.0), "sessa": step("sessa", 0.01)}, calls=4, rounds=3,
-                         sync=lambda: events.append("sync"))
+    ms = interleaved_ms({"transformer": step("transformer", 0.0), "sessa": step("sessa", 0.01)}, repeats=3,
+                        sync=lambda: events.append("sync"), calls=4)
     run = ["sync"] + ["transformer"] * 4 + ["sync", "sync"] + ["sessa"] * 4 + ["sync"]
     assert events == run * 3
     assert ms["transformer"] < 5 and 9 < ms["sessa"] < 30, ms
