@@ -109,10 +109,10 @@ def lse_reduce_kernel(m_ptr, l_ptr, lse_ptr, T, r0, R, NCB, BM: tl.constexpr, BN
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'e0', 'n', 'step', 'sg_b', 'sg_t'])
 def probs_kernel(q_desc, k_desc, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, n, step, Dk, sg_b, sg_t, qk_scale,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """P = gamma_t 2^(qk_scale q_t.k_j - lse_t) of n apply blocks per head (every key before every row: no
-    mask), the logits formed here: program (pid_m, pid_n, z) takes head bh = z // n, rows t = r0' + i, keys
-    j = e0' + c with r0' = r0 + (z % n) * step, e0' = e0 + (z % n) * step (n = 1: one block; n > 1: blocks
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, GAMMA: tl.constexpr):
+    """P = 2^(qk_scale q_t.k_j - lse_t) (GAMMA: gamma_t P) of n apply blocks per head (every key before every
+    row: no mask), the logits formed here: program (pid_m, pid_n, z) takes head bh = z // n, rows t = r0' + i,
+    keys j = e0' + c with r0' = r0 + (z % n) * step, e0' = e0 + (z % n) * step (n = 1: one block; n > 1: blocks
     `step` rows apart, e.g. the leaf pairs of the schedule) -> p (n * B*H, R, NC) at block z, in its dtype."""
     r0 = r0 + (tl.program_id(2) % n) * step
     e0 = e0 + (tl.program_id(2) % n) * step
@@ -122,8 +122,9 @@ def probs_kernel(q_desc, k_desc, p_ptr, g_ptr, lse_ptr, T, H, r0, R, e0, NC, n, 
     row, key = bh * T + r0 + tl.program_id(0) * BM, bh * T + e0 + tl.program_id(1) * BN
     a = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
     lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
-    g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
-    p = g[:, None] * tl.exp2(a * qk_scale - lse[:, None])
+    p = tl.exp2(a * qk_scale - lse[:, None])
+    if GAMMA:
+        p *= tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)[:, None]
     tl.store(p_ptr + off, p.to(p_ptr.dtype.element_ty), mask=m2)
 
 
@@ -174,20 +175,46 @@ def delta_kernel(lam_ptr, s_ptr, f_ptr, dl_ptr, T, t0, R, H, Dv, sl_bh, sl_t, sx
     tl.store(dl_ptr + bh * T + t, dl, mask=tmask)
 
 
-@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'n', 'step', 'sg_b', 'sg_t'])
-def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, p_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R, c0, NC,
-              NCB, n, step, Dk, Dv, sg_b, sg_t, qk_scale, scale,
+@triton.jit(do_not_specialize=['T', 'a', 'R', 'sg_b', 'sg_t'])
+def scaled_rows_kernel(f_ptr, g_ptr, u_ptr, x_ptr, T, a, R, H, Dv, sf_b, sf_t, sg_b, sg_t, su_bh, su_t, sx_bh, sx_t,
+                       BM: tl.constexpr, BV: tl.constexpr, ADD_F: tl.constexpr):
+    """x[bh, i] = gamma_t u_t (ADD_F: f_t + gamma_t u_t) for rows t = a + i, i < R, in x's dtype: u head-major
+    with strides (su_bh, su_t) (the forward's leaf right-hand side: u_t = sum_{j < a} P[t, j] s_j in ACC; the
+    backward's gamma lam: u = lam), x (B*H, R, Dv) with strides (sx_bh, sx_t), f (B, T, H, Dv) with (sf_b, sf_t),
+    gamma (B, T, H) with (sg_b, sg_t)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    i = tl.program_id(0) * BM + tl.arange(0, BM)
+    t = a + i
+    imask = i < R
+    ACC = tl.float64 if u_ptr.dtype.element_ty == tl.float64 else tl.float32
+    g = tl.load(g_ptr + b * sg_b + h + t * sg_t, mask=imask, other=0.0).to(ACC)
+    for v0 in range(0, Dv, BV):
+        vv = v0 + tl.arange(0, BV)
+        mv = imask[:, None] & (vv < Dv)[None, :]
+        x = g[:, None] * tl.load(u_ptr + bh * su_bh + t[:, None] * su_t + vv[None, :], mask=mv, other=0.0).to(ACC)
+        if ADD_F:
+            x += tl.load(f_ptr + b * sf_b + h * Dv + t[:, None] * sf_t + vv[None, :], mask=mv, other=0.0).to(ACC)
+        tl.store(x_ptr + bh * sx_bh + i[:, None] * sx_t + vv[None, :], x.to(x_ptr.dtype.element_ty), mask=mv)
+
+
+@triton.jit(do_not_specialize=['T', 'r0', 'R', 'c0', 'NCB', 'n', 'step', 'sg_b', 'sg_t', 'sk_z'])
+def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, p_ptr, pk_ptr, dgp_ptr, g_ptr, lse_ptr, dl_ptr, T, H, r0, R,
+              c0, NC, NCB, n, step, Dk, Dv, sg_b, sg_t, sk_z, sk_r, qk_scale, scale,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, WRITE_P: tl.constexpr,
-              ONE_LOOP: tl.constexpr):
-    """The softmax backward of n blocks per head: program (pid_m, pid_n, z) takes head bh = z // n,
-    rows t = r0' + i, keys j = c0' + c with r0' = r0 + (z % n) * step, c0' = c0 + (z % n) * step (n = 1:
-    one block; n > 1: blocks `step` rows apart along the diagonal, e.g. adjacent bands).  It forms the
-    logits q_t.k_j and D = lam_t.s_j (q, k, lam, s through slab descriptors) and writes dS_scaled =
+              READ_P: tl.constexpr, ONE_LOOP: tl.constexpr, SLOT: tl.constexpr):
+    """The softmax backward of n blocks per head: program (pid_m, pid_n, z) takes head bh = z // n, rows
+    t = r0' + i, keys j = c0' + c with r0' = r0 + (z % n) * step, c0' = c0 + (z % n) * step (n = 1: one
+    block; n > 1: blocks `step` rows apart along the diagonal, e.g. adjacent bands).  It forms the logits
+    q_t.k_j and D = lam_t.s_j (q, k, lam, s through slab descriptors) and writes dS_scaled =
     scale P (gamma_t D - delta_t) into ds (n * B*H, R, NC) at block z (zero for j >= t; its dtype),
     WRITE_P: also gamma_t P into p (same layout), and the tile's partial dgamma sum_j P D into dgp
-    (B*H, T, NCB) at column c0' / BN + pid_n (c0' a multiple of BN: each (row, key tile) has its own
-    slot, one rowsum at the end).  Tiles with no earlier key skip both products.  ONE_LOOP (Dk == Dv):
-    both products in one loop over the width."""
+    (B*H, T, NCB) at column (c0' + pid_n * BN) / SLOT (c0' a multiple of BN, BN of SLOT: each (row, key tile)
+    has its own slot, zero where no tile starts; one rowsum at the end).  READ_P (n = 1): P is not formed
+    from the logits but read from pk, the forward's P of the block (entry (z, i, c) at z * sk_z + i * sk_r + c;
+    loaded before the product, which it overlaps): one product, lam s^T.  Tiles with no earlier key skip the
+    products.  ONE_LOOP (Dk == Dv): both products in one loop over the width."""
     r0 = r0 + (tl.program_id(2) % n) * step
     c0 = c0 + (tl.program_id(2) % n) * step
     z, i, t, cols, imask, m2, off = _tile_rows(r0, R, NC, BM, BN)  # z: the block's index in ds (and p)
@@ -198,22 +225,27 @@ def ds_kernel(q_desc, k_desc, lam_desc, s_desc, ds_ptr, p_ptr, dgp_ptr, g_ptr, l
     dg = tl.zeros((BM,), dtype=ACC)
     g = tl.load(g_ptr + (bh // H) * sg_b + bh % H + t * sg_t, mask=imask, other=0.0).to(ACC)
     if c0 + tl.program_id(1) * BN < r0 + tl.program_id(0) * BM + BM - 1:  # some key precedes some row
-        j = c0 + cols
+        causal = ((c0 + cols)[None, :] < t[:, None]) & m2
         row, key = bh * T + r0 + tl.program_id(0) * BM, bh * T + c0 + tl.program_id(1) * BN
-        if ONE_LOOP:  # Dk == Dv
-            a, d = _logits_pair(q_desc, k_desc, lam_desc, s_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
-        else:
-            a = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
+        if READ_P:
+            pk = tl.load(pk_ptr + z * sk_z + i[:, None] * sk_r + cols[None, :], mask=causal, other=0.0)
             d = _logits(lam_desc, s_desc, row, key, Dv, BM, BN, BK, ACC, PREC)
-        lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
-        p = tl.where((j[None, :] < t[:, None]) & m2, tl.exp2(a * qk_scale - lse[:, None]), 0.0)
+            p = pk.to(ACC)
+        else:
+            if ONE_LOOP:  # Dk == Dv
+                a, d = _logits_pair(q_desc, k_desc, lam_desc, s_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
+            else:
+                a = _logits(q_desc, k_desc, row, key, Dk, BM, BN, BK, ACC, PREC)
+                d = _logits(lam_desc, s_desc, row, key, Dv, BM, BN, BK, ACC, PREC)
+            lse = tl.load(lse_ptr + bh * T + t, mask=imask, other=0.0)
+            p = tl.where(causal, tl.exp2(a * qk_scale - lse[:, None]), 0.0)
         dl = tl.load(dl_ptr + bh * T + t, mask=imask, other=0.0)
         dg = tl.sum(p * d, 1)
         ds = scale * p * (g[:, None] * d - dl[:, None])
     tl.store(ds_ptr + off, ds.to(ds_ptr.dtype.element_ty), mask=m2)
     if WRITE_P:
         tl.store(p_ptr + off, (g[:, None] * p).to(p_ptr.dtype.element_ty), mask=m2)
-    tl.store(dgp_ptr + (bh * T + t) * NCB + c0 // BN + tl.program_id(1), dg, mask=imask)
+    tl.store(dgp_ptr + (bh * T + t) * NCB + (c0 + tl.program_id(1) * BN) // SLOT, dg, mask=imask)
 
 
 @triton.jit(do_not_specialize=['T', 'r0', 'R', 'NCB'])

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sessa_scale.kernels import feedback as K
 from sessa_scale.kernels import feedback_gemm as G
 from sessa_scale.ops import feedback_fused, feedback_gemm
-from sessa_scale.ops.feedback_triton import SolveConfig, _fit, backward_outputs, forward_outputs, kept_leaf_inverses
+from sessa_scale.ops.feedback_triton import SolveConfig, _fit, backward_outputs, forward_outputs, kept_buffers
 
 _DEVICE = torch.device("meta")
 _NO_KERNEL_OPS = ("_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh")
@@ -87,11 +87,11 @@ def count_launches(B: int, T: int, H: int, Dk: int, Dv: int, cfg: SolveConfig | 
     fwd, bwd = Counter(), Counter()
     with _counted_kernels(fwd), _CountLaunches(fwd):
         outs = forward_outputs(path, q, k, gamma, f)
-        kept = kept_leaf_inverses(path, q, outs[1], cfg)
-        path.forward(q, k, gamma, f, outs, scale, cfg, *kept)
+        kept = kept_buffers(path, q, outs[1], cfg)
+        path.forward(q, k, gamma, f, outs, scale, cfg, **kept)
     with _counted_kernels(bwd), _CountLaunches(bwd):
         S, lse = outs[:2]
-        path.backward(ds, q, k, gamma, f, S, lse, backward_outputs(path, q, k, f, S, (dtype,) * 4), scale, cfg, *kept)
+        path.backward(ds, q, k, gamma, f, S, lse, backward_outputs(path, q, k, f, S, (dtype,) * 4), scale, cfg, **kept)
     return fwd, bwd
 
 

@@ -3,17 +3,20 @@ single 768-wide head): the products over T go through cuBLAS (torch.bmm), the lo
 softmax parts through the logit kernels of ``kernels/feedback_gemm.py``.
 
 A block of rows is handled in two steps: a logit kernel forms q k^T (and lam s^T) tile by tile
-and writes gamma*P (or dS and dgamma partials) in the product dtype into a scratch, then cuBLAS
-takes its product with S / Lam / k / q.  The row statistics need no scratch (per-tile partials).
-Rows go in chunks that keep the scratch within ``scratch_mib``.  Value-width buffers are
-head-major (B*H, T, Dv) so that every product is one batched GEMM; the op's (B, T, H, .) results
-are views of them.  The logit kernels read q, k, Lam, S through TMA descriptors (``tma_slab``:
-copies only for H > 1 or rows a descriptor cannot address).  The leaf products run in the
-product dtype (half inputs: bf16 / fp16 leaf inverses and right-hand sides, fp32 accumulation,
-the rounding of the off-diagonal products' operands).  Memory per call: X or Y (ACC), S, Lam
-(product dtype), W (B*H*T*L in the product dtype: kept from the forward by the caller, or freed
-after each pass and recomputed), the scratch, gamma*P of the leaf pairs (``form_leaf_pairs``: B*H*T*L/2 in
-the product dtype, during a pass), and in the backward ACC dq, dk accumulators and the dgamma partials
+and writes P (the forward: U += P s, a leaf then solves for f + gamma U; the backward: gamma*P) or dS
+and dgamma partials in the product dtype into a scratch, then cuBLAS takes its product with S / Lam /
+k / q.  The row statistics need no scratch (per-tile partials).  Rows go in chunks that keep the
+scratch within ``scratch_mib``.  The forward keeps P of the largest blocks between the backward's
+bands (``kept_probs_plan``, within ``keep_probs_mib``): there the backward reads it and forms dS with
+one logit product (lam s^T) instead of two.  Value-width buffers are head-major (B*H, T, Dv) so that
+every product is one batched GEMM; the op's (B, T, H, .) results are views of them.  The logit kernels
+read q, k, Lam, S through TMA descriptors (``tma_slab``: copies only for H > 1 or rows a descriptor
+cannot address).  The leaf products run in the product dtype (half inputs: bf16 / fp16 leaf inverses
+and right-hand sides, fp32 accumulation, the rounding of the off-diagonal products' operands).  Memory
+per call: U or Y (ACC), S, Lam (product dtype), W (B*H*T*L in the product dtype: kept from the forward
+by the caller, or freed after each pass and recomputed), the kept P (at most keep_probs_mib, held from
+the forward to the backward), the scratch, P of the leaf pairs (``form_leaf_pairs``: B*H*T*L/2 in the
+product dtype, during a pass), and in the backward ACC dq, dk accumulators and the dgamma partials
 (B*H*T*T/DS_BN ACC).
 
 CUDA context: Triton encodes a TMA descriptor at each launch with the CUDA driver, in the thread's
@@ -25,6 +28,8 @@ forward and backward begin with a torch launch on the device, which makes its co
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import math
 
 import torch
@@ -39,6 +44,14 @@ from sessa_scale.ops.launch_math import sm_count
 from sessa_scale.ops.work_buffers import buffers_poisoned, new_buffer
 
 _MIN_SCRATCH_BYTES = 1 << 16  # scratch_mib = 0: the smallest chunks (interpreter tests)
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The device's second stream of form_kept (one per process and device, made on first use)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -119,11 +132,64 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.add_(torch.bmm(a, b, out_dtype=out.dtype))
 
 
+def scratch_bytes(cfg) -> int:
+    """The scratch's budget in bytes (scratch_mib; 0: the smallest chunks)."""
+    return max(_MIN_SCRATCH_BYTES, cfg.scratch_mib << 20)
+
+
+def band_rows(cfg, BH: int, pdt_bytes: int) -> int:
+    """Rows of the backward's bands (``bands``): a power-of-two number of leaves, at most bwd_band rows,
+    whose dS (B*H, band, band) in the product dtype fits the scratch."""
+    bn = cfg.EPI_BN
+    side = max(bn, math.isqrt(scratch_bytes(cfg) // (BH * pdt_bytes)) // bn * bn)
+    band = cfg.L
+    while band * 2 <= min(cfg.bwd_band, side):
+        band *= 2
+    return band
+
+
+@functools.lru_cache(maxsize=256)
+def kept_probs_plan(BH: int, T: int, pdt_bytes: int, cfg) -> tuple[tuple[tuple[int, int, int, int], int], ...]:
+    """The blocks (l0, l1, e0, e1) whose P the forward keeps for the backward, with their offsets (entries)
+    in the kept buffer: the schedule's applies between two of the backward's bands (where the backward
+    forms dS in the chain: read P there, and one logit product, lam s^T, is left instead of two), largest
+    first, each one whose (B*H, l1 - l0, e1 - e0) entries in the product dtype still fit keep_probs_mib."""
+    band_of = bands(T, cfg.L, band_rows(cfg, BH, pdt_bytes))
+    starts = [a for a, _ in band_of]
+    between: list[tuple[int, int, int, int]] = []
+
+    def record(l0, l1, e0, e1):
+        if bisect.bisect_right(starts, l0) != bisect.bisect_right(starts, e0):
+            between.append((l0, l1, e0, e1))
+
+    schedule(T, cfg.L, lambda a: None, record, False, 0, triton.cdiv(T, cfg.L))
+    left, offset, plan = cfg.keep_probs_mib << 20, 0, []
+    for blk in sorted(between, key=lambda b: -(b[1] - b[0]) * (b[3] - b[2])):
+        entries = BH * (blk[1] - blk[0]) * (blk[3] - blk[2])
+        if entries * pdt_bytes <= left:
+            plan.append((blk, offset))
+            left, offset = left - entries * pdt_bytes, offset + entries
+    return tuple(plan)
+
+
+def kept_probs_entries(BH: int, T: int, pdt_bytes: int, cfg) -> int:
+    """Entries of the kept buffer of kept_probs_plan (0: nothing kept)."""
+    return sum(BH * (b[1] - b[0]) * (b[3] - b[2]) for b, _ in kept_probs_plan(BH, T, pdt_bytes, cfg))
+
+
+def kept_probs_views(P: torch.Tensor | None, BH: int, T: int, pdt_bytes: int, cfg) -> dict:
+    """{block: its (B*H, l1 - l0, e1 - e0) view of the kept buffer P} (P None: {})."""
+    if P is None:
+        return {}
+    return {b: P[o:o + BH * (b[1] - b[0]) * (b[3] - b[2])].view(BH, b[1] - b[0], b[3] - b[2])
+            for b, o in kept_probs_plan(BH, T, pdt_bytes, cfg)}
+
+
 class _Blocks:
     """The pieces one call's blocks share: head-major q, k (and their TMA descriptors), the scratch,
     the epilogue launches."""
 
-    def __init__(self, q, k, gamma, lse, scale: float, cfg):
+    def __init__(self, q, k, gamma, lse, scale: float, cfg, scaled: bool, kept=None):
         self.B, self.T, self.H, self.Dk = q.shape
         self.BH, self.gamma, self.lse, self.cfg = self.B * self.H, gamma, lse, cfg
         self.qh, self.kh = tma_slab(_heads_first(q)), tma_slab(_heads_first(k))
@@ -132,7 +198,7 @@ class _Blocks:
         self.acc, self.pdt, self.scale, self.qk_scale = lse.dtype, q.dtype, scale, scale * LOG2E
         # bytes per entry of an ACC buffer and of a product-dtype one (the scratch holds P or dS)
         self.acc_bytes, self.pdt_bytes = (torch.finfo(dt).bits // 8 for dt in (self.acc, self.pdt))
-        self.budget = max(_MIN_SCRATCH_BYTES, cfg.scratch_mib << 20)
+        self.budget = scratch_bytes(cfg)
         self._scratch = None
         self.epi = dict(BM=cfg.EPI_BM, BN=cfg.EPI_BN, **launch_options(cfg.EPI_WARPS, 2))
         self.logit = dict(BM=cfg.LOGIT_BM, BK=cfg.LOGIT_BK, PREC="ieee",
@@ -142,17 +208,15 @@ class _Blocks:
             self.small_grid = sm_count(q.device.index) // 2 if q.device.type == "cuda" else 0
         self._small_tiles = None  # (q, k descriptors, launch options) of the small gamma*P tiles, made on first use
         self.pairs: dict[tuple[int, int, int, int], torch.Tensor] = {}  # form_leaf_pairs' blocks by (r0, r1, e0, e1)
+        self.scaled = scaled  # the blocks hold gamma*P (the backward's products) or P (the forward's: U += P s)
+        self.kept = kept_probs_views(kept, self.BH, self.T, self.pdt_bytes, cfg)  # P kept for the backward, by block
+        self.ready: dict[tuple[int, int, int, int], torch.cuda.Event] = {}  # form_kept's blocks not yet waited for
 
     def lines_per_chunk(self, length: int, bytes_per_entry: int, extra_bytes: int = 0) -> int:
         """Rows (or columns) of `length` entries whose buffers of bytes_per_entry fit the scratch
         (its budget plus extra_bytes)."""
         bm = self.cfg.EPI_BM
         return max(bm, (self.budget + extra_bytes) // (self.BH * length * bytes_per_entry) // bm * bm)
-
-    def block_side(self, bytes_per_entry: int) -> int:
-        """Side of the square blocks whose buffers of bytes_per_entry fit the scratch."""
-        bn = self.cfg.EPI_BN
-        return max(bn, math.isqrt(self.budget // (self.BH * bytes_per_entry)) // bn * bn)
 
     def views(self, R: int, NC: int, *dtypes) -> list[torch.Tensor]:
         """(B*H, R, NC) buffers of the given dtypes carved from one scratch, which grows to the
@@ -200,20 +264,20 @@ class _Blocks:
         return (triton.cdiv(R, cfg.SMALL_BM), triton.cdiv(NC, cfg.SMALL_BN), self.BH * n), q_rows, k_keys, options
 
     def probs(self, r0: int, r1: int, e0: int, e1: int) -> torch.Tensor:
-        """gamma*P[r0:r1, e0:e1] (e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0): the block formed
-        by form_leaf_pairs, or formed now in the scratch."""
+        """P[r0:r1, e0:e1] (``scaled``: gamma*P; e1 <= r0) in the product dtype, (B*H, r1 - r0, e1 - e0): the
+        block formed by form_leaf_pairs, or formed now, into its kept buffer (a kept block) or the scratch."""
         if (r0, r1, e0, e1) in self.pairs:
             return self.pairs[r0, r1, e0, e1]
         R, NC = r1 - r0, e1 - e0
-        (P,) = self.views(R, NC, self.pdt)
+        P = self.kept[r0, r1, e0, e1] if (r0, r1, e0, e1) in self.kept else self.views(R, NC, self.pdt)[0]
         grid, q_rows, k_keys, options = self.probs_tiles(R, NC)
         G.probs_kernel[grid](q_rows, k_keys, P, self.gamma, self.lse, self.T, self.H, r0, R, e0, NC, 1, 0, self.Dk,
-                             self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, **options)
+                             self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, GAMMA=self.scaled, **options)
         return P
 
     def form_leaf_pairs(self, starts: list[int]) -> None:
-        """gamma*P of the leaf pairs (rows [a + L, a + 2 L) against keys [a, a + L)) for the given a, in one
-        launch (several blocks per head) into a buffer of their own (B*H * len(starts) * L * L in the
+        """P (``scaled``: gamma*P) of the leaf pairs (rows [a + L, a + 2 L) against keys [a, a + L)) for the given
+        a, in one launch (several blocks per head) into a buffer of their own (B*H * len(starts) * L * L in the
         product dtype), which probs() then hands out: the schedule's smallest applies, one leaf each,
         each of whose own launches fills a fraction of the GPU (1x768 at 16k: 1024 x 1024 blocks at ~190
         TFLOP/s, inside the chain).  starts: evenly spaced (a run of the schedule's pairs)."""
@@ -224,14 +288,33 @@ class _Blocks:
         P = new_buffer((self.BH * n, L, L), self.pdt, self.qh.device)
         grid, q_rows, k_keys, options = self.probs_tiles(L, L, n)
         G.probs_kernel[grid](q_rows, k_keys, P, self.gamma, self.lse, self.T, self.H, starts[0] + L, L, starts[0], L,
-                             n, step, self.Dk, self.gamma.stride(0), self.gamma.stride(1), self.qk_scale, **options)
+                             n, step, self.Dk, self.gamma.stride(0), self.gamma.stride(1), self.qk_scale,
+                             GAMMA=self.scaled, **options)
         blocks = P.view(self.BH, n, L, L)
         self.pairs.update({(a + L, a + 2 * L, a, a + L): blocks[:, j] for j, a in enumerate(starts)})
 
+    def form_kept(self, side: bool) -> None:
+        """P of every kept block into its buffer, now, in the order the forward applies them; side (CUDA): on a
+        second stream, beside the leaf inverses and the leaf chain on the caller's (their short launches leave
+        most of the GPU idle), each block's apply() waiting for its event.  Then probs() hands them out."""
+        stream = _side_stream(self.qh.device) if side else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.qh.device))
+        for blk in sorted(self.kept, key=lambda b: b[3]):  # by e1, the split point: the order of the applies
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self.pairs[blk] = self.probs(*blk)
+                if stream is not None:
+                    self.ready[blk] = torch.cuda.Event()
+                    self.ready[blk].record(stream)
+
     def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst) -> None:
-        """dst[l] += gamma*P[l, e] src[e] for later rows l in [l0, l1) and earlier rows e in [e0, e1)
-        (src, dst head-major), in chunks of rows that fit the scratch (a leaf pair formed before: whole)."""
-        step = l1 - l0 if (l0, l1, e0, e1) in self.pairs else self.lines_per_chunk(e1 - e0, self.pdt_bytes)
+        """dst[l] += P[l, e] src[e] (``scaled``: gamma*P) for later rows l in [l0, l1) and earlier rows e in
+        [e0, e1) (src, dst head-major), in chunks of rows that fit the scratch (a leaf pair formed before or a
+        kept block: whole)."""
+        whole = (l0, l1, e0, e1) in self.pairs or (l0, l1, e0, e1) in self.kept
+        step = l1 - l0 if whole else self.lines_per_chunk(e1 - e0, self.pdt_bytes)
+        if (l0, l1, e0, e1) in self.ready:
+            torch.cuda.current_stream(self.qh.device).wait_event(self.ready.pop((l0, l1, e0, e1)))
         for r0 in range(l0, l1, step):
             r1 = min(r0 + step, l1)
             _accumulate(dst[:, r0:r1], self.probs(r0, r1, e0, e1), src[:, e0:e1])
@@ -252,17 +335,33 @@ def _leaf_inverses(q, k, gamma, lse, cfg, blocks: _Blocks, W=None) -> torch.Tens
     return inverses.to(dtype) if W is None else W.copy_(inverses)
 
 
-def _leaf(W, x, outs, a: int, L: int, rev: bool) -> None:
-    """outs[i][:, a:a+L] = N x[:, a:a+L] (rev: N^T x) with the leaf inverse N: one cuBLAS product in
-    W's dtype, the product dtype of outs[0] (half inputs: x rounded to it, fp32 accumulation), into
-    outs[0]; the others (f's dtype) copy it."""
-    rows = min(L, x.shape[1] - a)
+def _leaf(W, x, outs, a: int, rev: bool) -> None:
+    """outs[i][:, a:a+R] = N x (rev: N^T x) with the inverse N of the leaf at row a and x (B*H, R, Dv) its
+    right-hand side: one cuBLAS product in W's dtype, the product dtype of outs[0] (half inputs: x rounded
+    to it, fp32 accumulation), into outs[0]; the others (f's dtype) copy it."""
+    rows = x.shape[1]
     N = W[:, a:a + rows, :rows]
     first = outs[0][:, a:a + rows]
     with fp32_matmul("ieee"):  # fp32 leaves (fp32 inputs) in full fp32
-        torch.bmm(N.transpose(1, 2) if rev else N, x[:, a:a + rows].to(W.dtype), out=first)
+        torch.bmm(N.transpose(1, 2) if rev else N, x.to(W.dtype), out=first)
     for out in outs[1:]:
         out[:, a:a + rows] = first
+
+
+def scaled_rows(gamma, U, out, a: int, f=None) -> torch.Tensor:
+    """out[:, :R] = gamma U (f given: f + gamma U) over rows a .. a + R of U (head-major (B*H, T, Dv)), R =
+    min(out's rows, T - a), in out's dtype, in one pass (torch's broadcast multiply of mixed dtypes runs at a
+    fraction of the bandwidth); gamma (B, T, H), f (B, T, H, Dv) (unit last stride, head stride Dv).
+    Returns out[:, :R]."""
+    B, T, H = gamma.shape
+    Dv = U.shape[-1]
+    rows = min(out.shape[1], T - a)
+    BM, BV = row_tiles(Dv)
+    G.scaled_rows_kernel[(triton.cdiv(rows, BM), B * H)](
+        U if f is None else f, gamma, U, out, T, a, rows, H, Dv, 0 if f is None else f.stride(0),
+        0 if f is None else f.stride(1), gamma.stride(0), gamma.stride(1), U.stride(0), U.stride(1), out.stride(0),
+        out.stride(1), BM=BM, BV=BV, ADD_F=f is not None, **launch_options(4, 2))
+    return out[:, :rows]
 
 
 def _lse(blocks: _Blocks, later_bytes: int) -> None:
@@ -296,24 +395,28 @@ def leaf_pair_runs(T: int, L: int, keep=lambda a: True) -> list[list[int]]:
     return [run for run in runs if len(run) > 1]
 
 
-def forward(q, k, gamma, f, outs, scale: float, cfg, W=None) -> None:
-    """Writes outs (and W) as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv)."""
+def forward(q, k, gamma, f, outs, scale: float, cfg, W=None, P=None) -> None:
+    """Writes outs (and W, P) as ``feedback_fused.forward``, with S, S2 head-major (B*H, T, Dv).  The applies
+    accumulate U = sum_j P s_j (ACC, P without gamma: what the backward reads of the blocks it keeps); a
+    leaf solves for f + gamma U.  P: the kept buffer (kept_probs_plan), or None."""
     B, T, H, Dk = q.shape
     Dv = f.shape[-1]
     lse = outs[1]
     acc = lse.dtype
     lse.zero_()  # a torch launch first (see "CUDA context" in the module docstring); _lse writes every row
-    blocks = _Blocks(q, k, gamma, lse, scale, cfg)
+    blocks = _Blocks(q, k, gamma, lse, scale, cfg, scaled=False, kept=P)
     NL = triton.cdiv(T, cfg.L)
-    X = torch.empty((B * H, T, Dv), dtype=acc, device=q.device)
-    widen(X.view(B, H, T, Dv).transpose(1, 2), f)
+    U = torch.zeros((B * H, T, Dv), dtype=acc, device=q.device)
     _lse(blocks, 0 if W is not None else B * H * NL * cfg.L * cfg.L * blocks.acc_bytes)  # the memory of W
+    blocks.form_kept(side=bool(cfg.kept_side_stream) and q.is_cuda)
     W = _leaf_inverses(q, k, gamma, lse, cfg, blocks, W)
-    for run in leaf_pair_runs(T, cfg.L):
+    L = cfg.L
+    for run in leaf_pair_runs(T, L, lambda a: (a + L, a + 2 * L, a, a + L) not in blocks.kept):
         blocks.form_leaf_pairs(run)
+    rhs = torch.empty((B * H, min(L, T), Dv), dtype=W.dtype, device=q.device)
     solutions = [outs[0], *outs[2:]]
-    schedule(T, cfg.L, lambda a: _leaf(W, X, solutions, a, cfg.L, False),
-             lambda *blk: blocks.apply(*blk, outs[0], X), False, 0, NL)
+    schedule(T, L, lambda a: _leaf(W, scaled_rows(gamma, U, rhs, a, f), solutions, a, False),
+             lambda *blk: blocks.apply(*blk, outs[0], U), False, 0, NL)
 
 
 def bands(T: int, L: int, band: int) -> list[tuple[int, int]]:
@@ -348,11 +451,13 @@ def _ds_products(dq, dk, dS, q, k, r0: int, r1: int, c0: int, c1: int, bm: int) 
 
 class _Gradients:
     """The backward's pieces besides the transposed solve: delta, dS and its products dq, dk (ACC
-    accumulators), the dgamma partials (B*H, T, cdiv(T, DS_BN)) (one slot per row and key tile)."""
+    accumulators), the dgamma partials (B*H, T, cdiv(T, DS_BN)) (one slot per row and key tile), the
+    forward's kept P by block (kept_probs_views)."""
 
-    def __init__(self, blocks: _Blocks, lam, S, f, dq_out, dk_out):
+    def __init__(self, blocks: _Blocks, lam, S, f, dq_out, dk_out, P=None):
         cfg, BH, T, dev = blocks.cfg, blocks.BH, blocks.T, lam.device
         self.blocks, self.lam, self.S, self.f, self.BN = blocks, lam, S, f, cfg.DS_BN
+        self.kept = kept_probs_views(P, BH, T, blocks.pdt_bytes, cfg)
         self.dq, self.dk = (out.zero_() if out.dtype == blocks.acc else torch.zeros(out.shape, dtype=blocks.acc,
                                                                                      device=dev)
                             for out in (dq_out, dk_out))
@@ -362,12 +467,10 @@ class _Gradients:
         self.delta_from = T
         self.k_keys = slab_descriptor(blocks.kh, self.BN, cfg.LOGIT_BK)  # dS tiles are DS_BN keys wide
         self.lam_rows = slab_descriptor(lam, cfg.LOGIT_BM, cfg.LOGIT_BK)  # lam itself: read as the chain writes it
-        self.s_keys = slab_descriptor(tma_slab(S), self.BN, cfg.LOGIT_BK)
-        # bands: a power-of-two number of leaves, at most bwd_band rows, whose dS (B*H, band, band) fits the scratch
-        side, band = blocks.block_side(blocks.pdt_bytes), cfg.L
-        while band * 2 <= min(cfg.bwd_band, side):
-            band *= 2
-        self.bands = bands(T, cfg.L, band)
+        s_slab = tma_slab(S)
+        self.s_keys = slab_descriptor(s_slab, self.BN, cfg.LOGIT_BK)
+        self.s_kept_keys = slab_descriptor(s_slab, cfg.DS_KEPT_BN, cfg.LOGIT_BK)  # ... where dS reads the kept P
+        self.bands = bands(T, cfg.L, band_rows(cfg, BH, blocks.pdt_bytes))
         self.band_starts = [a for a, _ in self.bands]
 
     def _band(self, row: int) -> int:
@@ -386,15 +489,16 @@ class _Gradients:
                 self.f.stride(1), BM=BM, BV=BV, **launch_options(cfg.EPI_WARPS, 2))
             self.delta_from = r0
 
-    def _ds(self, dS, P, r0: int, R: int, c0: int, NC: int, n: int = 1) -> None:
+    def _ds(self, dS, P, r0: int, R: int, c0: int, NC: int, n: int = 1, kept=None) -> None:
         """ds_kernel on n blocks per head of R rows x NC keys from (r0, c0), NC rows apart (n > 1);
-        P: gamma*P too."""
+        P: gamma*P too; kept (n = 1): the forward's P of these (B*H, R, NC) entries, read instead of formed."""
         b = self.blocks
-        G.ds_kernel[b.grid(R, NC, self.BN, n)](
-            b.q_rows, self.k_keys, self.lam_rows, self.s_keys, dS, dS if P is None else P, self.dgp, b.gamma, b.lse,
-            self.delta, b.T, b.H, r0, R, c0, NC, self.NCB, n, NC, b.Dk, self.lam.shape[-1], b.gamma.stride(0),
-            b.gamma.stride(1), b.qk_scale, b.scale, BN=self.BN, WRITE_P=P is not None,
-            ONE_LOOP=b.Dk == self.lam.shape[-1], **b.logit)
+        pk, bn, s_keys = (dS, self.BN, self.s_keys) if kept is None else (kept, b.cfg.DS_KEPT_BN, self.s_kept_keys)
+        G.ds_kernel[b.grid(R, NC, bn, n)](
+            b.q_rows, self.k_keys, self.lam_rows, s_keys, dS, dS if P is None else P, pk, self.dgp, b.gamma,
+            b.lse, self.delta, b.T, b.H, r0, R, c0, NC, self.NCB, n, NC, b.Dk, self.lam.shape[-1], b.gamma.stride(0),
+            b.gamma.stride(1), pk.stride(0), pk.stride(1), b.qk_scale, b.scale, BN=bn, WRITE_P=P is not None,
+            READ_P=kept is not None, ONE_LOOP=b.Dk == self.lam.shape[-1], SLOT=self.BN, **b.logit)
 
     def apply(self, l0: int, l1: int, e0: int, e1: int, Y) -> None:
         """Y[e] += (gamma*P[l, e])^T lam[l] for later rows l in [l0, l1), earlier rows e in [e0, e1), in
@@ -409,12 +513,29 @@ class _Gradients:
                 _accumulate(Y[:, c0:c1], b.probs(l0, l1, c0, c1).transpose(1, 2), self.lam[:, l0:l1])
             return
         self.finish_delta(l0)
+        if (l0, l1, e0, e1) in self.kept:
+            self._apply_kept(l0, l1, e0, e1, Y)
+            return
         step = max(self.BN, b.lines_per_chunk(R, 2 * b.pdt_bytes) // self.BN * self.BN)
         for c0 in range(e0, e1, step):
             c1 = min(c0 + step, e1)
             dS, P = b.views(R, c1 - c0, b.pdt, b.pdt)
             self._ds(dS, P, l0, R, c0, c1 - c0)
             _accumulate(Y[:, c0:c1], P.transpose(1, 2), self.lam[:, l0:l1])
+            _ds_products(self.dq, self.dk, dS, b.qh, b.kh, l0, l1, c0, c1, b.cfg.LOGIT_BM)
+
+    def _apply_kept(self, l0: int, l1: int, e0: int, e1: int, Y) -> None:
+        """apply() of a block whose P the forward kept: Y[e] += P^T (gamma lam)[l], dS from P and lam s^T."""
+        b, P = self.blocks, self.kept[l0, l1, e0, e1]
+        R, bn = l1 - l0, b.cfg.DS_KEPT_BN
+        glam = scaled_rows(b.gamma, self.lam, new_buffer((b.BH, R, self.lam.shape[-1]), b.pdt, Y.device), l0)
+        step = max(bn, b.lines_per_chunk(R, b.pdt_bytes) // bn * bn)
+        for c0 in range(e0, e1, step):
+            c1 = min(c0 + step, e1)
+            (dS,) = b.views(R, c1 - c0, b.pdt)
+            Pc = P[:, :, c0 - e0:c1 - e0]
+            self._ds(dS, None, l0, R, c0, c1 - c0, kept=Pc)
+            _accumulate(Y[:, c0:c1], Pc.transpose(1, 2), glam)
             _ds_products(self.dq, self.dk, dS, b.qh, b.kh, l0, l1, c0, c1, b.cfg.LOGIT_BM)
 
     def band_pass(self) -> None:
@@ -448,25 +569,26 @@ class _Gradients:
         return dg
 
 
-def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg, W=None) -> None:
+def backward(ds, q, k, gamma, f, S, lse, outs, scale: float, cfg, W=None, P=None) -> None:
     """Writes outs as ``feedback_fused.backward``: dq, dk, Lam (and Lam2) head-major, dgamma (B, T, H);
-    W: the forward's leaf inverses (None: recomputed here).  The transposed solve's applies between
-    bands (``bands``) form dS with gamma*P (one logit pass for both) and take dS's products at once;
-    the pairs inside bands get dS after the chain."""
+    W: the forward's leaf inverses (None: recomputed here); P: the forward's kept P (kept_probs_plan) or None.
+    The transposed solve's applies between bands (``bands``) form dS with gamma*P (one logit pass for
+    both; a kept block: dS from its P and lam s^T) and take dS's products at once; the pairs inside bands
+    get dS after the chain."""
     B, T, H, Dk = q.shape
     Dv = S.shape[-1]
     dq_out, dk_out, dgamma, Lam = outs[:4]
-    blocks = _Blocks(q, k, gamma, lse, scale, cfg)
+    blocks = _Blocks(q, k, gamma, lse, scale, cfg, scaled=True)
     # the dS tiles read lam through a TMA descriptor while the chain writes it: Lam itself where it can be one
     lam = Lam if tma_readable(Lam) else tma_buffer(Lam.shape, Lam.dtype, Lam.device)
-    grads = _Gradients(blocks, lam, S, f, dq_out, dk_out)  # first: torch launches (its zeros; "CUDA context")
+    grads = _Gradients(blocks, lam, S, f, dq_out, dk_out, P)  # first: torch launches (its zeros; "CUDA context")
     Y = torch.empty((B * H, T, Dv), dtype=lse.dtype, device=q.device)
     widen(Y.view(B, H, T, Dv).transpose(1, 2), ds)
     if W is None:
         W = _leaf_inverses(q, k, gamma, lse, cfg, blocks)
     for run in leaf_pair_runs(T, cfg.L, lambda a: grads._band(a) == grads._band(a + cfg.L)):  # gamma*P (no dS)
         blocks.form_leaf_pairs(run)
-    schedule(T, cfg.L, lambda a: _leaf(W, Y, [lam, *outs[4:]], a, cfg.L, True),
+    schedule(T, cfg.L, lambda a: _leaf(W, Y[:, a:a + cfg.L], [lam, *outs[4:]], a, True),
              lambda *blk: grads.apply(*blk, Y), True, 0, triton.cdiv(T, cfg.L))
     del W, Y
     grads.band_pass()

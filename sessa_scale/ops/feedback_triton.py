@@ -20,8 +20,10 @@ Two paths compute the products:
 
 Memory per call: O(B*H*T*(Dk + Dv)) work buffers plus the leaf inverses W (B*H*T*L: ACC on the fused
 path, the product dtype on the GEMM path);
-between forward and backward the solution, the row statistics and (``keep_leaf_inverses``, the
-default) W are kept; with keep_leaf_inverses = 0 the backward recomputes W instead.
+between forward and backward the solution, the row statistics, (``keep_leaf_inverses``, the
+default) W and, on the GEMM path, P of the largest blocks between the backward's bands (at most
+``keep_probs_mib``) are kept; with keep_leaf_inverses = 0 the backward recomputes W instead, with
+keep_probs_mib = 0 it forms P from q and k again.
 
 CUDA graphs: a call issues tens to hundreds of kernels, and at short sequences their CPU launch
 cost, not the GPU, sets the time; on the GEMM path (a sequential chain of leaf products and small
@@ -84,6 +86,7 @@ class SolveConfig:
     LOGIT_BM: int = 128  # logit kernels (lse partials, gamma*P, dS): rows per program
     LOGIT_BN: int = 256  # ... keys per program (lse partials, gamma*P)
     DS_BN: int = 128  # ... keys per program of the dS kernel (q k^T and lam s^T: one loop where Dk == Dv)
+    DS_KEPT_BN: int = 256  # ... where it reads the kept P (one product, lam s^T): a multiple of DS_BN
     LOGIT_BK: int = 64  # ... head-width chunk per step (halved for fp32 inputs)
     LOGIT_WARPS: int = 8
     LOGIT_STAGES: int = 3  # ... software-pipelining stages (at most 2 for fp32 inputs)
@@ -96,7 +99,9 @@ class SolveConfig:
     EPI_BM: int = 32  # row reductions (lse, dgamma, delta): rows per program
     EPI_BN: int = 128  # ... columns per step
     EPI_WARPS: int = 4
-    scratch_mib: int = 128  # bound on the GEMM path's scratch (gamma*P or dS of row blocks, product dtype)
+    # bound on the GEMM path's scratch (P or dS of row blocks, product dtype; SessaLayer 1x768 at 16k on an H200:
+    # 128 MiB ran ~0.1 ms faster, but beside the kept P (keep_probs_mib) took 1.56x the Transformer block's memory)
+    scratch_mib: int = 64
     # GEMM backward: the transposed solve's applies between ranges of the recursion of at most bwd_band rows
     # (a power-of-two number of leaves whose dS fits the scratch) form dS together with gamma*P in one logit
     # pass; the pairs inside those ranges get dS after the chain, in batched launches
@@ -106,6 +111,14 @@ class SolveConfig:
     # passes (per token and layer: H*L*4 bytes on the fused path, 12 KiB for 6x128 at L = 512; H*L*2 on the GEMM
     # path with half inputs, 2 KiB for 1x768 at L_gemm = 1024)
     keep_leaf_inverses: int = 1
+    # GEMM path: P of the applies between the backward's bands (largest first) is kept from the forward for the
+    # backward within this many MiB per call, so that there dS takes one logit product (lam s^T) instead of two
+    # (1x768 at 16k: the three blocks of 8192 and 4096 rows, 192 MiB, ~96M of the ~126M pairs the backward
+    # forms dS of; 0: none kept, P recomputed from q and k)
+    keep_probs_mib: int = 192
+    # ... the forward forms the kept P right after the row statistics, on a second CUDA stream beside the leaf
+    # inverses and the leaf chain (1), or on the caller's stream (0)
+    kept_side_stream: int = 1
     graphs: int = 1  # CUDA: replay the forward / backward of a shape seen before as a CUDA graph (0: eager)
     graph_max_T: int = 16384  # ... fused path: up to this length (141 launches per call at 16k, tens of us of host each)
     graph_max_T_gemm: int = 32768  # ... GEMM path: up to this length (its leaf chain's launches, ~360 at 32k, cost the
@@ -122,9 +135,10 @@ class SolveConfig:
 # scratch chunks).
 INTERPRET_CONFIG = SolveConfig(C=16, L=32, L_gemm=32, min_leaves=1, FWD_BM=16, FWD_BN=16, FWD_WARPS=1, BWD_BM=16,
                                BWD_BN=16, BWD_WARPS=1, DQ_BM=16, DQ_BN=16, DQ_WARPS=1, STAGES=1, BML=16, BNL=16,
-                               LEAF_WARPS=1, MERGE_TILE=16, MERGE_GEMM_MIN=0, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16, LOGIT_BK=16,
-                               LOGIT_WARPS=1, LOGIT_STAGES=1, SMALL_BM=16, SMALL_BN=16, SMALL_WARPS=1, SMALL_GRID=0,
-                               EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0, bwd_band=64, graphs=0)
+                               LEAF_WARPS=1, MERGE_TILE=16, MERGE_GEMM_MIN=0, LOGIT_BM=16, LOGIT_BN=16, DS_BN=16,
+                               DS_KEPT_BN=64, LOGIT_BK=16, LOGIT_WARPS=1, LOGIT_STAGES=1, SMALL_BM=16, SMALL_BN=16,
+                               SMALL_WARPS=1, SMALL_GRID=0, EPI_BM=16, EPI_BN=16, EPI_WARPS=1, scratch_mib=0,
+                               bwd_band=64, graphs=0)
 
 
 def parse_config(text: str, base: SolveConfig) -> SolveConfig:
@@ -160,6 +174,8 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         L = min(L, triton.next_power_of_2(triton.cdiv(T, cfg.min_leaves)))
     L = max(C, min(L, C * triton.next_power_of_2(triton.cdiv(T, C))))
     BK, BV = _p2(Dk), _p2(Dv)
+    narrow = lambda bn: bn if elem_bytes <= 2 else max(16, bn // 2)  # noqa: E731  (fp32 / fp64 key tiles)
+    ds_bn = min(L, narrow(cfg.DS_BN))  # dgamma slots: L % DS_BN == 0
     h = 2 if elem_bytes * max(BK, BV) > 256 and not INTERPRET else 1  # wide rows: halve tiles (shared memory)
     fwd_bn, dq_bn = max(16, cfg.FWD_BN // h), max(16, cfg.DQ_BN // h)
     bwd_bm = max(16, min(cfg.BWD_BM // h, L))
@@ -172,7 +188,7 @@ def _fit(cfg: SolveConfig, T: int, Dk: int, Dv: int, elem_bytes: int) -> SolveCo
         MERGE_GEMM_MIN=cfg.MERGE_GEMM_MIN if gemm else 0,  # fused path (L <= 512): cuBLAS levels measured no faster
         # fp32 / fp64 inputs (FMA dots): logit tiles of half the keys and head width, at most 2 stages
         LOGIT_BN=cfg.LOGIT_BN if elem_bytes <= 2 else max(16, cfg.LOGIT_BN // 2),
-        DS_BN=min(L, cfg.DS_BN if elem_bytes <= 2 else max(16, cfg.DS_BN // 2)),  # dgamma slots: L % DS_BN == 0
+        DS_BN=ds_bn, DS_KEPT_BN=max(ds_bn, narrow(cfg.DS_KEPT_BN) // ds_bn * ds_bn),
         LOGIT_BK=cfg.LOGIT_BK if elem_bytes <= 2 else max(16, cfg.LOGIT_BK // 2),
         LOGIT_STAGES=cfg.LOGIT_STAGES if elem_bytes <= 2 else min(cfg.LOGIT_STAGES, 2),
         SMALL_BN=cfg.SMALL_BN if elem_bytes <= 2 else max(16, cfg.SMALL_BN // 2),
@@ -236,13 +252,20 @@ def backward_outputs(path, q, k, f, S, dtypes) -> list[torch.Tensor]:
     return outs
 
 
-def kept_leaf_inverses(path, q, lse, cfg: SolveConfig) -> list[torch.Tensor]:
-    """[W]: the buffer (in path.leaf_inverse_dtype) the forward writes its leaf inverses into for the
-    backward (cfg resolved by _fit), or [] when cfg.keep_leaf_inverses is 0 (the backward recomputes them)."""
-    if not cfg.keep_leaf_inverses:
-        return []
+def kept_buffers(path, q, lse, cfg: SolveConfig) -> dict[str, torch.Tensor]:
+    """What the forward writes for the backward besides its results (cfg resolved by _fit), by the name of
+    path.forward's / path.backward's argument: "W", the leaf inverses (in path.leaf_inverse_dtype; not with
+    keep_leaf_inverses = 0: the backward recomputes them), and on the GEMM path "P", the kept blocks of P
+    (``feedback_gemm.kept_probs_plan``, in q's dtype; not when none fits keep_probs_mib)."""
     B, T, H, _ = q.shape
-    return [new_buffer(leaf_inverse_shape(B, T, H, cfg.L), path.leaf_inverse_dtype(q.dtype, lse.dtype), q.device)]
+    kept = {}
+    if cfg.keep_leaf_inverses:
+        kept["W"] = new_buffer(leaf_inverse_shape(B, T, H, cfg.L), path.leaf_inverse_dtype(q.dtype, lse.dtype),
+                               q.device)
+    entries = feedback_gemm.kept_probs_entries(B * H, T, q.element_size(), cfg) if cfg.gemm else 0
+    if entries:
+        kept["P"] = new_buffer((entries,), q.dtype, q.device)
+    return kept
 
 
 class _TritonFeedbackSolve(torch.autograd.Function):
@@ -257,12 +280,14 @@ class _TritonFeedbackSolve(torch.autograd.Function):
             ctx.graphed = q.is_cuda and not INTERPRET and graph_eligible(B, T, H, Dk, Dv, cfg)
             outs = forward_outputs(path, qc, kc, gc, fc)
             S, lse = outs[:2]
-            kept = kept_leaf_inverses(path, qc, lse, cfg)  # outputs of the forward's graph, inputs of the backward's
-            n = len(outs)
-            GRAPHS(("fwd", scale, cfg), lambda *a: path.forward(*a[:4], a[4:4 + n], scale, cfg, *a[4 + n:]),
-                   (qc, kc, gc, fc), (*outs, *kept), ctx.graphed, _backward_input_bytes(qc, kc, gc, fc, kept))
-        ctx.save_for_backward(qc, kc, gc, fc, S, lse, *kept)
-        ctx.scale, ctx.cfg, ctx.path = scale, cfg, path
+            kept = kept_buffers(path, qc, lse, cfg)  # outputs of the forward's graph, inputs of the backward's
+            names, n = tuple(kept), len(outs)
+            GRAPHS(("fwd", scale, cfg),
+                   lambda *a: path.forward(*a[:4], a[4:4 + n], scale, cfg, **dict(zip(names, a[4 + n:]))),
+                   (qc, kc, gc, fc), (*outs, *kept.values()), ctx.graphed,
+                   _backward_input_bytes(qc, kc, gc, fc, list(kept.values())))
+        ctx.save_for_backward(qc, kc, gc, fc, S, lse, *kept.values())
+        ctx.scale, ctx.cfg, ctx.path, ctx.kept_names = scale, cfg, path, names
         ctx.dtypes = (q.dtype, k.dtype, gamma.dtype, f.dtype)
         # the solution in f's dtype: S itself where the dtypes agree (saved, not modified)
         return path.solution_view(outs[-1] if len(outs) == 3 else S, f.shape)
@@ -270,12 +295,12 @@ class _TritonFeedbackSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ds):
         qc, kc, gc, fc, S, lse, *kept = ctx.saved_tensors
-        path = ctx.path
+        path, names = ctx.path, ctx.kept_names
         outs = backward_outputs(path, qc, kc, fc, S, ctx.dtypes)
         w = len(kept)
         with torch.autocast(qc.device.type, enabled=False):
             GRAPHS(("bwd", ctx.scale, ctx.cfg),
-                   lambda *a: path.backward(*a[:7], a[7 + w:], ctx.scale, ctx.cfg, *a[7:7 + w]),
+                   lambda *a: path.backward(*a[:7], a[7 + w:], ctx.scale, ctx.cfg, **dict(zip(names, a[7:7 + w]))),
                    (ds, qc, kc, gc, fc, S, lse, *kept), outs, ctx.graphed)
         dq, dk, dgamma = path.solution_view(outs[0], qc.shape), path.solution_view(outs[1], kc.shape), outs[2]
         return dq, dk, dgamma, path.solution_view(outs[-1], fc.shape), None, None

@@ -79,7 +79,8 @@ def _interp_worker(dtype_name: str) -> None:
         for path, gemm_min in (("fused", 0), ("gemm", L // 4)):
             cfg = replace(INTERPRET_CONFIG, L=L, BK_PREP=32, MERGE_GEMM_MIN=gemm_min)
             with poisoned_buffers():  # entries no kernel wrote are NaN
-                below = _Blocks(q, k, gamma, lse, scale, cfg).leaf_below if path == "gemm" else None
+                blocks = _Blocks(q, k, gamma, lse, scale, cfg, scaled=True) if path == "gemm" else None
+                below = blocks.leaf_below if blocks else None
                 W = leaf_inverses(q, k, gamma, lse, cfg, scale * LOG2E, below)
             err = _rel(W, want)
             case = f"{dtype_name} {path} T={T} L={L} C={cfg.C} MERGE_GEMM_MIN={gemm_min}"

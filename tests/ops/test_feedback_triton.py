@@ -140,6 +140,21 @@ def _interp_worker(dtype_name: str) -> None:
         _check_against_dense(with_config(gemm=1, L_gemm=16, bwd_band=64), 2, 130, 1, 24, 40, dtype, "cpu", seed=14,
                              tol_s=tol, tol_g=tol)
         print(f"ok {dtype_name} gemm leaf pairs batched", flush=True)
+        # P kept from the forward for the backward's applies between bands (kept_probs_plan): the default keeps
+        # every such block at these sizes (the cases above); none kept; a plan that keeps some (at B = 32, fp64:
+        # every block between the one-leaf bands but the largest, rows [64, 130) x keys [0, 64): 1.03 MiB).
+        _check_against_dense(with_config(gemm=1, bwd_band=32, keep_probs_mib=0), 2, 130, 1, 24, 40, dtype, "cpu",
+                             seed=15, tol_s=tol, tol_g=tol)
+        print(f"ok {dtype_name} gemm nothing kept", flush=True)
+        if dtype_name == "float64":
+            from sessa_scale.ops.feedback_gemm import kept_probs_plan
+
+            some = replace(ft.INTERPRET_CONFIG, gemm=1, bwd_band=32, keep_probs_mib=1)
+            kept = [blk for blk, _ in kept_probs_plan(32, 130, 8, ft._fit(some, 130, 16, 16, 8))]
+            assert kept == [(96, 130, 64, 96), (32, 64, 0, 32), (128, 130, 96, 128)], kept
+            _check_against_dense(lambda *a: ft.feedback_solve_triton(*a, config=some), 32, 130, 1, 16, 16, dtype,
+                                 "cpu", seed=16, tol_s=tol, tol_g=tol)
+            print(f"ok {dtype_name} gemm some blocks kept", flush=True)
         # widen (the accumulators X / Y from f / ds): half into ACC, into the GEMM path's head-major layout
         # (a transposed view) and the fused path's, with whole-row tiles and with column steps narrower than Dv.
         from sessa_scale.ops import feedback_leaves as fl
@@ -159,7 +174,7 @@ def _interp_worker(dtype_name: str) -> None:
 
 
 def _interp_expected(dtype_name: str) -> int:
-    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 11
+    return len(INTERP_FUSED_T[dtype_name]) + len(INTERP_GEMM_T[dtype_name]) + 12 + (dtype_name == "float64")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
