@@ -113,8 +113,8 @@ class SolveConfig:
     keep_leaf_inverses: int = 1
     # GEMM path: P of the applies between the backward's bands (largest first) is kept from the forward for the
     # backward within this many MiB per call, so that there dS takes one logit product (lam s^T) instead of two
-    # (1x768 at 16k: the three blocks of 8192 and 4096 rows, 192 MiB, ~96M of the ~126M pairs the backward
-    # forms dS of; 0: none kept, P recomputed from q and k)
+    # (1x768 at 16k: the three blocks of 8192 and 4096 rows, 192 MiB, 101M of the 134M causal pairs; 0: none kept,
+    # P formed from q and k again)
     keep_probs_mib: int = 192
     # ... the forward forms the kept P right after the row statistics, on a second CUDA stream beside the leaf
     # inverses and the leaf chain (1), or on the caller's stream (0)
