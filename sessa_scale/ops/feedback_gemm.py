@@ -309,10 +309,9 @@ class _Blocks:
 
     def apply(self, l0: int, l1: int, e0: int, e1: int, src, dst) -> None:
         """dst[l] += P[l, e] src[e] (``scaled``: gamma*P) for later rows l in [l0, l1) and earlier rows e in
-        [e0, e1) (src, dst head-major), in chunks of rows that fit the scratch (a leaf pair formed before or a
-        kept block: whole)."""
-        whole = (l0, l1, e0, e1) in self.pairs or (l0, l1, e0, e1) in self.kept
-        step = l1 - l0 if whole else self.lines_per_chunk(e1 - e0, self.pdt_bytes)
+        [e0, e1) (src, dst head-major), in chunks of rows that fit the scratch (a block formed before, a leaf
+        pair or a kept block: whole)."""
+        step = l1 - l0 if (l0, l1, e0, e1) in self.pairs else self.lines_per_chunk(e1 - e0, self.pdt_bytes)
         if (l0, l1, e0, e1) in self.ready:
             torch.cuda.current_stream(self.qh.device).wait_event(self.ready.pop((l0, l1, e0, e1)))
         for r0 in range(l0, l1, step):
@@ -513,29 +512,24 @@ class _Gradients:
                 _accumulate(Y[:, c0:c1], b.probs(l0, l1, c0, c1).transpose(1, 2), self.lam[:, l0:l1])
             return
         self.finish_delta(l0)
-        if (l0, l1, e0, e1) in self.kept:
-            self._apply_kept(l0, l1, e0, e1, Y)
-            return
-        step = max(self.BN, b.lines_per_chunk(R, 2 * b.pdt_bytes) // self.BN * self.BN)
+        # a kept block: dS from its P (no gamma) and lam s^T, Y[e] += P^T (gamma lam)[l]; otherwise dS and
+        # gamma*P (both in the scratch) from q k^T and lam s^T, Y[e] += (gamma*P)^T lam[l]
+        kept = self.kept.get((l0, l1, e0, e1))
+        if kept is None:
+            bn, buffers, lam = self.BN, 2, self.lam[:, l0:l1]
+        else:
+            bn, buffers = b.cfg.DS_KEPT_BN, 1
+            lam = scaled_rows(b.gamma, self.lam, new_buffer((b.BH, R, self.lam.shape[-1]), b.pdt, Y.device), l0)
+        step = max(bn, b.lines_per_chunk(R, buffers * b.pdt_bytes) // bn * bn)
         for c0 in range(e0, e1, step):
             c1 = min(c0 + step, e1)
-            dS, P = b.views(R, c1 - c0, b.pdt, b.pdt)
-            self._ds(dS, P, l0, R, c0, c1 - c0)
-            _accumulate(Y[:, c0:c1], P.transpose(1, 2), self.lam[:, l0:l1])
-            _ds_products(self.dq, self.dk, dS, b.qh, b.kh, l0, l1, c0, c1, b.cfg.LOGIT_BM)
-
-    def _apply_kept(self, l0: int, l1: int, e0: int, e1: int, Y) -> None:
-        """apply() of a block whose P the forward kept: Y[e] += P^T (gamma lam)[l], dS from P and lam s^T."""
-        b, P = self.blocks, self.kept[l0, l1, e0, e1]
-        R, bn = l1 - l0, b.cfg.DS_KEPT_BN
-        glam = scaled_rows(b.gamma, self.lam, new_buffer((b.BH, R, self.lam.shape[-1]), b.pdt, Y.device), l0)
-        step = max(bn, b.lines_per_chunk(R, b.pdt_bytes) // bn * bn)
-        for c0 in range(e0, e1, step):
-            c1 = min(c0 + step, e1)
-            (dS,) = b.views(R, c1 - c0, b.pdt)
-            Pc = P[:, :, c0 - e0:c1 - e0]
-            self._ds(dS, None, l0, R, c0, c1 - c0, kept=Pc)
-            _accumulate(Y[:, c0:c1], Pc.transpose(1, 2), glam)
+            if kept is None:
+                dS, P = b.views(R, c1 - c0, b.pdt, b.pdt)
+                self._ds(dS, P, l0, R, c0, c1 - c0)
+            else:
+                (dS,), P = b.views(R, c1 - c0, b.pdt), kept[:, :, c0 - e0:c1 - e0]
+                self._ds(dS, None, l0, R, c0, c1 - c0, kept=P)
+            _accumulate(Y[:, c0:c1], P.transpose(1, 2), lam)
             _ds_products(self.dq, self.dk, dS, b.qh, b.kh, l0, l1, c0, c1, b.cfg.LOGIT_BM)
 
     def band_pass(self) -> None:

@@ -37,9 +37,9 @@ def fp32_matmul(prec: str = "ieee"):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-# Tiles of the memory-bound row kernels (widen; the GEMM path's delta): whole rows, up to ROW_TILE_MAX_BV columns
-# wide, of ROW_TILE entries per operand: many programs per SM (one head of 768 at 16k: 32-row tiles of 128 columns
-# ran at a third of the bandwidth)
+# Tiles of the memory-bound row kernels (widen; the GEMM path's delta and scaled rows): whole rows, up to
+# ROW_TILE_MAX_BV columns wide, of ROW_TILE entries per operand: many programs per SM (one head of 768 at 16k:
+# 32-row tiles of 128 columns ran at a third of the bandwidth)
 ROW_TILE, ROW_TILE_MAX_BV = 4096, 2048
 
 
